@@ -1,0 +1,424 @@
+//! Custom resource types of the LoadBalancer controller (`palisade.dev/v1alpha1`).
+//!
+//! This module owns the Rust types that are the source of truth for `crds/*.yaml`:
+//!
+//! ```text
+//!   IPAddressPool (cluster)            L2Advertisement (cluster)
+//!   spec.addresses ──► pool::parse     spec.ipAddressPools / ipAddressPoolSelectors
+//!   spec.autoAssign                    spec.nodeSelectors / interfaces
+//!   spec.avoidBuggyIPs                 status.conditions
+//!   spec.serviceAllocation
+//!   status.{assigned,available}IPv{4,6}, conditions
+//! ```
+//!
+//! Field names follow MetalLB (`metallb.io/v1beta1`) so manifests port by changing the
+//! `apiVersion`. Only what OpenAPI can express is validated here; everything else (address
+//! syntax, overlaps) is checked by [`crate::pool`] and reported through status conditions.
+//!
+//! Status counters are `int64` like MetalLB's. An IPv6 pool can hold more than `i64::MAX`
+//! addresses; the counters then saturate at `i64::MAX` (9.2e18), which reads as "practically
+//! unlimited" and keeps the printer columns numeric and sortable. Exact counts are available
+//! from [`crate::pool`] as `u128`.
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A set of addresses LoadBalancer Services may get their IPs from.
+// Several printcolumn(...) entries repeat `type_`/`priority`; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "IPAddressPool",
+    plural = "ipaddresspools",
+    singular = "ipaddresspool",
+    shortname = "ipp",
+    category = "palisade",
+    status = "IPAddressPoolStatus",
+    derive = "PartialEq",
+    doc = "A pool of IP addresses that LoadBalancer Services are assigned from.",
+    printcolumn(name = "Addresses", type_ = "string", json_path = ".spec.addresses"),
+    printcolumn(
+        name = "Auto Assign",
+        type_ = "boolean",
+        json_path = ".spec.autoAssign"
+    ),
+    printcolumn(
+        name = "Assigned v4",
+        type_ = "integer",
+        json_path = ".status.assignedIPv4"
+    ),
+    printcolumn(
+        name = "Available v4",
+        type_ = "integer",
+        json_path = ".status.availableIPv4"
+    ),
+    printcolumn(
+        name = "Assigned v6",
+        type_ = "integer",
+        json_path = ".status.assignedIPv6",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Available v6",
+        type_ = "integer",
+        json_path = ".status.availableIPv6",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IPAddressPoolSpec {
+    /// Address entries: CIDRs (`198.51.100.0/24`, `2001:db8::/120`), inclusive ranges
+    /// (`198.51.100.200-198.51.100.250`) or single IPs. IPv4 and IPv6 may be mixed.
+    #[schemars(length(min = 1))]
+    pub addresses: Vec<String>,
+
+    /// Whether Services may get addresses from this pool without naming it. Default true.
+    #[serde(
+        default = "default_auto_assign",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub auto_assign: Option<bool>,
+
+    /// Skip IPv4 addresses ending in `.0` and `.255` (some broken clients drop them).
+    #[serde(default, rename = "avoidBuggyIPs")]
+    pub avoid_buggy_ips: bool,
+
+    /// Restricts which Services may get addresses from this pool, and in which order pools
+    /// are tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_allocation: Option<ServiceAllocation>,
+}
+
+#[allow(clippy::unnecessary_wraps)]
+fn default_auto_assign() -> Option<bool> {
+    Some(true)
+}
+
+impl IPAddressPoolSpec {
+    /// `autoAssign` with its default applied.
+    pub fn auto_assign(&self) -> bool {
+        self.auto_assign.unwrap_or(true)
+    }
+}
+
+/// Which Services a pool serves, and its priority.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAllocation {
+    /// Lower numbers are tried first; pools with a priority come before pools without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Namespaces whose Services may use this pool (empty: no restriction by name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Selectors over Namespace labels (empty: no restriction). Any one matching is enough.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespace_selectors: Vec<LabelSelector>,
+    /// Selectors over Service labels (empty: no restriction). Any one matching is enough.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_selectors: Vec<LabelSelector>,
+}
+
+/// Observed state of an `IPAddressPool`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct IPAddressPoolStatus {
+    /// IPv4 addresses assigned to Services (saturates at `i64::MAX`).
+    #[serde(default, rename = "assignedIPv4")]
+    pub assigned_ipv4: i64,
+    /// IPv6 addresses assigned to Services (saturates at `i64::MAX`).
+    #[serde(default, rename = "assignedIPv6")]
+    pub assigned_ipv6: i64,
+    /// IPv4 addresses still free (saturates at `i64::MAX`).
+    #[serde(default, rename = "availableIPv4")]
+    pub available_ipv4: i64,
+    /// IPv6 addresses still free (saturates at `i64::MAX`).
+    #[serde(default, rename = "availableIPv6")]
+    pub available_ipv6: i64,
+    /// `Ready`, `Invalid` and `Overlapping` conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Announces the IPs of some pools over ARP (IPv4) from some nodes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "L2Advertisement",
+    plural = "l2advertisements",
+    singular = "l2advertisement",
+    shortname = "l2adv",
+    category = "palisade",
+    status = "L2AdvertisementStatus",
+    derive = "PartialEq",
+    doc = "Announces LoadBalancer IPs of selected pools at layer 2 from selected nodes.",
+    printcolumn(
+        name = "IPAddressPools",
+        type_ = "string",
+        json_path = ".spec.ipAddressPools"
+    ),
+    printcolumn(
+        name = "IPAddressPool Selectors",
+        type_ = "string",
+        json_path = ".spec.ipAddressPoolSelectors",
+        priority = 1
+    ),
+    printcolumn(name = "Interfaces", type_ = "string", json_path = ".spec.interfaces"),
+    printcolumn(
+        name = "Node Selectors",
+        type_ = "string",
+        json_path = ".spec.nodeSelectors",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct L2AdvertisementSpec {
+    /// Pools (by name) to announce. Empty together with empty `ipAddressPoolSelectors`:
+    /// announce every pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pools: Vec<String>,
+    /// Selectors over pool labels, OR-ed with `ipAddressPools`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pool_selectors: Vec<LabelSelector>,
+    /// Nodes allowed to announce (any selector matching is enough; empty: all nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<LabelSelector>,
+    /// Interfaces to answer ARP on (empty: every interface with an IPv4 address).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
+}
+
+/// Observed state of an `L2Advertisement`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct L2AdvertisementStatus {
+    /// `Ready` and `Invalid` conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// `conditions` as a list-map keyed by `type`, so server-side apply merges per condition.
+fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Vec<Condition>>();
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
+    schema
+}
+
+/// Both CRDs of this crate, in a stable order: `ipaddresspools`, `l2advertisements`.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![IPAddressPool::crd(), L2Advertisement::crd()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn crd_json(crd: &CustomResourceDefinition) -> Value {
+        serde_json::to_value(crd).expect("CRD serializes")
+    }
+
+    /// Walks a schema and collects every key that a structural schema must not contain.
+    fn forbidden_keys(v: &Value, path: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    if matches!(
+                        k.as_str(),
+                        "$ref" | "anyOf" | "oneOf" | "allOf" | "$defs" | "definitions" | "$schema"
+                    ) {
+                        out.push(format!("{path}/{k}"));
+                    }
+                    // `type` must be a single string, never a list (e.g. ["string","null"]).
+                    if k == "type" && !child.is_string() && path.ends_with("properties") {
+                        // a property literally named "type" (Condition.type) is an object here
+                    } else if k == "type" && !child.is_string() {
+                        out.push(format!("{path}/type={child}"));
+                    }
+                    forbidden_keys(child, &format!("{path}/{k}"), out);
+                }
+            }
+            Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    forbidden_keys(child, &format!("{path}/{i}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn crds_are_cluster_scoped_with_status_and_structural_schema() {
+        let crds = crds();
+        let names: Vec<_> = crds
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "ipaddresspools.palisade.dev",
+                "l2advertisements.palisade.dev"
+            ]
+        );
+        for crd in &crds {
+            let v = crd_json(crd);
+            assert_eq!(v["spec"]["scope"], "Cluster");
+            assert_eq!(v["spec"]["group"], "palisade.dev");
+            let version = &v["spec"]["versions"][0];
+            assert_eq!(version["name"], "v1alpha1");
+            assert_eq!(version["served"], true);
+            assert_eq!(version["storage"], true);
+            assert_eq!(version["subresources"]["status"], json!({}));
+            let schema = &version["schema"]["openAPIV3Schema"];
+            let mut bad = Vec::new();
+            forbidden_keys(schema, "", &mut bad);
+            assert!(bad.is_empty(), "non-structural schema parts: {bad:#?}");
+            let conditions = &schema["properties"]["status"]["properties"]["conditions"];
+            assert_eq!(conditions["x-kubernetes-list-type"], "map");
+            assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+            assert_eq!(conditions["items"]["properties"]["type"]["type"], "string");
+        }
+    }
+
+    #[test]
+    fn ipaddresspool_schema_has_defaults_validation_and_columns() {
+        let v = crd_json(&IPAddressPool::crd());
+        assert_eq!(v["spec"]["names"]["kind"], "IPAddressPool");
+        assert_eq!(v["spec"]["names"]["plural"], "ipaddresspools");
+        assert_eq!(v["spec"]["names"]["shortNames"], json!(["ipp"]));
+        let version = &v["spec"]["versions"][0];
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], json!(["addresses"]));
+        let props = &spec["properties"];
+        assert_eq!(props["addresses"]["minItems"], 1);
+        assert_eq!(props["addresses"]["items"]["type"], "string");
+        assert_eq!(props["autoAssign"]["type"], "boolean");
+        assert_eq!(props["autoAssign"]["default"], true);
+        assert_eq!(props["avoidBuggyIPs"]["default"], false);
+        let alloc = &props["serviceAllocation"]["properties"];
+        assert_eq!(alloc["priority"]["type"], "integer");
+        assert_eq!(alloc["namespaces"]["items"]["type"], "string");
+        let sel = &alloc["serviceSelectors"]["items"]["properties"];
+        assert_eq!(sel["matchLabels"]["type"], "object");
+        assert_eq!(sel["matchExpressions"]["type"], "array");
+        let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+        for k in [
+            "assignedIPv4",
+            "assignedIPv6",
+            "availableIPv4",
+            "availableIPv6",
+        ] {
+            assert_eq!(status[k]["type"], "integer", "{k}");
+            assert_eq!(status[k]["format"], "int64", "{k}");
+        }
+        let cols: Vec<_> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("priority").is_none())
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "Addresses",
+                "Auto Assign",
+                "Assigned v4",
+                "Available v4",
+                "Ready",
+                "Age"
+            ]
+        );
+    }
+
+    #[test]
+    fn l2advertisement_schema_and_columns() {
+        let v = crd_json(&L2Advertisement::crd());
+        assert_eq!(v["spec"]["names"]["kind"], "L2Advertisement");
+        assert_eq!(v["spec"]["names"]["shortNames"], json!(["l2adv"]));
+        let version = &v["spec"]["versions"][0];
+        let props = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for k in [
+            "ipAddressPools",
+            "ipAddressPoolSelectors",
+            "nodeSelectors",
+            "interfaces",
+        ] {
+            assert_eq!(props[k]["type"], "array", "{k}");
+        }
+        let cols: Vec<_> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        assert!(cols.contains(&"IPAddressPools".to_string()));
+        assert!(cols.contains(&"Age".to_string()));
+    }
+
+    #[test]
+    fn pool_round_trips_with_metallb_field_names_and_defaults() {
+        let pool: IPAddressPool = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1",
+            "kind": "IPAddressPool",
+            "metadata": {"name": "lan"},
+            "spec": {
+                "addresses": ["198.51.100.200-198.51.100.250"],
+                "serviceAllocation": {
+                    "priority": 10,
+                    "namespaces": ["a"],
+                    "serviceSelectors": [{"matchLabels": {"app": "web"}}]
+                }
+            }
+        }))
+        .unwrap();
+        assert_eq!(pool.spec.auto_assign, Some(true));
+        assert!(pool.spec.auto_assign());
+        assert!(!pool.spec.avoid_buggy_ips);
+        let back = serde_json::to_value(&pool).unwrap();
+        assert_eq!(back["spec"]["autoAssign"], true);
+        assert_eq!(back["spec"]["avoidBuggyIPs"], false);
+        assert_eq!(back["spec"]["serviceAllocation"]["priority"], 10);
+
+        let status = IPAddressPoolStatus {
+            assigned_ipv4: 1,
+            available_ipv6: i64::MAX,
+            ..Default::default()
+        };
+        let s = serde_json::to_value(&status).unwrap();
+        assert_eq!(s["assignedIPv4"], 1);
+        assert_eq!(s["availableIPv6"], i64::MAX);
+    }
+}

@@ -1,0 +1,35 @@
+//! Palisade LoadBalancer: pure domain logic for LoadBalancer IPs on bare metal.
+//!
+//! ```text
+//!   crd        IPAddressPool / L2Advertisement types (source of crds/*.yaml)
+//!   constants  annotation keys, condition types, Event/condition reasons
+//!   selector   metav1.LabelSelector matching
+//!   pool       address entries ─► Pool (ranges, sizes, membership, overlaps)
+//!   allocator  Pools + ServiceRequests ─► IPs per Service (set_pools/assign/restore/unassign)
+//!   service    core/v1 Service ─► ServiceRequest; status.loadBalancer.ingress ─► IPs
+//!   error      the crate's one error enum; Error::reason() gives the constant reason
+//! ```
+//!
+//! Nothing here talks to the API server or the kernel; the runtime crate adapts API objects
+//! into these types and writes results back.
+#![forbid(unsafe_code)]
+
+pub mod allocator;
+pub mod constants;
+pub mod crd;
+pub mod error;
+pub mod pool;
+pub mod selector;
+pub mod service;
+
+pub use allocator::{
+    parse_requested_ips, Allocator, Invalidated, IpFamilyPolicy, PoolCounters, PoolsReport, Port,
+    Protocol, ServiceKey, ServiceRequest,
+};
+pub use crd::{
+    crds, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, L2Advertisement,
+    L2AdvertisementSpec, L2AdvertisementStatus, ServiceAllocation,
+};
+pub use error::{AddressProblem, AllocError, Error, SharingProblem};
+pub use pool::{find_overlaps, parse_entry, AddrRange, Family, Overlap, Pool};
+pub use service::{is_ours, service_key, service_request, status_ips};
