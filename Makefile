@@ -1,0 +1,65 @@
+# One obvious command per task. `make test` and `make demo` work on a fresh Debian machine
+# as root: they install what is missing (apt: iptables, ipset, iproute2, conntrack;
+# pip: the Helm SDK and pytest) before doing anything else.
+CARGO ?= cargo
+PYTHON ?= python3
+APT_PACKAGES := iptables ipset iproute2 conntrack kmod
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all build deps test test-rust test-chart lint fmt crds demo bench clean-lab
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## deps: OS and Python packages the tests and the demo need (idempotent, quiet when present)
+deps:
+	@missing=""; \
+	for b in iptables iptables-restore ipset ip conntrack; do \
+	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> installing OS packages (missing:$$missing)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root to apt-get install $(APT_PACKAGES)"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	fi
+	@$(PYTHON) -c "import helm_python, yaml, pytest, kubernetes" 2>/dev/null || { \
+	  echo ">> installing Python test packages"; \
+	  $(PYTHON) -m pip install -q --disable-pip-version-check -r tests/chart/requirements.txt; }
+
+## test: every test (unit, integration against the test API server, network namespaces, chart)
+test: deps test-rust test-chart
+
+test-rust:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace --no-fail-fast
+
+test-chart:
+	$(PYTHON) -m pytest tests/chart -q
+
+## lint: formatting and clippy, as CI wants them
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## crds: regenerate crds/ and the chart's copy from the Rust types
+crds:
+	$(CARGO) run -q -p palisade -- crdgen --out-dir crds
+	cp crds/*.yaml charts/palisade/crds/
+
+## demo: the lab demo (needs root: it builds network namespaces)
+demo: deps
+	$(CARGO) build --release -p palisade -p palisade-e2e
+	./target/release/palisade-lab demo
+
+bench:
+	$(CARGO) run --release -p palisade-dataplane --example netpol_bench
+	$(CARGO) run --release -p palisade-loadbalancer --example alloc_bench
+
+## clean-lab: remove lab network namespaces left by a killed run
+clean-lab:
+	-./target/release/palisade-lab clean || ./target/debug/palisade-lab clean

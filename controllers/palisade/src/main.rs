@@ -1,0 +1,320 @@
+//! `palisade`: the command line. Everything real lives in the library crates; this file only
+//! parses arguments, sets up logging and calls them.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod crdgen;
+mod netpol_cmd;
+
+/// NetworkPolicy enforcement and LoadBalancer IPs for bare-metal Kubernetes.
+///
+/// Run `palisade agent` on every node (the Helm chart does this as a DaemonSet). The other
+/// subcommands work offline and never contact a cluster.
+#[derive(Parser, Debug)]
+#[command(name = "palisade", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Args, Debug)]
+struct LogArgs {
+    /// Log format.
+    #[arg(long, global = true, env = "PALISADE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `info,palisade_runtime=debug`.
+    #[arg(long, global = true, env = "PALISADE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node agent: enforce NetworkPolicies on this node and allocate/announce
+    /// LoadBalancer IPs.
+    Agent(Box<AgentArgs>),
+    /// NetworkPolicy tools that work from YAML manifests, without a cluster.
+    #[command(subcommand)]
+    Netpol(netpol_cmd::NetpolCmd),
+    /// Print the CustomResourceDefinitions (the source of `crds/`).
+    Crdgen(crdgen::CrdgenArgs),
+    /// Print the version.
+    Version,
+}
+
+/// Flags of `palisade agent`. Every flag can also be set by the environment variable shown.
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Name of the Kubernetes Node this agent runs on (from the downward API in the chart).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+
+    /// This agent's identity for leader election; defaults to the node name.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+
+    /// Namespace holding the leader-election Lease (the chart's release namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "palisade-system")]
+    pod_namespace: String,
+
+    /// Path to a kubeconfig. Without it: in-cluster service account, then the usual
+    /// kubeconfig locations.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// Enforce NetworkPolicies on this node (turn off if your CNI already does).
+    #[arg(long, env = "PALISADE_ENABLE_NETPOL", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_netpol: bool,
+
+    /// Allocate and announce LoadBalancer IPs (turn off if you use another load balancer).
+    #[arg(long, env = "PALISADE_ENABLE_LOADBALANCER", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_loadbalancer: bool,
+
+    /// Address serving /healthz, /readyz and /metrics.
+    #[arg(long, env = "PALISADE_LISTEN_ADDR", default_value = "0.0.0.0:9476")]
+    listen_addr: SocketAddr,
+
+    /// Name of the Lease used to elect the one agent that allocates IPs.
+    #[arg(long, env = "PALISADE_LEASE_NAME", default_value = "palisade-allocator")]
+    lease_name: String,
+
+    /// How long a Lease is valid without renewal.
+    #[arg(long, env = "PALISADE_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+
+    /// How long the leader keeps trying to renew before stepping down (< lease duration).
+    #[arg(long, env = "PALISADE_LEASE_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    lease_renew_deadline: Duration,
+
+    /// How often candidates and the leader look at the Lease.
+    #[arg(long, env = "PALISADE_LEASE_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    lease_retry_period: Duration,
+
+    /// The `spec.loadBalancerClass` Palisade handles.
+    #[arg(long, env = "PALISADE_LOAD_BALANCER_CLASS", default_value = "palisade.dev/palisade")]
+    load_balancer_class: String,
+
+    /// Also handle LoadBalancer Services that set no loadBalancerClass.
+    #[arg(long, env = "PALISADE_HANDLE_CLASSLESS_SERVICES", default_value_t = true, action = clap::ArgAction::Set)]
+    handle_classless_services: bool,
+
+    /// iptables backend: auto-detect, or force nft / legacy.
+    #[arg(long, env = "PALISADE_IPTABLES_BACKEND", value_enum, default_value_t = Backend::Auto)]
+    iptables_backend: Backend,
+
+    /// Drop traffic to pods in this node's pod CIDR that the agent has not programmed yet.
+    #[arg(long, env = "PALISADE_BLOCK_UNKNOWN_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    block_unknown_pods: bool,
+
+    /// Minimum time between two NetworkPolicy syncs (events in between are coalesced).
+    #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
+    sync_min_interval: Duration,
+
+    /// Full re-apply at least this often, even with no change.
+    #[arg(long, env = "PALISADE_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    resync_interval: Duration,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Backend {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h` (or a bare number of seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (try 500ms, 2s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_logging(args: &LogArgs) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
+        eprintln!("invalid --log-level `{}` ({e}); using `info`", args.log_level);
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn agent_config(a: AgentArgs) -> Result<palisade_runtime::AgentConfig, String> {
+    if a.lease_renew_deadline >= a.lease_duration {
+        return Err(format!(
+            "--lease-renew-deadline ({:?}) must be shorter than --lease-duration ({:?})",
+            a.lease_renew_deadline, a.lease_duration
+        ));
+    }
+    let mut cfg = palisade_runtime::AgentConfig::new(a.node_name.clone());
+    cfg.identity = a.pod_name.unwrap_or(a.node_name);
+    cfg.kubeconfig = a.kubeconfig.filter(|p| !p.as_os_str().is_empty());
+    cfg.enable_netpol = a.enable_netpol;
+    cfg.enable_loadbalancer = a.enable_loadbalancer;
+    cfg.listen_addr = a.listen_addr;
+    cfg.lease.name = a.lease_name;
+    cfg.lease.namespace = a.pod_namespace;
+    cfg.lease.lease_duration = a.lease_duration;
+    cfg.lease.renew_deadline = a.lease_renew_deadline;
+    cfg.lease.retry_period = a.lease_retry_period;
+    cfg.load_balancer_class = a.load_balancer_class;
+    cfg.handle_classless_services = a.handle_classless_services;
+    cfg.iptables_backend = match a.iptables_backend {
+        Backend::Auto => "auto",
+        Backend::Nft => "nft",
+        Backend::Legacy => "legacy",
+    }
+    .into();
+    cfg.block_unknown_pods = a.block_unknown_pods;
+    cfg.sync.min_interval = a.sync_min_interval;
+    cfg.sync.resync_interval = a.resync_interval;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    match cli.command {
+        Command::Version => {
+            println!("palisade {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Crdgen(args) => report(crdgen::run(args)),
+        Command::Netpol(cmd) => report(netpol_cmd::run(cmd)),
+        Command::Agent(args) => {
+            let cfg = match agent_config(*args) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(palisade_runtime::run_agent(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn agent_flags_map_to_config() {
+        let cli = Cli::try_parse_from([
+            "palisade",
+            "agent",
+            "--node-name",
+            "n1",
+            "--enable-netpol",
+            "false",
+            "--lease-duration",
+            "3s",
+            "--lease-renew-deadline",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        let cfg = agent_config(*a).unwrap();
+        assert!(!cfg.enable_netpol);
+        assert!(cfg.enable_loadbalancer);
+        assert_eq!(cfg.identity, "n1");
+        assert_eq!(cfg.lease.lease_duration, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn renew_deadline_must_be_shorter_than_lease() {
+        let cli = Cli::try_parse_from([
+            "palisade",
+            "agent",
+            "--node-name",
+            "n1",
+            "--lease-duration",
+            "2s",
+            "--lease-renew-deadline",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent")
+        };
+        assert!(agent_config(*a).is_err());
+    }
+}

@@ -1,0 +1,179 @@
+//! `palisade agent`: wires the shared runtime and the enabled reconcilers together.
+//!
+//! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
+//! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
+//! drops first, the Lease is released, tasks stop; kernel rules are left in force.
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_dataplane::{Executor, KernelExecutor};
+use palisade_netpol::NodeConfig;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::make_client;
+use crate::config::AgentConfig;
+use crate::events::EventSink;
+use crate::leader::LeaderElector;
+use crate::loadbalancer::LoadBalancerReconciler;
+use crate::metrics::Metrics;
+use crate::netpol::NetpolReconciler;
+use crate::stores::{Stores, Subscribers, Wanted};
+use crate::sync::Trigger;
+use crate::Error;
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run_agent(cfg: AgentConfig) -> Result<(), Error> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    run_agent_until(cfg, shutdown).await
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+/// Runs the agent until `shutdown` is cancelled (tests cancel it directly).
+pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let (client, kube_config) = make_client(cfg.kubeconfig.as_deref()).await?;
+    tracing::info!(
+        node = %cfg.node_name,
+        api = %kube_config.cluster_url,
+        netpol = cfg.enable_netpol,
+        loadbalancer = cfg.enable_loadbalancer,
+        "palisade agent starting"
+    );
+    if !cfg.enable_netpol && !cfg.enable_loadbalancer {
+        tracing::warn!("both reconcilers are disabled; the agent only serves health and metrics");
+    }
+    let metrics = Arc::new(Metrics::new());
+
+    // Kernel executor first: a missing iptables binary is reported at once, loudly.
+    let executor: Option<Arc<dyn Executor>> = if cfg.enable_netpol {
+        match KernelExecutor::detect_with(&cfg.iptables_backend) {
+            Ok(x) => Some(Arc::new(x)),
+            Err(e) => {
+                tracing::error!(error = %e, "NetworkPolicy enforcement cannot start: the iptables/ipset tools are missing or unusable; rules already in the kernel stay in force");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let netpol_trigger = Trigger::new();
+    let lb_trigger = Trigger::new();
+    let mut wanted = Wanted::default();
+    let mut subs = Subscribers::default();
+    if cfg.enable_netpol {
+        wanted = wanted.union(Wanted::netpol());
+        subs.pods.push(netpol_trigger.clone());
+        subs.namespaces.push(netpol_trigger.clone());
+        subs.network_policies.push(netpol_trigger.clone());
+        subs.nodes.push(netpol_trigger.clone());
+    }
+    if cfg.enable_loadbalancer {
+        wanted = wanted.union(Wanted::loadbalancer());
+        subs.ip_address_pools.push(lb_trigger.clone());
+        subs.l2_advertisements.push(lb_trigger.clone());
+        subs.services.push(lb_trigger.clone());
+        subs.namespaces.push(lb_trigger.clone());
+        subs.nodes.push(lb_trigger.clone());
+        subs.endpoint_slices.push(lb_trigger.clone());
+    }
+    let stores = Stores::start(
+        &client,
+        wanted,
+        subs,
+        metrics.clone(),
+        cfg.watch_backoff_max,
+        shutdown.clone(),
+    );
+    let (bound, http_task) = crate::http::serve(
+        cfg.listen_addr,
+        stores.readiness.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(addr = %bound, "serving /healthz, /readyz and /metrics");
+
+    let events = EventSink::new(client.clone(), cfg.identity.clone(), metrics.clone());
+    let mut tasks = JoinSet::new();
+
+    if let Some(executor) = executor {
+        let mut node = NodeConfig::new(cfg.node_name.clone());
+        node.block_unknown_pods = cfg.block_unknown_pods;
+        let reconciler = NetpolReconciler {
+            stores: stores.clone(),
+            node,
+            executor,
+            metrics: metrics.clone(),
+            events: events.clone(),
+            settings: cfg.sync,
+        };
+        tasks.spawn(reconciler.run(netpol_trigger, shutdown.clone()));
+    }
+
+    if cfg.enable_loadbalancer {
+        let (elector, is_leader) = LeaderElector::new(
+            client.clone(),
+            cfg.lease.clone(),
+            cfg.identity.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(elector.run(shutdown.clone()));
+        let reconciler = LoadBalancerReconciler {
+            client: client.clone(),
+            stores: stores.clone(),
+            metrics: metrics.clone(),
+            events: events.clone(),
+            settings: cfg.sync,
+            is_leader,
+            class: cfg.load_balancer_class.clone(),
+            claim_unclassed: cfg.handle_classless_services,
+        };
+        tasks.spawn(reconciler.run(lb_trigger, shutdown.clone()));
+    }
+
+    // Log readiness once reached.
+    {
+        let readiness = stores.readiness.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            while !readiness.is_ready() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+            tracing::info!("all caches synced; agent ready");
+        });
+    }
+
+    shutdown.cancelled().await;
+    stores.readiness.set_shutting_down();
+    tracing::info!("shutting down: waiting for tasks to finish");
+    let drain = async {
+        while tasks.join_next().await.is_some() {}
+        let _ = http_task.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks did not stop within 10s; exiting anyway");
+    }
+    tracing::info!("palisade agent stopped");
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! One allocation pass: API objects in, the writes and Events that converge them out.
+//!
+//! ```text
+//!   pools (typed) ─► Pool::from_spec ─► Allocator::set_pools ─► pool problems/invalidated
+//!   Services ─► ours? ─► restore from status (oldest first) ─► assign ─► desired ingress
+//!                                                                 │
+//!   Plan { service status writes, pool status writes, Events } ◄──┘
+//! ```
+//!
+//! No I/O: the reconciler (`loadbalancer.rs`) performs the plan. The allocator persists
+//! between passes while this agent leads; a new leader starts from an empty allocator and
+//! rebuilds it from every Service's `status.loadBalancer.ingress` (oldest Service first)
+//! before it assigns anything, so a Service keeps its IP across restarts and leader changes
+//! and no IP is ever given to two Services unless sharing allows it.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use palisade_loadbalancer::allocator::{Allocator, ServiceKey};
+use palisade_loadbalancer::constants::{conditions, reasons};
+use palisade_loadbalancer::pool::{find_overlaps, Family, Pool};
+use palisade_loadbalancer::service::{is_ours, service_key, service_request, status_ips};
+use palisade_loadbalancer::{IPAddressPool, IPAddressPoolStatus};
+
+/// An Event to publish on a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEvent {
+    pub key: ServiceKey,
+    pub uid: Option<String>,
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// What one pass wants written.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Services whose `status.loadBalancer.ingress` must become these IPs (empty = clear).
+    pub service_status: Vec<(ServiceKey, Vec<IpAddr>)>,
+    /// Pools whose status must become this (only those that differ from what they show).
+    pub pool_status: Vec<(String, IPAddressPoolStatus)>,
+    pub events: Vec<ServiceEvent>,
+    /// Allocation failures by reason, for metrics.
+    pub errors: Vec<&'static str>,
+    /// Per pool and family: (total, in use), for metrics.
+    pub pool_counts: BTreeMap<(String, &'static str), (u128, u128)>,
+    pub services_allocated: usize,
+}
+
+/// Inputs of a pass.
+pub struct Inputs<'a> {
+    pub pools: &'a [IPAddressPool],
+    pub services: &'a [Arc<Service>],
+    pub namespaces: &'a [Arc<Namespace>],
+    pub nodes: &'a [Arc<Node>],
+    pub class: &'a str,
+    pub claim_unclassed: bool,
+    pub now: jiff::Timestamp,
+}
+
+/// The families this cluster serves, from the Nodes' pod CIDRs (IPv4 first). Without any
+/// pod CIDR information, both.
+pub fn cluster_families(nodes: &[Arc<Node>]) -> Vec<Family> {
+    let mut v4 = false;
+    let mut v6 = false;
+    for n in nodes {
+        let spec = n.spec.as_ref();
+        let cidrs = spec
+            .and_then(|s| s.pod_cidrs.clone())
+            .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+            .unwrap_or_default();
+        for c in cidrs {
+            if c.contains(':') {
+                v6 = true;
+            } else {
+                v4 = true;
+            }
+        }
+    }
+    match (v4, v6) {
+        (true, false) => vec![Family::V4],
+        (false, true) => vec![Family::V6],
+        _ => vec![Family::V4, Family::V6],
+    }
+}
+
+/// Keeps the allocator between passes. `None` means "rebuild from Service status first".
+#[derive(Default)]
+pub struct AllocationState {
+    allocator: Option<Allocator>,
+}
+
+impl AllocationState {
+    /// Forget everything (on losing leadership): the next leader pass rebuilds.
+    pub fn reset(&mut self) {
+        self.allocator = None;
+    }
+
+    pub fn pass(&mut self, input: &Inputs) -> Plan {
+        let mut plan = Plan::default();
+        let families = cluster_families(input.nodes);
+        if self
+            .allocator
+            .as_ref()
+            .is_some_and(|a| a.families() != families.as_slice())
+        {
+            tracing::info!(?families, "cluster address families changed; rebuilding the allocator");
+            self.allocator = None;
+        }
+        let rebuilding = self.allocator.is_none();
+        let alloc = self
+            .allocator
+            .get_or_insert_with(|| Allocator::with_families(&families));
+
+        // Pools: validate each; an invalid one is left out (its condition says why).
+        let mut valid = Vec::new();
+        let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+        for p in input.pools {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            match Pool::from_spec(&name, &labels, &p.spec) {
+                Ok(pool) => valid.push(pool),
+                Err(e) => {
+                    invalid.insert(name, e.to_string());
+                }
+            }
+        }
+        let overlaps = find_overlaps(&valid);
+        let report = alloc.set_pools(valid);
+
+        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = input
+            .namespaces
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    n.metadata.labels.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        // Our Services, oldest first (the first claim on an IP wins on restore).
+        let mut ours: Vec<&Arc<Service>> = input
+            .services
+            .iter()
+            .filter(|s| is_ours(s, input.class, input.claim_unclassed))
+            .collect();
+        ours.sort_by(|a, b| {
+            let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            ta.cmp(&tb).then_with(|| service_key(a).cmp(&service_key(b)))
+        });
+        let our_keys: BTreeSet<ServiceKey> = ours.iter().map(|s| service_key(s)).collect();
+
+        // Release what no longer belongs to one of our Services.
+        let all: BTreeMap<ServiceKey, &Arc<Service>> = input
+            .services
+            .iter()
+            .map(|s| (service_key(s), s))
+            .collect();
+        let held: Vec<ServiceKey> = input
+            .services
+            .iter()
+            .map(|s| service_key(s))
+            .chain(report.invalidated.iter().map(|i| i.service.clone()))
+            .filter(|k| alloc.assigned(k).is_some() && !our_keys.contains(k))
+            .collect();
+        let mut stale_keys: BTreeSet<ServiceKey> = held.into_iter().collect();
+        // Deleted Services are not in the store at all: find them through the allocator.
+        for key in alloc_keys(alloc) {
+            if !our_keys.contains(&key) {
+                stale_keys.insert(key);
+            }
+        }
+        for key in stale_keys {
+            let released = alloc.unassign(&key);
+            if let Some(svc) = all.get(&key) {
+                // Still exists but is not ours any more (type or class changed): take back
+                // only the addresses we gave it.
+                let shown = status_ips(svc);
+                if !shown.is_empty() && shown.iter().all(|ip| released.contains(ip)) {
+                    plan.service_status.push((key.clone(), Vec::new()));
+                }
+                plan.events.push(ServiceEvent {
+                    key: key.clone(),
+                    uid: svc.metadata.uid.clone(),
+                    warning: false,
+                    reason: reasons::IP_RELEASED,
+                    note: format!(
+                        "released {} (the Service is no longer a LoadBalancer handled by Palisade)",
+                        join_ips(&released)
+                    ),
+                });
+            }
+        }
+
+        // Restore pass: claims in status first, before anything new is assigned.
+        let mut restore_failed: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        for svc in &ours {
+            let key = service_key(svc);
+            if alloc.assigned(&key).is_some() {
+                continue;
+            }
+            let shown = status_ips(svc);
+            if shown.is_empty() {
+                continue;
+            }
+            let labels = ns_labels
+                .get(&key.namespace)
+                .cloned()
+                .unwrap_or_else(|| default_ns_labels(&key.namespace));
+            let Ok(req) = service_request(svc, &labels) else {
+                continue;
+            };
+            if let Err(e) = alloc.restore(&req, &shown) {
+                if !rebuilding {
+                    tracing::debug!(service = %key, error = %e, "status claim not restorable");
+                }
+                restore_failed.insert(key, e.to_string());
+            }
+        }
+
+        // Assign pass.
+        for svc in &ours {
+            let key = service_key(svc);
+            let labels = ns_labels
+                .get(&key.namespace)
+                .cloned()
+                .unwrap_or_else(|| default_ns_labels(&key.namespace));
+            let shown = status_ips(svc);
+            let before: Vec<IpAddr> = alloc.assigned(&key).map(<[IpAddr]>::to_vec).unwrap_or_default();
+            let result = service_request(svc, &labels).and_then(|req| alloc.assign(&req));
+            match result {
+                Ok(ips) => {
+                    if ips != shown {
+                        plan.service_status.push((key.clone(), ips.clone()));
+                        let pool = ips
+                            .first()
+                            .and_then(|ip| alloc.pool_for_ip(*ip))
+                            .unwrap_or("?")
+                            .to_string();
+                        let mut note = format!("assigned {} from pool {pool}", join_ips(&ips));
+                        if let Some(why) = restore_failed.get(&key) {
+                            note.push_str(&format!(" (its previous address could not be kept: {why})"));
+                        } else if !before.is_empty() && before != ips {
+                            note.push_str(&format!(" (was {})", join_ips(&before)));
+                        }
+                        plan.events.push(ServiceEvent {
+                            key: key.clone(),
+                            uid: svc.metadata.uid.clone(),
+                            warning: false,
+                            reason: reasons::IP_ALLOCATED,
+                            note,
+                        });
+                    }
+                }
+                Err(e) => {
+                    plan.errors.push(e.reason());
+                    // An address that left every pool must not stay in use.
+                    let invalid_now = report.invalidated.iter().any(|i| i.service == key)
+                        || restore_failed.contains_key(&key);
+                    if invalid_now {
+                        alloc.unassign(&key);
+                        if !shown.is_empty() {
+                            plan.service_status.push((key.clone(), Vec::new()));
+                        }
+                    }
+                    plan.events.push(ServiceEvent {
+                        key: key.clone(),
+                        uid: svc.metadata.uid.clone(),
+                        warning: true,
+                        reason: reasons::ALLOCATION_FAILED,
+                        note: format!("{}: {e}", e.reason()),
+                    });
+                }
+            }
+        }
+
+        // Pool statuses and metrics.
+        for p in input.pools {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let mut status = IPAddressPoolStatus::default();
+            let mut conds = Vec::new();
+            if let Some(err) = invalid.get(&name) {
+                conds.push(cond(conditions::INVALID, true, reasons::INVALID_ADDRESS, err, input.now));
+                conds.push(cond(conditions::READY, false, reasons::INVALID_ADDRESS, "see the Invalid condition", input.now));
+            } else {
+                if let Some(c) = alloc.counters(&name) {
+                    c.write_status(&mut status);
+                    plan.pool_counts.insert((name.clone(), "IPv4"), (c.assigned_v4 + c.available_v4, c.assigned_v4));
+                    plan.pool_counts.insert((name.clone(), "IPv6"), (c.assigned_v6 + c.available_v6, c.assigned_v6));
+                }
+                let mine: Vec<String> = overlaps
+                    .iter()
+                    .filter(|o| o.pool == name || o.other == name)
+                    .map(|o| {
+                        let other = if o.pool == name { &o.other } else { &o.pool };
+                        format!("{}-{} also in pool {other}", o.first, o.last)
+                    })
+                    .collect();
+                let problems: Vec<String> = report
+                    .problems
+                    .get(&name)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.reason() != reasons::OVERLAPPING_POOL)
+                    .map(|e| e.to_string())
+                    .collect();
+                if mine.is_empty() {
+                    conds.push(cond(conditions::OVERLAPPING, false, reasons::NO_OVERLAP, "no address is shared with another pool", input.now));
+                } else {
+                    conds.push(cond(conditions::OVERLAPPING, true, reasons::OVERLAPPING_POOL, &mine.join("; "), input.now));
+                }
+                if problems.is_empty() {
+                    conds.push(cond(conditions::INVALID, false, reasons::VALID, "every address entry is valid", input.now));
+                    conds.push(cond(conditions::READY, true, reasons::VALID, "addresses can be assigned", input.now));
+                } else {
+                    let msg = problems.join("; ");
+                    let reason = report.problems.get(&name).and_then(|v| v.first()).map(|e| e.reason()).unwrap_or(reasons::INVALID_ADDRESS);
+                    conds.push(cond(conditions::INVALID, true, reason, &msg, input.now));
+                    conds.push(cond(conditions::READY, true, reason, &format!("usable in part: {msg}"), input.now));
+                }
+            }
+            let current = p.status.clone().unwrap_or_default();
+            status.conditions = keep_transition_times(conds, &current.conditions);
+            if status != current {
+                plan.pool_status.push((name, status));
+            }
+        }
+        plan.services_allocated = alloc.service_count();
+        plan
+    }
+}
+
+fn alloc_keys(alloc: &Allocator) -> Vec<ServiceKey> {
+    alloc.service_keys().cloned().collect()
+}
+
+fn default_ns_labels(ns: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())])
+}
+
+fn join_ips(ips: &[IpAddr]) -> String {
+    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: &str, now: jiff::Timestamp) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: Time(now),
+        observed_generation: None,
+    }
+}
+
+/// A condition whose status did not change keeps its old transition time, so unchanged
+/// pools compare equal and are not rewritten.
+fn keep_transition_times(mut new: Vec<Condition>, old: &[Condition]) -> Vec<Condition> {
+    for c in &mut new {
+        if let Some(o) = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+            c.last_transition_time = o.last_transition_time.clone();
+        }
+    }
+    new
+}

@@ -1,0 +1,97 @@
+//! Plain configuration of the agent. The CLI (clap, env vars) lives in the binary and fills
+//! this in; tests build it directly.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Everything `palisade agent` needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The Kubernetes Node this agent runs on.
+    pub node_name: String,
+    /// This agent's identity in the leader Lease (the pod name in a cluster).
+    pub identity: String,
+    /// Explicit kubeconfig; `None` means in-cluster config or `$KUBECONFIG`/`~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    pub enable_netpol: bool,
+    pub enable_loadbalancer: bool,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
+    pub listen_addr: SocketAddr,
+    pub lease: LeaseSettings,
+    /// `spec.loadBalancerClass` value Palisade owns.
+    pub load_balancer_class: String,
+    /// Also handle LoadBalancer Services that set no class.
+    pub handle_classless_services: bool,
+    /// `auto`, `nft` or `legacy`.
+    pub iptables_backend: String,
+    /// Drop traffic to pods in this node's pod CIDR that the agent has not programmed yet.
+    pub block_unknown_pods: bool,
+    pub sync: SyncSettings,
+    /// Watcher retry backoff ceiling after API errors.
+    pub watch_backoff_max: Duration,
+}
+
+/// Lease-based leader election settings (client-go's defaults are 15s/10s/2s).
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub name: String,
+    pub namespace: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+}
+
+/// The coalescing sync job's timing.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncSettings {
+    /// At most one sync per this interval, however many events arrive.
+    pub min_interval: Duration,
+    /// A full sync at least this often, even with no events.
+    pub resync_interval: Duration,
+    /// First retry delay after a failed sync; doubles up to `backoff_max`.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            min_interval: Duration::from_millis(100),
+            resync_interval: Duration::from_secs(300),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        LeaseSettings {
+            name: "palisade-allocator".into(),
+            namespace: "palisade-system".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// A configuration with the documented defaults for `node_name`.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        let node_name = node_name.into();
+        AgentConfig {
+            identity: node_name.clone(),
+            node_name,
+            kubeconfig: None,
+            enable_netpol: true,
+            enable_loadbalancer: true,
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 9476)),
+            lease: LeaseSettings::default(),
+            load_balancer_class: "palisade.dev/palisade".into(),
+            handle_classless_services: true,
+            iptables_backend: "auto".into(),
+            block_unknown_pods: true,
+            sync: SyncSettings::default(),
+            watch_backoff_max: Duration::from_secs(10),
+        }
+    }
+}

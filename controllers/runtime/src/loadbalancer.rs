@@ -1,0 +1,347 @@
+//! The LoadBalancer side of the agent.
+//!
+//! ```text
+//!  Stores (pools, l2ads, services, nodes, ...) ──► intake: typed, malformed ones reported
+//!         ▲ pokes                                   │
+//!     Trigger ◄── reflectors                        ▼ (leader only)
+//!                       allocation pass (allocation.rs) ──► Service status, pool status,
+//!                                                           Events, metrics
+//! ```
+//!
+//! Custom resources arrive as `DynamicObject`s (see [`crate::stores`]); [`PoolIntake`]
+//! converts them and keeps the malformed ones out, reporting each once per
+//! generation: a log line, the `palisade_invalid_objects` gauge and, from the leader, an
+//! `Invalid` condition in the object's status naming the parse error.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use palisade_loadbalancer::constants::conditions;
+use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::allocation::{AllocationState, Inputs};
+use crate::config::SyncSettings;
+use crate::events::EventSink;
+use crate::metrics::{labels1, Metrics};
+use crate::stores::{names, palisade_api_resource, typed_objects, Stores};
+use crate::sync::{run_sync_loop, Trigger};
+
+/// Condition reason for an object that does not parse at all.
+pub const MALFORMED_OBJECT: &str = "MalformedObject";
+
+/// Valid custom resources of one sync, and the names of the skipped ones.
+pub struct Intake {
+    pub pools: Vec<IPAddressPool>,
+    pub l2_advertisements: Vec<L2Advertisement>,
+    /// (kind, name, generation, error)
+    pub malformed: Vec<(&'static str, String, String, String)>,
+}
+
+/// Converts the custom-resource stores, remembering what was already reported.
+#[derive(Default)]
+pub struct PoolIntake {
+    reported: BTreeMap<(&'static str, String), String>,
+}
+
+impl PoolIntake {
+    pub fn take(&mut self, stores: &Stores, metrics: &Metrics) -> Intake {
+        let pool_objs = stores.ip_address_pools.state();
+        let l2_objs = stores.l2_advertisements.state();
+        let (pools, bad_pools) = typed_objects::<IPAddressPool>(&pool_objs);
+        let (l2_advertisements, bad_l2) = typed_objects::<L2Advertisement>(&l2_objs);
+        // Keyed by generation, which only spec changes bump: our own status writes must not
+        // make an object look new.
+        let rv_of = |objs: &[Arc<DynamicObject>], name: &str| {
+            objs.iter()
+                .find(|o| o.name_any() == name)
+                .map(|o| {
+                    o.metadata
+                        .generation
+                        .map(|g| g.to_string())
+                        .unwrap_or_default()
+                })
+                .unwrap_or_default()
+        };
+        let mut malformed = Vec::new();
+        for (name, err) in bad_pools {
+            let rv = rv_of(&pool_objs, &name);
+            malformed.push(("IPAddressPool", name, rv, err));
+        }
+        for (name, err) in bad_l2 {
+            let rv = rv_of(&l2_objs, &name);
+            malformed.push(("L2Advertisement", name, rv, err));
+        }
+        for kind in ["IPAddressPool", "L2Advertisement"] {
+            let n = malformed.iter().filter(|m| m.0 == kind).count();
+            metrics
+                .invalid_objects
+                .get_or_create(&labels1("kind", kind))
+                .set(n as i64);
+        }
+        let mut still = BTreeMap::new();
+        for (kind, name, rv, err) in &malformed {
+            let key = (*kind, name.clone());
+            if self.reported.get(&key) != Some(rv) {
+                tracing::warn!(kind, name, generation = rv, error = %err,
+                    "skipping a malformed custom resource; fix its spec");
+            }
+            still.insert(key, rv.clone());
+        }
+        self.reported = still;
+        Intake {
+            pools,
+            l2_advertisements,
+            malformed,
+        }
+    }
+}
+
+/// Writes an `Invalid` condition into a malformed object's status (merge patch on /status,
+/// which does not need the spec to parse).
+pub async fn mark_malformed(
+    client: &Client,
+    ar: &ApiResource,
+    name: &str,
+    error: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
+    let now = jiff::Timestamp::now().to_string();
+    let patch = json!({
+        "status": {
+            "conditions": [
+                {
+                    "type": conditions::INVALID,
+                    "status": "True",
+                    "reason": MALFORMED_OBJECT,
+                    "message": format!("the object does not match the {} schema: {error}", ar.kind),
+                    "lastTransitionTime": now,
+                },
+                {
+                    "type": conditions::READY,
+                    "status": "False",
+                    "reason": MALFORMED_OBJECT,
+                    "message": "see the Invalid condition",
+                    "lastTransitionTime": now,
+                }
+            ]
+        }
+    });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
+/// The LoadBalancer reconciler: custom-resource intake on every agent; on the leader, the
+/// allocation pass and its writes.
+pub struct LoadBalancerReconciler {
+    pub client: Client,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    pub events: EventSink,
+    pub settings: SyncSettings,
+    pub is_leader: watch::Receiver<bool>,
+    pub class: String,
+    pub claim_unclassed: bool,
+}
+
+#[derive(Default)]
+struct LbState {
+    intake: PoolIntake,
+    allocation: AllocationState,
+    /// Malformed objects whose status we wrote: (kind, name) -> generation.
+    marked: BTreeMap<(String, String), String>,
+    was_leader: bool,
+}
+
+impl LoadBalancerReconciler {
+    pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let state = Arc::new(tokio::sync::Mutex::new(LbState::default()));
+        // Leadership changes need a pass too.
+        {
+            let mut rx = this.is_leader.clone();
+            let trigger = trigger.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    trigger.poke();
+                }
+            });
+        }
+        // Wait for the caches the allocator reads: never allocate from a partial view.
+        let needed = [
+            names::IP_ADDRESS_POOLS,
+            names::SERVICES,
+            names::NAMESPACES,
+            names::NODES,
+        ];
+        loop {
+            let pending = this.stores.readiness.pending();
+            if !pending.iter().any(|p| needed.contains(p)) {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+        }
+        trigger.poke();
+        run_sync_loop(this.settings, trigger, shutdown, |_| {
+            let this = this.clone();
+            let state = state.clone();
+            async move {
+                let mut st = state.lock().await;
+                this.pass(&mut st).await
+            }
+        })
+        .await;
+    }
+
+    async fn pass(&self, st: &mut LbState) -> Result<(), ()> {
+        let intake = st.intake.take(&self.stores, &self.metrics);
+        let leading = *self.is_leader.borrow();
+        if !leading {
+            if st.was_leader {
+                st.allocation.reset();
+                st.was_leader = false;
+            }
+            return Ok(());
+        }
+        if !st.was_leader {
+            tracing::info!("leading: rebuilding the allocator from Service status");
+            st.allocation.reset();
+            st.was_leader = true;
+        }
+        let mut failed = false;
+        // Malformed objects: an Invalid condition once per generation.
+        for (kind, name, generation, err) in &intake.malformed {
+            let key = (kind.to_string(), name.clone());
+            if st.marked.get(&key) == Some(generation) {
+                continue;
+            }
+            let ar = match *kind {
+                "IPAddressPool" => palisade_api_resource("IPAddressPool", "ipaddresspools"),
+                _ => palisade_api_resource("L2Advertisement", "l2advertisements"),
+            };
+            match mark_malformed(&self.client, &ar, name, err).await {
+                Ok(()) => {
+                    st.marked.insert(key, generation.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(kind, name, error = %e, "cannot write status");
+                    failed = true;
+                }
+            }
+        }
+
+        let services = self.stores.services.state();
+        let namespaces = self.stores.namespaces.state();
+        let nodes = self.stores.nodes.state();
+        let inputs = Inputs {
+            pools: &intake.pools,
+            services: &services,
+            namespaces: &namespaces,
+            nodes: &nodes,
+            class: &self.class,
+            claim_unclassed: self.claim_unclassed,
+            now: jiff::Timestamp::now(),
+        };
+        let plan = st.allocation.pass(&inputs);
+
+        // Writes: only while still leading (checked before each one).
+        for (key, ips) in &plan.service_status {
+            if !*self.is_leader.borrow() {
+                return Err(());
+            }
+            let ingress: Vec<serde_json::Value> = ips
+                .iter()
+                .map(|ip| json!({"ip": ip.to_string(), "ipMode": "VIP"}))
+                .collect();
+            let patch = if ingress.is_empty() {
+                json!({"status": {"loadBalancer": {"ingress": null}}})
+            } else {
+                json!({"status": {"loadBalancer": {"ingress": ingress}}})
+            };
+            let api: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+            let result = api
+                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            let label = match &result {
+                Ok(_) => "ok",
+                Err(kube::Error::Api(s)) if s.code == 404 => "gone",
+                Err(_) => "error",
+            };
+            self.metrics
+                .lb_status_writes
+                .get_or_create(&vec![("resource", "services".into()), ("result", label.into())])
+                .inc();
+            if label == "error" {
+                tracing::warn!(service = %key, error = ?result.err(), "cannot write Service status; will retry");
+                failed = true;
+            }
+        }
+        for (name, status) in &plan.pool_status {
+            if !*self.is_leader.borrow() {
+                return Err(());
+            }
+            let api: Api<IPAddressPool> = Api::all(self.client.clone());
+            let patch = json!({ "status": status });
+            let result = api
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            let label = if result.is_ok() { "ok" } else { "error" };
+            self.metrics
+                .lb_status_writes
+                .get_or_create(&vec![("resource", "ipaddresspools".into()), ("result", label.into())])
+                .inc();
+            if let Err(e) = result {
+                tracing::warn!(pool = %name, error = %e, "cannot write IPAddressPool status; will retry");
+                failed = true;
+            }
+        }
+        for ev in &plan.events {
+            let obj = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                namespace: Some(ev.key.namespace.clone()),
+                name: Some(ev.key.name.clone()),
+                uid: ev.uid.clone(),
+                ..Default::default()
+            };
+            if ev.warning {
+                self.events.warning(&obj, ev.reason, "Allocate", ev.note.clone()).await;
+            } else {
+                self.events.normal(&obj, ev.reason, "Allocate", ev.note.clone()).await;
+            }
+        }
+        for reason in &plan.errors {
+            self.metrics
+                .lb_allocation_errors
+                .get_or_create(&labels1("reason", *reason))
+                .inc();
+        }
+        let sat = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
+        for ((pool, family), (total, used)) in &plan.pool_counts {
+            let labels = vec![("pool", pool.clone()), ("family", family.to_string())];
+            self.metrics.lb_addresses_total.get_or_create(&labels).set(sat(*total));
+            self.metrics.lb_addresses_in_use.get_or_create(&labels).set(sat(*used));
+        }
+        self.metrics
+            .lb_services_allocated
+            .set(plan.services_allocated as i64);
+        if failed {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Prometheus metrics of the agent (served as text on `/metrics`).
+//!
+//! Names follow Prometheus conventions with the `palisade_` prefix. The registry is built
+//! once; reconcilers get an `Arc<Metrics>` and update the families they own.
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label set: a list of (name, value) pairs.
+pub type Labels = Vec<(&'static str, String)>;
+
+pub fn labels1(k: &'static str, v: impl Into<String>) -> Labels {
+    vec![(k, v.into())]
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub ready: Gauge,
+    pub watch_events: Family<Labels, Counter>,
+    pub watch_errors: Family<Labels, Counter>,
+    pub invalid_objects: Family<Labels, Gauge>,
+    pub is_leader: Gauge,
+    pub leader_transitions: Counter,
+    pub events_published: Family<Labels, Counter>,
+    pub netpol_sync_duration: Histogram,
+    pub netpol_syncs: Family<Labels, Counter>,
+    pub netpol_rules: Gauge,
+    pub netpol_ipsets: Gauge,
+    pub netpol_ipset_members: Gauge,
+    pub netpol_payload_bytes: Gauge,
+    pub netpol_diagnostics: Gauge,
+    pub netpol_last_success: Gauge<f64, AtomicU64>,
+    pub lb_addresses_total: Family<Labels, Gauge>,
+    pub lb_addresses_in_use: Family<Labels, Gauge>,
+    pub lb_services_allocated: Gauge,
+    pub lb_allocation_errors: Family<Labels, Counter>,
+    pub lb_status_writes: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("palisade");
+        let ready = Gauge::default();
+        let watch_events = Family::<Labels, Counter>::default();
+        let watch_errors = Family::<Labels, Counter>::default();
+        let invalid_objects = Family::<Labels, Gauge>::default();
+        let is_leader = Gauge::default();
+        let leader_transitions = Counter::default();
+        let events_published = Family::<Labels, Counter>::default();
+        let netpol_sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let netpol_syncs = Family::<Labels, Counter>::default();
+        let netpol_rules = Gauge::default();
+        let netpol_ipsets = Gauge::default();
+        let netpol_ipset_members = Gauge::default();
+        let netpol_payload_bytes = Gauge::default();
+        let netpol_diagnostics = Gauge::default();
+        let netpol_last_success = Gauge::<f64, AtomicU64>::default();
+
+        let lb_addresses_total = Family::<Labels, Gauge>::default();
+        let lb_addresses_in_use = Family::<Labels, Gauge>::default();
+        let lb_services_allocated = Gauge::default();
+        let lb_allocation_errors = Family::<Labels, Counter>::default();
+        let lb_status_writes = Family::<Labels, Counter>::default();
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&labels1("version", env!("CARGO_PKG_VERSION")))
+            .set(1);
+        registry.register("build_info", "Palisade build information", build_info);
+        registry.register(
+            "ready",
+            "1 when every watch has listed once and the agent is not shutting down",
+            ready.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Watch events received, by resource",
+            watch_events.clone(),
+        );
+        registry.register(
+            "watch_errors",
+            "Watch errors (retried with backoff), by resource",
+            watch_errors.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Custom resources currently skipped because they do not parse, by kind",
+            invalid_objects.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this agent holds the allocator Lease",
+            is_leader.clone(),
+        );
+        registry.register(
+            "leader_transitions",
+            "Times this agent gained or lost the allocator Lease",
+            leader_transitions.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Kubernetes Events published, by reason and result",
+            events_published.clone(),
+        );
+        registry.register(
+            "netpol_sync_duration_seconds",
+            "Time of one NetworkPolicy sync (model, compile, render, apply)",
+            netpol_sync_duration.clone(),
+        );
+        registry.register(
+            "netpol_syncs",
+            "NetworkPolicy syncs by result (applied, unchanged, failed)",
+            netpol_syncs.clone(),
+        );
+        registry.register(
+            "netpol_rules",
+            "iptables rules Palisade currently programs",
+            netpol_rules.clone(),
+        );
+        registry.register(
+            "netpol_ipsets",
+            "ipsets Palisade currently programs",
+            netpol_ipsets.clone(),
+        );
+        registry.register(
+            "netpol_ipset_members",
+            "Members over all of Palisade's ipsets",
+            netpol_ipset_members.clone(),
+        );
+        registry.register(
+            "netpol_payload_bytes",
+            "Size of the last rendered ipset + iptables payload",
+            netpol_payload_bytes.clone(),
+        );
+        registry.register(
+            "netpol_diagnostics",
+            "Problems found in the last compile (unknown named ports, bad protocols, ...)",
+            netpol_diagnostics.clone(),
+        );
+        registry.register(
+            "netpol_last_success_timestamp_seconds",
+            "Unix time of the last successful NetworkPolicy sync",
+            netpol_last_success.clone(),
+        );
+        registry.register(
+            "allocator_addresses",
+            "Addresses in each IPAddressPool, by pool and family (saturates at i64::MAX)",
+            lb_addresses_total.clone(),
+        );
+        registry.register(
+            "allocator_addresses_in_use",
+            "Addresses of each IPAddressPool assigned to Services, by pool and family",
+            lb_addresses_in_use.clone(),
+        );
+        registry.register(
+            "allocator_services_allocated",
+            "LoadBalancer Services holding addresses from Palisade",
+            lb_services_allocated.clone(),
+        );
+        registry.register(
+            "allocator_errors",
+            "Failed allocations, by reason (PoolExhausted, IPNotInPool, ...)",
+            lb_allocation_errors.clone(),
+        );
+        registry.register(
+            "allocator_status_writes",
+            "Status writes by the allocator, by resource and result",
+            lb_status_writes.clone(),
+        );
+        Metrics {
+            registry,
+            lb_addresses_total,
+            lb_addresses_in_use,
+            lb_services_allocated,
+            lb_allocation_errors,
+            lb_status_writes,
+            ready,
+            watch_events,
+            watch_errors,
+            invalid_objects,
+            is_leader,
+            leader_transitions,
+            events_published,
+            netpol_sync_duration,
+            netpol_syncs,
+            netpol_rules,
+            netpol_ipsets,
+            netpol_ipset_members,
+            netpol_payload_bytes,
+            netpol_diagnostics,
+            netpol_last_success,
+        }
+    }
+
+    /// Registers a metric owned by a reconciler module (must happen before serving).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_known_families() {
+        let m = Metrics::new();
+        m.watch_events.get_or_create(&labels1("resource", "pods")).inc();
+        m.netpol_sync_duration.observe(0.02);
+        let text = m.encode();
+        assert!(text.contains("palisade_watch_events_total{resource=\"pods\"} 1"), "{text}");
+        assert!(text.contains("palisade_netpol_sync_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("palisade_build_info{version="), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}
