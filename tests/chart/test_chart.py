@@ -398,6 +398,9 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--lease-name=palisade-allocator",
         "--load-balancer-class=palisade.dev/palisade",
         "--handle-classless-services=true",
+        "--enable-l2=true",
+        "--memberlist-port=7946",
+        "--memberlist-timeout=1s",
     ]
     assert container["image"] == "palisade:0.1.0"
     assert container["resources"]["requests"]["cpu"]

@@ -65,7 +65,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     Ok((code, body))
 }
 
@@ -253,10 +257,12 @@ pub fn lb_agent(name: &str, kubeconfig: &str, dir: &TempDir) -> AgentProc {
         "--pod-name",
         name,
         "--enable-netpol=false",
+        // These agents run in the host's own network namespace: they must never answer ARP
+        // there nor open the membership port (L2 is tested inside network namespaces).
+        "--enable-l2=false",
         "--kubeconfig",
         kubeconfig,
     ];
     args.extend_from_slice(FAST_LEASE);
     AgentProc::spawn(name, &args, &[], dir.path())
 }
-

@@ -210,7 +210,7 @@ pub struct L2AdvertisementSpec {
     /// Nodes allowed to announce (any selector matching is enough; empty: all nodes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_selectors: Vec<LabelSelector>,
-    /// Interfaces to answer ARP on (empty: every interface with an IPv4 address).
+    /// Interfaces to answer ARP/NDP on (empty: the interface holding the route to the IP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
 }

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allocator;
+pub mod announce;
 pub mod constants;
 pub mod crd;
 pub mod error;

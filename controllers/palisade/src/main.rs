@@ -33,7 +33,12 @@ struct LogArgs {
     log_format: LogFormat,
 
     /// Log filter, e.g. `info` or `info,palisade_runtime=debug`.
-    #[arg(long, global = true, env = "PALISADE_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "PALISADE_LOG_LEVEL",
+        default_value = "info"
+    )]
     log_level: String,
 }
 
@@ -90,7 +95,11 @@ struct AgentArgs {
     listen_addr: SocketAddr,
 
     /// Name of the Lease used to elect the one agent that allocates IPs.
-    #[arg(long, env = "PALISADE_LEASE_NAME", default_value = "palisade-allocator")]
+    #[arg(
+        long,
+        env = "PALISADE_LEASE_NAME",
+        default_value = "palisade-allocator"
+    )]
     lease_name: String,
 
     /// How long a Lease is valid without renewal.
@@ -106,7 +115,11 @@ struct AgentArgs {
     lease_retry_period: Duration,
 
     /// The `spec.loadBalancerClass` Palisade handles.
-    #[arg(long, env = "PALISADE_LOAD_BALANCER_CLASS", default_value = "palisade.dev/palisade")]
+    #[arg(
+        long,
+        env = "PALISADE_LOAD_BALANCER_CLASS",
+        default_value = "palisade.dev/palisade"
+    )]
     load_balancer_class: String,
 
     /// Also handle LoadBalancer Services that set no loadBalancerClass.
@@ -125,6 +138,22 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     sync_min_interval: Duration,
 
+    /// Answer ARP/NDP for the LoadBalancer IPs this node is elected for (L2 announcement).
+    #[arg(long, env = "PALISADE_ENABLE_L2", default_value_t = true, action = clap::ArgAction::Set)]
+    enable_l2: bool,
+
+    /// UDP port of the agents' liveness heartbeats (the same on every node).
+    #[arg(long, env = "PALISADE_MEMBERLIST_PORT", default_value_t = 7946)]
+    memberlist_port: u16,
+
+    /// Interval of the liveness heartbeats.
+    #[arg(long, env = "PALISADE_MEMBERLIST_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    memberlist_interval: Duration,
+
+    /// Silence after which a peer agent counts as dead and its IPs move.
+    #[arg(long, env = "PALISADE_MEMBERLIST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    memberlist_timeout: Duration,
+
     /// Full re-apply at least this often, even with no change.
     #[arg(long, env = "PALISADE_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     resync_interval: Duration,
@@ -140,7 +169,9 @@ enum Backend {
 /// Parses `250ms`, `2s`, `5m`, `1h` (or a bare number of seconds).
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -150,7 +181,11 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(format!("unknown unit `{unit}` in `{s}` (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{s}` (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
@@ -161,7 +196,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn init_logging(args: &LogArgs) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|e| {
-        eprintln!("invalid --log-level `{}` ({e}); using `info`", args.log_level);
+        eprintln!(
+            "invalid --log-level `{}` ({e}); using `info`",
+            args.log_level
+        );
         EnvFilter::new("info")
     });
     let builder = tracing_subscriber::fmt()
@@ -203,6 +241,16 @@ fn agent_config(a: AgentArgs) -> Result<palisade_runtime::AgentConfig, String> {
     cfg.block_unknown_pods = a.block_unknown_pods;
     cfg.sync.min_interval = a.sync_min_interval;
     cfg.sync.resync_interval = a.resync_interval;
+    if a.memberlist_interval >= a.memberlist_timeout {
+        return Err(format!(
+            "--memberlist-interval ({:?}) must be shorter than --memberlist-timeout ({:?})",
+            a.memberlist_interval, a.memberlist_timeout
+        ));
+    }
+    cfg.enable_l2 = a.enable_l2;
+    cfg.memberlist_port = a.memberlist_port;
+    cfg.memberlist_interval = a.memberlist_interval;
+    cfg.memberlist_timeout = a.memberlist_timeout;
     Ok(cfg)
 }
 

@@ -11,11 +11,13 @@ use palisade_netpol::NodeConfig;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::announcer::AnnouncerReconciler;
 use crate::client::make_client;
 use crate::config::AgentConfig;
 use crate::events::EventSink;
 use crate::leader::LeaderElector;
 use crate::loadbalancer::LoadBalancerReconciler;
+use crate::membership::MembershipSettings;
 use crate::metrics::Metrics;
 use crate::netpol::NetpolReconciler;
 use crate::stores::{Stores, Subscribers, Wanted};
@@ -73,6 +75,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
 
     let netpol_trigger = Trigger::new();
     let lb_trigger = Trigger::new();
+    let ann_trigger = Trigger::new();
     let mut wanted = Wanted::default();
     let mut subs = Subscribers::default();
     if cfg.enable_netpol {
@@ -90,6 +93,15 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         subs.namespaces.push(lb_trigger.clone());
         subs.nodes.push(lb_trigger.clone());
         subs.endpoint_slices.push(lb_trigger.clone());
+        for t in [
+            &mut subs.services,
+            &mut subs.nodes,
+            &mut subs.ip_address_pools,
+            &mut subs.l2_advertisements,
+            &mut subs.endpoint_slices,
+        ] {
+            t.push(ann_trigger.clone());
+        }
     }
     let stores = Stores::start(
         &client,
@@ -144,6 +156,17 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             claim_unclassed: cfg.handle_classless_services,
         };
         tasks.spawn(reconciler.run(lb_trigger, shutdown.clone()));
+
+        if cfg.enable_l2 {
+            match start_announcer(&cfg, &stores, &metrics, &events, &shutdown, ann_trigger).await {
+                Ok(fut) => {
+                    tasks.spawn(fut);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
+                }
+            }
+        }
     }
 
     // Log readiness once reached.
@@ -176,4 +199,57 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     }
     tracing::info!("palisade agent stopped");
     Ok(())
+}
+
+/// Starts the membership and the speaker, and returns the announcer's task.
+async fn start_announcer(
+    cfg: &AgentConfig,
+    stores: &Stores,
+    metrics: &Arc<Metrics>,
+    events: &EventSink,
+    shutdown: &CancellationToken,
+    trigger: Trigger,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
+    let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
+    let (peers_tx, peers_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let mut settings = MembershipSettings::new(cfg.node_name.clone(), cfg.memberlist_port);
+    settings.interval = cfg.memberlist_interval;
+    settings.timeout = cfg.memberlist_timeout;
+    let live = crate::membership::start(settings, peers_rx, shutdown.clone())
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot bind the membership port {}: {e}",
+                cfg.memberlist_port
+            )
+        })?;
+    {
+        let mut live = live.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                metrics
+                    .members_alive
+                    .set(live.borrow_and_update().nodes.len() as i64);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = live.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+    let reconciler = AnnouncerReconciler {
+        node_name: cfg.node_name.clone(),
+        stores: stores.clone(),
+        metrics: metrics.clone(),
+        events: events.clone(),
+        settings: cfg.sync,
+        speaker: Arc::new(speaker),
+        live,
+        peers: peers_tx,
+        class: cfg.load_balancer_class.clone(),
+        claim_unclassed: cfg.handle_classless_services,
+    };
+    Ok(reconciler.run(trigger, shutdown.clone()))
 }

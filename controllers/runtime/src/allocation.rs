@@ -106,7 +106,10 @@ impl AllocationState {
             .as_ref()
             .is_some_and(|a| a.families() != families.as_slice())
         {
-            tracing::info!(?families, "cluster address families changed; rebuilding the allocator");
+            tracing::info!(
+                ?families,
+                "cluster address families changed; rebuilding the allocator"
+            );
             self.allocator = None;
         }
         let rebuilding = self.allocator.is_none();
@@ -149,16 +152,14 @@ impl AllocationState {
         ours.sort_by(|a, b| {
             let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            ta.cmp(&tb).then_with(|| service_key(a).cmp(&service_key(b)))
+            ta.cmp(&tb)
+                .then_with(|| service_key(a).cmp(&service_key(b)))
         });
         let our_keys: BTreeSet<ServiceKey> = ours.iter().map(|s| service_key(s)).collect();
 
         // Release what no longer belongs to one of our Services.
-        let all: BTreeMap<ServiceKey, &Arc<Service>> = input
-            .services
-            .iter()
-            .map(|s| (service_key(s), s))
-            .collect();
+        let all: BTreeMap<ServiceKey, &Arc<Service>> =
+            input.services.iter().map(|s| (service_key(s), s)).collect();
         let held: Vec<ServiceKey> = input
             .services
             .iter()
@@ -229,7 +230,10 @@ impl AllocationState {
                 .cloned()
                 .unwrap_or_else(|| default_ns_labels(&key.namespace));
             let shown = status_ips(svc);
-            let before: Vec<IpAddr> = alloc.assigned(&key).map(<[IpAddr]>::to_vec).unwrap_or_default();
+            let before: Vec<IpAddr> = alloc
+                .assigned(&key)
+                .map(<[IpAddr]>::to_vec)
+                .unwrap_or_default();
             let result = service_request(svc, &labels).and_then(|req| alloc.assign(&req));
             match result {
                 Ok(ips) => {
@@ -242,7 +246,9 @@ impl AllocationState {
                             .to_string();
                         let mut note = format!("assigned {} from pool {pool}", join_ips(&ips));
                         if let Some(why) = restore_failed.get(&key) {
-                            note.push_str(&format!(" (its previous address could not be kept: {why})"));
+                            note.push_str(&format!(
+                                " (its previous address could not be kept: {why})"
+                            ));
                         } else if !before.is_empty() && before != ips {
                             note.push_str(&format!(" (was {})", join_ips(&before)));
                         }
@@ -283,13 +289,31 @@ impl AllocationState {
             let mut status = IPAddressPoolStatus::default();
             let mut conds = Vec::new();
             if let Some(err) = invalid.get(&name) {
-                conds.push(cond(conditions::INVALID, true, reasons::INVALID_ADDRESS, err, input.now));
-                conds.push(cond(conditions::READY, false, reasons::INVALID_ADDRESS, "see the Invalid condition", input.now));
+                conds.push(cond(
+                    conditions::INVALID,
+                    true,
+                    reasons::INVALID_ADDRESS,
+                    err,
+                    input.now,
+                ));
+                conds.push(cond(
+                    conditions::READY,
+                    false,
+                    reasons::INVALID_ADDRESS,
+                    "see the Invalid condition",
+                    input.now,
+                ));
             } else {
                 if let Some(c) = alloc.counters(&name) {
                     c.write_status(&mut status);
-                    plan.pool_counts.insert((name.clone(), "IPv4"), (c.assigned_v4 + c.available_v4, c.assigned_v4));
-                    plan.pool_counts.insert((name.clone(), "IPv6"), (c.assigned_v6 + c.available_v6, c.assigned_v6));
+                    plan.pool_counts.insert(
+                        (name.clone(), "IPv4"),
+                        (c.assigned_v4 + c.available_v4, c.assigned_v4),
+                    );
+                    plan.pool_counts.insert(
+                        (name.clone(), "IPv6"),
+                        (c.assigned_v6 + c.available_v6, c.assigned_v6),
+                    );
                 }
                 let mine: Vec<String> = overlaps
                     .iter()
@@ -308,18 +332,70 @@ impl AllocationState {
                     .map(|e| e.to_string())
                     .collect();
                 if mine.is_empty() {
-                    conds.push(cond(conditions::OVERLAPPING, false, reasons::NO_OVERLAP, "no address is shared with another pool", input.now));
+                    conds.push(cond(
+                        conditions::OVERLAPPING,
+                        false,
+                        reasons::NO_OVERLAP,
+                        "no address is shared with another pool",
+                        input.now,
+                    ));
                 } else {
-                    conds.push(cond(conditions::OVERLAPPING, true, reasons::OVERLAPPING_POOL, &mine.join("; "), input.now));
+                    conds.push(cond(
+                        conditions::OVERLAPPING,
+                        true,
+                        reasons::OVERLAPPING_POOL,
+                        &mine.join("; "),
+                        input.now,
+                    ));
                 }
                 if problems.is_empty() {
-                    conds.push(cond(conditions::INVALID, false, reasons::VALID, "every address entry is valid", input.now));
-                    conds.push(cond(conditions::READY, true, reasons::VALID, "addresses can be assigned", input.now));
+                    conds.push(cond(
+                        conditions::INVALID,
+                        false,
+                        reasons::VALID,
+                        "every address entry is valid",
+                        input.now,
+                    ));
+                    conds.push(cond(
+                        conditions::READY,
+                        true,
+                        reasons::VALID,
+                        "addresses can be assigned",
+                        input.now,
+                    ));
                 } else {
                     let msg = problems.join("; ");
-                    let reason = report.problems.get(&name).and_then(|v| v.first()).map(|e| e.reason()).unwrap_or(reasons::INVALID_ADDRESS);
+                    let reason = report
+                        .problems
+                        .get(&name)
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.reason())
+                        .find(|r| *r != reasons::OVERLAPPING_POOL)
+                        .unwrap_or(reasons::INVALID_ADDRESS);
                     conds.push(cond(conditions::INVALID, true, reason, &msg, input.now));
-                    conds.push(cond(conditions::READY, true, reason, &format!("usable in part: {msg}"), input.now));
+                    // What is left after the problem (e.g. only IPv6 entries in an IPv4-only
+                    // cluster) may be nothing at all: then the pool is not Ready.
+                    let usable = alloc.counters(&name).is_some_and(|c| {
+                        c.assigned_v4 + c.available_v4 + c.assigned_v6 + c.available_v6 > 0
+                    });
+                    if usable {
+                        conds.push(cond(
+                            conditions::READY,
+                            true,
+                            reason,
+                            &format!("usable in part: {msg}"),
+                            input.now,
+                        ));
+                    } else {
+                        conds.push(cond(
+                            conditions::READY,
+                            false,
+                            reason,
+                            &format!("no usable address: {msg}"),
+                            input.now,
+                        ));
+                    }
                 }
             }
             let current = p.status.clone().unwrap_or_default();
@@ -342,7 +418,10 @@ fn default_ns_labels(ns: &str) -> BTreeMap<String, String> {
 }
 
 fn join_ips(ips: &[IpAddr]) -> String {
-    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: &str, now: jiff::Timestamp) -> Condition {
@@ -360,7 +439,10 @@ fn cond(type_: &str, status: bool, reason: &str, message: &str, now: jiff::Times
 /// pools compare equal and are not rewritten.
 fn keep_transition_times(mut new: Vec<Condition>, old: &[Condition]) -> Vec<Condition> {
     for c in &mut new {
-        if let Some(o) = old.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
+        if let Some(o) = old
+            .iter()
+            .find(|o| o.type_ == c.type_ && o.status == c.status)
+        {
             c.last_transition_time = o.last_transition_time.clone();
         }
     }

@@ -27,6 +27,13 @@ pub struct AgentConfig {
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.
     pub watch_backoff_max: Duration,
+    /// Answer ARP/NDP for the LoadBalancer IPs this node is elected for.
+    pub enable_l2: bool,
+    /// UDP port of the agents' liveness heartbeats (every agent the same).
+    pub memberlist_port: u16,
+    /// Heartbeat interval and the silence after which a peer counts as dead.
+    pub memberlist_interval: Duration,
+    pub memberlist_timeout: Duration,
 }
 
 /// Lease-based leader election settings (client-go's defaults are 15s/10s/2s).
@@ -92,6 +99,10 @@ impl AgentConfig {
             block_unknown_pods: true,
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
+            enable_l2: true,
+            memberlist_port: 7946,
+            memberlist_interval: Duration::from_millis(200),
+            memberlist_timeout: Duration::from_secs(1),
         }
     }
 }

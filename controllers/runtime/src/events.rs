@@ -97,7 +97,10 @@ impl EventSink {
         };
         self.metrics
             .events_published
-            .get_or_create(&vec![("reason", reason.to_string()), ("result", result.into())])
+            .get_or_create(&vec![
+                ("reason", reason.to_string()),
+                ("result", result.into()),
+            ])
             .inc();
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod allocation;
+pub mod announcer;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod http;
 pub mod leader;
 pub mod loadbalancer;
+pub mod membership;
 pub mod metrics;
 pub mod netpol;
 pub mod stores;

@@ -282,7 +282,10 @@ impl LoadBalancerReconciler {
             };
             self.metrics
                 .lb_status_writes
-                .get_or_create(&vec![("resource", "services".into()), ("result", label.into())])
+                .get_or_create(&vec![
+                    ("resource", "services".into()),
+                    ("result", label.into()),
+                ])
                 .inc();
             if label == "error" {
                 tracing::warn!(service = %key, error = ?result.err(), "cannot write Service status; will retry");
@@ -301,7 +304,10 @@ impl LoadBalancerReconciler {
             let label = if result.is_ok() { "ok" } else { "error" };
             self.metrics
                 .lb_status_writes
-                .get_or_create(&vec![("resource", "ipaddresspools".into()), ("result", label.into())])
+                .get_or_create(&vec![
+                    ("resource", "ipaddresspools".into()),
+                    ("result", label.into()),
+                ])
                 .inc();
             if let Err(e) = result {
                 tracing::warn!(pool = %name, error = %e, "cannot write IPAddressPool status; will retry");
@@ -318,9 +324,13 @@ impl LoadBalancerReconciler {
                 ..Default::default()
             };
             if ev.warning {
-                self.events.warning(&obj, ev.reason, "Allocate", ev.note.clone()).await;
+                self.events
+                    .warning(&obj, ev.reason, "Allocate", ev.note.clone())
+                    .await;
             } else {
-                self.events.normal(&obj, ev.reason, "Allocate", ev.note.clone()).await;
+                self.events
+                    .normal(&obj, ev.reason, "Allocate", ev.note.clone())
+                    .await;
             }
         }
         for reason in &plan.errors {
@@ -332,8 +342,14 @@ impl LoadBalancerReconciler {
         let sat = |n: u128| i64::try_from(n).unwrap_or(i64::MAX);
         for ((pool, family), (total, used)) in &plan.pool_counts {
             let labels = vec![("pool", pool.clone()), ("family", family.to_string())];
-            self.metrics.lb_addresses_total.get_or_create(&labels).set(sat(*total));
-            self.metrics.lb_addresses_in_use.get_or_create(&labels).set(sat(*used));
+            self.metrics
+                .lb_addresses_total
+                .get_or_create(&labels)
+                .set(sat(*total));
+            self.metrics
+                .lb_addresses_in_use
+                .get_or_create(&labels)
+                .set(sat(*used));
         }
         self.metrics
             .lb_services_allocated

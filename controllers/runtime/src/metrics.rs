@@ -40,6 +40,11 @@ pub struct Metrics {
     pub lb_services_allocated: Gauge,
     pub lb_allocation_errors: Family<Labels, Counter>,
     pub lb_status_writes: Family<Labels, Counter>,
+    pub l2_owned_ips: Gauge,
+    pub l2_requests: Counter,
+    pub l2_replies: Counter,
+    pub l2_gratuitous: Counter,
+    pub members_alive: Gauge,
 }
 
 impl Metrics {
@@ -66,6 +71,11 @@ impl Metrics {
         let lb_services_allocated = Gauge::default();
         let lb_allocation_errors = Family::<Labels, Counter>::default();
         let lb_status_writes = Family::<Labels, Counter>::default();
+        let l2_owned_ips = Gauge::default();
+        let l2_requests = Counter::default();
+        let l2_replies = Counter::default();
+        let l2_gratuitous = Counter::default();
+        let members_alive = Gauge::default();
         let build_info = Family::<Labels, Gauge>::default();
         build_info
             .get_or_create(&labels1("version", env!("CARGO_PKG_VERSION")))
@@ -171,8 +181,38 @@ impl Metrics {
             "Status writes by the allocator, by resource and result",
             lb_status_writes.clone(),
         );
+        registry.register(
+            "l2_owned_ips",
+            "LoadBalancer IPs this node answers ARP/NDP for",
+            l2_owned_ips.clone(),
+        );
+        registry.register(
+            "l2_requests_received",
+            "ARP requests and Neighbor Solicitations received",
+            l2_requests.clone(),
+        );
+        registry.register(
+            "l2_replies_sent",
+            "ARP replies and Neighbor Advertisements sent for owned IPs",
+            l2_replies.clone(),
+        );
+        registry.register(
+            "l2_gratuitous_sent",
+            "Gratuitous ARP and unsolicited Neighbor Advertisements sent",
+            l2_gratuitous.clone(),
+        );
+        registry.register(
+            "members_alive",
+            "Agents (this one included) heard from within the membership timeout",
+            members_alive.clone(),
+        );
         Metrics {
             registry,
+            l2_owned_ips,
+            l2_requests,
+            l2_replies,
+            l2_gratuitous,
+            members_alive,
             lb_addresses_total,
             lb_addresses_in_use,
             lb_services_allocated,
@@ -224,11 +264,19 @@ mod tests {
     #[test]
     fn encodes_known_families() {
         let m = Metrics::new();
-        m.watch_events.get_or_create(&labels1("resource", "pods")).inc();
+        m.watch_events
+            .get_or_create(&labels1("resource", "pods"))
+            .inc();
         m.netpol_sync_duration.observe(0.02);
         let text = m.encode();
-        assert!(text.contains("palisade_watch_events_total{resource=\"pods\"} 1"), "{text}");
-        assert!(text.contains("palisade_netpol_sync_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("palisade_watch_events_total{resource=\"pods\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("palisade_netpol_sync_duration_seconds_bucket"),
+            "{text}"
+        );
         assert!(text.contains("palisade_build_info{version="), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
     }

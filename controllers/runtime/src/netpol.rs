@@ -53,7 +53,12 @@ impl NetpolReconciler {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         let readiness = self.stores.readiness.clone();
         // Wait for the first complete list of everything we read.
-        let needed = [names::PODS, names::NAMESPACES, names::NETWORK_POLICIES, names::NODES];
+        let needed = [
+            names::PODS,
+            names::NAMESPACES,
+            names::NETWORK_POLICIES,
+            names::NODES,
+        ];
         loop {
             let pending = readiness.pending();
             if !pending.iter().any(|p| needed.contains(p)) {
@@ -122,16 +127,22 @@ impl NetpolReconciler {
                 self.metrics
                     .netpol_ipset_members
                     .set(payload.stats.members as i64);
-                self.metrics.netpol_payload_bytes.set(
-                    (payload.ipset_restore.len() + payload.iptables_restore.len()) as i64,
-                );
+                self.metrics
+                    .netpol_payload_bytes
+                    .set((payload.ipset_restore.len() + payload.iptables_restore.len()) as i64);
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0);
                 self.metrics.netpol_last_success.set(now);
-                tracing::debug!(cause = cause.as_str(), ?elapsed, changed = report.changed,
-                    rules = payload.stats.rules, sets = payload.stats.sets, "netpol sync applied");
+                tracing::debug!(
+                    cause = cause.as_str(),
+                    ?elapsed,
+                    changed = report.changed,
+                    rules = payload.stats.rules,
+                    sets = payload.stats.sets,
+                    "netpol sync applied"
+                );
                 if let Ok(mut l) = last.lock() {
                     l.payload = Some(payload);
                 }

@@ -200,7 +200,10 @@ mod tests {
             assert!(w[1].0 - w[0].0 >= Duration::from_millis(100), "{starts:?}");
         }
         assert_eq!(starts[0].1, Cause::Event);
-        assert!(starts.iter().any(|(_, c)| *c == Cause::Resync), "{starts:?}");
+        assert!(
+            starts.iter().any(|(_, c)| *c == Cause::Resync),
+            "{starts:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

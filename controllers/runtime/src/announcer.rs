@@ -1,0 +1,549 @@
+//! The L2 announcer: every agent decides alone which LoadBalancer IPs it must answer ARP/NDP
+//! for, and tells the speaker.
+//!
+//! ```text
+//!  Services (ours, with ingress IPs) ─┐
+//!  IPAddressPools ─► pool of the IP ──┼─► L2Advertisements of the pool ─► eligible nodes
+//!  Nodes (labels) ∩ live agents ──────┤      (nodeSelectors, exclude label, Local policy:
+//!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
+//!                                                   │
+//!                    winner = min sha256("node#ip") ─► mine? ─► Speaker::set_owned
+//! ```
+//!
+//! Inputs come from the caches and from [`crate::membership`] (agents' own heartbeats), so
+//! an API outage changes nothing: announcements continue from the last known state, and a
+//! dead agent's IPs move within the membership timeout. Until the membership has warmed up
+//! the agent announces nothing (it cannot yet know who else is alive).
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use palisade_loadbalancer::announce::{
+    advertisements_for_pool, eligible_nodes, interfaces_for, should_announce, TrafficPolicy,
+};
+use palisade_loadbalancer::pool::Pool;
+use palisade_loadbalancer::service::{is_ours, service_key, status_ips};
+use palisade_loadbalancer::{IPAddressPool, L2Advertisement, L2AdvertisementSpec};
+use palisade_speaker::{Announcer, Owned};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::SyncSettings;
+use crate::events::EventSink;
+use crate::membership::Live;
+use crate::metrics::Metrics;
+use crate::stores::{names, typed_objects, Stores};
+use crate::sync::{run_sync_loop, Trigger};
+
+/// Event reason on a Service when this node starts announcing one of its IPs.
+pub const L2_ANNOUNCED: &str = "L2Announced";
+
+/// One IP's outcome in a pass (for events, logs and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpDecision {
+    pub service: (String, String),
+    pub uid: Option<String>,
+    pub ip: IpAddr,
+    pub winner: Option<String>,
+    pub interfaces: Vec<String>,
+}
+
+/// Inputs of one announcement pass.
+pub struct AnnounceInputs<'a> {
+    pub me: &'a str,
+    pub live: &'a BTreeSet<String>,
+    pub services: &'a [Arc<Service>],
+    pub pools: &'a [IPAddressPool],
+    pub advertisements: &'a [L2Advertisement],
+    pub nodes: &'a [Arc<Node>],
+    pub slices: &'a [Arc<EndpointSlice>],
+    pub class: &'a str,
+    pub claim_unclassed: bool,
+}
+
+/// Pure: which IPs this node owns, and the decision for every announced IP.
+pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
+    let mut pools: Vec<Pool> = input
+        .pools
+        .iter()
+        .filter_map(|p| {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            Pool::from_spec(&name, &labels, &p.spec).ok()
+        })
+        .collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let ads: Vec<&L2AdvertisementSpec> = input.advertisements.iter().map(|a| &a.spec).collect();
+    let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    // Live agents whose Node we know (labels are needed for nodeSelectors).
+    let live_nodes: Vec<(&str, &BTreeMap<String, String>)> = node_labels
+        .iter()
+        .filter(|(n, _)| input.live.contains(*n))
+        .map(|(n, l)| (n.as_str(), l))
+        .collect();
+    let empty = BTreeMap::new();
+    let my_labels = node_labels.get(input.me).unwrap_or(&empty);
+
+    let mut owned = Owned::new();
+    let mut decisions = Vec::new();
+    for svc in input.services {
+        if !is_ours(svc, input.class, input.claim_unclassed) {
+            continue;
+        }
+        let ips = status_ips(svc);
+        if ips.is_empty() {
+            continue;
+        }
+        let key = service_key(svc);
+        let local = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_traffic_policy.as_deref())
+            == Some("Local");
+        let ready_nodes: BTreeSet<String> = if local {
+            ready_endpoint_nodes(input.slices, &key.namespace, &key.name)
+        } else {
+            BTreeSet::new()
+        };
+        let policy = if local {
+            TrafficPolicy::Local(&ready_nodes)
+        } else {
+            TrafficPolicy::Cluster
+        };
+        for ip in ips {
+            let Some(pool) = pools.iter().find(|p| p.contains(ip)) else {
+                continue;
+            };
+            let pool_ads = advertisements_for_pool(ads.iter().copied(), &pool.name, &pool.labels);
+            if pool_ads.is_empty() {
+                continue;
+            }
+            let eligible = eligible_nodes(&pool_ads, live_nodes.iter().copied(), policy);
+            let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            let decision = should_announce(input.me, ip, &eligible_refs);
+            let mut interfaces = Vec::new();
+            if decision.announce {
+                if let Some(choice) = interfaces_for(&pool_ads, my_labels) {
+                    interfaces = choice.named.clone();
+                    if choice.route_interface {
+                        match palisade_speaker::route_interface(ip) {
+                            Ok(i) if !interfaces.contains(&i) => interfaces.push(i),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(%ip, error = %e, "no route to the IP's subnet; cannot pick an interface")
+                            }
+                        }
+                    }
+                    if !interfaces.is_empty() {
+                        owned
+                            .entry(ip)
+                            .or_default()
+                            .extend(interfaces.iter().cloned());
+                    }
+                }
+            }
+            decisions.push(IpDecision {
+                service: (key.namespace.clone(), key.name.clone()),
+                uid: svc.metadata.uid.clone(),
+                ip,
+                winner: decision.winner,
+                interfaces,
+            });
+        }
+    }
+    for ifaces in owned.values_mut() {
+        ifaces.sort();
+        ifaces.dedup();
+    }
+    (owned, decisions)
+}
+
+/// Nodes with at least one ready endpoint of the Service.
+fn ready_endpoint_nodes(slices: &[Arc<EndpointSlice>], ns: &str, svc: &str) -> BTreeSet<String> {
+    slices
+        .iter()
+        .filter(|s| {
+            s.metadata.namespace.as_deref() == Some(ns)
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .map(String::as_str)
+                    == Some(svc)
+        })
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.node_name.clone())
+        .collect()
+}
+
+pub struct AnnouncerReconciler {
+    pub node_name: String,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    pub events: EventSink,
+    pub settings: SyncSettings,
+    pub speaker: Arc<dyn Announcer>,
+    pub live: watch::Receiver<Live>,
+    /// Peer addresses for the membership, refreshed from the Node cache.
+    pub peers: watch::Sender<BTreeSet<IpAddr>>,
+    pub class: String,
+    pub claim_unclassed: bool,
+}
+
+#[derive(Default)]
+struct AnnState {
+    owned: Owned,
+}
+
+impl AnnouncerReconciler {
+    pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
+        // Membership changes need a pass.
+        {
+            let mut rx = self.live.clone();
+            let trigger = trigger.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    trigger.poke();
+                }
+            });
+        }
+        let needed = [
+            names::SERVICES,
+            names::NODES,
+            names::IP_ADDRESS_POOLS,
+            names::L2_ADVERTISEMENTS,
+            names::ENDPOINT_SLICES,
+        ];
+        loop {
+            // Peers must be known before anything else (the membership needs them to warm up).
+            self.refresh_peers();
+            let pending = self.stores.readiness.pending();
+            if !pending.iter().any(|p| needed.contains(p)) {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+        }
+        let this = Arc::new(self);
+        // Speaker counters → metrics, once a second.
+        {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut last = palisade_speaker::SpeakerStats::default();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
+                    last = this.update_metrics(last);
+                }
+            });
+        }
+        let state = Arc::new(tokio::sync::Mutex::new(AnnState::default()));
+        trigger.poke();
+        run_sync_loop(this.settings, trigger, shutdown, |_| {
+            let this = this.clone();
+            let state = state.clone();
+            async move { this.pass(&mut *state.lock().await).await }
+        })
+        .await;
+        // Stop answering on the way out: a successor takes over within the membership timeout
+        // (sooner, thanks to our "leave" message).
+        let speaker = this.speaker.clone();
+        let _ = tokio::task::spawn_blocking(move || speaker.set_owned(Owned::new())).await;
+    }
+
+    fn refresh_peers(&self) {
+        let mut ips = BTreeSet::new();
+        for n in self.stores.nodes.state() {
+            if n.metadata.name.as_deref() == Some(self.node_name.as_str()) {
+                continue;
+            }
+            for a in n.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
+                if a.type_ == "InternalIP" {
+                    if let Ok(ip) = a.address.parse::<IpAddr>() {
+                        ips.insert(ip);
+                    }
+                }
+            }
+        }
+        self.peers.send_if_modified(|cur| {
+            if *cur != ips {
+                *cur = ips;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    async fn pass(&self, st: &mut AnnState) -> Result<(), ()> {
+        self.refresh_peers();
+        let live = self.live.borrow().clone();
+        let (owned, decisions) = if live.warmed_up {
+            let services = self.stores.services.state();
+            let (pools, _) = typed_objects::<IPAddressPool>(&self.stores.ip_address_pools.state());
+            let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
+            let nodes = self.stores.nodes.state();
+            let slices = self.stores.endpoint_slices.state();
+            decide(&AnnounceInputs {
+                me: &self.node_name,
+                live: &live.nodes,
+                services: &services,
+                pools: &pools,
+                advertisements: &ads,
+                nodes: &nodes,
+                slices: &slices,
+                class: &self.class,
+                claim_unclassed: self.claim_unclassed,
+            })
+        } else {
+            (Owned::new(), Vec::new())
+        };
+        let gained: Vec<&IpDecision> = decisions
+            .iter()
+            .filter(|d| owned.contains_key(&d.ip) && !st.owned.contains_key(&d.ip))
+            .collect();
+        let lost: Vec<IpAddr> = st
+            .owned
+            .keys()
+            .filter(|ip| !owned.contains_key(ip))
+            .copied()
+            .collect();
+        let mut failed = false;
+        if owned != st.owned {
+            let speaker = self.speaker.clone();
+            let desired = owned.clone();
+            match tokio::task::spawn_blocking(move || speaker.set_owned(desired)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "speaker could not apply every announcement; retrying");
+                    failed = true;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "speaker task died");
+                    failed = true;
+                }
+            }
+            for ip in &lost {
+                tracing::info!(%ip, "stopped announcing");
+            }
+            for d in &gained {
+                tracing::info!(ip = %d.ip, interfaces = ?d.interfaces, "announcing");
+                let obj = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Service".into()),
+                    namespace: Some(d.service.0.clone()),
+                    name: Some(d.service.1.clone()),
+                    uid: d.uid.clone(),
+                    ..Default::default()
+                };
+                self.events
+                    .normal(
+                        &obj,
+                        L2_ANNOUNCED,
+                        "Announce",
+                        format!(
+                            "node {} announces {} on {}",
+                            self.node_name,
+                            d.ip,
+                            d.interfaces.join(", ")
+                        ),
+                    )
+                    .await;
+            }
+            if !failed {
+                st.owned = owned;
+            }
+        }
+        if failed {
+            Err(())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn update_metrics(
+        &self,
+        last: palisade_speaker::SpeakerStats,
+    ) -> palisade_speaker::SpeakerStats {
+        let s = self.speaker.stats();
+        let m = &self.metrics;
+        m.l2_owned_ips.set(s.owned_ips as i64);
+        m.l2_requests
+            .inc_by(s.requests_received.saturating_sub(last.requests_received));
+        m.l2_replies
+            .inc_by(s.replies_sent.saturating_sub(last.replies_sent));
+        m.l2_gratuitous
+            .inc_by(s.gratuitous_sent.saturating_sub(last.gratuitous_sent));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("valid object")
+    }
+
+    fn node(name: &str, zone: &str) -> Arc<Node> {
+        Arc::new(obj(
+            json!({"metadata": {"name": name, "labels": {"zone": zone}}}),
+        ))
+    }
+
+    fn svc(name: &str, ip: &str, policy: &str) -> Arc<Service> {
+        Arc::new(obj(json!({
+            "metadata": {"namespace": "shop", "name": name, "uid": format!("uid-{name}")},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy, "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        })))
+    }
+
+    fn pool() -> IPAddressPool {
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+            "metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
+        )
+    }
+
+    fn ad(spec: serde_json::Value) -> L2Advertisement {
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
+            "metadata": {"name": "ad"}, "spec": spec}),
+        )
+    }
+
+    fn owners(
+        services: &[Arc<Service>],
+        ads: &[L2Advertisement],
+        live: &[&str],
+        slices: &[Arc<EndpointSlice>],
+    ) -> BTreeMap<IpAddr, Vec<String>> {
+        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
+        let pools = vec![pool()];
+        let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for me in ["n1", "n2", "n3"] {
+            if !live.contains(me) {
+                continue;
+            }
+            let (owned, _) = decide(&AnnounceInputs {
+                me,
+                live: &live,
+                services,
+                pools: &pools,
+                advertisements: ads,
+                nodes: &nodes,
+                slices,
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+            });
+            for (ip, ifaces) in owned {
+                assert_eq!(ifaces, vec!["eth9".to_string()]);
+                out.entry(ip).or_default().push(me.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_ip_has_exactly_one_owner_and_moves_only_when_its_owner_dies() {
+        let services: Vec<_> = (0..20)
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let all = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(all.len(), 20);
+        assert!(all.values().all(|o| o.len() == 1), "{all:?}");
+        // n2 dies: only its IPs move.
+        let without = owners(&services, &ads, &["n1", "n3"], &[]);
+        for (ip, o) in &all {
+            if o[0] != "n2" {
+                assert_eq!(&without[ip], o, "{ip} moved although its owner lives");
+            } else {
+                assert_ne!(without[ip][0], "n2");
+            }
+        }
+    }
+
+    #[test]
+    fn node_selectors_and_local_policy_restrict_the_owner() {
+        let services = vec![svc("web", "198.51.100.201", "Cluster")];
+        let ads = vec![ad(
+            json!({"interfaces": ["eth9"], "nodeSelectors": [{"matchLabels": {"zone": "b"}}]}),
+        )];
+        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(o.values().next().unwrap(), &vec!["n3".to_string()]);
+        // n3 dead: nobody may announce.
+        assert!(owners(&services, &ads, &["n1", "n2"], &[]).is_empty());
+
+        let local = vec![svc("api", "198.51.100.202", "Local")];
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let slice: Arc<EndpointSlice> = Arc::new(obj(json!({
+            "metadata": {"namespace": "shop", "name": "api-1", "labels": {"kubernetes.io/service-name": "api"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.2.5"], "nodeName": "n2", "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.5"], "nodeName": "n1", "conditions": {"ready": false}}
+            ]
+        })));
+        let o = owners(
+            &local,
+            &ads,
+            &["n1", "n2", "n3"],
+            std::slice::from_ref(&slice),
+        );
+        assert_eq!(o.values().next().unwrap(), &vec!["n2".to_string()]);
+        // No ready endpoint anywhere: no announcement (traffic would be dropped anyway).
+        assert!(owners(&local, &ads, &["n1", "n2", "n3"], &[]).is_empty());
+    }
+
+    #[test]
+    fn ips_without_advertisement_or_pool_are_not_announced() {
+        let services = vec![
+            svc("web", "198.51.100.201", "Cluster"),
+            svc("far", "203.0.113.9", "Cluster"),
+        ];
+        assert!(owners(&services, &[], &["n1", "n2", "n3"], &[]).is_empty());
+        let ads = vec![ad(
+            json!({"interfaces": ["eth9"], "ipAddressPools": ["other"]}),
+        )];
+        assert!(owners(&services, &ads, &["n1", "n2", "n3"], &[]).is_empty());
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(
+            o.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.51.100.201"]
+        );
+    }
+}

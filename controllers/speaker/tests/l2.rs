@@ -1,0 +1,973 @@
+//! The speaker on the wire: real ARP and NDP between network namespaces.
+//!
+//! ```text
+//!   netns <p>-lan:  br0 (198.51.100.0/24, fd00:51:100::/64)      br1 (198.51.101.0/24, optional)
+//!                   ├─ n1 ── eth0 netns <p>-n1  .11  ::11 ─┐     ├─ m1 ── eth1 netns <p>-n1  .11
+//!                   ├─ n2 ── eth0 netns <p>-n2  .12  ::12  │     └─ mc ── eth1 netns <p>-cl  .100
+//!                   ├─ n3 ── eth0 netns <p>-n3  .13  ::13  │
+//!                   └─ cl ── eth0 netns <p>-cl  .100 ::100 │  a Speaker per node, created on a
+//!                                                          └─ thread that setns-ed into the node
+//! ```
+//!
+//! The client asks with hand-made ARP requests / Neighbor Solicitations (pnet, from a thread
+//! inside the client namespace), captures gratuitous frames, and also lets its kernel resolve
+//! the VIP (UDP send) to check the neighbour table follows the owner. Nothing here touches the
+//! root namespace; every namespace is removed on drop, also when a test fails. Namespaces of
+//! earlier runs that died without cleaning up (prefix `l2t<pid>x`, pid gone) are swept.
+//! Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and `ip`; otherwise the tests print
+//! `skipped: ...` and pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+use palisade_loadbalancer::announce::should_announce;
+use palisade_speaker::packet::{self, Observed};
+use palisade_speaker::{Announcer, Owned, Speaker, SpeakerConfig, SpeakerError};
+use pnet::datalink::{self, Channel, MacAddr};
+
+const NETNS_DIR: &str = "/run/netns";
+const PREFIX: &str = "l2t";
+
+// ---------------------------------------------------------------------------------------------
+// The lab
+// ---------------------------------------------------------------------------------------------
+
+fn skip_reason() -> Option<&'static str> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0");
+    if !root {
+        return Some("skipped: needs root");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("skipped: needs iproute2 (ip)");
+    }
+    None
+}
+
+fn run_ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes namespaces left by runs of this test binary that died without cleaning up.
+fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+/// A host on the LAN: namespace suffix, IPv4 and IPv6 address of its `eth0`.
+const NODES: [(&str, &str, &str); 3] = [
+    ("n1", "198.51.100.11", "fd00:51:100::11"),
+    ("n2", "198.51.100.12", "fd00:51:100::12"),
+    ("n3", "198.51.100.13", "fd00:51:100::13"),
+];
+const CLIENT: (&str, &str, &str) = ("cl", "198.51.100.100", "fd00:51:100::100");
+
+/// Named namespaces of one test; all removed on drop.
+struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    /// The LAN, `nodes` nodes and the client; with `second_segment`, node 1 and the client
+    /// also share a second LAN on their `eth1`.
+    fn new(nodes: usize, second_segment: bool) -> Lab {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        sweep_stale();
+        let prefix = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut lab = Lab {
+            prefix,
+            namespaces: Vec::new(),
+        };
+        let lan = lab.add_ns("lan");
+        run_ip(&[
+            "-n",
+            &lan,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        run_ip(&["-n", &lan, "link", "set", "br0", "up"]);
+        for (short, v4, v6) in NODES.iter().take(nodes).chain([&CLIENT]) {
+            let ns = lab.add_ns(short);
+            lab.plug(&lan, "br0", short, &ns, "eth0", v4, v6);
+        }
+        if second_segment {
+            run_ip(&[
+                "-n",
+                &lan,
+                "link",
+                "add",
+                "br1",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+            run_ip(&["-n", &lan, "link", "set", "br1", "up"]);
+            let (n1, cl) = (lab.ns("n1"), lab.ns("cl"));
+            lab.plug(
+                &lan,
+                "br1",
+                "m1",
+                &n1,
+                "eth1",
+                "198.51.101.11",
+                "fd00:51:101::11",
+            );
+            lab.plug(
+                &lan,
+                "br1",
+                "mc",
+                &cl,
+                "eth1",
+                "198.51.101.100",
+                "fd00:51:101::100",
+            );
+        }
+        lab
+    }
+
+    fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    fn add_ns(&mut self, short: &str) -> String {
+        let name = self.ns(short);
+        run_ip(&["netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        run_ip(&["-n", &name, "link", "set", "lo", "up"]);
+        name
+    }
+
+    /// A veth from `bridge` in `lan` (port `port`) to `ifname` in `ns`, addressed and up.
+    #[allow(clippy::too_many_arguments)]
+    fn plug(
+        &self,
+        lan: &str,
+        bridge: &str,
+        port: &str,
+        ns: &str,
+        ifname: &str,
+        v4: &str,
+        v6: &str,
+    ) {
+        run_ip(&[
+            "-n", lan, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns,
+        ]);
+        run_ip(&["-n", lan, "link", "set", port, "master", bridge, "up"]);
+        run_ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifname]);
+        run_ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            ifname,
+            "nodad",
+        ]);
+        run_ip(&["-n", ns, "link", "set", ifname, "up"]);
+    }
+
+    /// MAC address of `ifname` in the namespace `short`.
+    fn mac(&self, short: &str, ifname: &'static str) -> MacAddr {
+        in_netns(&self.ns(short), move || {
+            datalink::interfaces()
+                .into_iter()
+                .find(|i| i.name == ifname)
+                .and_then(|i| i.mac)
+                .expect("interface with a MAC")
+        })
+    }
+
+    /// A speaker living in node `short`'s namespace.
+    fn speaker(&self, short: &str) -> Speaker {
+        in_netns(&self.ns(short), || {
+            Speaker::with_config(SpeakerConfig::default()).expect("speaker")
+        })
+    }
+
+    /// The client kernel's neighbour entry for `ip` on `dev`: its MAC, if it has one.
+    fn client_neighbour(&self, ip: IpAddr, dev: &str) -> Option<MacAddr> {
+        let out = run_ip(&[
+            "-n",
+            &self.ns("cl"),
+            "neigh",
+            "show",
+            &ip.to_string(),
+            "dev",
+            dev,
+        ]);
+        let mut words = out.split_whitespace();
+        words.find(|w| *w == "lladdr")?;
+        words.next()?.parse().ok()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Path of a lab namespace; refuses anything that is not ours, so nothing can setns elsewhere.
+fn ns_path(name: &str) -> String {
+    assert!(name.starts_with(PREFIX), "not a lab namespace: {name}");
+    format!("{NETNS_DIR}/{name}")
+}
+
+fn enter(name: &str) {
+    let file = std::fs::File::open(ns_path(name)).expect("open netns");
+    setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// Runs `f` on a new thread inside namespace `name`; the thread ends with `f`.
+fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(name, f).join().expect("thread in netns")
+}
+
+fn spawn_in_netns<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        enter(&name);
+        f()
+    })
+}
+
+fn channel(
+    ifname: &str,
+) -> (
+    Box<dyn datalink::DataLinkSender>,
+    Box<dyn datalink::DataLinkReceiver>,
+    MacAddr,
+) {
+    let iface = datalink::interfaces()
+        .into_iter()
+        .find(|i| i.name == ifname)
+        .expect("client interface");
+    let config = datalink::Config {
+        read_timeout: Some(Duration::from_millis(20)),
+        promiscuous: false,
+        ..Default::default()
+    };
+    match datalink::channel(&iface, config) {
+        Ok(Channel::Ethernet(tx, rx)) => (tx, rx, iface.mac.expect("mac")),
+        Ok(_) => panic!("not an ethernet channel"),
+        Err(e) => panic!("channel on {ifname}: {e}"),
+    }
+}
+
+/// Frames observed within `wait` after sending `requests` (built with the client's MAC) on
+/// `ifname` of the client namespace.
+fn ask(
+    lab: &Lab,
+    ifname: &'static str,
+    requests: Vec<Box<dyn Fn(MacAddr) -> Vec<u8> + Send>>,
+    wait: Duration,
+) -> Vec<Observed> {
+    in_netns(&lab.ns("cl"), move || {
+        let (mut tx, mut rx, mac) = channel(ifname);
+        for build in &requests {
+            tx.send_to(&build(mac), None).expect("send").expect("sent");
+        }
+        let deadline = Instant::now() + wait;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            if let Ok(frame) = rx.next() {
+                if let Some(o) = packet::observe(frame) {
+                    seen.push(o);
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// Who answers ARP for each of `targets`, asked from the client's `ifname` as `sender`.
+fn arp_answers(
+    lab: &Lab,
+    ifname: &'static str,
+    sender: Ipv4Addr,
+    targets: &[Ipv4Addr],
+) -> BTreeMap<Ipv4Addr, Vec<MacAddr>> {
+    let requests = targets
+        .iter()
+        .map(|t| {
+            let t = *t;
+            Box::new(move |mac| packet::arp_request(mac, sender, t))
+                as Box<dyn Fn(MacAddr) -> Vec<u8> + Send>
+        })
+        .collect();
+    let mut out: BTreeMap<Ipv4Addr, Vec<MacAddr>> = targets.iter().map(|t| (*t, vec![])).collect();
+    for o in ask(lab, ifname, requests, Duration::from_millis(250)) {
+        if let Observed::ArpReply {
+            ip,
+            mac,
+            gratuitous: false,
+        } = o
+        {
+            out.entry(ip).or_default().push(mac);
+        }
+    }
+    out
+}
+
+/// Who answers a Neighbor Solicitation for `target`, and whether the answers are solicited.
+fn ndp_answers(lab: &Lab, source: Ipv6Addr, target: Ipv6Addr) -> Vec<(MacAddr, bool, bool)> {
+    let requests: Vec<Box<dyn Fn(MacAddr) -> Vec<u8> + Send>> = vec![Box::new(move |mac| {
+        packet::neighbor_solicit(mac, source, target)
+    })];
+    ask(lab, "eth0", requests, Duration::from_millis(250))
+        .into_iter()
+        .filter_map(|o| match o {
+            Observed::Advert {
+                target: t,
+                mac,
+                solicited,
+                override_flag,
+            } if t == target => Some((mac, solicited, override_flag)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Captures gratuitous ARP and Neighbor Advertisements on the client's `eth0` until stopped.
+struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<(Instant, Observed)>>,
+}
+
+impl Capture {
+    fn start(lab: &Lab) -> Capture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = {
+            let stop = stop.clone();
+            spawn_in_netns(&lab.ns("cl"), move || {
+                let (_tx, mut rx, _) = channel("eth0");
+                ready_tx.send(()).expect("ready");
+                let mut seen = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok(frame) = rx.next() {
+                        match packet::observe(frame) {
+                            Some(o @ Observed::GarpRequest { .. })
+                            | Some(
+                                o @ Observed::ArpReply {
+                                    gratuitous: true, ..
+                                },
+                            )
+                            | Some(o @ Observed::Advert { .. }) => seen.push((Instant::now(), o)),
+                            _ => {}
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+        Capture { stop, handle }
+    }
+
+    fn finish(self) -> Vec<(Instant, Observed)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("capture thread")
+    }
+}
+
+/// Lets the client's kernel resolve `ip` (a UDP datagram to the discard port).
+fn client_sends_to(lab: &Lab, ip: IpAddr) {
+    in_netns(&lab.ns("cl"), move || {
+        let any: IpAddr = if ip.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        let sock = UdpSocket::bind((any, 0)).expect("bind");
+        let _ = sock.send_to(b"hello", (ip, 9));
+    });
+}
+
+/// Polls `f` every 10 ms until it returns true or `limit` passes; returns the time taken.
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn owned(pairs: &[(&str, &[&str])]) -> Owned {
+    pairs
+        .iter()
+        .map(|(ip, ifs)| {
+            (
+                ip.parse().unwrap(),
+                ifs.iter().map(|s| s.to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// Three nodes run the pure election on their own and announce what they won: every VIP is
+/// answered exactly once, by the winner's MAC; an IP nobody owns is not answered.
+#[test]
+fn arp_is_answered_by_the_elected_node_only() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(3, false);
+    let names = ["node-1", "node-2", "node-3"];
+    let shorts = ["n1", "n2", "n3"];
+    let macs: Vec<MacAddr> = shorts.iter().map(|s| lab.mac(s, "eth0")).collect();
+    let speakers: Vec<Speaker> = shorts.iter().map(|s| lab.speaker(s)).collect();
+    let vips: Vec<Ipv4Addr> = (200..210).map(|i| Ipv4Addr::new(198, 51, 100, i)).collect();
+
+    let mut expected = BTreeMap::new();
+    for (i, speaker) in speakers.iter().enumerate() {
+        let mut mine = Owned::new();
+        for vip in &vips {
+            let d = should_announce(names[i], IpAddr::V4(*vip), &names);
+            if d.announce {
+                mine.insert(IpAddr::V4(*vip), vec!["eth0".to_string()]);
+                expected.insert(*vip, macs[i]);
+            }
+        }
+        speaker.set_owned(mine).expect("set_owned");
+    }
+    assert_eq!(
+        expected.len(),
+        vips.len(),
+        "every VIP has exactly one winner"
+    );
+
+    let unowned = v4("198.51.100.250");
+    let mut targets = vips.clone();
+    targets.push(unowned);
+    let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &targets);
+    for vip in &vips {
+        assert_eq!(answers[vip], vec![expected[vip]], "answers for {vip}");
+    }
+    assert!(
+        answers[&unowned].is_empty(),
+        "nobody owns {unowned}: {answers:?}"
+    );
+
+    // Let the last gratuitous round go out.
+    wait_until(Duration::from_secs(3), || {
+        speakers
+            .iter()
+            .map(|s| s.stats())
+            .all(|s| s.gratuitous_sent == 6 * s.owned_ips)
+    });
+    let stats: Vec<_> = speakers.iter().map(|s| s.stats()).collect();
+    let replies: u64 = stats.iter().map(|s| s.replies_sent).sum();
+    assert_eq!(replies, vips.len() as u64, "{stats:?}");
+    let owned: u64 = stats.iter().map(|s| s.owned_ips).sum();
+    assert_eq!(owned, vips.len() as u64);
+    for s in &stats {
+        // Every node hears every broadcast request, owned or not.
+        assert!(s.requests_received >= targets.len() as u64, "{s:?}");
+        assert_eq!(s.send_errors, 0);
+        // Each owned IP was announced in three rounds of GARP request + reply.
+        assert_eq!(s.gratuitous_sent, 6 * s.owned_ips, "{s:?}");
+    }
+    let spread: BTreeSet<MacAddr> = expected.values().copied().collect();
+    println!("10 VIPs spread over {} of 3 nodes", spread.len());
+}
+
+/// Gaining an IP sends the gratuitous burst; losing it stops answers before `set_owned`
+/// returns; moving it to another node moves the client kernel's neighbour entry by GARP alone.
+#[test]
+fn gratuitous_arp_and_failover_move_the_clients_neighbour() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(2, false);
+    let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
+    let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
+    let vip = v4("198.51.100.200");
+
+    let capture = Capture::start(&lab);
+    let t0 = Instant::now();
+    s1.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+        .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 6);
+    std::thread::sleep(Duration::from_millis(100)); // in flight to the capture
+    let seen = capture.finish();
+    let requests: Vec<Duration> = seen
+        .iter()
+        .filter(|(_, o)| *o == Observed::GarpRequest { ip: vip, mac: mac1 })
+        .map(|(t, _)| t.duration_since(t0))
+        .collect();
+    let replies = seen
+        .iter()
+        .filter(|(_, o)| {
+            *o == Observed::ArpReply {
+                ip: vip,
+                mac: mac1,
+                gratuitous: true,
+            }
+        })
+        .count();
+    assert_eq!(requests.len(), 3, "GARP requests: {seen:?}");
+    assert_eq!(replies, 3, "GARP replies: {seen:?}");
+    // Rounds at 0/100/300 ms; a loaded machine may delay them, never advance them.
+    assert!(
+        requests[0] < Duration::from_millis(250),
+        "first GARP at {:?}",
+        requests[0]
+    );
+    assert!(
+        requests[1] - requests[0] >= Duration::from_millis(95),
+        "{requests:?}"
+    );
+    assert!(
+        requests[2] - requests[0] >= Duration::from_millis(295),
+        "{requests:?}"
+    );
+    println!("GARP rounds after set_owned: {requests:?}");
+    assert_eq!(s1.stats().gratuitous_sent, 6);
+
+    // The client's kernel resolves the VIP to node 1.
+    client_sends_to(&lab, vip.into());
+    wait_until(Duration::from_secs(2), || {
+        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
+    })
+    .expect("client resolves the VIP to node 1");
+
+    // Loss: no answer from the moment set_owned returns.
+    s1.set_owned(Owned::new()).unwrap();
+    let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &[vip]);
+    assert!(answers[&vip].is_empty(), "{answers:?}");
+    assert_eq!(s1.stats().owned_ips, 0);
+
+    // Node 2 takes over; only gratuitous ARP tells the client.
+    s2.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+        .unwrap();
+    let moved = wait_until(Duration::from_secs(2), || {
+        lab.client_neighbour(vip.into(), "eth0") == Some(mac2)
+    })
+    .expect("client neighbour entry moves to node 2");
+    println!("failover: client neighbour entry moved {moved:?} after set_owned");
+    let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &[vip]);
+    assert_eq!(answers[&vip], vec![mac2]);
+
+    // Dropping a speaker closes its sockets and joins its threads within a read timeout.
+    let t = Instant::now();
+    drop((s1, s2));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "drop took {:?}",
+        t.elapsed()
+    );
+    let prefix = lab.prefix.clone();
+    drop(lab);
+    let left: Vec<String> = std::fs::read_dir(NETNS_DIR)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{prefix}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+/// A VIP is answered only on the interfaces configured for it.
+#[test]
+fn requests_on_other_interfaces_are_ignored() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(1, true);
+    let (eth0, eth1) = (lab.mac("n1", "eth0"), lab.mac("n1", "eth1"));
+    let s1 = lab.speaker("n1");
+    let (a, b) = (v4("198.51.100.200"), v4("198.51.101.200"));
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("198.51.101.200", &["eth1"]),
+    ]))
+    .unwrap();
+    assert_eq!(s1.stats().responders, 2);
+
+    let on_eth0 = arp_answers(&lab, "eth0", v4(CLIENT.1), &[a, b]);
+    assert_eq!(on_eth0[&a], vec![eth0]);
+    assert!(on_eth0[&b].is_empty(), "{on_eth0:?}");
+    let on_eth1 = arp_answers(&lab, "eth1", v4("198.51.101.100"), &[a, b]);
+    assert!(on_eth1[&a].is_empty(), "{on_eth1:?}");
+    assert_eq!(on_eth1[&b], vec![eth1]);
+    assert_eq!(s1.stats().replies_sent, 2);
+
+    // Moving A to both interfaces answers on both; the new pair (A, eth1) is announced.
+    let before = s1.stats().gratuitous_sent;
+    s1.set_owned(owned(&[("198.51.100.200", &["eth0", "eth1"])]))
+        .unwrap();
+    let on_eth1 = arp_answers(&lab, "eth1", v4("198.51.101.100"), &[a, b]);
+    assert_eq!(on_eth1[&a], vec![eth1]);
+    assert!(on_eth1[&b].is_empty());
+    wait_until(Duration::from_secs(3), || {
+        s1.stats().gratuitous_sent - before >= 6
+    });
+    std::thread::sleep(Duration::from_millis(400)); // nothing more may follow
+    assert_eq!(
+        s1.stats().gratuitous_sent - before,
+        6,
+        "one burst, for (A, eth1) only"
+    );
+}
+
+/// An empty interface list means the interface routing the IP; unknown interfaces and
+/// unroutable IPs are reported while everything else is applied.
+#[test]
+fn default_interface_follows_the_route_and_errors_are_partial() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(1, true);
+    let eth1 = lab.mac("n1", "eth1");
+    let s1 = lab.speaker("n1");
+    let err = s1
+        .set_owned(owned(&[
+            ("198.51.101.200", &[]),
+            ("203.0.113.7", &[]),
+            ("198.51.100.201", &["eth9"]),
+        ]))
+        .unwrap_err();
+    let SpeakerError::Incomplete(problems) = &err else {
+        panic!("{err}");
+    };
+    let labels: BTreeSet<&str> = problems.iter().map(|p| p.label()).collect();
+    assert_eq!(labels, ["InterfaceNotFound", "NoRoute"].into(), "{err}");
+    assert_eq!(s1.stats().owned_ips, 3);
+
+    let on_eth1 = arp_answers(&lab, "eth1", v4("198.51.101.100"), &[v4("198.51.101.200")]);
+    assert_eq!(on_eth1[&v4("198.51.101.200")], vec![eth1]);
+    let on_eth0 = arp_answers(&lab, "eth0", v4(CLIENT.1), &[v4("198.51.101.200")]);
+    assert!(on_eth0[&v4("198.51.101.200")].is_empty());
+}
+
+/// IPv6: only the owner answers solicitations (solicited + override, its MAC), unsolicited
+/// advertisements announce a gain, and the client's neighbour entry follows a failover.
+#[test]
+fn ndp_is_answered_by_the_owner_and_follows_failover() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(2, false);
+    let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
+    let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
+    let vip: Ipv6Addr = "fd00:51:100::200".parse().unwrap();
+    let client: Ipv6Addr = CLIENT.2.parse().unwrap();
+
+    let capture = Capture::start(&lab);
+    s1.set_owned(owned(&[("fd00:51:100::200", &["eth0"])]))
+        .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 3);
+    std::thread::sleep(Duration::from_millis(100)); // in flight to the capture
+    let seen = capture.finish();
+    let unsolicited = seen
+        .iter()
+        .filter(|(_, o)| {
+            *o == Observed::Advert {
+                target: vip,
+                mac: mac1,
+                solicited: false,
+                override_flag: true,
+            }
+        })
+        .count();
+    assert_eq!(unsolicited, 3, "{seen:?}");
+    assert_eq!(s1.stats().gratuitous_sent, 3);
+
+    assert_eq!(ndp_answers(&lab, client, vip), vec![(mac1, true, true)]);
+    let nobody: Ipv6Addr = "fd00:51:100::250".parse().unwrap();
+    assert!(ndp_answers(&lab, client, nobody).is_empty());
+
+    client_sends_to(&lab, vip.into());
+    wait_until(Duration::from_secs(2), || {
+        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
+    })
+    .expect("client kernel resolves the IPv6 VIP to node 1");
+
+    s1.set_owned(Owned::new()).unwrap();
+    assert!(ndp_answers(&lab, client, vip).is_empty());
+    s2.set_owned(owned(&[("fd00:51:100::200", &[])])).unwrap();
+    let moved = wait_until(Duration::from_secs(2), || {
+        lab.client_neighbour(vip.into(), "eth0") == Some(mac2)
+    })
+    .expect("unsolicited NA moves the client's neighbour entry to node 2");
+    println!("IPv6 failover: neighbour entry moved {moved:?} after set_owned");
+    wait_until(Duration::from_secs(3), || s2.stats().gratuitous_sent >= 3); // past its rounds
+    assert_eq!(ndp_answers(&lab, client, vip), vec![(mac2, true, true)]);
+}
+
+/// A link that goes down (admin down, or carrier lost at the switch side) closes the
+/// responder; when it comes back the IP is answered again and re-announced gratuitously.
+#[test]
+fn link_flap_reannounces() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    let lab = Lab::new(1, false);
+    let mac1 = lab.mac("n1", "eth0");
+    let s1 = lab.speaker("n1");
+    let vip = v4("198.51.100.200");
+    s1.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+        .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 6).expect("first burst");
+    let (n1, lan) = (lab.ns("n1"), lab.ns("lan"));
+
+    for (what, ns, dev) in [("admin down", &n1, "eth0"), ("carrier lost", &lan, "n1")] {
+        let before = s1.stats().gratuitous_sent;
+        run_ip(&["-n", ns, "link", "set", dev, "down"]);
+        wait_until(Duration::from_secs(5), || s1.stats().responders == 0)
+            .unwrap_or_else(|| panic!("{what}: responder closed"));
+        let capture = Capture::start(&lab);
+        run_ip(&["-n", ns, "link", "set", dev, "up"]);
+        let back = wait_until(Duration::from_secs(5), || {
+            s1.stats().gratuitous_sent >= before + 6
+        })
+        .unwrap_or_else(|| panic!("{what}: re-announced"));
+        std::thread::sleep(Duration::from_millis(100));
+        let seen = capture.finish();
+        let garps = seen
+            .iter()
+            .filter(|(_, o)| *o == Observed::GarpRequest { ip: vip, mac: mac1 })
+            .count();
+        assert!(garps >= 3, "{what}: {seen:?}");
+        println!("{what}: re-announced {back:?} after the link came back");
+        let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &[vip]);
+        assert_eq!(answers[&vip], vec![mac1], "{what}");
+    }
+}
+
+fn percentiles(mut v: Vec<Duration>) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "p50 {:?}  p90 {:?}  p99 {:?}  max {:?}  (n={})",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+/// Round trips of `n` requests built by `build`, each waited for (100 ms) before the next.
+fn round_trips(
+    lab: &Lab,
+    n: usize,
+    build: impl Fn(MacAddr) -> Vec<u8> + Send + 'static,
+    is_answer: impl Fn(&Observed) -> bool + Send + 'static,
+) -> (Vec<Duration>, usize) {
+    in_netns(&lab.ns("cl"), move || {
+        let (mut tx, mut rx, mac) = channel("eth0");
+        let frame = build(mac);
+        let (mut rtts, mut lost) = (Vec::with_capacity(n), 0);
+        for _ in 0..n {
+            let t = Instant::now();
+            tx.send_to(&frame, None).expect("send").expect("sent");
+            loop {
+                if t.elapsed() > Duration::from_millis(100) {
+                    lost += 1;
+                    break;
+                }
+                if let Ok(f) = rx.next() {
+                    if packet::observe(f).is_some_and(|o| is_answer(&o)) {
+                        rtts.push(t.elapsed());
+                        break;
+                    }
+                }
+            }
+        }
+        (rtts, lost)
+    })
+}
+
+/// Measurements for docs/benchmarks.md ("L2 announcement"). Run with
+/// `cargo test --release -p palisade-speaker --test l2 -- --ignored --nocapture bench_l2`.
+#[test]
+#[ignore]
+fn bench_l2() {
+    if let Some(why) = skip_reason() {
+        println!("{why}");
+        return;
+    }
+    // Pure election cost.
+    let nodes: Vec<String> = (0..100).map(|i| format!("node-{i:03}")).collect();
+    let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    for k in [3usize, 100] {
+        let t = Instant::now();
+        for i in 0..10_000u32 {
+            let ip = IpAddr::V4(Ipv4Addr::from(0xc633_6400 + i));
+            std::hint::black_box(palisade_loadbalancer::announce::winner(
+                ip,
+                refs[..k].iter().copied(),
+            ));
+        }
+        println!("election: 10,000 IPs x {k} nodes: {:?}", t.elapsed());
+    }
+
+    let lab = Lab::new(2, false);
+    let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
+    let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+
+    let vip = v4("198.51.100.200");
+    let (rtts, lost) = round_trips(
+        &lab,
+        2000,
+        move |mac| packet::arp_request(mac, v4(CLIENT.1), vip),
+        move |o| matches!(o, Observed::ArpReply { ip, gratuitous: false, .. } if *ip == vip),
+    );
+    println!(
+        "ARP request -> reply (client raw socket): {}  lost {lost}",
+        percentiles(rtts)
+    );
+    let vip6: Ipv6Addr = "fd00:51:100::200".parse().unwrap();
+    let client6: Ipv6Addr = CLIENT.2.parse().unwrap();
+    let (rtts, lost) = round_trips(
+        &lab,
+        2000,
+        move |mac| packet::neighbor_solicit(mac, client6, vip6),
+        move |o| matches!(o, Observed::Advert { target, solicited: true, .. } if *target == vip6),
+    );
+    println!(
+        "NS -> NA (client raw socket): {}  lost {lost}",
+        percentiles(rtts)
+    );
+
+    // Failover: client kernel's neighbour entry follows GARP.
+    client_sends_to(&lab, vip.into());
+    wait_until(Duration::from_secs(2), || {
+        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
+    })
+    .expect("resolved");
+    let mut moves = Vec::new();
+    let mut calls = Vec::new();
+    let (mut from, mut to, mut to_mac) = (&s1, &s2, mac2);
+    for _ in 0..20 {
+        let t = Instant::now();
+        from.set_owned(Owned::new()).unwrap();
+        to.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+            .unwrap();
+        calls.push(t.elapsed());
+        wait_until(Duration::from_secs(2), || {
+            lab.client_neighbour(vip.into(), "eth0") == Some(to_mac)
+        })
+        .expect("moved");
+        moves.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(1100)); // past the burst and the ARP locktime
+        (from, to, to_mac) = (to, from, if to_mac == mac2 { mac1 } else { mac2 });
+    }
+    println!(
+        "failover set_owned(lose)+set_owned(gain): {}",
+        percentiles(calls)
+    );
+    println!(
+        "failover until client neighbour moved (10 ms polling): {}",
+        percentiles(moves)
+    );
+
+    // Scale: 1,000 VIPs gained at once, then released.
+    s1.set_owned(Owned::new()).unwrap();
+    s2.set_owned(Owned::new()).unwrap();
+    // 198.51.100.0/24 has only 254 hosts; the scale run uses 10.200.0.0/16 on eth0.
+    let many: Owned = (0..1000u32)
+        .map(|i| {
+            (
+                IpAddr::V4(Ipv4Addr::from(0x0ac8_0000 + 1 + i)),
+                vec!["eth0".to_string()],
+            )
+        })
+        .collect();
+    let before = s1.stats().gratuitous_sent;
+    let t = Instant::now();
+    s1.set_owned(many).unwrap();
+    let call = t.elapsed();
+    let done = wait_until(Duration::from_secs(10), || {
+        s1.stats().gratuitous_sent >= before + 6000
+    })
+    .expect("all gratuitous frames");
+    let t = Instant::now();
+    s1.set_owned(Owned::new()).unwrap();
+    let release = t.elapsed();
+    println!(
+        "1,000 VIPs: set_owned {call:?}; 6,000 gratuitous frames sent by {:?}; release {release:?}",
+        call + done
+    );
+}
