@@ -14,24 +14,37 @@ fn agent_becomes_ready_serves_metrics_and_stops_on_sigterm() {
     let kc = api.kubeconfig(&dir);
     let mut agent = lb_agent("node-a", &kc, &dir);
 
-    assert!(agent.wait_ready(Duration::from_secs(20)), "agent never became ready:\n{}", agent.logs());
+    assert!(
+        agent.wait_ready(Duration::from_secs(20)),
+        "agent never became ready:\n{}",
+        agent.logs()
+    );
     assert_eq!(agent.get("/healthz").map(|r| r.0), Some(200));
     assert_eq!(agent.metric("palisade_ready"), Some(1.0));
     assert!(agent
         .metric("palisade_watch_events_total{resource=\"services\"}")
         .is_some_and(|v| v >= 1.0));
     let (_, metrics) = agent.get("/metrics").unwrap();
-    assert!(metrics.contains("palisade_build_info{version="), "{metrics}");
+    assert!(
+        metrics.contains("palisade_build_info{version="),
+        "{metrics}"
+    );
     // Alone, it becomes the allocator leader.
     assert!(
-        wait_for(Duration::from_secs(10), || (agent.metric("palisade_leader") == Some(1.0)).then_some(())).is_some(),
+        wait_for(Duration::from_secs(10), || (agent
+            .metric("palisade_leader")
+            == Some(1.0))
+        .then_some(()))
+        .is_some(),
         "single agent did not take the lease:\n{}",
         agent.logs()
     );
     assert_eq!(api.lease_holder().as_deref(), Some("node-a"));
 
     agent.signal("TERM");
-    let status = agent.wait_exit(Duration::from_secs(15)).expect("agent did not exit on SIGTERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(15))
+        .expect("agent did not exit on SIGTERM");
     assert!(status.success(), "exit status {status:?}\n{}", agent.logs());
     let logs = agent.logs();
     assert!(logs.contains("SIGTERM received"), "{logs}");
@@ -55,14 +68,22 @@ fn readiness_waits_for_the_initial_lists() {
         agent.get("/readyz").filter(|(c, _)| *c == 503)
     })
     .expect("readyz never answered");
-    assert!(not_ready.1.contains("waiting for the first list of"), "{}", not_ready.1);
+    assert!(
+        not_ready.1.contains("waiting for the first list of"),
+        "{}",
+        not_ready.1
+    );
     // Still not ready a little later, and alive.
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(agent.get("/readyz").map(|r| r.0), Some(503));
     assert_eq!(agent.get("/healthz").map(|r| r.0), Some(200));
 
     api.server.set_outage(palisade_testapi::Outage::Off);
-    assert!(agent.wait_ready(Duration::from_secs(20)), "not ready after the API came back:\n{}", agent.logs());
+    assert!(
+        agent.wait_ready(Duration::from_secs(20)),
+        "not ready after the API came back:\n{}",
+        agent.logs()
+    );
     let logs = agent.logs();
     assert!(logs.contains("watch failed"), "{logs}");
 }
@@ -98,16 +119,25 @@ fn leader_election_one_leader_and_failover_on_kill() {
     // SIGKILL the leader: no release, so the other must wait for expiry and take over.
     let (mut leader, follower) = if first == "node-a" { (a, b) } else { (b, a) };
     leader.signal("KILL");
-    leader.wait_exit(Duration::from_secs(5)).expect("killed agent exited");
+    leader
+        .wait_exit(Duration::from_secs(5))
+        .expect("killed agent exited");
     let t0 = std::time::Instant::now();
     let took = wait_for(Duration::from_secs(15), || {
         (follower.metric("palisade_leader") == Some(1.0)).then_some(())
     });
-    assert!(took.is_some(), "follower never took the lease:\n{}", follower.logs());
+    assert!(
+        took.is_some(),
+        "follower never took the lease:\n{}",
+        follower.logs()
+    );
     let elapsed = t0.elapsed();
     assert_eq!(api.lease_holder().as_deref(), Some(follower.name.as_str()));
     // Lease duration 2s: the take-over must wait for expiry, never steal a live lease.
-    assert!(elapsed >= Duration::from_millis(1000), "took over after only {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1000),
+        "took over after only {elapsed:?}"
+    );
 }
 
 #[test]
@@ -149,7 +179,9 @@ fn unreachable_api_server_is_reported_and_survived() {
         .metric("palisade_watch_errors_total{resource=\"services\"}")
         .is_some_and(|v| v >= 1.0));
     agent.signal("TERM");
-    let status = agent.wait_exit(Duration::from_secs(15)).expect("exit on SIGTERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(15))
+        .expect("exit on SIGTERM");
     assert!(status.success(), "{}", agent.logs());
     assert!(!agent.logs().contains("panicked"));
 }
@@ -175,13 +207,21 @@ fn malformed_ip_address_pool_is_reported_and_skipped() {
     let dir = TempDir::new("agent-malformed");
     let kc = api.kubeconfig(&dir);
     let agent = lb_agent("node-a", &kc, &dir);
-    assert!(agent.wait_ready(Duration::from_secs(20)), "{}", agent.logs());
+    assert!(
+        agent.wait_ready(Duration::from_secs(20)),
+        "{}",
+        agent.logs()
+    );
     let gauge = wait_for(Duration::from_secs(10), || {
         agent
             .metric("palisade_invalid_objects{kind=\"IPAddressPool\"}")
             .filter(|v| *v == 1.0)
     });
-    assert!(gauge.is_some(), "invalid_objects gauge not 1:\n{}", agent.logs());
+    assert!(
+        gauge.is_some(),
+        "invalid_objects gauge not 1:\n{}",
+        agent.logs()
+    );
     // The leader writes an Invalid condition that names the problem.
     let cond = wait_for(Duration::from_secs(10), || {
         let pool = store.get_object("palisade.dev/v1alpha1", "IPAddressPool", None, "broken")?;
@@ -193,9 +233,15 @@ fn malformed_ip_address_pool_is_reported_and_skipped() {
     })
     .unwrap_or_else(|| panic!("no Invalid condition:\n{}", agent.logs()));
     assert_eq!(cond["reason"], "MalformedObject");
-    assert!(cond["message"].as_str().unwrap().contains("invalid type"), "{cond}");
+    assert!(
+        cond["message"].as_str().unwrap().contains("invalid type"),
+        "{cond}"
+    );
     let logs = agent.logs();
-    assert!(logs.contains("skipping a malformed custom resource") && logs.contains("broken"), "{logs}");
+    assert!(
+        logs.contains("skipping a malformed custom resource") && logs.contains("broken"),
+        "{logs}"
+    );
     assert!(!logs.contains("panicked"));
     // The good pool is untouched by the malformed-object path.
     let good = store

@@ -32,7 +32,10 @@ fn committed_crds_match_the_rust_types() {
     let generated = read_dir_sorted(tmp.path());
     assert_eq!(
         generated.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
-        ["palisade.dev_ipaddresspools.yaml", "palisade.dev_l2advertisements.yaml"]
+        [
+            "palisade.dev_ipaddresspools.yaml",
+            "palisade.dev_l2advertisements.yaml"
+        ]
     );
     for dir in [repo.join("crds"), repo.join("charts/palisade/crds")] {
         let committed = read_dir_sorted(&dir);
@@ -64,7 +67,18 @@ fn crds_parse_as_kubernetes_objects() {
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         assert!(v.served && v.storage);
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{name}: no status subresource");
-        assert!(v.additional_printer_columns.as_ref().is_some_and(|c| !c.is_empty()), "{name}: no printer columns");
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{name}: no status subresource"
+        );
+        assert!(
+            v.additional_printer_columns
+                .as_ref()
+                .is_some_and(|c| !c.is_empty()),
+            "{name}: no printer columns"
+        );
     }
 }

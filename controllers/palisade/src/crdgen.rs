@@ -21,7 +21,8 @@ pub fn run(args: CrdgenArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             for (name, yaml) in files {
                 let path = dir.join(name);
-                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
         }
         None => {
@@ -39,8 +40,8 @@ pub fn crd_files() -> anyhow::Result<Vec<(String, String)>> {
         .into_iter()
         .map(|crd| {
             let name = format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural);
-            let yaml = serde_saphyr::to_string(&crd)
-                .with_context(|| format!("serializing CRD {name}"))?;
+            let yaml =
+                serde_saphyr::to_string(&crd).with_context(|| format!("serializing CRD {name}"))?;
             Ok((name, yaml))
         })
         .collect()
