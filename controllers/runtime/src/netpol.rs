@@ -1,7 +1,7 @@
 //! The node-local NetworkPolicy reconciler.
 //!
 //! ```text
-//!  Stores (pods, namespaces, policies, nodes) ── snapshot ──► palisade_netpol::compile
+//!  Stores (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
 //!        ▲ pokes                                                     │
 //!   Trigger ◄── reflectors                                   render ─┴─► Payload
 //!                                                                        │ same as last? skip
@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use palisade_dataplane::Executor;
-use palisade_netpol::{ClusterState, Diagnostic, NodeConfig, Payload};
+use palisade_netpol::{ClusterState, Diagnostic, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SyncSettings;
@@ -41,8 +41,9 @@ pub struct NetpolReconciler {
     pub settings: SyncSettings,
 }
 
-#[derive(Default)]
 struct LastState {
+    /// Keeps the previous compile, so pod churn only recomputes what it touches.
+    compiler: IncrementalCompiler,
     payload: Option<Payload>,
     /// Diagnostics already reported as Events (reported again only when they change).
     reported: BTreeSet<(String, String, String, String)>,
@@ -71,7 +72,11 @@ impl NetpolReconciler {
         }
         tracing::info!(node = %self.node.node_name, "caches synced; NetworkPolicy enforcement starts");
         let this = Arc::new(self);
-        let last = Arc::new(Mutex::new(LastState::default()));
+        let last = Arc::new(Mutex::new(LastState {
+            compiler: IncrementalCompiler::new(this.node.clone()),
+            payload: None,
+            reported: BTreeSet::new(),
+        }));
         trigger.poke();
         run_sync_loop(this.settings, trigger, shutdown, |cause| {
             let this = this.clone();
@@ -94,9 +99,19 @@ impl NetpolReconciler {
     async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
         let start = Instant::now();
         let state = self.snapshot();
-        let compiled = palisade_netpol::compile(&state, &self.node);
-        let payload = palisade_netpol::render(&compiled);
-        self.report_diagnostics(&compiled.diagnostics, last).await;
+        let (payload, diagnostics) = {
+            let Ok(mut l) = last.lock() else {
+                return Err(());
+            };
+            let payload = l.compiler.sync(&state).clone();
+            let diagnostics = l
+                .compiler
+                .compiled()
+                .map(|c| c.diagnostics.clone())
+                .unwrap_or_default();
+            (payload, diagnostics)
+        };
+        self.report_diagnostics(&diagnostics, last).await;
 
         let unchanged = last
             .lock()

@@ -1,0 +1,1036 @@
+//! Compile the model into a small rule IR: chains of rules, ipsets with members, hooks.
+//!
+//! ```text
+//!  local pods ──► which policies select each (per direction) ──► profile = sorted policy list
+//!  policies selecting ≥1 local pod ──► PAL-PI-/PAL-PE- chain: one rule per (peer × port group)
+//!  peers ──► ipsets (identity = canonical selector text; equal selectors ⇒ one set)
+//!  named ports ──► hash:ip,port set of every pod declaring (name, protocol), matched dst,dst
+//! ```
+//!
+//! What depends on what (so updates stay small):
+//! - rules depend only on policies and on *local* pods (dispatch rules, profiles);
+//! - set members depend on all pods and namespace labels.
+//!
+//! A remote pod being added or removed therefore changes set members only, never a rule.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnetwork::IpNetwork;
+
+use crate::model::{normalize, Model, Peer, PodInfo, PolicyInfo, PortInfo, PortSel, RuleInfo};
+use crate::names::{self, hashed};
+use crate::selector::{NamespaceLabels, Selector};
+use crate::{reasons, ClusterState, Diagnostic, Family, NodeConfig, DEFAULT_MARK_BIT};
+
+/// Transport protocols NetworkPolicy supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// API spelling (`None` = the default, TCP). Unknown values give `None`.
+    pub fn parse(s: Option<&str>) -> Option<Protocol> {
+        match s {
+            None | Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            Some("SCTP") => Some(Protocol::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    /// iptables / ipset spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// Inverse of [`Protocol::as_str`].
+    pub fn from_kernel(s: &str) -> Option<Protocol> {
+        match s {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "sctp" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// Which packet fields a set match looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SetDir {
+    Src,
+    Dst,
+    /// hash:ip,port: destination address and destination port.
+    DstDst,
+}
+
+impl SetDir {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetDir::Src => "src",
+            SetDir::Dst => "dst",
+            SetDir::DstDst => "dst,dst",
+        }
+    }
+}
+
+/// One match of a rule. The renderer prints addresses first, then the protocol, then the
+/// other matches in order, which is the order `iptables-save` prints them back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Match {
+    Src(IpNetwork),
+    Dst(IpNetwork),
+    Proto(Protocol),
+    /// `-m <proto> --dport lo[:hi]` (needs a preceding [`Match::Proto`]).
+    DPort(Protocol, u16, u16),
+    /// `-m multiport --dports a,b,c:d` (at most 15 ports, a range counting two).
+    MultiPort(Vec<(u16, u16)>),
+    Set {
+        name: String,
+        dir: SetDir,
+    },
+    /// `-m conntrack --ctstate <states>`.
+    CtState(&'static str),
+    /// `-m mark [!] --mark bit/bit`.
+    Mark {
+        bit: u32,
+        negate: bool,
+    },
+    /// `-m addrtype --src-type LOCAL`: the source is one of this host's addresses.
+    SrcLocal,
+    Comment(String),
+}
+
+/// What a matching rule does.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// `-j MARK --set-xmark bit/bit`.
+    SetMark(u32),
+    /// `-j MARK --set-xmark 0x0/bit`.
+    ClearMark(u32),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub target: Target,
+}
+
+impl Rule {
+    fn new(matches: Vec<Match>, target: Target) -> Self {
+        Rule { matches, target }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+/// A jump from a built-in chain into ours, kept at position 1.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hook {
+    pub table: &'static str,
+    pub builtin: &'static str,
+    pub chain: &'static str,
+}
+
+/// ipset types we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKind {
+    /// Pod IPs matched by a selector peer.
+    HashIp,
+    /// An ipBlock with `except` entries (`nomatch`).
+    HashNet,
+    /// (pod IP, protocol, port) of a named port.
+    HashIpPort,
+}
+
+impl SetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetKind::HashIp => "hash:ip",
+            SetKind::HashNet => "hash:net",
+            SetKind::HashIpPort => "hash:ip,port",
+        }
+    }
+
+    pub fn from_kernel(s: &str) -> Option<SetKind> {
+        match s {
+            "hash:ip" => Some(SetKind::HashIp),
+            "hash:net" => Some(SetKind::HashNet),
+            "hash:ip,port" => Some(SetKind::HashIpPort),
+            _ => None,
+        }
+    }
+
+    fn prefix(self, family: Family) -> String {
+        let letter = match self {
+            SetKind::HashIp => 'P',
+            SetKind::HashNet => 'B',
+            SetKind::HashIpPort => 'N',
+        };
+        format!("{}{letter}{}-", names::SET_PREFIX, family.tag())
+    }
+}
+
+/// One set member. `Display` is the form `ipset save` prints, [`SetMember::parse`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetMember {
+    Ip(IpAddr),
+    Net {
+        net: IpNetwork,
+        nomatch: bool,
+    },
+    IpPort {
+        ip: IpAddr,
+        proto: Protocol,
+        port: u16,
+    },
+}
+
+impl fmt::Display for SetMember {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetMember::Ip(ip) => write!(f, "{ip}"),
+            SetMember::Net { net, nomatch } => {
+                let host = match net {
+                    IpNetwork::V4(_) => 32,
+                    IpNetwork::V6(_) => 128,
+                };
+                if net.prefix() == host {
+                    write!(f, "{}", net.ip())?;
+                } else {
+                    write!(f, "{}/{}", net.network(), net.prefix())?;
+                }
+                if *nomatch {
+                    f.write_str(" nomatch")?;
+                }
+                Ok(())
+            }
+            SetMember::IpPort { ip, proto, port } => write!(f, "{ip},{}:{port}", proto.as_str()),
+        }
+    }
+}
+
+impl SetMember {
+    /// Parses the text after `add NAME ` in `ipset save` output.
+    pub fn parse(kind: SetKind, text: &str) -> Option<SetMember> {
+        let mut words = text.split_whitespace();
+        let first = words.next()?;
+        match kind {
+            SetKind::HashIp => IpAddr::from_str(first).ok().map(SetMember::Ip),
+            SetKind::HashNet => {
+                let nomatch = words.any(|w| w == "nomatch");
+                let net = IpNetwork::from_str(first).ok()?;
+                Some(SetMember::Net {
+                    net: normalize(net),
+                    nomatch,
+                })
+            }
+            SetKind::HashIpPort => {
+                let (ip, rest) = first.split_once(',')?;
+                let (proto, port) = rest.split_once(':')?;
+                Some(SetMember::IpPort {
+                    ip: IpAddr::from_str(ip).ok()?,
+                    proto: Protocol::from_kernel(proto)?,
+                    port: port.parse().ok()?,
+                })
+            }
+        }
+    }
+}
+
+/// One ipset with its desired members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpSet {
+    pub name: String,
+    pub kind: SetKind,
+    pub family: Family,
+    /// What the set stands for, e.g. `pods ns:team in (a) pod:app in (web)`.
+    pub identity: String,
+    pub members: BTreeSet<SetMember>,
+}
+
+/// What a set's members are computed from (for incremental updates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SetSource {
+    Pods {
+        namespaces: Selector,
+        pods: Selector,
+    },
+    NamedPort {
+        proto: Protocol,
+        name: String,
+    },
+    Block,
+}
+
+/// The compiled rule IR for one node and family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compiled {
+    pub family: Family,
+    /// Fixed chains first (FORWARD, INPUT, EGRESS, INGRESS), then generated ones by name.
+    pub chains: Vec<Chain>,
+    pub sets: BTreeMap<String, IpSet>,
+    pub hooks: Vec<Hook>,
+    /// Sorted, de-duplicated.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Set name → what its members come from.
+    pub(crate) sources: BTreeMap<String, SetSource>,
+}
+
+impl Compiled {
+    pub fn chain(&self, name: &str) -> Option<&Chain> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+}
+
+/// The hooks every payload installs.
+pub fn hooks() -> Vec<Hook> {
+    vec![
+        Hook {
+            table: "filter",
+            builtin: "FORWARD",
+            chain: names::FORWARD_CHAIN,
+        },
+        Hook {
+            table: "filter",
+            builtin: "INPUT",
+            chain: names::INPUT_CHAIN,
+        },
+    ]
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+impl Dir {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dir::Ingress => "ingress",
+            Dir::Egress => "egress",
+        }
+    }
+}
+
+/// Compiles every NetworkPolicy for the pods of `cfg.node_name`. Never fails: problems in the
+/// input are returned as diagnostics and fail closed.
+pub fn compile(state: &ClusterState, cfg: &NodeConfig) -> Compiled {
+    let mut diags = Vec::new();
+    let mark = if cfg.mark_bit.count_ones() == 1 {
+        cfg.mark_bit
+    } else {
+        diags.push(Diagnostic {
+            kind: "NodeConfig",
+            namespace: None,
+            name: cfg.node_name.clone(),
+            reason: reasons::INVALID_CONFIG,
+            message: format!(
+                "mark bit {:#x} is not a single bit; using {:#x}",
+                cfg.mark_bit, DEFAULT_MARK_BIT
+            ),
+        });
+        DEFAULT_MARK_BIT
+    };
+    let model = Model::build(state, cfg, &mut diags);
+    let mut c = Compiler {
+        model: &model,
+        mark,
+        sets: SetBuilder::new(&model),
+        diags,
+    };
+    c.run(cfg)
+}
+
+struct Compiler<'m, 'a> {
+    model: &'m Model<'a>,
+    mark: u32,
+    sets: SetBuilder<'m, 'a>,
+    diags: Vec<Diagnostic>,
+}
+
+/// Local pod → the policies isolating it, per direction.
+struct Selection {
+    pod: usize,
+    ingress: Vec<usize>,
+    egress: Vec<usize>,
+}
+
+impl<'m, 'a> Compiler<'m, 'a> {
+    fn run(&mut self, cfg: &NodeConfig) -> Compiled {
+        let model = self.model;
+        // 1. Which policies isolate which local pods.
+        let mut selections = Vec::with_capacity(model.local.len());
+        let mut selected_by: BTreeMap<(usize, Dir), Vec<usize>> = BTreeMap::new();
+        for &pi in &model.local {
+            let pod = &model.pods[pi];
+            let mut sel = Selection {
+                pod: pi,
+                ingress: Vec::new(),
+                egress: Vec::new(),
+            };
+            for &qi in model.policies_by_ns.get(pod.ns).into_iter().flatten() {
+                let pol = &model.policies[qi];
+                if !pol.selector.matches(pod.labels) {
+                    continue;
+                }
+                if pol.ingress.is_some() {
+                    sel.ingress.push(qi);
+                    selected_by.entry((qi, Dir::Ingress)).or_default().push(pi);
+                }
+                if pol.egress.is_some() {
+                    sel.egress.push(qi);
+                    selected_by.entry((qi, Dir::Egress)).or_default().push(pi);
+                }
+            }
+            selections.push(sel);
+        }
+
+        // Named ports the used policies refer to: only those are indexed.
+        let mut referenced: BTreeSet<(Protocol, &'m str)> = BTreeSet::new();
+        for &(qi, dir) in selected_by.keys() {
+            let pol = &model.policies[qi];
+            let rules = match dir {
+                Dir::Ingress => pol.ingress.as_deref(),
+                Dir::Egress => pol.egress.as_deref(),
+            };
+            for port in rules
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|r| r.ports.iter().flatten())
+            {
+                if let PortSel::Named(n) = &port.port {
+                    referenced.insert((port.proto, n.as_str()));
+                }
+            }
+        }
+        self.sets
+            .index_named_ports(referenced.into_iter().collect());
+
+        // 2. One chain per (policy, direction) that isolates at least one local pod.
+        let mut generated: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
+        let mut policy_chain: HashMap<(usize, Dir), String> = HashMap::new();
+        for (&(qi, dir), pods) in &selected_by {
+            let pol = &model.policies[qi];
+            let (prefix, rules) = match dir {
+                Dir::Ingress => (names::INGRESS_POLICY_PREFIX, pol.ingress.as_deref()),
+                Dir::Egress => (names::EGRESS_POLICY_PREFIX, pol.egress.as_deref()),
+            };
+            let name = hashed(prefix, &pol.key());
+            let mut out = vec![Rule::new(
+                vec![Match::Mark {
+                    bit: self.mark,
+                    negate: false,
+                }],
+                Target::Return,
+            )];
+            for rule in rules.unwrap_or_default() {
+                self.policy_rule(pol, dir, rule, pods, &mut out);
+            }
+            dedup_rules(&mut out);
+            generated.insert(name.clone(), out);
+            policy_chain.insert((qi, dir), name);
+        }
+
+        // 3. Profiles (distinct policy lists) and the dispatch chains.
+        let mut ingress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
+        let mut egress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
+        let block = cfg.block_unknown_pods && !model.pod_cidrs.is_empty();
+        for sel in &selections {
+            let pod = &model.pods[sel.pod];
+            let host = host_net(pod.ip);
+            let in_cidr = model.pod_cidrs.iter().any(|c| c.contains(pod.ip));
+            for (dir, policies, dispatch) in [
+                (Dir::Ingress, &sel.ingress, &mut ingress_dispatch),
+                (Dir::Egress, &sel.egress, &mut egress_dispatch),
+            ] {
+                let addr = match dir {
+                    Dir::Ingress => Match::Dst(host),
+                    Dir::Egress => Match::Src(host),
+                };
+                let comment = Match::Comment(pod.key());
+                if policies.is_empty() {
+                    if block && in_cidr {
+                        dispatch.push(Rule::new(vec![addr, comment], Target::Return));
+                    }
+                    continue;
+                }
+                let profile = self.profile(dir, policies, &policy_chain, &mut generated);
+                dispatch.push(Rule::new(vec![addr, comment], Target::Goto(profile)));
+            }
+        }
+        if block {
+            for cidr in &model.pod_cidrs {
+                let comment = Match::Comment("local pod not known yet".into());
+                ingress_dispatch.push(Rule::new(
+                    vec![Match::Dst(*cidr), comment.clone()],
+                    Target::Drop,
+                ));
+                egress_dispatch.push(Rule::new(vec![Match::Src(*cidr), comment], Target::Drop));
+            }
+        }
+
+        // 4. Fixed chains.
+        let forward = vec![
+            Rule::new(vec![Match::CtState("RELATED,ESTABLISHED")], Target::Accept),
+            Rule::new(vec![Match::CtState("INVALID")], Target::Drop),
+            Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())),
+            Rule::new(vec![], Target::Jump(names::INGRESS_CHAIN.into())),
+        ];
+        let input = vec![
+            Rule::new(vec![Match::CtState("RELATED,ESTABLISHED")], Target::Return),
+            Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())),
+        ];
+        let mut chains = vec![
+            Chain {
+                name: names::FORWARD_CHAIN.into(),
+                rules: forward,
+            },
+            Chain {
+                name: names::INPUT_CHAIN.into(),
+                rules: input,
+            },
+            Chain {
+                name: names::EGRESS_CHAIN.into(),
+                rules: egress_dispatch,
+            },
+            Chain {
+                name: names::INGRESS_CHAIN.into(),
+                rules: ingress_dispatch,
+            },
+        ];
+        chains.extend(
+            generated
+                .into_iter()
+                .map(|(name, rules)| Chain { name, rules }),
+        );
+
+        let mut diagnostics = std::mem::take(&mut self.diags);
+        diagnostics.sort();
+        diagnostics.dedup();
+        Compiled {
+            family: model.family,
+            chains,
+            sets: std::mem::take(&mut self.sets.sets),
+            hooks: hooks(),
+            diagnostics,
+            sources: std::mem::take(&mut self.sets.sources),
+        }
+    }
+
+    /// The profile chain for a list of policies, created on first use.
+    fn profile(
+        &self,
+        dir: Dir,
+        policies: &[usize],
+        policy_chain: &HashMap<(usize, Dir), String>,
+        generated: &mut BTreeMap<String, Vec<Rule>>,
+    ) -> String {
+        let keys: Vec<String> = policies
+            .iter()
+            .map(|&q| self.model.policies[q].key())
+            .collect();
+        let prefix = match dir {
+            Dir::Ingress => names::INGRESS_PROFILE_PREFIX,
+            Dir::Egress => names::EGRESS_PROFILE_PREFIX,
+        };
+        let name = hashed(prefix, &keys.join(","));
+        if generated.contains_key(&name) {
+            return name;
+        }
+        let mut rules = vec![Rule::new(vec![], Target::ClearMark(self.mark))];
+        for (&q, key) in policies.iter().zip(keys) {
+            if let Some(chain) = policy_chain.get(&(q, dir)) {
+                rules.push(Rule::new(
+                    vec![Match::Comment(key)],
+                    Target::Jump(chain.clone()),
+                ));
+            }
+        }
+        rules.push(Rule::new(
+            vec![Match::Mark {
+                bit: self.mark,
+                negate: true,
+            }],
+            Target::Drop,
+        ));
+        rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
+        generated.insert(name.clone(), rules);
+        name
+    }
+
+    /// Appends the iptables rules of one policy rule: (each peer) × (each port group).
+    fn policy_rule(
+        &mut self,
+        pol: &PolicyInfo<'a>,
+        dir: Dir,
+        rule: &RuleInfo,
+        selected: &[usize],
+        out: &mut Vec<Rule>,
+    ) {
+        // Peers: `None` = any source/destination.
+        let peers: Vec<Option<Match>> = match &rule.peers {
+            None => vec![None],
+            Some(list) => list.iter().map(|p| Some(self.peer_match(p, dir))).collect(),
+        };
+        let ports: Vec<Vec<Match>> = match &rule.ports {
+            None => vec![vec![]],
+            Some(list) => self.port_groups(pol, dir, list, selected),
+        };
+        let comment = Match::Comment(format!("{} {}[{}]", pol.key(), dir.as_str(), rule.index));
+        for peer in &peers {
+            for port in &ports {
+                let mut m = Vec::with_capacity(port.len() + 2);
+                if let Some(p) = peer {
+                    m.push(p.clone());
+                }
+                m.extend(port.iter().cloned());
+                m.push(comment.clone());
+                out.push(Rule::new(m, Target::SetMark(self.mark)));
+            }
+        }
+    }
+
+    fn peer_match(&mut self, peer: &Peer, dir: Dir) -> Match {
+        let set_dir = match dir {
+            Dir::Ingress => SetDir::Src,
+            Dir::Egress => SetDir::Dst,
+        };
+        match peer {
+            Peer::Pods { namespaces, pods } => Match::Set {
+                name: self.sets.pods(namespaces, pods),
+                dir: set_dir,
+            },
+            Peer::Block { cidr, except } if except.is_empty() => match dir {
+                Dir::Ingress => Match::Src(*cidr),
+                Dir::Egress => Match::Dst(*cidr),
+            },
+            Peer::Block { cidr, except } => Match::Set {
+                name: self.sets.block(*cidr, except),
+                dir: set_dir,
+            },
+        }
+    }
+
+    /// Port entries → match groups, each one iptables rule: per protocol either "all ports",
+    /// or numeric ports merged into `--dport`/`multiport` groups; each named port is a
+    /// `hash:ip,port` set matched on destination address and port.
+    fn port_groups(
+        &mut self,
+        pol: &PolicyInfo<'a>,
+        dir: Dir,
+        list: &[PortInfo],
+        selected: &[usize],
+    ) -> Vec<Vec<Match>> {
+        let mut out = Vec::new();
+        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            let entries: Vec<&PortSel> = list
+                .iter()
+                .filter(|p| p.proto == proto)
+                .map(|p| &p.port)
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            if entries.iter().any(|p| **p == PortSel::All) {
+                out.push(vec![Match::Proto(proto)]);
+                continue;
+            }
+            let mut ranges: Vec<(u16, u16)> = entries
+                .iter()
+                .filter_map(|p| match p {
+                    PortSel::Range(lo, hi) => Some((*lo, *hi)),
+                    _ => None,
+                })
+                .collect();
+            for chunk in multiport_chunks(merge_ranges(&mut ranges)) {
+                let m = if chunk.len() == 1 {
+                    let (lo, hi) = chunk[0];
+                    Match::DPort(proto, lo, hi)
+                } else {
+                    Match::MultiPort(chunk)
+                };
+                out.push(vec![Match::Proto(proto), m]);
+            }
+            for p in entries {
+                let PortSel::Named(port_name) = p else {
+                    continue;
+                };
+                let set = self.sets.named_port(proto, port_name);
+                self.check_named_port(pol, dir, proto, port_name, &set, selected);
+                out.push(vec![
+                    Match::Proto(proto),
+                    Match::Set {
+                        name: set,
+                        dir: SetDir::DstDst,
+                    },
+                ]);
+            }
+        }
+        out
+    }
+
+    fn check_named_port(
+        &mut self,
+        pol: &PolicyInfo<'a>,
+        dir: Dir,
+        proto: Protocol,
+        port_name: &str,
+        set: &str,
+        selected: &[usize],
+    ) {
+        let known = match dir {
+            // Resolved against the selected (destination) pods on this node.
+            Dir::Ingress => selected
+                .iter()
+                .any(|&i| self.model.pods[i].named_port(port_name, proto).is_some()),
+            // Resolved against every destination pod.
+            Dir::Egress => self
+                .sets
+                .sets
+                .get(set)
+                .is_some_and(|s| !s.members.is_empty()),
+        };
+        if !known {
+            let whom = match dir {
+                Dir::Ingress => "no pod this policy selects on this node",
+                Dir::Egress => "no pod in the cluster",
+            };
+            self.diags.push(Diagnostic {
+                kind: "NetworkPolicy",
+                namespace: Some(pol.ns.to_string()),
+                name: pol.name.to_string(),
+                reason: reasons::UNKNOWN_NAMED_PORT,
+                message: format!(
+                    "{} port {:?}/{}: {whom} declares it; it matches nothing until one does",
+                    dir.as_str(),
+                    port_name,
+                    proto.as_str().to_uppercase()
+                ),
+            });
+        }
+    }
+}
+
+fn host_net(ip: IpAddr) -> IpNetwork {
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    IpNetwork::new(ip, prefix).unwrap_or_else(|_| IpNetwork::from(ip))
+}
+
+/// Sorts and merges overlapping or adjacent ranges.
+fn merge_ranges(ranges: &mut [(u16, u16)]) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for &(lo, hi) in ranges.iter() {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// Splits ranges into groups that fit one `multiport` match (15 slots, a range uses two).
+fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
+    const SLOTS: usize = 15;
+    let mut out: Vec<Vec<(u16, u16)>> = Vec::new();
+    let mut cur = Vec::new();
+    let mut used = 0;
+    for r in ranges {
+        let cost = if r.0 == r.1 { 1 } else { 2 };
+        if used + cost > SLOTS {
+            out.push(std::mem::take(&mut cur));
+            used = 0;
+        }
+        cur.push(r);
+        used += cost;
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Drops repeated rules (keeps the first).
+fn dedup_rules(rules: &mut Vec<Rule>) {
+    let mut seen = std::collections::HashSet::new();
+    rules.retain(|r| seen.insert(r.clone()));
+}
+
+/// (protocol, port name) → (pod IP, port) of every active pod declaring it.
+type NamedIndex<'m> = Vec<((Protocol, &'m str), Vec<(IpAddr, u16)>)>;
+
+/// Builds each set once (by identity) and computes its members.
+struct SetBuilder<'m, 'a> {
+    model: &'m Model<'a>,
+    sets: BTreeMap<String, IpSet>,
+    sources: BTreeMap<String, SetSource>,
+    ns_cache: HashMap<Selector, Vec<&'a str>>,
+    named_index: NamedIndex<'m>,
+}
+
+impl<'m, 'a> SetBuilder<'m, 'a> {
+    fn new(model: &'m Model<'a>) -> Self {
+        SetBuilder {
+            model,
+            sets: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            ns_cache: HashMap::new(),
+            named_index: Vec::new(),
+        }
+    }
+
+    fn insert(
+        &mut self,
+        kind: SetKind,
+        identity: String,
+        source: impl FnOnce() -> SetSource,
+        members: impl FnOnce(&mut Self) -> BTreeSet<SetMember>,
+    ) -> String {
+        let family = self.model.family;
+        let name = hashed(
+            &kind.prefix(family),
+            &format!("{}|{identity}", family.tag()),
+        );
+        if !self.sets.contains_key(&name) {
+            let members = members(self);
+            self.sources.insert(name.clone(), source());
+            self.sets.insert(
+                name.clone(),
+                IpSet {
+                    name: name.clone(),
+                    kind,
+                    family,
+                    identity,
+                    members,
+                },
+            );
+        }
+        name
+    }
+
+    /// Namespaces (with at least one active pod) matching a namespace selector.
+    fn namespaces(&mut self, sel: &Selector) -> Vec<&'a str> {
+        if let Some(hit) = self.ns_cache.get(sel) {
+            return hit.clone();
+        }
+        let model = self.model;
+        let labels_of = |ns: &'a str| NamespaceLabels {
+            name: ns,
+            labels: model.ns_labels.get(ns).copied(),
+        };
+        let out: Vec<&'a str> = match sel.single_namespace() {
+            Some(one) => model
+                .pods_by_ns
+                .get_key_value(one)
+                .map(|(k, _)| *k)
+                .filter(|ns| sel.matches(&labels_of(ns)))
+                .into_iter()
+                .collect(),
+            None => model
+                .pods_by_ns
+                .keys()
+                .copied()
+                .filter(|ns| sel.matches(&labels_of(ns)))
+                .collect(),
+        };
+        self.ns_cache.insert(sel.clone(), out.clone());
+        out
+    }
+
+    fn pods(&mut self, namespaces: &Selector, pods: &Selector) -> String {
+        let identity = format!("pods ns:{namespaces} pod:{pods}");
+        let source = || SetSource::Pods {
+            namespaces: namespaces.clone(),
+            pods: pods.clone(),
+        };
+        self.insert(SetKind::HashIp, identity, source, |this| {
+            let model = this.model;
+            let mut members = BTreeSet::new();
+            for ns in this.namespaces(namespaces) {
+                for &i in model.pods_by_ns.get(ns).into_iter().flatten() {
+                    let p: &PodInfo = &model.pods[i];
+                    if pods.matches(p.labels) {
+                        members.insert(SetMember::Ip(p.ip));
+                    }
+                }
+            }
+            members
+        })
+    }
+
+    fn block(&mut self, cidr: IpNetwork, except: &[IpNetwork]) -> String {
+        let ex: Vec<String> = except.iter().map(ToString::to_string).collect();
+        let identity = format!("block {cidr} except {}", ex.join(","));
+        self.insert(
+            SetKind::HashNet,
+            identity,
+            || SetSource::Block,
+            |_| {
+                let mut members = BTreeSet::new();
+                for net in split_zero(cidr) {
+                    members.insert(SetMember::Net {
+                        net,
+                        nomatch: false,
+                    });
+                }
+                for e in except {
+                    for net in split_zero(*e) {
+                        members.insert(SetMember::Net { net, nomatch: true });
+                    }
+                }
+                // An except equal to the cidr cancels it: keep only the nomatch entry.
+                let nomatched: BTreeSet<IpNetwork> = members
+                    .iter()
+                    .filter_map(|m| match m {
+                        SetMember::Net { net, nomatch: true } => Some(*net),
+                        _ => None,
+                    })
+                    .collect();
+                members.retain(|m| match m {
+                    SetMember::Net {
+                        net,
+                        nomatch: false,
+                    } => !nomatched.contains(net),
+                    _ => true,
+                });
+                members
+            },
+        )
+    }
+
+    fn named_port(&mut self, proto: Protocol, port_name: &str) -> String {
+        let identity = format!("named-port {}/{port_name}", proto.as_str());
+        let source = || SetSource::NamedPort {
+            proto,
+            name: port_name.to_string(),
+        };
+        self.insert(SetKind::HashIpPort, identity, source, |this| {
+            this.named_index
+                .iter()
+                .filter(|((p, n), _)| *p == proto && *n == port_name)
+                .flat_map(|(_, v)| v.iter())
+                .map(|&(ip, port)| SetMember::IpPort { ip, proto, port })
+                .collect()
+        })
+    }
+
+    /// Scans every active pod's container ports once for the referenced names.
+    fn index_named_ports(&mut self, referenced: Vec<(Protocol, &'m str)>) {
+        let mut index: NamedIndex<'m> = referenced.into_iter().map(|k| (k, Vec::new())).collect();
+        if index.is_empty() {
+            self.named_index = index;
+            return;
+        }
+        for p in &self.model.pods {
+            let Some(spec) = p.pod.spec.as_ref() else {
+                continue;
+            };
+            for cp in spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+            {
+                let Some(name) = cp.name.as_deref() else {
+                    continue;
+                };
+                let Ok(port) = u16::try_from(cp.container_port) else {
+                    continue;
+                };
+                if port == 0 {
+                    continue;
+                }
+                for ((proto, n), members) in index.iter_mut() {
+                    if *n == name && Protocol::parse(cp.protocol.as_deref()) == Some(*proto) {
+                        members.push((p.ip, port));
+                    }
+                }
+            }
+        }
+        self.named_index = index;
+    }
+}
+
+/// hash:net cannot hold a /0: split it into two halves.
+fn split_zero(net: IpNetwork) -> Vec<IpNetwork> {
+    if net.prefix() != 0 {
+        return vec![net];
+    }
+    let halves: [(IpAddr, u8); 2] = match net {
+        IpNetwork::V4(_) => [
+            (IpAddr::from([0u8, 0, 0, 0]), 1),
+            (IpAddr::from([128u8, 0, 0, 0]), 1),
+        ],
+        IpNetwork::V6(_) => [
+            (IpAddr::from([0u16; 8]), 1),
+            (IpAddr::from([0x8000u16, 0, 0, 0, 0, 0, 0, 0]), 1),
+        ],
+    };
+    halves
+        .iter()
+        .filter_map(|(ip, p)| IpNetwork::new(*ip, *p).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_chunk() {
+        let mut r = vec![(80, 80), (443, 443), (81, 90), (85, 100), (8000, 9000)];
+        assert_eq!(
+            merge_ranges(&mut r),
+            vec![(80, 100), (443, 443), (8000, 9000)]
+        );
+        let many: Vec<(u16, u16)> = (1..=20).map(|p| (p * 10, p * 10)).collect();
+        let chunks = multiport_chunks(many);
+        assert_eq!(chunks.len(), 2);
+        assert_eq!(chunks[0].len(), 15);
+        let ranges: Vec<(u16, u16)> = (1..=9).map(|p| (p * 10, p * 10 + 1)).collect();
+        let chunks = multiport_chunks(ranges);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![7, 2]);
+    }
+
+    #[test]
+    fn set_members_round_trip_through_ipset_text() {
+        let cases = [
+            (SetKind::HashIp, "10.0.0.1"),
+            (SetKind::HashNet, "10.0.0.0/8"),
+            (SetKind::HashNet, "10.1.0.0/16 nomatch"),
+            (SetKind::HashNet, "10.2.0.5"),
+            (SetKind::HashIpPort, "10.0.0.1,sctp:80"),
+        ];
+        for (kind, text) in cases {
+            let m = SetMember::parse(kind, text).expect(text);
+            assert_eq!(m.to_string(), text);
+        }
+        assert!(SetMember::parse(SetKind::HashIpPort, "10.0.0.1,icmp:0").is_none());
+    }
+
+    #[test]
+    fn zero_prefix_is_split() {
+        let n: IpNetwork = "0.0.0.0/0".parse().unwrap();
+        let halves: Vec<String> = split_zero(n).iter().map(ToString::to_string).collect();
+        assert_eq!(halves, vec!["0.0.0.0/1", "128.0.0.0/1"]);
+    }
+}

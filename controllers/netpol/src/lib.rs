@@ -1,0 +1,208 @@
+//! Palisade NetworkPolicy compiler: Kubernetes objects in, iptables/ipset payloads out.
+//!
+//! This crate is **pure**: no kube client, no subprocesses, no file or network I/O. The agent
+//! and the `palisade netpol` CLI feed it a [`ClusterState`] snapshot and hand the resulting
+//! [`Payload`] to a `palisade_dataplane::Executor`.
+//!
+//! ```text
+//!  ClusterState (Pods, Namespaces, NetworkPolicies, Nodes)      NodeConfig (node name, knobs)
+//!        │                                                          │
+//!        ▼  model.rs: active pods with IPs, local pods, policies ◄──┘
+//!        ▼  selector.rs: canonical label selectors, matching
+//!  compile.rs ──► Compiled { chains (rule IR), ipsets (members), hooks, diagnostics }
+//!        ▼
+//!  render.rs ──► Payload { ipset_restore, iptables_restore, names, stats }
+//!        ▼
+//!  trace.rs: a packet tracer over the rendered text (tests, debugging)
+//!
+//!  incremental.rs: IncrementalCompiler — same output, but remote pod churn only patches
+//!  set members (what the agent should call on every sync)
+//! ```
+//!
+//! # Dataplane shape (filter table, one address family per payload)
+//!
+//! ```text
+//! FORWARD ─(pos 1)─► PALISADE-FORWARD
+//!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
+//!                      ├ ctstate INVALID             → DROP
+//!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
+//!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
+//! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
+//!                      ├ ctstate RELATED,ESTABLISHED → RETURN
+//!                      └ → PALISADE-EGRESS
+//!
+//! PAL-IN-<profile>   (one per distinct set of policies isolating a pod)
+//!    clear mark bit; -j PAL-PI-<policy> ...; no mark → DROP; clear mark bit (allowed: falls off)
+//! PAL-PI-<policy>    (one per policy and direction; PAL-PE- for egress)
+//!    mark already set → RETURN; <peer match> <port match> → set mark bit
+//! ```
+//!
+//! Allowed traffic is never ACCEPTed by policy chains: it leaves our chains and continues
+//! through the rest of `FORWARD`, so a pod→pod flow on one node must pass the source's egress
+//! profile *and* the destination's ingress profile, and other components' rules still apply.
+//! Peers are ipsets named by a hash of the selector, so identical selectors share one set and
+//! pod churn elsewhere in the cluster only changes set members.
+#![forbid(unsafe_code)]
+
+pub mod builders;
+pub mod compile;
+mod error;
+pub mod incremental;
+pub mod manifests;
+mod model;
+pub mod names;
+pub mod render;
+pub mod selector;
+pub mod trace;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+pub use compile::{compile, Compiled};
+pub use error::{ManifestError, NetpolError};
+pub use incremental::{IncrementalCompiler, SyncMode};
+pub use ipnetwork::IpNetwork;
+pub use k8s_openapi;
+pub use render::{render, Payload, PayloadStats};
+
+/// A snapshot of the API objects the compiler reads. Order does not matter; the output is
+/// sorted. Objects with the same namespace/name are de-duplicated (the last one wins).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    pub nodes: Vec<Arc<Node>>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub policies: Vec<Arc<NetworkPolicy>>,
+}
+
+/// IP address family of one payload. Only IPv4 is rendered today; the IR, set names and
+/// renderer carry the family so IPv6 (`ip6tables`, `family inet6`) is the same shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+}
+
+impl Family {
+    /// Whether `ip` belongs to this family.
+    pub fn contains(self, ip: std::net::IpAddr) -> bool {
+        matches!(
+            (self, ip),
+            (Family::V4, std::net::IpAddr::V4(_)) | (Family::V6, std::net::IpAddr::V6(_))
+        )
+    }
+
+    /// ipset `family` value.
+    pub fn ipset_family(self) -> &'static str {
+        match self {
+            Family::V4 => "inet",
+            Family::V6 => "inet6",
+        }
+    }
+
+    /// Short tag used in set names and identities.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Family::V4 => "4",
+            Family::V6 => "6",
+        }
+    }
+}
+
+/// Default packet-mark bit used to carry "allowed by some policy" between a profile chain and
+/// its policy chains. Chosen away from kube-proxy (0x4000, 0x8000) and kube-router / Weave
+/// (0x10000, 0x20000, 0x40000). Only ever set and cleared inside our own chains.
+pub const DEFAULT_MARK_BIT: u32 = 0x0020_0000;
+
+/// Per-node compiler settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// This node's name (`Pod.spec.nodeName` of local pods, `Node.metadata.name`).
+    pub node_name: String,
+    /// The "first instant" rule: traffic to or from an address in this node's pod CIDRs that
+    /// belongs to no pod the agent knows yet is dropped. On by default.
+    pub block_unknown_pods: bool,
+    /// Address family to compile for.
+    pub family: Family,
+    /// A single bit of the packet mark reserved for Palisade (see [`DEFAULT_MARK_BIT`]).
+    pub mark_bit: u32,
+    /// Pod CIDRs of this node in addition to `Node.spec.podCIDRs` (e.g. when Node objects do
+    /// not carry them).
+    pub extra_pod_cidrs: Vec<IpNetwork>,
+}
+
+impl NodeConfig {
+    /// Defaults: IPv4, first-instant rule on, [`DEFAULT_MARK_BIT`].
+    pub fn new(node_name: impl Into<String>) -> Self {
+        NodeConfig {
+            node_name: node_name.into(),
+            block_unknown_pods: true,
+            family: Family::V4,
+            mark_bit: DEFAULT_MARK_BIT,
+            extra_pod_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// Something in the input the compiler could not honour as written. Reported to users as a
+/// Kubernetes Event (reason = [`Diagnostic::reason`]) by the agent, printed by the CLI.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Diagnostic {
+    /// `"Pod"`, `"NetworkPolicy"`, `"Node"`, `"Namespace"` or `"NodeConfig"`.
+    pub kind: &'static str,
+    pub namespace: Option<String>,
+    pub name: String,
+    /// One of [`reasons`].
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(
+                f,
+                "{} {}/{}: {}: {}",
+                self.kind, ns, self.name, self.reason, self.message
+            ),
+            None => write!(
+                f,
+                "{} {}: {}: {}",
+                self.kind, self.name, self.reason, self.message
+            ),
+        }
+    }
+}
+
+/// Constant diagnostic reasons.
+pub mod reasons {
+    /// A local pod has no IP of the compiled family yet; it is not programmed.
+    pub const POD_WITHOUT_IP: &str = "PodWithoutIP";
+    /// `status.podIP(s)` does not parse.
+    pub const INVALID_POD_IP: &str = "InvalidPodIP";
+    /// Two active pods claim the same IP.
+    pub const DUPLICATE_POD_IP: &str = "DuplicatePodIP";
+    /// The configured node has no Node object: its pod CIDRs (first-instant rule) are unknown.
+    pub const NODE_NOT_FOUND: &str = "NodeNotFound";
+    /// `Node.spec.podCIDRs` has an entry that does not parse.
+    pub const INVALID_POD_CIDR: &str = "InvalidPodCIDR";
+    /// A label selector the API server would reject; it matches nothing.
+    pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// A peer with no selector and no ipBlock, or an ipBlock combined with selectors.
+    pub const INVALID_PEER: &str = "InvalidPeer";
+    /// An ipBlock CIDR or except entry that does not parse or lies outside the CIDR.
+    pub const INVALID_IP_BLOCK: &str = "InvalidIPBlock";
+    /// A named port no relevant pod declares; it matches nothing until one does.
+    pub const UNKNOWN_NAMED_PORT: &str = "UnknownNamedPort";
+    /// A protocol other than TCP, UDP or SCTP; the whole rule is skipped (fails closed).
+    pub const UNSUPPORTED_PROTOCOL: &str = "UnsupportedProtocol";
+    /// A port out of range, `endPort` below `port`, or `endPort` with a named port.
+    pub const INVALID_PORT: &str = "InvalidPort";
+    /// A `policyTypes` entry other than Ingress or Egress.
+    pub const UNKNOWN_POLICY_TYPE: &str = "UnknownPolicyType";
+    /// A NodeConfig value that cannot be used as given.
+    pub const INVALID_CONFIG: &str = "InvalidConfig";
+}

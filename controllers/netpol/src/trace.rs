@@ -1,0 +1,652 @@
+//! A packet tracer over the *rendered* payloads (after kube-proxy's `iptablestest`).
+//!
+//! It parses the `iptables-restore` and `ipset restore` text we render, checks that every
+//! jump target and every referenced set exists, and walks a packet through the chains to a
+//! verdict, emulating the matches we use (addresses, protocol and ports, `multiport`, `set`
+//! with hash:ip / hash:net + nomatch / hash:ip,port, `conntrack`, `mark`, `addrtype`) and the
+//! targets (`ACCEPT`, `DROP`, `RETURN`, `MARK`, `-j`, `-g`). Unknown syntax is an error, so
+//! the tests notice when the renderer emits something the tracer cannot vouch for.
+//!
+//! ```text
+//! FORWARD (hook: -j PALISADE-FORWARD, policy ACCEPT) ─► rules … ─► Verdict + path
+//! ```
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnetwork::IpNetwork;
+
+use crate::compile::{Protocol, SetKind, SetMember};
+use crate::{NetpolError, Payload};
+
+/// Connection-tracking state of a traced packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtState {
+    New,
+    Established,
+    Related,
+    Invalid,
+}
+
+impl CtState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CtState::New => "NEW",
+            CtState::Established => "ESTABLISHED",
+            CtState::Related => "RELATED",
+            CtState::Invalid => "INVALID",
+        }
+    }
+}
+
+/// A packet to trace.
+#[derive(Clone, Debug)]
+pub struct Packet {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: Protocol,
+    pub dport: u16,
+    pub state: CtState,
+    /// The source address is one of this host's (`addrtype --src-type LOCAL`).
+    pub src_local: bool,
+}
+
+impl Packet {
+    /// A NEW TCP packet. Addresses that do not parse become `0.0.0.0` (tests pass literals).
+    pub fn tcp(src: &str, dst: &str, dport: u16) -> Packet {
+        Packet::new(src, dst, Protocol::Tcp, dport)
+    }
+
+    pub fn new(src: &str, dst: &str, proto: Protocol, dport: u16) -> Packet {
+        let parse = |s: &str| IpAddr::from_str(s).unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
+        Packet {
+            src: parse(src),
+            dst: parse(dst),
+            proto,
+            dport,
+            state: CtState::New,
+            src_local: false,
+        }
+    }
+
+    pub fn with_state(mut self, state: CtState) -> Packet {
+        self.state = state;
+        self
+    }
+
+    pub fn from_local(mut self) -> Packet {
+        self.src_local = true;
+        self
+    }
+}
+
+/// Final verdict of a traced packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+}
+
+/// The verdict and the rules that matched on the way (`CHAIN#index -> target`).
+#[derive(Clone, Debug)]
+pub struct Trace {
+    pub verdict: Verdict,
+    pub path: Vec<String>,
+}
+
+impl Trace {
+    /// Whether the packet passed through `chain`.
+    pub fn visited(&self, chain: &str) -> bool {
+        self.path
+            .iter()
+            .any(|p| p.starts_with(&format!("{chain}#")))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum M {
+    Src(IpNetwork),
+    Dst(IpNetwork),
+    Proto(Protocol),
+    DPorts(Vec<(u16, u16)>),
+    Set {
+        name: String,
+        negate: bool,
+        dirs: Vec<bool>, // true = src
+    },
+    Ct(Vec<String>),
+    Mark {
+        value: u32,
+        mask: u32,
+        negate: bool,
+    },
+    SrcLocal,
+}
+
+#[derive(Clone, Debug)]
+enum T {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    Mark { value: u32, mask: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct TRule {
+    line: usize,
+    matches: Vec<M>,
+    target: T,
+}
+
+#[derive(Clone, Debug)]
+struct TSet {
+    kind: SetKind,
+    members: BTreeSet<SetMember>,
+}
+
+/// Parsed payloads, ready to trace packets.
+#[derive(Clone, Debug)]
+pub struct Tracer {
+    chains: HashMap<String, Vec<TRule>>,
+    sets: HashMap<String, TSet>,
+    hooks: Vec<(String, String)>,
+}
+
+fn err(line: usize, message: impl Into<String>) -> NetpolError {
+    NetpolError::Trace {
+        line,
+        message: message.into(),
+    }
+}
+
+impl Tracer {
+    /// Parses a payload and checks its references.
+    pub fn new(p: &Payload) -> Result<Tracer, NetpolError> {
+        let hooks = p
+            .hooks
+            .iter()
+            .map(|h| (h.builtin.to_string(), h.chain.to_string()))
+            .collect();
+        let t = Tracer {
+            chains: parse_iptables(&p.iptables_restore)?,
+            sets: parse_ipset(&p.ipset_restore)?,
+            hooks,
+        };
+        t.check()?;
+        Ok(t)
+    }
+
+    /// Every `-j`/`-g` target is a chain of the payload, every `--match-set` a set of it,
+    /// and every hook target exists.
+    pub fn check(&self) -> Result<(), NetpolError> {
+        for (_, chain) in &self.hooks {
+            if !self.chains.contains_key(chain) {
+                return Err(err(0, format!("hook target {chain} does not exist")));
+            }
+        }
+        for rules in self.chains.values() {
+            for r in rules {
+                if let T::Jump(c) | T::Goto(c) = &r.target {
+                    if !self.chains.contains_key(c) {
+                        return Err(err(r.line, format!("jump to unknown chain {c}")));
+                    }
+                }
+                for m in &r.matches {
+                    if let M::Set { name, dirs, .. } = m {
+                        let Some(set) = self.sets.get(name) else {
+                            return Err(err(r.line, format!("unknown set {name}")));
+                        };
+                        let want = if set.kind == SetKind::HashIpPort {
+                            2
+                        } else {
+                            1
+                        };
+                        if dirs.len() != want {
+                            return Err(err(r.line, format!("set {name}: wrong dimension")));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of all chains.
+    pub fn chain_names(&self) -> BTreeSet<String> {
+        self.chains.keys().cloned().collect()
+    }
+
+    /// Traces `pkt` entering the built-in chain `builtin` (`FORWARD` or `INPUT`), whose only
+    /// rule is our hook and whose policy is ACCEPT.
+    pub fn trace(&self, builtin: &str, pkt: &Packet) -> Result<Trace, NetpolError> {
+        let mut path = Vec::new();
+        let mut mark = 0u32;
+        for (b, chain) in &self.hooks {
+            if b != builtin {
+                continue;
+            }
+            path.push(format!("{builtin}#0 -> {chain}"));
+            match self.run(chain, pkt, &mut mark, &mut path, 0)? {
+                Outcome::Accept => {
+                    return Ok(Trace {
+                        verdict: Verdict::Accept,
+                        path,
+                    })
+                }
+                Outcome::Drop => {
+                    return Ok(Trace {
+                        verdict: Verdict::Drop,
+                        path,
+                    })
+                }
+                Outcome::Return => {}
+            }
+        }
+        Ok(Trace {
+            verdict: Verdict::Accept,
+            path,
+        })
+    }
+
+    fn run(
+        &self,
+        chain: &str,
+        pkt: &Packet,
+        mark: &mut u32,
+        path: &mut Vec<String>,
+        depth: usize,
+    ) -> Result<Outcome, NetpolError> {
+        if depth > 32 {
+            return Err(err(0, format!("jump depth exceeded at {chain}")));
+        }
+        let rules = self
+            .chains
+            .get(chain)
+            .ok_or_else(|| err(0, format!("unknown chain {chain}")))?;
+        for (i, r) in rules.iter().enumerate() {
+            if !self.matches(r, pkt, *mark) {
+                continue;
+            }
+            let label = |t: &str| format!("{chain}#{i} -> {t}");
+            match &r.target {
+                T::Accept => {
+                    path.push(label("ACCEPT"));
+                    return Ok(Outcome::Accept);
+                }
+                T::Drop => {
+                    path.push(label("DROP"));
+                    return Ok(Outcome::Drop);
+                }
+                T::Return => {
+                    path.push(label("RETURN"));
+                    return Ok(Outcome::Return);
+                }
+                T::Mark { value, mask } => {
+                    path.push(label("MARK"));
+                    *mark = (*mark & !mask) ^ value;
+                }
+                T::Jump(c) => {
+                    path.push(label(c));
+                    match self.run(c, pkt, mark, path, depth + 1)? {
+                        Outcome::Return => {}
+                        other => return Ok(other),
+                    }
+                }
+                T::Goto(c) => {
+                    path.push(label(&format!("goto {c}")));
+                    return self.run(c, pkt, mark, path, depth + 1);
+                }
+            }
+        }
+        Ok(Outcome::Return)
+    }
+
+    fn matches(&self, r: &TRule, pkt: &Packet, mark: u32) -> bool {
+        r.matches.iter().all(|m| match m {
+            M::Src(n) => n.contains(pkt.src),
+            M::Dst(n) => n.contains(pkt.dst),
+            M::Proto(p) => *p == pkt.proto,
+            M::DPorts(ranges) => ranges
+                .iter()
+                .any(|(lo, hi)| (*lo..=*hi).contains(&pkt.dport)),
+            M::Ct(states) => states.iter().any(|s| s == pkt.state.as_str()),
+            M::Mark {
+                value,
+                mask,
+                negate,
+            } => ((mark & mask) == *value) != *negate,
+            M::SrcLocal => pkt.src_local,
+            M::Set { name, negate, dirs } => {
+                let hit = self
+                    .sets
+                    .get(name)
+                    .is_some_and(|s| set_matches(s, dirs, pkt));
+                hit != *negate
+            }
+        })
+    }
+}
+
+enum Outcome {
+    Accept,
+    Drop,
+    Return,
+}
+
+fn set_matches(s: &TSet, dirs: &[bool], pkt: &Packet) -> bool {
+    let addr = if dirs.first().copied().unwrap_or(true) {
+        pkt.src
+    } else {
+        pkt.dst
+    };
+    match s.kind {
+        SetKind::HashIp => s.members.contains(&SetMember::Ip(addr)),
+        SetKind::HashNet => {
+            // The most specific entry decides; a `nomatch` entry means "not in the set".
+            let best = s
+                .members
+                .iter()
+                .filter_map(|m| match m {
+                    SetMember::Net { net, nomatch } if net.contains(addr) => {
+                        Some((net.prefix(), *nomatch))
+                    }
+                    _ => None,
+                })
+                .max_by_key(|(p, _)| *p);
+            matches!(best, Some((_, false)))
+        }
+        SetKind::HashIpPort => s.members.contains(&SetMember::IpPort {
+            ip: addr,
+            proto: pkt.proto,
+            port: pkt.dport,
+        }),
+    }
+}
+
+/// Splits a line into words, honouring double quotes.
+fn words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut has = false;
+    for c in line.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                has = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if has {
+                    out.push(std::mem::take(&mut cur));
+                    has = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                has = true;
+            }
+        }
+    }
+    if has {
+        out.push(cur);
+    }
+    out
+}
+
+fn parse_net(line: usize, s: &str) -> Result<IpNetwork, NetpolError> {
+    IpNetwork::from_str(s).map_err(|e| err(line, format!("address {s:?}: {e}")))
+}
+
+fn parse_ports(line: usize, s: &str) -> Result<Vec<(u16, u16)>, NetpolError> {
+    s.split(',')
+        .map(|p| {
+            let (lo, hi) = p.split_once(':').unwrap_or((p, p));
+            match (lo.parse(), hi.parse()) {
+                (Ok(lo), Ok(hi)) => Ok((lo, hi)),
+                _ => Err(err(line, format!("port {p:?}"))),
+            }
+        })
+        .collect()
+}
+
+fn parse_mark(line: usize, s: &str) -> Result<(u32, u32), NetpolError> {
+    let hex = |x: &str| u32::from_str_radix(x.trim_start_matches("0x"), 16);
+    let (v, m) = s.split_once('/').unwrap_or((s, "0xffffffff"));
+    match (hex(v), hex(m)) {
+        (Ok(v), Ok(m)) => Ok((v, m)),
+        _ => Err(err(line, format!("mark {s:?}"))),
+    }
+}
+
+fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError> {
+    let mut chains: HashMap<String, Vec<TRule>> = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') || l == "*filter" || l == "COMMIT" {
+            continue;
+        }
+        if let Some(decl) = l.strip_prefix(':') {
+            let name = decl.split_whitespace().next().unwrap_or_default();
+            chains.entry(name.to_string()).or_default();
+            continue;
+        }
+        let w = words(l);
+        if w.first().map(String::as_str) != Some("-A") || w.len() < 2 {
+            return Err(err(line, format!("unsupported line {l:?}")));
+        }
+        let chain = w[1].clone();
+        let mut matches = Vec::new();
+        let mut target = None;
+        let mut k = 2;
+        let mut negate = false;
+        let arg = |k: usize| {
+            w.get(k)
+                .cloned()
+                .ok_or_else(|| err(line, "missing argument"))
+        };
+        while k < w.len() {
+            match w[k].as_str() {
+                "!" => {
+                    negate = true;
+                    k += 1;
+                    continue;
+                }
+                "-s" => matches.push(M::Src(parse_net(line, &arg(k + 1)?)?)),
+                "-d" => matches.push(M::Dst(parse_net(line, &arg(k + 1)?)?)),
+                "-p" => {
+                    let p = arg(k + 1)?;
+                    let proto =
+                        Protocol::from_kernel(&p).ok_or_else(|| err(line, format!("proto {p}")))?;
+                    matches.push(M::Proto(proto));
+                }
+                "-m" => {
+                    // Modules only introduce options; `-m tcp` etc. need no state.
+                    let module = arg(k + 1)?;
+                    if !matches!(
+                        module.as_str(),
+                        "tcp"
+                            | "udp"
+                            | "sctp"
+                            | "multiport"
+                            | "set"
+                            | "conntrack"
+                            | "mark"
+                            | "addrtype"
+                            | "comment"
+                    ) {
+                        return Err(err(line, format!("unsupported module {module}")));
+                    }
+                }
+                "--dport" | "--dports" => matches.push(M::DPorts(parse_ports(line, &arg(k + 1)?)?)),
+                "--match-set" => {
+                    let name = arg(k + 1)?;
+                    let dirs = arg(k + 2)?
+                        .split(',')
+                        .map(|d| match d {
+                            "src" => Ok(true),
+                            "dst" => Ok(false),
+                            other => Err(err(line, format!("set direction {other}"))),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    matches.push(M::Set { name, negate, dirs });
+                    negate = false;
+                    k += 3;
+                    continue;
+                }
+                "--ctstate" => {
+                    matches.push(M::Ct(arg(k + 1)?.split(',').map(str::to_string).collect()))
+                }
+                "--mark" => {
+                    let (value, mask) = parse_mark(line, &arg(k + 1)?)?;
+                    matches.push(M::Mark {
+                        value,
+                        mask,
+                        negate,
+                    });
+                }
+                "--src-type" => {
+                    if arg(k + 1)? != "LOCAL" {
+                        return Err(err(line, "only --src-type LOCAL is supported"));
+                    }
+                    matches.push(M::SrcLocal);
+                }
+                "--comment" => {}
+                "-j" | "-g" => {
+                    let t = arg(k + 1)?;
+                    target = Some(match (w[k].as_str(), t.as_str()) {
+                        (_, "ACCEPT") => T::Accept,
+                        (_, "DROP") => T::Drop,
+                        (_, "RETURN") => T::Return,
+                        ("-j", "MARK") => {
+                            if arg(k + 2)? != "--set-xmark" {
+                                return Err(err(line, "MARK needs --set-xmark"));
+                            }
+                            let (value, mask) = parse_mark(line, &arg(k + 3)?)?;
+                            k += 4;
+                            target = Some(T::Mark { value, mask });
+                            continue;
+                        }
+                        ("-j", c) => T::Jump(c.to_string()),
+                        (_, c) => T::Goto(c.to_string()),
+                    });
+                }
+                other => return Err(err(line, format!("unsupported option {other}"))),
+            }
+            negate = false;
+            k += 2;
+        }
+        let target = target.ok_or_else(|| err(line, "rule without target"))?;
+        chains.entry(chain).or_default().push(TRule {
+            line,
+            matches,
+            target,
+        });
+    }
+    Ok(chains)
+}
+
+fn parse_ipset(text: &str) -> Result<HashMap<String, TSet>, NetpolError> {
+    let mut sets: HashMap<String, TSet> = HashMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let name = |j: usize| {
+            w.get(j)
+                .map(|s| s.to_string())
+                .ok_or_else(|| err(line, "missing set name"))
+        };
+        match w.first().copied() {
+            Some("create") => {
+                let n = name(1)?;
+                let kind = w
+                    .get(2)
+                    .and_then(|k| SetKind::from_kernel(k))
+                    .ok_or_else(|| err(line, "unsupported set type"))?;
+                sets.entry(n).or_insert(TSet {
+                    kind,
+                    members: BTreeSet::new(),
+                });
+            }
+            Some("add") => {
+                let n = name(1)?;
+                let set = sets
+                    .get_mut(&n)
+                    .ok_or_else(|| err(line, format!("add to unknown set {n}")))?;
+                let text = w.get(2..).map(|r| r.join(" ")).unwrap_or_default();
+                let m = SetMember::parse(set.kind, &text)
+                    .ok_or_else(|| err(line, format!("member {text:?}")))?;
+                set.members.insert(m);
+            }
+            Some("flush") => {
+                if let Some(s) = sets.get_mut(&name(1)?) {
+                    s.members.clear();
+                }
+            }
+            Some("swap") => {
+                let (a, b) = (name(1)?, name(2)?);
+                let sa = sets
+                    .remove(&a)
+                    .ok_or_else(|| err(line, "swap: unknown set"))?;
+                let sb = sets
+                    .remove(&b)
+                    .ok_or_else(|| err(line, "swap: unknown set"))?;
+                sets.insert(a, sb);
+                sets.insert(b, sa);
+            }
+            Some("destroy") => {
+                sets.remove(&name(1)?);
+            }
+            _ => return Err(err(line, format!("unsupported ipset line {l:?}"))),
+        }
+    }
+    Ok(sets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_honour_quotes() {
+        assert_eq!(
+            words(r#"-A X -m comment --comment "a b/c" -j DROP"#),
+            vec![
+                "-A",
+                "X",
+                "-m",
+                "comment",
+                "--comment",
+                "a b/c",
+                "-j",
+                "DROP"
+            ]
+        );
+    }
+
+    #[test]
+    fn hash_net_nomatch_is_most_specific_wins() {
+        let mut members = BTreeSet::new();
+        for (n, nm) in [("10.0.0.0/8", false), ("10.1.0.0/16", true)] {
+            members.insert(SetMember::Net {
+                net: n.parse().unwrap(),
+                nomatch: nm,
+            });
+        }
+        let s = TSet {
+            kind: SetKind::HashNet,
+            members,
+        };
+        let p = |ip: &str| Packet::tcp(ip, "1.1.1.1", 80);
+        assert!(set_matches(&s, &[true], &p("10.2.3.4")));
+        assert!(!set_matches(&s, &[true], &p("10.1.3.4")));
+        assert!(!set_matches(&s, &[true], &p("11.0.0.1")));
+    }
+}
