@@ -211,7 +211,7 @@ async fn start_announcer(
     trigger: Trigger,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
-    let (peers_tx, peers_rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let (peers_tx, peers_rx) = tokio::sync::watch::channel(None);
     let mut settings = MembershipSettings::new(cfg.node_name.clone(), cfg.memberlist_port);
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;

@@ -35,7 +35,7 @@ use crate::events::EventSink;
 use crate::membership::Live;
 use crate::metrics::Metrics;
 use crate::stores::{names, typed_objects, Stores};
-use crate::sync::{run_sync_loop, Trigger};
+use crate::sync::{poke_on_change, run_sync_loop, Trigger};
 
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
@@ -197,7 +197,7 @@ pub struct AnnouncerReconciler {
     pub speaker: Arc<dyn Announcer>,
     pub live: watch::Receiver<Live>,
     /// Peer addresses for the membership, refreshed from the Node cache.
-    pub peers: watch::Sender<BTreeSet<IpAddr>>,
+    pub peers: watch::Sender<Option<BTreeSet<IpAddr>>>,
     pub class: String,
     pub claim_unclassed: bool,
 }
@@ -210,20 +210,7 @@ struct AnnState {
 impl AnnouncerReconciler {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         // Membership changes need a pass.
-        {
-            let mut rx = self.live.clone();
-            let trigger = trigger.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = rx.changed() => if r.is_err() { return },
-                    }
-                    trigger.poke();
-                }
-            });
-        }
+        poke_on_change(self.live.clone(), trigger.clone(), shutdown.clone());
         let needed = [
             names::SERVICES,
             names::NODES,
@@ -231,18 +218,11 @@ impl AnnouncerReconciler {
             names::L2_ADVERTISEMENTS,
             names::ENDPOINT_SLICES,
         ];
-        loop {
-            // Peers must be known before anything else (the membership needs them to warm up).
-            self.refresh_peers();
-            let pending = self.stores.readiness.pending();
-            if !pending.iter().any(|p| needed.contains(p)) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
+        if !self.stores.readiness.wait_for(&needed, &shutdown).await {
+            return;
         }
+        // Peers are known now that the Nodes are listed: the membership's warm-up starts.
+        self.refresh_peers();
         let this = Arc::new(self);
         // Speaker counters → metrics, once a second.
         {
@@ -287,6 +267,7 @@ impl AnnouncerReconciler {
                 }
             }
         }
+        let ips = Some(ips);
         self.peers.send_if_modified(|cur| {
             if *cur != ips {
                 *cur = ips;

@@ -29,7 +29,7 @@ use crate::config::SyncSettings;
 use crate::events::EventSink;
 use crate::metrics::{labels1, Metrics};
 use crate::stores::{names, palisade_api_resource, typed_objects, Stores};
-use crate::sync::{run_sync_loop, Trigger};
+use crate::sync::{poke_on_change, run_sync_loop, Trigger};
 
 /// Condition reason for an object that does not parse at all.
 pub const MALFORMED_OBJECT: &str = "MalformedObject";
@@ -163,20 +163,7 @@ impl LoadBalancerReconciler {
         let this = Arc::new(self);
         let state = Arc::new(tokio::sync::Mutex::new(LbState::default()));
         // Leadership changes need a pass too.
-        {
-            let mut rx = this.is_leader.clone();
-            let trigger = trigger.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = rx.changed() => if r.is_err() { return },
-                    }
-                    trigger.poke();
-                }
-            });
-        }
+        poke_on_change(this.is_leader.clone(), trigger.clone(), shutdown.clone());
         // Wait for the caches the allocator reads: never allocate from a partial view.
         let needed = [
             names::IP_ADDRESS_POOLS,
@@ -184,15 +171,8 @@ impl LoadBalancerReconciler {
             names::NAMESPACES,
             names::NODES,
         ];
-        loop {
-            let pending = this.stores.readiness.pending();
-            if !pending.iter().any(|p| needed.contains(p)) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
+        if !this.stores.readiness.wait_for(&needed, &shutdown).await {
+            return;
         }
         trigger.poke();
         run_sync_loop(this.settings, trigger, shutdown, |_| {

@@ -14,8 +14,9 @@
 //! Palisade targets, not for thousands of nodes (there SWIM, e.g. the `foca` crate, would be
 //! the better trade).
 //!
-//! Start-up: an agent answers nothing until it has listened for one `timeout` (warm-up), so a
-//! restarting agent cannot believe it is alone and briefly announce everybody's IPs.
+//! Start-up: an agent answers nothing until it has known its peers (from the listed Nodes) and
+//! listened to them for one `timeout` (warm-up), so a restarting agent cannot believe it is
+//! alone and briefly announce everybody's IPs.
 //! Split brain: when the LAN partitions, each side sees the other side dead and elects among
 //! its own members, so an IP may be announced on both sides — each side's clients reach one
 //! node, which is the best a partitioned L2 segment allows. Datagrams carry a cluster tag;
@@ -134,10 +135,11 @@ impl Table {
 }
 
 /// Runs the membership until `shutdown`; peers' addresses come from `peers` (updated by the
-/// caller from the Node cache). Returns the live-set receiver.
+/// caller from the Node cache; `None` until the Nodes have been listed). Returns the
+/// live-set receiver. The warm-up starts when the peers are first known.
 pub async fn start(
     settings: MembershipSettings,
-    peers: watch::Receiver<BTreeSet<IpAddr>>,
+    peers: watch::Receiver<Option<BTreeSet<IpAddr>>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<watch::Receiver<Live>> {
     let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
@@ -147,7 +149,7 @@ pub async fn start(
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
     let table = Arc::new(Mutex::new(Table::default()));
-    let started = Instant::now();
+    let mut peers_known_at: Option<Instant> = None;
 
     // Receiver.
     {
@@ -192,15 +194,20 @@ pub async fn start(
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let targets: Vec<IpAddr> = peers.borrow().iter().copied().collect();
-            for ip in &targets {
+            let targets: Option<Vec<IpAddr>> =
+                peers.borrow().as_ref().map(|p| p.iter().copied().collect());
+            let now = Instant::now();
+            if targets.is_some() && peers_known_at.is_none() {
+                peers_known_at = Some(now);
+            }
+            for ip in targets.iter().flatten() {
                 let _ = socket
                     .send_to(&alive_msg, SocketAddr::new(*ip, settings.peer_port))
                     .await;
             }
-            let now = Instant::now();
             let live = Live {
-                warmed_up: now.duration_since(started) >= settings.timeout,
+                warmed_up: peers_known_at
+                    .is_some_and(|t| now.duration_since(t) >= settings.timeout),
                 nodes: table
                     .lock()
                     .map(|t| t.alive(&settings.node_name, now, settings.timeout))
@@ -226,7 +233,11 @@ pub async fn start(
                 incarnation,
             },
         );
-        let targets: Vec<IpAddr> = peers.borrow().iter().copied().collect();
+        let targets: Vec<IpAddr> = peers
+            .borrow()
+            .as_ref()
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default();
         for _ in 0..2 {
             for ip in &targets {
                 let _ = socket
@@ -364,13 +375,17 @@ mod tests {
             s
         };
         let loopback: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
-        let (_ptx, prx) = watch::channel(loopback.clone());
+        let (ptx, prx) = watch::channel(None);
         let mut a = start(mk("a", pa, pb), prx.clone(), shutdown_a.clone())
             .await
             .unwrap();
         let b = start(mk("b", pb, pa), prx, shutdown_b.clone())
             .await
             .unwrap();
+        // Peers unknown: never warmed up, however long we wait.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!a.borrow().warmed_up);
+        ptx.send_replace(Some(loopback));
         let both = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 let l = a.borrow_and_update().clone();

@@ -96,6 +96,20 @@ impl Readiness {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+
+    /// Waits until none of `needed` is pending (their first list is complete); false if
+    /// `shutdown` came first. A reconciler never acts on a partial view of the cluster.
+    pub async fn wait_for(&self, needed: &[&str], shutdown: &CancellationToken) -> bool {
+        loop {
+            if !self.pending().iter().any(|p| needed.contains(p)) {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
 }
 
 /// Which caches to run; reconcilers say what they read.

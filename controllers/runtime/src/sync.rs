@@ -116,6 +116,23 @@ pub async fn run_sync_loop<F, Fut, E>(
     }
 }
 
+/// Pokes `trigger` every time `rx` changes (leadership, membership), until `shutdown`.
+pub fn poke_on_change<T: Send + Sync + 'static>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    trigger: Trigger,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            trigger.poke();
+        }
+    });
+}
+
 /// Sleep that ends early on shutdown; returns false when shutdown won.
 pub async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
