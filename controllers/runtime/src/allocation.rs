@@ -12,7 +12,8 @@
 //! rebuilds it from every Service's `status.loadBalancer.ingress` (oldest Service first)
 //! before it assigns anything, so a Service keeps its IP across restarts and leader changes
 //! and no IP is ever given to two Services unless sharing allows it.
-use std::collections::{BTreeMap, BTreeSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -143,37 +144,34 @@ impl AllocationState {
                 )
             })
             .collect();
+        // Every Service's key, computed once: a pass looks at each Service several times, and
+        // with thousands of Services building keys in the sort comparator dominated the pass.
+        let keyed: Vec<(ServiceKey, &Arc<Service>)> =
+            input.services.iter().map(|s| (service_key(s), s)).collect();
         // Our Services, oldest first (the first claim on an IP wins on restore).
-        let mut ours: Vec<&Arc<Service>> = input
-            .services
+        let mut ours: Vec<(&ServiceKey, &Arc<Service>)> = keyed
             .iter()
-            .filter(|s| is_ours(s, input.class, input.claim_unclassed))
+            .filter(|(_, s)| is_ours(s, input.class, input.claim_unclassed))
+            .map(|(k, s)| (k, *s))
             .collect();
-        ours.sort_by(|a, b| {
+        ours.sort_by(|(ka, a), (kb, b)| {
             let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            ta.cmp(&tb)
-                .then_with(|| service_key(a).cmp(&service_key(b)))
+            ta.cmp(&tb).then_with(|| ka.cmp(kb))
         });
-        let our_keys: BTreeSet<ServiceKey> = ours.iter().map(|s| service_key(s)).collect();
+        let our_keys: HashSet<&ServiceKey> = ours.iter().map(|(k, _)| *k).collect();
 
         // Release what no longer belongs to one of our Services.
-        let all: BTreeMap<ServiceKey, &Arc<Service>> =
-            input.services.iter().map(|s| (service_key(s), s)).collect();
-        let held: Vec<ServiceKey> = input
-            .services
+        let all: HashMap<&ServiceKey, &Arc<Service>> = keyed.iter().map(|(k, s)| (k, *s)).collect();
+        let stale_keys: BTreeSet<ServiceKey> = keyed
             .iter()
-            .map(|s| service_key(s))
-            .chain(report.invalidated.iter().map(|i| i.service.clone()))
-            .filter(|k| alloc.assigned(k).is_some() && !our_keys.contains(k))
+            .map(|(k, _)| k)
+            .chain(report.invalidated.iter().map(|i| &i.service))
+            // Deleted Services are not in the store at all: find them through the allocator.
+            .chain(alloc.service_keys())
+            .filter(|k| !our_keys.contains(k) && alloc.assigned(k).is_some())
+            .cloned()
             .collect();
-        let mut stale_keys: BTreeSet<ServiceKey> = held.into_iter().collect();
-        // Deleted Services are not in the store at all: find them through the allocator.
-        for key in alloc_keys(alloc) {
-            if !our_keys.contains(&key) {
-                stale_keys.insert(key);
-            }
-        }
         for key in stale_keys {
             let released = alloc.unassign(&key);
             if let Some(svc) = all.get(&key) {
@@ -198,19 +196,15 @@ impl AllocationState {
 
         // Restore pass: claims in status first, before anything new is assigned.
         let mut restore_failed: BTreeMap<ServiceKey, String> = BTreeMap::new();
-        for svc in &ours {
-            let key = service_key(svc);
-            if alloc.assigned(&key).is_some() {
+        for &(key, svc) in &ours {
+            if alloc.assigned(key).is_some() {
                 continue;
             }
             let shown = status_ips(svc);
             if shown.is_empty() {
                 continue;
             }
-            let labels = ns_labels
-                .get(&key.namespace)
-                .cloned()
-                .unwrap_or_else(|| default_ns_labels(&key.namespace));
+            let labels = labels_of(&ns_labels, &key.namespace);
             let Ok(req) = service_request(svc, &labels) else {
                 continue;
             };
@@ -218,20 +212,16 @@ impl AllocationState {
                 if !rebuilding {
                     tracing::debug!(service = %key, error = %e, "status claim not restorable");
                 }
-                restore_failed.insert(key, e.to_string());
+                restore_failed.insert(key.clone(), e.to_string());
             }
         }
 
         // Assign pass.
-        for svc in &ours {
-            let key = service_key(svc);
-            let labels = ns_labels
-                .get(&key.namespace)
-                .cloned()
-                .unwrap_or_else(|| default_ns_labels(&key.namespace));
+        for &(key, svc) in &ours {
+            let labels = labels_of(&ns_labels, &key.namespace);
             let shown = status_ips(svc);
             let before: Vec<IpAddr> = alloc
-                .assigned(&key)
+                .assigned(key)
                 .map(<[IpAddr]>::to_vec)
                 .unwrap_or_default();
             let result = service_request(svc, &labels).and_then(|req| alloc.assign(&req));
@@ -245,7 +235,7 @@ impl AllocationState {
                             .unwrap_or("?")
                             .to_string();
                         let mut note = format!("assigned {} from pool {pool}", join_ips(&ips));
-                        if let Some(why) = restore_failed.get(&key) {
+                        if let Some(why) = restore_failed.get(key) {
                             note.push_str(&format!(
                                 " (its previous address could not be kept: {why})"
                             ));
@@ -264,10 +254,10 @@ impl AllocationState {
                 Err(e) => {
                     plan.errors.push(e.reason());
                     // An address that left every pool must not stay in use.
-                    let invalid_now = report.invalidated.iter().any(|i| i.service == key)
-                        || restore_failed.contains_key(&key);
+                    let invalid_now = report.invalidated.iter().any(|i| &i.service == key)
+                        || restore_failed.contains_key(key);
                     if invalid_now {
-                        alloc.unassign(&key);
+                        alloc.unassign(key);
                         if !shown.is_empty() {
                             plan.service_status.push((key.clone(), Vec::new()));
                         }
@@ -409,12 +399,19 @@ impl AllocationState {
     }
 }
 
-fn alloc_keys(alloc: &Allocator) -> Vec<ServiceKey> {
-    alloc.service_keys().cloned().collect()
-}
-
-fn default_ns_labels(ns: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())])
+/// A Namespace's labels; for a Namespace not (yet) in the cache, the one label the API
+/// server always sets.
+fn labels_of<'a>(
+    ns_labels: &'a BTreeMap<String, BTreeMap<String, String>>,
+    ns: &str,
+) -> Cow<'a, BTreeMap<String, String>> {
+    match ns_labels.get(ns) {
+        Some(l) => Cow::Borrowed(l),
+        None => Cow::Owned(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_string(),
+            ns.to_string(),
+        )])),
+    }
 }
 
 fn join_ips(ips: &[IpAddr]) -> String {

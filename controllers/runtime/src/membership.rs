@@ -2,8 +2,9 @@
 //! L2 announcer keeps working (and fails over) while the API server is slow or gone.
 //!
 //! ```text
-//!   every `interval` (200 ms):  agent ──UDP "alive <node> <incarnation> <seq>"──► every peer
-//!   peer heard within `timeout` (1 s)  ⇒ alive;  "leave" on shutdown ⇒ dead at once
+//!   every `interval` (200 ms):  agent ──UDP "join|alive <node> <incarnation>"──► every peer
+//!   peer heard "alive" within `timeout` (1 s)  ⇒ alive;  "leave" on shutdown ⇒ dead at once
+//!   "join": heard, but not announcing yet (warming up) ⇒ not alive for the election
 //!   peers = InternalIPs of the Nodes in the cache (kept through API outages)
 //! ```
 //!
@@ -16,7 +17,14 @@
 //!
 //! Start-up: an agent answers nothing until it has known its peers (from the listed Nodes) and
 //! listened to them for one `timeout` (warm-up), so a restarting agent cannot believe it is
-//! alone and briefly announce everybody's IPs.
+//! alone and briefly announce everybody's IPs. While warming up it says "join", not "alive":
+//! peers must not count it for the election yet, or they would drop the IPs it wins a whole
+//! warm-up before it answers for them (a ~1.2 s hole on every agent restart, measured by
+//! `tests/l2_failover.rs`). Once warmed up it says "alive", and only after a further
+//! `2 × interval` (the hand-over hold: time for peers to hear it, even with one datagram lost,
+//! and to stop answering) does it count itself alive and announce. Peers re-evaluate as soon
+//! as a datagram changes who is alive, not at their next tick. A "join" of a new incarnation
+//! also retires the old one at once (a crashed agent restarted within the timeout).
 //! Split brain: when the LAN partitions, each side sees the other side dead and elects among
 //! its own members, so an IP may be announced on both sides — each side's clients reach one
 //! node, which is the best a partitioned L2 segment allows. Datagrams carry a cluster tag;
@@ -66,12 +74,33 @@ pub struct Live {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Msg {
-    Alive { node: String, incarnation: u64 },
-    Leave { node: String, incarnation: u64 },
+    /// Heard, warming up: not alive for the election yet. (Agents that predate this message
+    /// ignore it, i.e. treat a warming-up agent as silent, which is what it should be.)
+    Join {
+        node: String,
+        incarnation: u64,
+    },
+    Alive {
+        node: String,
+        incarnation: u64,
+    },
+    Leave {
+        node: String,
+        incarnation: u64,
+    },
+}
+
+impl Msg {
+    fn node(&self) -> &str {
+        match self {
+            Msg::Join { node, .. } | Msg::Alive { node, .. } | Msg::Leave { node, .. } => node,
+        }
+    }
 }
 
 fn encode(tag: &str, msg: &Msg) -> Vec<u8> {
     match msg {
+        Msg::Join { node, incarnation } => format!("PAL1 {tag} join {node} {incarnation}"),
         Msg::Alive { node, incarnation } => format!("PAL1 {tag} alive {node} {incarnation}"),
         Msg::Leave { node, incarnation } => format!("PAL1 {tag} leave {node} {incarnation}"),
     }
@@ -91,42 +120,75 @@ fn decode(tag: &str, data: &[u8]) -> Option<Msg> {
         return None;
     }
     match kind {
+        "join" => Some(Msg::Join { node, incarnation }),
         "alive" => Some(Msg::Alive { node, incarnation }),
         "leave" => Some(Msg::Leave { node, incarnation }),
         _ => None,
     }
 }
 
+/// When a peer was last heard, its incarnation, and whether it was announcing ("alive")
+/// rather than warming up ("join").
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: Instant,
+    incarnation: u64,
+    ready: bool,
+}
+
 /// Pure bookkeeping of who was heard when (tested with explicit instants).
 #[derive(Debug, Default)]
 pub struct Table {
-    last_seen: BTreeMap<String, (Instant, u64)>,
+    last_seen: BTreeMap<String, Seen>,
     left: BTreeMap<String, u64>,
 }
 
 impl Table {
-    fn heard(&mut self, msg: Msg, now: Instant) {
-        match msg {
-            Msg::Alive { node, incarnation } => {
-                // A "leave" is final for that incarnation; a restarted agent has a new one.
-                if self.left.get(&node).is_some_and(|i| *i >= incarnation) {
-                    return;
-                }
-                self.left.remove(&node);
-                self.last_seen.insert(node, (now, incarnation));
-            }
+    /// Records a datagram. Returns true when it may have changed who is alive (a peer became
+    /// ready, came back after `timeout` of silence, left, or was replaced by a new
+    /// incarnation), so the caller re-evaluates at once.
+    fn heard(&mut self, msg: Msg, now: Instant, timeout: Duration) -> bool {
+        let (node, incarnation, ready) = match msg {
             Msg::Leave { node, incarnation } => {
-                self.last_seen.remove(&node);
+                let was = self.last_seen.remove(&node).is_some_and(|s| s.ready);
                 self.left.insert(node, incarnation);
+                return was;
             }
+            Msg::Join { node, incarnation } => (node, incarnation, false),
+            Msg::Alive { node, incarnation } => (node, incarnation, true),
+        };
+        // A "leave" is final for that incarnation; a restarted agent has a new one.
+        if self.left.get(&node).is_some_and(|i| *i >= incarnation) {
+            return false;
         }
+        let prev = self.last_seen.get(&node).copied();
+        // Late datagrams of an older incarnation say nothing about the current one.
+        if prev.is_some_and(|p| p.incarnation > incarnation) {
+            return false;
+        }
+        self.left.remove(&node);
+        // Within one incarnation "ready" only goes up (a reordered "join" cannot undo "alive").
+        let ready = ready || prev.is_some_and(|p| p.incarnation == incarnation && p.ready);
+        self.last_seen.insert(
+            node,
+            Seen {
+                at: now,
+                incarnation,
+                ready,
+            },
+        );
+        prev.is_none_or(|p| {
+            p.ready != ready
+                || p.incarnation != incarnation
+                || (ready && now.saturating_duration_since(p.at) >= timeout)
+        })
     }
 
     fn alive(&self, me: &str, now: Instant, timeout: Duration) -> BTreeSet<String> {
         let mut out: BTreeSet<String> = self
             .last_seen
             .iter()
-            .filter(|(_, (t, _))| now.saturating_duration_since(*t) < timeout)
+            .filter(|(_, s)| s.ready && now.saturating_duration_since(s.at) < timeout)
             .map(|(n, _)| n.clone())
             .collect();
         out.insert(me.to_string());
@@ -136,7 +198,8 @@ impl Table {
 
 /// Runs the membership until `shutdown`; peers' addresses come from `peers` (updated by the
 /// caller from the Node cache; `None` until the Nodes have been listed). Returns the
-/// live-set receiver. The warm-up starts when the peers are first known.
+/// live-set receiver. The warm-up starts when the peers are first known; see the module docs
+/// for "join", "alive" and the hand-over hold.
 pub async fn start(
     settings: MembershipSettings,
     peers: watch::Receiver<Option<BTreeSet<IpAddr>>>,
@@ -149,14 +212,21 @@ pub async fn start(
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
     let table = Arc::new(Mutex::new(Table::default()));
+    // Datagrams that change who is alive wake the evaluator at once.
+    let changed = Arc::new(tokio::sync::Notify::new());
     let mut peers_known_at: Option<Instant> = None;
+    // When this agent started saying "alive" (warm-up over).
+    let mut ready_at: Option<Instant> = None;
+    let hold = settings.interval * 2;
 
     // Receiver.
     {
         let socket = socket.clone();
         let table = table.clone();
+        let changed = changed.clone();
         let tag = settings.cluster_tag.clone();
         let me = settings.node_name.clone();
+        let timeout = settings.timeout;
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 512];
@@ -167,10 +237,13 @@ pub async fn start(
                 };
                 let Ok((n, _from)) = r else { continue };
                 if let Some(msg) = decode(&tag, &buf[..n]) {
-                    let is_me = matches!(&msg, Msg::Alive { node, .. } | Msg::Leave { node, .. } if *node == me);
-                    if !is_me {
-                        if let Ok(mut t) = table.lock() {
-                            t.heard(msg, Instant::now());
+                    if msg.node() != me {
+                        let change = table
+                            .lock()
+                            .map(|mut t| t.heard(msg, Instant::now(), timeout))
+                            .unwrap_or(false);
+                        if change {
+                            changed.notify_one();
                         }
                     }
                 }
@@ -180,34 +253,48 @@ pub async fn start(
 
     // Sender + evaluator.
     tokio::spawn(async move {
-        let alive_msg = encode(
+        let node = settings.node_name.clone();
+        let join_msg = encode(
             &settings.cluster_tag,
-            &Msg::Alive {
-                node: settings.node_name.clone(),
+            &Msg::Join {
+                node: node.clone(),
                 incarnation,
             },
         );
+        let alive_msg = encode(&settings.cluster_tag, &Msg::Alive { node, incarnation });
         let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let send = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let targets: Option<Vec<IpAddr>> =
-                peers.borrow().as_ref().map(|p| p.iter().copied().collect());
+                _ = tick.tick() => true,
+                _ = changed.notified() => false,
+            };
             let now = Instant::now();
-            if targets.is_some() && peers_known_at.is_none() {
-                peers_known_at = Some(now);
-            }
-            for ip in targets.iter().flatten() {
-                let _ = socket
-                    .send_to(&alive_msg, SocketAddr::new(*ip, settings.peer_port))
-                    .await;
+            if send {
+                let targets: Option<Vec<IpAddr>> =
+                    peers.borrow().as_ref().map(|p| p.iter().copied().collect());
+                if targets.is_some() && peers_known_at.is_none() {
+                    peers_known_at = Some(now);
+                }
+                if ready_at.is_none()
+                    && peers_known_at.is_some_and(|t| now.duration_since(t) >= settings.timeout)
+                {
+                    ready_at = Some(now);
+                }
+                let msg = if ready_at.is_some() {
+                    &alive_msg
+                } else {
+                    &join_msg
+                };
+                for ip in targets.iter().flatten() {
+                    let _ = socket
+                        .send_to(msg, SocketAddr::new(*ip, settings.peer_port))
+                        .await;
+                }
             }
             let live = Live {
-                warmed_up: peers_known_at
-                    .is_some_and(|t| now.duration_since(t) >= settings.timeout),
+                warmed_up: ready_at.is_some_and(|t| now.duration_since(t) >= hold),
                 nodes: table
                     .lock()
                     .map(|t| t.alive(&settings.node_name, now, settings.timeout))
@@ -260,6 +347,12 @@ mod tests {
             incarnation: 42,
         };
         assert_eq!(decode("c", &encode("c", &m)), Some(m));
+        let j = Msg::Join {
+            node: "node-2".into(),
+            incarnation: 7,
+        };
+        assert_eq!(encode("c", &j), b"PAL1 c join node-2 7");
+        assert_eq!(decode("c", &encode("c", &j)), Some(j));
         assert_eq!(
             decode(
                 "other",
@@ -297,6 +390,7 @@ mod tests {
                 incarnation: 1,
             },
             t0,
+            timeout,
         );
         t.heard(
             Msg::Alive {
@@ -304,6 +398,7 @@ mod tests {
                 incarnation: 1,
             },
             t0,
+            timeout,
         );
         let names = |s: BTreeSet<String>| s.into_iter().collect::<Vec<_>>();
         assert_eq!(names(t.alive("a", t0, timeout)), ["a", "b", "c"]);
@@ -314,6 +409,7 @@ mod tests {
                 incarnation: 1,
             },
             t0 + Duration::from_millis(900),
+            timeout,
         );
         assert_eq!(
             names(t.alive("a", t0 + Duration::from_millis(1100), timeout)),
@@ -326,6 +422,7 @@ mod tests {
                 incarnation: 1,
             },
             t0 + Duration::from_millis(1200),
+            timeout,
         );
         t.heard(
             Msg::Alive {
@@ -333,6 +430,7 @@ mod tests {
                 incarnation: 1,
             },
             t0 + Duration::from_millis(1250),
+            timeout,
         );
         assert_eq!(
             names(t.alive("a", t0 + Duration::from_millis(1300), timeout)),
@@ -345,11 +443,146 @@ mod tests {
                 incarnation: 2,
             },
             t0 + Duration::from_millis(1400),
+            timeout,
         );
         assert_eq!(
             names(t.alive("a", t0 + Duration::from_millis(1500), timeout)),
             ["a", "c"]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn joining_peers_are_not_alive_until_they_say_so() {
+        let mut t = Table::default();
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(1);
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let names = |s: BTreeSet<String>| s.into_iter().collect::<Vec<_>>();
+        let join = |inc| Msg::Join {
+            node: "b".into(),
+            incarnation: inc,
+        };
+        let alive = |inc| Msg::Alive {
+            node: "b".into(),
+            incarnation: inc,
+        };
+        // Warming up: heard, not alive; repeated joins change nothing.
+        assert!(t.heard(join(1), t0, timeout));
+        assert!(!t.heard(join(1), ms(200), timeout));
+        assert_eq!(names(t.alive("a", ms(300), timeout)), ["a"]);
+        // Ready: alive, and the caller is told to re-evaluate at once.
+        assert!(t.heard(alive(1), ms(400), timeout));
+        assert!(!t.heard(alive(1), ms(600), timeout));
+        assert_eq!(names(t.alive("a", ms(700), timeout)), ["a", "b"]);
+        // A reordered join of the same incarnation does not undo "alive".
+        assert!(!t.heard(join(1), ms(650), timeout));
+        assert_eq!(names(t.alive("a", ms(700), timeout)), ["a", "b"]);
+        // b crashes and restarts within the timeout: its new incarnation's join retires the
+        // old one at once, and late datagrams of the old one are ignored.
+        assert!(t.heard(join(2), ms(800), timeout));
+        assert_eq!(names(t.alive("a", ms(810), timeout)), ["a"]);
+        assert!(!t.heard(alive(1), ms(820), timeout));
+        assert_eq!(names(t.alive("a", ms(830), timeout)), ["a"]);
+        assert!(t.heard(alive(2), ms(1900), timeout));
+        assert_eq!(names(t.alive("a", ms(2000), timeout)), ["a", "b"]);
+        // Leave of a ready peer changes the set; of an unknown one it does not.
+        assert!(t.heard(
+            Msg::Leave {
+                node: "b".into(),
+                incarnation: 2
+            },
+            ms(2100),
+            timeout
+        ));
+        assert!(!t.heard(
+            Msg::Leave {
+                node: "z".into(),
+                incarnation: 1
+            },
+            ms(2100),
+            timeout
+        ));
+        assert_eq!(names(t.alive("a", ms(2200), timeout)), ["a"]);
+        // A ready peer heard again after a timeout of silence (a healed link) is news too.
+        assert!(t.heard(alive(3), ms(2300), timeout));
+        assert!(!t.heard(alive(3), ms(2400), timeout));
+        assert_eq!(names(t.alive("a", ms(3500), timeout)), ["a"]);
+        assert!(t.heard(alive(3), ms(3500), timeout));
+        assert_eq!(names(t.alive("a", ms(3500), timeout)), ["a", "b"]);
+    }
+
+    /// The hand-over on restart: a peer counts the newcomer alive (and so stops answering for
+    /// the newcomer's IPs) before the newcomer counts itself (and starts answering).
+    #[tokio::test]
+    async fn a_restarting_agent_is_counted_by_peers_before_it_announces() {
+        let shutdown = CancellationToken::new();
+        let port = |_| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (pa, pb) = (port(0), port(1));
+        let mk = |name: &str, bind: u16, peer: u16| {
+            let mut s = MembershipSettings::new(name, peer);
+            s.bind = SocketAddr::from(([127, 0, 0, 1], bind));
+            s.interval = Duration::from_millis(50);
+            s.timeout = Duration::from_millis(300);
+            s
+        };
+        let loopback: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
+        let (_ptx, prx) = watch::channel(Some(loopback));
+        let mut a = start(mk("a", pa, pb), prx.clone(), shutdown.clone())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !a.borrow_and_update().warmed_up {
+                a.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("a warms up alone");
+        let b_started = std::time::Instant::now();
+        let mut b = start(mk("b", pb, pa), prx, shutdown.clone()).await.unwrap();
+        let watch_a = async {
+            loop {
+                if a.borrow_and_update().nodes.contains("b") {
+                    return std::time::Instant::now();
+                }
+                a.changed().await.unwrap();
+            }
+        };
+        let watch_b = async {
+            loop {
+                let l = b.borrow_and_update().clone();
+                if l.warmed_up {
+                    return (std::time::Instant::now(), l);
+                }
+                b.changed().await.unwrap();
+            }
+        };
+        let (a_counts_b, (b_announces, b_view)) =
+            tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(watch_a, watch_b)
+            })
+            .await
+            .expect("both converge");
+        // Not during b's warm-up (300 ms) ...
+        assert!(
+            a_counts_b - b_started >= Duration::from_millis(300),
+            "a counted b {:?} after b started, during its warm-up",
+            a_counts_b - b_started
+        );
+        // ... and before b announces anything, by most of the 100 ms hold.
+        assert!(
+            a_counts_b + Duration::from_millis(50) <= b_announces,
+            "a counted b at {:?}, b announced at {:?}",
+            a_counts_b - b_started,
+            b_announces - b_started
+        );
+        assert!(b_view.nodes.contains("a"), "b heard a while warming up");
+        shutdown.cancel();
     }
 
     #[tokio::test]
