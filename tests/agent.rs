@@ -251,3 +251,37 @@ fn malformed_ip_address_pool_is_reported_and_skipped() {
         .as_array()
         .is_none_or(|c| !c.iter().any(|c| c["reason"] == "MalformedObject")));
 }
+
+#[test]
+fn a_list_that_keeps_failing_backs_off_and_is_not_reported_as_recovered() {
+    let api = Api::start();
+    // A Service that does not decode (the test API server validates nothing): every list of
+    // Services fails in the client, like a 403 or a removed CRD would.
+    api.server
+        .store()
+        .put_object(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "broken", "namespace": "default"},
+            "spec": {"ports": "not-a-list"}
+        }))
+        .unwrap();
+    let dir = TempDir::new("agent-backoff");
+    let kc = api.kubeconfig(&dir);
+    api.server.clear_request_log();
+    let agent = lb_agent("node-a", &kc, &dir);
+    std::thread::sleep(Duration::from_secs(6));
+    let lists = api.server.count_requests("list", "services");
+    // Exponential backoff from 250 ms (with jitter): about 5 attempts in 6 s; without it, ~18.
+    assert!(
+        (2..=10).contains(&lists),
+        "{lists} lists of services in 6 s:\n{}",
+        agent.logs()
+    );
+    let logs = agent.logs();
+    assert!(logs.contains("watch failed"), "{logs}");
+    assert!(
+        !logs.contains("watch recovered"),
+        "false recovery reported:\n{logs}"
+    );
+    assert_eq!(agent.get("/readyz").map(|r| r.0), Some(503));
+}

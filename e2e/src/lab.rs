@@ -21,12 +21,12 @@
 //!   veth. Pod traffic therefore crosses the node's `FORWARD` chain, and pod→node traffic its
 //!   `INPUT` chain.
 //! - Nodes route each other's pod /24 via the LAN; the client (and any other LAN host, e.g. a
-//!   future `control-plane` for the test API server, [`Lab::add_lan_host`]) routes every pod
+//!   `cp` host of the test API server, [`Lab::add_lan_host`]) routes every pod
 //!   /24 via its node.
 //! - Every pod runs in-process servers (TCP/UDP on [`LabSpec::ports`], SCTP INIT receiver).
 //! - [`Lab`] tears everything down on drop (also when a test panics); namespaces that a killed
 //!   test run left behind are removed by the next lab (see [`cleanup_stale`]).
-//! - Processes (the `palisade` CLI today; agents, the test API server later) start inside any
+//! - Processes (the `palisade` CLI, agents — see `lab_cluster`) start inside any
 //!   lab namespace with [`Lab::spawn_in`] and are killed on drop.
 
 use std::collections::HashMap;
@@ -171,6 +171,8 @@ pub struct Lab {
     created: Vec<String>,
     servers: HashMap<String, Servers>,
     logs: HashMap<Ipv4Addr, Arc<ServerLog>>,
+    /// Pod namespace → the node-side veth of that pod.
+    veths: HashMap<String, String>,
     tmp: PathBuf,
     probe_timeout: Duration,
 }
@@ -216,10 +218,33 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        kill_processes_in(&name);
         netns::delete(&name)?;
         removed.push(name);
     }
     Ok(removed)
+}
+
+/// SIGKILLs whatever still runs in the lab namespace `name` (agents a killed lab run left
+/// behind would otherwise keep the namespace alive after its file is removed). Best effort.
+fn kill_processes_in(name: &str) {
+    let me = std::process::id();
+    for _ in 0..50 {
+        let pids: Vec<u32> = netns::pids(name)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&p| p != me)
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Removes every lab namespace (`pl<pid><letters>-...`), also those of labs still running.
@@ -228,10 +253,50 @@ pub fn cleanup_all() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for name in netns::list()? {
         if parse_lab_name(&name).is_some() {
+            kill_processes_in(&name);
             netns::delete(&name)?;
             removed.push(name);
         }
     }
+    Ok(removed)
+}
+
+/// Kills every process in, and removes, every lab namespace this process created (all its
+/// labs), and their scratch directories: the emergency exit on a signal. Returns the names
+/// removed.
+pub fn cleanup_own() -> Result<Vec<String>> {
+    let me = std::process::id();
+    let mut prefixes = std::collections::BTreeSet::new();
+    for name in netns::list()? {
+        if let Some((prefix, pid)) = parse_lab_name(&name) {
+            if pid == me {
+                prefixes.insert(prefix.to_string());
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for prefix in prefixes {
+        removed.extend(cleanup_prefix(&prefix)?);
+    }
+    Ok(removed)
+}
+
+/// Kills every process in, and removes, the namespaces of the lab `prefix` and its scratch
+/// directory: the emergency exit of a lab whose owner cannot tear it down (a signal arrived
+/// in the middle of something). Returns the names removed.
+pub fn cleanup_prefix(prefix: &str) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    // Twice: a namespace being created while the first round ran is caught by the second.
+    for _ in 0..2 {
+        for name in leftovers(prefix)? {
+            kill_processes_in(&name);
+            netns::delete(&name)?;
+            removed.push(name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tmp = std::env::temp_dir().join(format!("palisade-lab-{prefix}"));
+    let _ = std::fs::remove_dir_all(tmp);
     Ok(removed)
 }
 
@@ -291,6 +356,7 @@ impl Lab {
             created: Vec::new(),
             servers: HashMap::new(),
             logs: HashMap::new(),
+            veths: HashMap::new(),
             tmp,
             probe_timeout,
         };
@@ -543,9 +609,11 @@ impl Lab {
                     pod.netns
                 ),
                 format!("link set {veth} up"),
-                format!("route add {ip}/32 dev {veth}"),
+                // `replace`: a route of a just-removed pod with this address may linger.
+                format!("route replace {ip}/32 dev {veth}"),
             ],
         )?;
+        self.veths.insert(pod.netns.clone(), veth.clone());
         netns::ip_batch(
             &pod.netns,
             &[
@@ -574,6 +642,13 @@ impl Lab {
             servers.stop();
         }
         self.logs.remove(&pod.ip);
+        // Deleting the node's end first removes the veth pair and the route to the pod now;
+        // a namespace is freed asynchronously, and its address may be reused at once.
+        if let Some(veth) = self.veths.remove(&pod.netns) {
+            if let Ok(node) = self.node(pod.node) {
+                let _ = netns::ip_in(&node.netns, &["link", "del", &veth]);
+            }
+        }
         netns::delete(&pod.netns)?;
         self.created.retain(|n| n != &pod.netns);
         self.pods.retain(|p| p != &pod);
@@ -655,7 +730,9 @@ impl Lab {
         self.probe_timeout
     }
 
-    fn job(&self, from: &Endpoint, to: &Endpoint, port: u16, protocol: Protocol) -> Job {
+    /// The probe job for one (from, to) pair (its destination's server log attached), to run
+    /// with [`probe::run_all`] outside any lock on the lab.
+    pub fn job(&self, from: &Endpoint, to: &Endpoint, port: u16, protocol: Protocol) -> Job {
         Job {
             from_netns: from.netns.clone(),
             to_ip: to.ip,

@@ -3,6 +3,14 @@
 //! ```text
 //!   lab ──┬─ netns     named namespaces, `ip -n`, per-thread setns (root netns never touched)
 //!         ├─ lab       LAN bridge, nodes, client, pods; Drop tears it all down
+//!         ├─ api       control plane: the test API server inside a lab netns (or a relay to a
+//!         │            real cluster) and a blocking JSON client
+//!         ├─ kubelet   the lab plays kubelet, the EndpointSlice controller and kube-proxy
+//!         ├─ lab_cluster  lab + control plane + kubelet + one real `palisade agent` per node
+//!         ├─ cluster   the `Cluster` trait the e2e scenarios are written against
+//!         ├─ scenarios the e2e scenarios (tests/e2e_*.rs run them)
+//!         ├─ kind      the same trait over kubectl/docker against a kind cluster
+//!         ├─ demo      `palisade-lab demo`
 //!         ├─ server    in-process TCP/UDP/SCTP-INIT servers per endpoint, with a log
 //!         ├─ probe     parallel TCP/UDP/SCTP probes from any namespace
 //!         ├─ sctp      hand-built INIT packets (no kernel SCTP needed)
@@ -11,7 +19,7 @@
 //!         ├─ k8s       Kubernetes manifests (Nodes, Namespaces, Pods) written from the lab
 //!         └─ netpol    the upstream-style x/y/z × a/b/c NetworkPolicy harness
 //!
-//!   bin/palisade-lab   `up` (a lab for people, until Ctrl-C), `clean` (leftovers of killed runs)
+//!   bin/palisade-lab   `demo`, `up` (a cluster for people, until Ctrl-C), `clean` (leftovers)
 //! ```
 //!
 //! Lab tests need root. Call [`lab_ready`] first: it prints `skipped: ...` and returns false
@@ -19,17 +27,26 @@
 //! when a tool is missing.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cluster;
+pub mod demo;
 pub mod k8s;
+pub mod kind;
+pub mod kubelet;
 pub mod lab;
+pub mod lab_cluster;
 pub mod matrix;
 pub mod netns;
 pub mod netpol;
 pub mod probe;
 pub mod process;
+pub mod scenarios;
 pub mod sctp;
 pub mod server;
 
+pub use cluster::{ApiOutage, Cluster, Peer};
 pub use lab::{Endpoint, Lab, LabSpec, NodeHandle, PodHandle};
+pub use lab_cluster::{LabCluster, LabClusterSpec};
 pub use matrix::Matrix;
 pub use probe::Outcome;
 pub use process::LabProcess;

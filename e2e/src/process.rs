@@ -1,5 +1,5 @@
-//! Processes the lab starts inside its namespaces (the `palisade` CLI, later agents and the
-//! test API server). A [`LabProcess`] is killed when dropped; its output goes to a log file so
+//! Processes the lab starts inside its namespaces (the `palisade` CLI, agents and the like).
+//! A [`LabProcess`] is killed when dropped; its output goes to a log file so
 //! a long-running daemon never blocks on a full pipe and a failing test can print what it said.
 
 use std::fs::File;

@@ -24,6 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, ExponentialBackoff};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -301,14 +302,18 @@ impl Ctx {
         let shutdown = self.shutdown.clone();
         // Short, jittered backoff: after an outage we want fresh state quickly; the store
         // keeps serving the last known objects meanwhile.
-        let backoff = ExponentialBackoff::from(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(250))
-                .with_max_delay(self.backoff_max)
-                .with_factor(2.0)
-                .with_jitter()
-                .without_max_times(),
-        );
+        let healthy = Arc::new(AtomicBool::new(true));
+        let backoff = HealthGatedBackoff {
+            inner: ExponentialBackoff::from(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(250))
+                    .with_max_delay(self.backoff_max)
+                    .with_factor(2.0)
+                    .with_jitter()
+                    .without_max_times(),
+            ),
+            healthy: healthy.clone(),
+        };
         let stream = watcher::watcher(api, watcher::Config::default())
             .backoff(backoff)
             .reflect(writer);
@@ -330,9 +335,16 @@ impl Ctx {
                 match item {
                     None => break,
                     Some(Ok(ev)) => {
-                        if failing {
-                            tracing::info!(resource = name, "watch recovered");
-                            failing = false;
+                        // `Init`/`InitApply` come before a list has succeeded (kube's watcher
+                        // emits `Init` before every attempt): not a recovery yet.
+                        let settled =
+                            !matches!(ev, watcher::Event::Init | watcher::Event::InitApply(_));
+                        if settled {
+                            healthy.store(true, Ordering::SeqCst);
+                            if failing {
+                                tracing::info!(resource = name, "watch recovered");
+                                failing = false;
+                            }
                         }
                         metrics
                             .watch_events
@@ -345,6 +357,7 @@ impl Ctx {
                         }
                     }
                     Some(Err(e)) => {
+                        healthy.store(false, Ordering::SeqCst);
                         metrics
                             .watch_errors
                             .get_or_create(&labels1("resource", name))
@@ -361,6 +374,31 @@ impl Ctx {
             }
         });
         reader
+    }
+}
+
+/// The watcher's backoff, reset only once the watch is healthy again. kube's `StreamBackoff`
+/// resets on every `Ok` item, and the watcher yields `Ok(Init)` before each list attempt, so
+/// a list that keeps failing (403, an object that does not decode) would otherwise be retried
+/// at the minimum delay forever.
+struct HealthGatedBackoff {
+    inner: ExponentialBackoff,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Iterator for HealthGatedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.inner.next()
+    }
+}
+
+impl Backoff for HealthGatedBackoff {
+    fn reset(&mut self) {
+        if self.healthy.load(Ordering::SeqCst) {
+            self.inner.reset();
+        }
     }
 }
 
