@@ -26,7 +26,7 @@ use palisade_loadbalancer::announce::{
 use palisade_loadbalancer::pool::Pool;
 use palisade_loadbalancer::service::{is_ours, service_key, status_ips};
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement, L2AdvertisementSpec};
-use palisade_speaker::{Announcer, Owned};
+use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -204,7 +204,60 @@ pub struct AnnouncerReconciler {
 
 #[derive(Default)]
 struct AnnState {
+    /// What the speaker was last told. The speaker keeps a desired set even when it could not
+    /// apply all of it (an interface down), so this is the set it works from, not merely the
+    /// last one that applied cleanly.
     owned: Owned,
+    /// The last `set_owned` failed outright (speaker stopped or timed out): its state is
+    /// unknown, so the next pass sends the desired set even if it looks unchanged.
+    resend: bool,
+}
+
+/// What telling the speaker achieved.
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    /// Nothing to tell.
+    Unchanged,
+    /// The speaker took the set (possibly with problems it retries by itself, see
+    /// [`apply`]).
+    Told,
+    /// The speaker did not take it; retry with backoff.
+    Failed,
+}
+
+/// Hands `owned` to the speaker if it differs from what the speaker was last told (or the
+/// last attempt failed outright), and records what the speaker now holds.
+///
+/// An incomplete apply ([`SpeakerError::Incomplete`]: an interface down or missing, no
+/// route yet) is not a failure here: the speaker applied everything else, keeps the full
+/// desired set and retries the rest on its own every second (announcing an interface once it
+/// comes up). Treating it as a failure used to have two effects: the sync loop backed off
+/// (up to 30 s, ignoring membership changes meanwhile, so failover on this node stalled
+/// behind one bad interface), and the recorded state stayed at the last clean set while the
+/// speaker held the new one — when the desired set went back to the recorded one (a healed
+/// partition), the speaker was never told and kept answering for other nodes' IPs.
+fn apply(speaker: &dyn Announcer, st: &mut AnnState, owned: &Owned) -> Applied {
+    if *owned == st.owned && !st.resend {
+        return Applied::Unchanged;
+    }
+    match speaker.set_owned(owned.clone()) {
+        Ok(()) => {}
+        Err(SpeakerError::Incomplete(problems)) => {
+            // The speaker logs each problem when it changes.
+            tracing::debug!(
+                problems = problems.len(),
+                "speaker applied the announcements it could; it retries the rest by itself"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "speaker did not take the announcements; retrying");
+            st.resend = true;
+            return Applied::Failed;
+        }
+    }
+    st.owned = owned.clone();
+    st.resend = false;
+    Applied::Told
 }
 
 impl AnnouncerReconciler {
@@ -311,21 +364,27 @@ impl AnnouncerReconciler {
             .filter(|ip| !owned.contains_key(ip))
             .copied()
             .collect();
-        let mut failed = false;
-        if owned != st.owned {
-            let speaker = self.speaker.clone();
-            let desired = owned.clone();
-            match tokio::task::spawn_blocking(move || speaker.set_owned(desired)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "speaker could not apply every announcement; retrying");
-                    failed = true;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "speaker task died");
-                    failed = true;
-                }
+        // `apply` runs on the blocking pool (set_owned waits for the speaker's thread); the
+        // state goes there and back with it.
+        let speaker = self.speaker.clone();
+        let mut state = std::mem::take(st);
+        let desired = owned.clone();
+        let (state, applied) = match tokio::task::spawn_blocking(move || {
+            let applied = apply(speaker.as_ref(), &mut state, &desired);
+            (state, applied)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "speaker task died");
+                // The state went down with the task: make the retry tell the speaker again.
+                st.resend = true;
+                return Err(());
             }
+        };
+        *st = state;
+        if applied == Applied::Told {
             for ip in &lost {
                 tracing::info!(%ip, "stopped announcing");
             }
@@ -353,11 +412,8 @@ impl AnnouncerReconciler {
                     )
                     .await;
             }
-            if !failed {
-                st.owned = owned;
-            }
         }
-        if failed {
+        if applied == Applied::Failed {
             Err(())
         } else {
             Ok(())
@@ -507,6 +563,85 @@ mod tests {
         assert_eq!(o.values().next().unwrap(), &vec!["n2".to_string()]);
         // No ready endpoint anywhere: no announcement (traffic would be dropped anyway).
         assert!(owners(&local, &ads, &["n1", "n2", "n3"], &[]).is_empty());
+    }
+
+    /// A speaker that answers each `set_owned` with the next scripted result and records the
+    /// sets it was given.
+    struct Scripted {
+        results: std::sync::Mutex<Vec<Result<(), SpeakerError>>>,
+        calls: std::sync::Mutex<Vec<Owned>>,
+    }
+
+    impl Scripted {
+        fn new(mut results: Vec<Result<(), SpeakerError>>) -> Self {
+            results.reverse();
+            Scripted {
+                results: std::sync::Mutex::new(results),
+                calls: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+        fn calls(&self) -> Vec<Owned> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Announcer for Scripted {
+        fn set_owned(&self, owned: Owned) -> Result<(), SpeakerError> {
+            self.calls.lock().unwrap().push(owned);
+            self.results.lock().unwrap().pop().unwrap_or(Ok(()))
+        }
+        fn stats(&self) -> palisade_speaker::SpeakerStats {
+            Default::default()
+        }
+    }
+
+    fn set(ips: &[&str]) -> Owned {
+        ips.iter()
+            .map(|ip| (ip.parse().unwrap(), vec!["eth0".to_string()]))
+            .collect()
+    }
+
+    /// A healed partition: while the link was down the node won every IP (the speaker could
+    /// not open eth0: Incomplete), then it goes back to its own IP. The speaker must be told,
+    /// or it keeps answering for the other nodes' IPs (seen in tests/l2_failover_bench.rs).
+    #[test]
+    fn incomplete_applies_are_recorded_and_do_not_back_off() {
+        let down = || {
+            Err(SpeakerError::Incomplete(vec![SpeakerError::InterfaceDown(
+                "eth0".into(),
+            )]))
+        };
+        let speaker = Scripted::new(vec![Ok(()), down(), Ok(())]);
+        let mut st = AnnState::default();
+        let mine = set(&["198.51.100.200"]);
+        let all = set(&["198.51.100.200", "198.51.100.201", "198.51.100.202"]);
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Unchanged);
+        // Link down, peers gone: everything, incompletely. Not a failure (no backoff: the
+        // next membership change is acted on at once), and recorded as told.
+        assert_eq!(apply(&speaker, &mut st, &all), Applied::Told);
+        assert_eq!(apply(&speaker, &mut st, &all), Applied::Unchanged);
+        // Healed: back to the node's own IP — the speaker hears about it.
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
+        assert_eq!(
+            speaker.calls(),
+            vec![mine.clone(), all.clone(), mine.clone()]
+        );
+    }
+
+    #[test]
+    fn outright_failures_are_retried_even_when_nothing_changed() {
+        let speaker = Scripted::new(vec![
+            Err(SpeakerError::Timeout(std::time::Duration::from_secs(10))),
+            Ok(()),
+        ]);
+        let mut st = AnnState::default();
+        let mine = set(&["198.51.100.200"]);
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Failed);
+        // The retry sends the same set again (the speaker's state is unknown).
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
+        assert_eq!(apply(&speaker, &mut st, &mine), Applied::Unchanged);
+        assert_eq!(speaker.calls(), vec![mine.clone(), mine]);
     }
 
     #[test]
