@@ -528,3 +528,42 @@ fn real_packets_follow_the_policy() {
     );
     drop(servers);
 }
+
+#[test]
+fn ten_thousand_ip_block_excepts_apply_to_the_kernel() {
+    skip_unless_root!();
+    let ns = Netns::create("pal-dp-exc").expect("netns");
+    let exec = KernelExecutor::detect_in_netns(ns.name(), "auto").expect("detect");
+    let excepts: Vec<String> = (0..10_000u32)
+        .map(|i| format!("10.100.{}.{}/30", i / 64, (i % 64) * 4))
+        .collect();
+    let p = payload(
+        base_pods(),
+        vec![mk_policy(
+            "a",
+            "many-excepts",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [
+                {"ipBlock": {"cidr": "10.0.0.0/8", "except": excepts}}
+            ]}]}),
+        )],
+    );
+    let r = exec.apply(&p).expect("apply 10,000 excepts");
+    assert!(r.changed && r.verified, "{r:?}");
+    // The kernel holds the set with every nomatch entry.
+    let set = p
+        .set_specs
+        .iter()
+        .find(|s| s.members.len() == 10_001)
+        .expect("the except set");
+    let listed = ns.exec("ipset", &["list", &set.name]).expect("ipset list");
+    let nomatch = listed.lines().filter(|l| l.ends_with("nomatch")).count();
+    assert_eq!(
+        nomatch,
+        10_000,
+        "kernel set:\n{}",
+        &listed[..listed.len().min(2000)]
+    );
+    // And a re-apply is a no-op.
+    let r = exec.apply(&p).expect("re-apply");
+    assert!(!r.changed, "{r:?}");
+}

@@ -895,3 +895,44 @@ fn print_realistic() {
         println!("{d}");
     }
 }
+
+#[test]
+fn ten_thousand_ip_block_excepts_compile_into_one_set() {
+    // 10.0.0.0/8 except 10,000 /30s (10.100.x.y/30): every except becomes a `nomatch`
+    // member of one hash:net set, the rule count does not grow with them.
+    let excepts: Vec<String> = (0..10_000u32)
+        .map(|i| format!("10.100.{}.{}/30", i / 64, (i % 64) * 4))
+        .collect();
+    let r = run(vec![mk_policy(
+        "shop",
+        "many-excepts",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [
+            {"ipBlock": {"cidr": "10.0.0.0/8", "except": excepts}}
+        ]}]}),
+    )]);
+    assert!(
+        r.compiled.diagnostics.is_empty(),
+        "{:?}",
+        r.compiled.diagnostics
+    );
+    let set = r
+        .payload
+        .set_specs
+        .iter()
+        .find(|s| s.identity.starts_with("block 10.0.0.0/8"))
+        .expect("block set");
+    assert_eq!(set.members.len(), 10_001);
+    assert!(
+        r.payload.stats.rules < 40,
+        "rules grew with the excepts: {}",
+        r.payload.stats.rules
+    );
+    assert_eq!(r.tcp("10.100.0.1", WEB1, 80), Drop, "first except");
+    assert_eq!(r.tcp("10.100.156.63", WEB1, 80), Drop, "last except");
+    assert_eq!(
+        r.tcp("10.100.156.64", WEB1, 80),
+        Accept,
+        "just past the last except"
+    );
+    assert_eq!(r.tcp("10.7.0.1", WEB1, 80), Accept);
+}
