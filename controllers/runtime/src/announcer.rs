@@ -14,9 +14,17 @@
 //! an API outage changes nothing: announcements continue from the last known state, and a
 //! dead agent's IPs move within the membership timeout. Until the membership has warmed up
 //! the agent announces nothing (it cannot yet know who else is alive).
+//!
+//! Two rules keep one answer per IP across link failures (see [`gate_links`] and
+//! [`apply`]): nothing is claimed on an interface that is down, or that came back up less
+//! than one membership timeout ago (the agent was cut off, believed itself alone, and must
+//! hear its peers again first); and whatever the speaker could not apply yet (an interface
+//! down) is left to the speaker's own retries — it is no reason to back off, since the next
+//! membership change must be acted on at once.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -202,6 +210,84 @@ pub struct AnnouncerReconciler {
     pub claim_unclassed: bool,
 }
 
+/// What the announcer last saw of one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkSeen {
+    Down,
+    /// Up; since when, if it was seen down before (`None`: up from the first look).
+    Up(Option<Instant>),
+}
+
+/// Interfaces the announcer may claim IPs on now: up, and — if it saw them down — up for at
+/// least `settle` (the membership timeout) since.
+///
+/// Why: an agent whose link is down hears no peer, believes it is alone and wins every IP; it
+/// cannot answer for them, but the speaker would re-announce all of them (gratuitous ARP)
+/// the moment the link came back, before the agent had heard its peers again — stealing the
+/// other nodes' IPs from their clients and answering next to their owners for a while
+/// (measured by `tests/examples/l2_failover_bench.rs`, link phase). Claims on a link are
+/// therefore held back until the agent has listened on it for one membership timeout, like
+/// the warm-up of a starting agent; while it is down nothing is claimed on it. Returns when
+/// a pass is needed even without events: when the first settling link is due, or within
+/// [`LINK_POLL`] while a link is down (it may come back without any other event).
+fn gate_links(
+    owned: &mut Owned,
+    links: &mut BTreeMap<String, LinkSeen>,
+    is_up: impl Fn(&str) -> bool,
+    now: Instant,
+    settle: Duration,
+) -> Option<Instant> {
+    let names: BTreeSet<String> = owned.values().flatten().cloned().collect();
+    let mut recheck: Option<Instant> = None;
+    let mut due = |t: Instant| recheck = Some(recheck.map_or(t, |r| r.min(t)));
+    let mut usable = BTreeSet::new();
+    for name in names {
+        let seen = if is_up(&name) {
+            match links.get(&name) {
+                None => LinkSeen::Up(None),
+                Some(LinkSeen::Down) => LinkSeen::Up(Some(now)),
+                Some(up) => *up,
+            }
+        } else {
+            LinkSeen::Down
+        };
+        links.insert(name.clone(), seen);
+        match seen {
+            LinkSeen::Up(None) => {
+                usable.insert(name);
+            }
+            LinkSeen::Up(Some(t)) if now.saturating_duration_since(t) >= settle => {
+                links.insert(name.clone(), LinkSeen::Up(None));
+                usable.insert(name);
+            }
+            LinkSeen::Up(Some(t)) => due(t + settle),
+            LinkSeen::Down => due(now + LINK_POLL),
+        }
+    }
+    owned.retain(|_, ifaces| {
+        ifaces.retain(|i| usable.contains(i));
+        !ifaces.is_empty()
+    });
+    recheck
+}
+
+/// How often a link that is down is looked at again (when nothing else causes a pass).
+const LINK_POLL: Duration = Duration::from_millis(500);
+
+/// Whether a network interface is operationally up (`/sys/class/net/<name>/operstate` is
+/// `up`, or `unknown` for drivers that do not report it). The agent runs in the node's
+/// network namespace, whose sysfs this is.
+fn link_is_up(name: &str) -> bool {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/sys/class/net/{name}/operstate")) {
+        Ok(state) => matches!(state.trim(), "up" | "unknown"),
+        // No sysfs view of it: let the speaker judge (it reports missing interfaces).
+        Err(_) => !std::path::Path::new("/sys/class/net").is_dir(),
+    }
+}
+
 #[derive(Default)]
 struct AnnState {
     /// What the speaker was last told. The speaker keeps a desired set even when it could not
@@ -211,6 +297,8 @@ struct AnnState {
     /// The last `set_owned` failed outright (speaker stopped or timed out): its state is
     /// unknown, so the next pass sends the desired set even if it looks unchanged.
     resend: bool,
+    /// Link states, see [`gate_links`].
+    links: BTreeMap<String, LinkSeen>,
 }
 
 /// What telling the speaker achieved.
@@ -286,18 +374,41 @@ impl AnnouncerReconciler {
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     last = this.update_metrics(last);
                 }
             });
         }
         let state = Arc::new(tokio::sync::Mutex::new(AnnState::default()));
+        // While a link is down or settling, passes are needed without events (see gate_links).
+        let (recheck_tx, mut recheck) = watch::channel::<Option<Instant>>(None);
+        let recheck_tx = Arc::new(recheck_tx);
+        {
+            let trigger = trigger.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let at = *recheck.borrow_and_update();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = recheck.changed() => if r.is_err() { return },
+                        _ = tokio::time::sleep_until(at.unwrap_or_else(Instant::now).into()),
+                            if at.is_some() => {
+                            trigger.poke();
+                            // Wait for the pass to set the next time (or none).
+                            if recheck.changed().await.is_err() { return }
+                        }
+                    }
+                }
+            });
+        }
         trigger.poke();
         run_sync_loop(this.settings, trigger, shutdown, |_| {
             let this = this.clone();
             let state = state.clone();
-            async move { this.pass(&mut *state.lock().await).await }
+            let recheck_tx = recheck_tx.clone();
+            async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
         })
         .await;
         // Stop answering on the way out: a successor takes over within the membership timeout
@@ -331,10 +442,14 @@ impl AnnouncerReconciler {
         });
     }
 
-    async fn pass(&self, st: &mut AnnState) -> Result<(), ()> {
+    async fn pass(
+        &self,
+        st: &mut AnnState,
+        recheck: &watch::Sender<Option<Instant>>,
+    ) -> Result<(), ()> {
         self.refresh_peers();
         let live = self.live.borrow().clone();
-        let (owned, decisions) = if live.warmed_up {
+        let (mut owned, decisions) = if live.warmed_up {
             let services = self.stores.services.state();
             let (pools, _) = typed_objects::<IPAddressPool>(&self.stores.ip_address_pools.state());
             let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
@@ -354,6 +469,14 @@ impl AnnouncerReconciler {
         } else {
             (Owned::new(), Vec::new())
         };
+        let next = gate_links(
+            &mut owned,
+            &mut st.links,
+            link_is_up,
+            Instant::now(),
+            live.timeout,
+        );
+        recheck.send_replace(next);
         let gained: Vec<&IpDecision> = decisions
             .iter()
             .filter(|d| owned.contains_key(&d.ip) && !st.owned.contains_key(&d.ip))
@@ -642,6 +765,60 @@ mod tests {
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Unchanged);
         assert_eq!(speaker.calls(), vec![mine.clone(), mine]);
+    }
+
+    #[test]
+    fn links_that_come_back_settle_before_anything_is_claimed_on_them() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let settle = Duration::from_secs(1);
+        let mut links = BTreeMap::new();
+        let want: Owned = [
+            ("198.51.100.200", vec!["eth0".to_string()]),
+            (
+                "198.51.100.201",
+                vec!["eth0".to_string(), "eth1".to_string()],
+            ),
+            ("198.51.100.202", vec!["eth1".to_string()]),
+        ]
+        .into_iter()
+        .map(|(ip, i)| (ip.parse().unwrap(), i))
+        .collect();
+        let gate = |links: &mut BTreeMap<String, LinkSeen>, eth0_up: bool, now| {
+            let mut owned = want.clone();
+            let recheck = gate_links(&mut owned, links, |i| i != "eth0" || eth0_up, now, settle);
+            let view: Vec<(String, Vec<String>)> = owned
+                .into_iter()
+                .map(|(ip, i)| (ip.to_string(), i))
+                .collect();
+            (view, recheck)
+        };
+        let full = gate(&mut links, true, t0);
+        // Up from the first look: usable at once (an agent start is not held back).
+        assert_eq!(full.1, None);
+        assert_eq!(full.0.len(), 3);
+        // eth0 down: nothing on it; .201 keeps eth1; looked at again soon.
+        let (view, recheck) = gate(&mut links, false, at(100));
+        assert_eq!(recheck, Some(at(100) + LINK_POLL));
+        assert_eq!(
+            view,
+            vec![
+                ("198.51.100.201".to_string(), vec!["eth1".to_string()]),
+                ("198.51.100.202".to_string(), vec!["eth1".to_string()]),
+            ]
+        );
+        // Back up at 3 s: still held back for the settle time, with a pass due when it ends ...
+        assert_eq!(
+            gate(&mut links, true, at(3000)),
+            (view.clone(), Some(at(4000)))
+        );
+        assert_eq!(
+            gate(&mut links, true, at(3900)),
+            (view.clone(), Some(at(4000)))
+        );
+        // ... then usable again, nothing pending.
+        assert_eq!(gate(&mut links, true, at(4000)), full);
+        assert_eq!(gate(&mut links, true, at(9000)), full);
     }
 
     #[test]

@@ -39,6 +39,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// "alive" rounds an agent sends before it counts itself alive (see the module docs).
+const HOLD_ROUNDS: u32 = 2;
+
 /// Membership settings.
 #[derive(Clone, Debug)]
 pub struct MembershipSettings {
@@ -70,6 +73,9 @@ impl MembershipSettings {
 pub struct Live {
     pub warmed_up: bool,
     pub nodes: BTreeSet<String>,
+    /// The membership timeout: how long an agent must listen to know who is alive. The
+    /// announcer waits this long after one of its links comes back before it claims IPs on it.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -215,9 +221,10 @@ pub async fn start(
     // Datagrams that change who is alive wake the evaluator at once.
     let changed = Arc::new(tokio::sync::Notify::new());
     let mut peers_known_at: Option<Instant> = None;
-    // When this agent started saying "alive" (warm-up over).
-    let mut ready_at: Option<Instant> = None;
-    let hold = settings.interval * 2;
+    // Rounds of "alive" sent so far (0 while warming up). Counted in ticks rather than
+    // measured in time: tick instants jitter by a little, and a hold of exactly 2 intervals
+    // measured against them would often cost a third.
+    let mut alive_rounds: u32 = 0;
 
     // Receiver.
     {
@@ -277,12 +284,12 @@ pub async fn start(
                 if targets.is_some() && peers_known_at.is_none() {
                     peers_known_at = Some(now);
                 }
-                if ready_at.is_none()
-                    && peers_known_at.is_some_and(|t| now.duration_since(t) >= settings.timeout)
-                {
-                    ready_at = Some(now);
-                }
-                let msg = if ready_at.is_some() {
+                // Listened for one timeout (half a tick of slack for the same jitter).
+                let warm = peers_known_at.is_some_and(|t| {
+                    now.duration_since(t) + settings.interval / 2 >= settings.timeout
+                });
+                let msg = if alive_rounds > 0 || warm {
+                    alive_rounds = alive_rounds.saturating_add(1);
                     &alive_msg
                 } else {
                     &join_msg
@@ -294,11 +301,14 @@ pub async fn start(
                 }
             }
             let live = Live {
-                warmed_up: ready_at.is_some_and(|t| now.duration_since(t) >= hold),
+                // The hand-over hold: announce from the third "alive" round on, i.e. two
+                // intervals after peers first heard it.
+                warmed_up: alive_rounds > HOLD_ROUNDS,
                 nodes: table
                     .lock()
                     .map(|t| t.alive(&settings.node_name, now, settings.timeout))
                     .unwrap_or_default(),
+                timeout: settings.timeout,
             };
             tx.send_if_modified(|cur| {
                 if *cur != live {
