@@ -34,7 +34,8 @@ fn committed_crds_match_the_rust_types() {
         generated.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
         [
             "palisade.dev_ipaddresspools.yaml",
-            "palisade.dev_l2advertisements.yaml"
+            "palisade.dev_l2advertisements.yaml",
+            "palisade.dev_servicel2statuses.yaml"
         ]
     );
     for dir in [repo.join("crds"), repo.join("charts/palisade/crds")] {
@@ -63,7 +64,13 @@ fn crds_parse_as_kubernetes_objects() {
         let crd: CustomResourceDefinition =
             serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(crd.spec.group, "palisade.dev");
-        assert_eq!(crd.spec.scope, "Cluster");
+        // Configuration is cluster-wide; a ServiceL2Status lives next to its Service.
+        let scope = if crd.spec.names.kind == "ServiceL2Status" {
+            "Namespaced"
+        } else {
+            "Cluster"
+        };
+        assert_eq!(crd.spec.scope, scope, "{name}");
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         assert!(v.served && v.storage);

@@ -650,6 +650,59 @@ pub mod harness {
             Ok(notes)
         }
 
+        /// The `ServiceL2Status` objects of a Service, as sorted `(name, node, ips)`.
+        pub fn l2_statuses(&self, service: &str) -> Result<Vec<(String, String, Vec<String>)>> {
+            let store = self.store()?;
+            let mut out: Vec<(String, String, Vec<String>)> = store
+                .list_objects("palisade.dev/v1alpha1", "ServiceL2Status", Some(NS))
+                .into_iter()
+                .filter(|o| o["status"]["serviceName"] == service)
+                .map(|o| {
+                    let ips = o["status"]["ips"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect();
+                    (
+                        o["metadata"]["name"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        o["status"]["node"].as_str().unwrap_or_default().to_string(),
+                        ips,
+                    )
+                })
+                .collect();
+            out.sort();
+            Ok(out)
+        }
+
+        /// Waits until the Service's only `ServiceL2Status` says `node` announces `ip`;
+        /// returns what was last seen on timeout.
+        pub fn wait_l2_status(
+            &self,
+            service: &str,
+            node: &str,
+            ip: IpAddr,
+        ) -> std::result::Result<(), Vec<(String, String, Vec<String>)>> {
+            let want = vec![(
+                format!("{service}.{node}"),
+                node.to_string(),
+                vec![ip.to_string()],
+            )];
+            let mut last = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                last = self.l2_statuses(service).unwrap_or_default();
+                if last == want {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(last)
+        }
+
         /// The client kernel's neighbour entry for `ip`: its MAC, if it has one.
         pub fn client_neighbour(&self, ip: IpAddr) -> Result<Option<MacAddr>> {
             let out = netns::ip_in(
@@ -1303,6 +1356,11 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         )
     });
     println!("Event L2Announced: {note}");
+    // kubectl get servicel2statuses: one object per Service, naming the owner.
+    for (svc, node, ip) in [("web", &w0, vip), ("web6", &w6, vip6)] {
+        c.wait_l2_status(svc, node, ip)
+            .unwrap_or_else(|seen| panic!("ServiceL2Status of {svc}: want {node}, seen {seen:?}"));
+    }
     for n in &all {
         let want = [(vip, &w0), (vip6, &w6)]
             .iter()
@@ -1371,6 +1429,12 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         assert_eq!(alive, Some(2.0), "{n} sees two agents alive");
     }
     drop(tcp);
+    // The new owner created its object and deleted the dead node's.
+    c.wait_l2_status("web", &w1, vip)
+        .unwrap_or_else(|seen| panic!("ServiceL2Status after the kill: want {w1}, seen {seen:?}"));
+    c.wait_l2_status("web6", &w6b, vip6).unwrap_or_else(|seen| {
+        panic!("ServiceL2Status of web6 after the kill: want {w6b}, seen {seen:?}")
+    });
 
     // The killed agent comes back: it is the hash winner again and takes the IP back.
     c.start_agent(&w0).expect("restart");
@@ -1389,6 +1453,9 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         Some(()),
         "neighbour entry back on {w0}"
     );
+    c.wait_l2_status("web", &w0, vip).unwrap_or_else(|seen| {
+        panic!("ServiceL2Status after the restart: want {w0}, seen {seen:?}")
+    });
 
     // 4. nodeSelectors: first every node matches (nothing moves), then the owner is
     // relabelled out of the selection.
@@ -1429,6 +1496,9 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         Some(0.0),
         "{w0} owns nothing once out of the selection"
     );
+    c.wait_l2_status("web", &w2, vip).unwrap_or_else(|seen| {
+        panic!("ServiceL2Status after the relabel: want {w2}, seen {seen:?}")
+    });
     std::thread::sleep(Duration::from_millis(500));
 
     // The whole capture: one owner at a time, in the expected order, never two interleaved,

@@ -93,6 +93,12 @@ const KNOWN: &[(&str, &str, &str, bool)] = &[
         "l2advertisements",
         false,
     ),
+    (
+        "palisade.dev/v1alpha1",
+        "ServiceL2Status",
+        "servicel2statuses",
+        true,
+    ),
     ("apps/v1", "Deployment", "deployments", true),
 ];
 

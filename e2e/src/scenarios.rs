@@ -847,6 +847,7 @@ pub fn lb_allocation_and_failover(c: &mut dyn Cluster) -> Result<()> {
         "{vip} is answered by {announcer}, not a node"
     );
     println!("  client reached {vip}:80 after {first:?}; {announcer} announces it");
+    wait_l2_status(c, "web", "web", &announcer, vip)?;
 
     // Handover: the agent dies, the node lives.
     let prober = c.start_prober(
@@ -885,6 +886,8 @@ pub fn lb_allocation_and_failover(c: &mut dyn Cluster) -> Result<()> {
         log.failures(),
         log.first_failures(3)
     );
+    // The successor's ServiceL2Status replaces the dead node's.
+    wait_l2_status(c, "web", "web", &successor, vip)?;
     c.start_agent(&announcer)?;
     c.wait_agent_ready(&announcer, Duration::from_secs(30))?;
     // Let the restarted agent rejoin the membership (and maybe win the IP back) first.
@@ -919,6 +922,40 @@ pub fn lb_allocation_and_failover(c: &mut dyn Cluster) -> Result<()> {
         "{vip} still resolves to the failed {victim}"
     );
     c.wait_agent_ready(&victim, Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// Waits until `<service>.<node>` is the Service's only `ServiceL2Status` (one name per node is
+/// looked up, so this works through the Cluster trait's `get` on every backend), saying that
+/// `node` announces `vip`.
+fn wait_l2_status(
+    c: &mut dyn Cluster,
+    ns: &str,
+    service: &str,
+    node: &str,
+    vip: Ipv4Addr,
+) -> Result<()> {
+    let nodes = c.node_names();
+    let mut seen = Vec::new();
+    let ok = poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        seen.clear();
+        for n in &nodes {
+            let name = format!("{service}.{n}");
+            if let Some(o) = c.get("palisade.dev/v1alpha1", "ServiceL2Status", Some(ns), &name)? {
+                seen.push((name, o["status"].clone()));
+            }
+        }
+        let right = seen.len() == 1
+            && seen[0].1["node"] == node
+            && seen[0].1["serviceName"] == service
+            && seen[0].1["ips"] == json!([vip.to_string()]);
+        Ok(right.then_some(()))
+    })?;
+    ensure!(
+        ok.is_some(),
+        "ServiceL2Status of {ns}/{service}: want only {service}.{node} listing {vip}, found {seen:?}"
+    );
+    println!("  kubectl get servicel2statuses -n {ns}: {service}.{node} announces {vip}");
     Ok(())
 }
 

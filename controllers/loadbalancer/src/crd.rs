@@ -224,6 +224,62 @@ pub struct L2AdvertisementStatus {
     pub conditions: Vec<Condition>,
 }
 
+// Which node answers ARP/NDP for a Service's IPs, written by that node's agent.
+//
+// One object per (Service, announcing node), in the Service's namespace, named
+// `<service>.<node>` (see `palisade-runtime`'s `l2status`). The agent that announces creates
+// it when it starts, keeps `status` equal to what its speaker answers for, and deletes it
+// when it stops; the new owner of an IP deletes the object of a node that died. Two objects
+// for one IP mean two nodes believe they own it (a network partition between them).
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "ServiceL2Status",
+    plural = "servicel2statuses",
+    singular = "servicel2status",
+    shortname = "l2status",
+    category = "palisade",
+    namespaced,
+    status = "ServiceL2StatusStatus",
+    derive = "PartialEq",
+    doc = "The node announcing a LoadBalancer Service's IPs at layer 2 (written by Palisade).",
+    printcolumn(name = "Service", type_ = "string", json_path = ".status.serviceName"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+    printcolumn(name = "IPs", type_ = "string", json_path = ".status.ips"),
+    printcolumn(
+        name = "Interfaces",
+        type_ = "string",
+        json_path = ".status.interfaces"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+/// Empty: Palisade writes these objects and everything they say is in `status`.
+pub struct ServiceL2StatusSpec {}
+
+/// What one node announces for one Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceL2StatusStatus {
+    /// The announcing node.
+    #[serde(default)]
+    pub node: String,
+    /// The Service (in this object's namespace).
+    #[serde(default)]
+    pub service_name: String,
+    /// The Service's IPs this node answers ARP (IPv4) / Neighbor Solicitations (IPv6) for.
+    #[serde(default)]
+    pub ips: Vec<String>,
+    /// The interfaces it answers on.
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+}
+
 /// `conditions` as a list-map keyed by `type`, so server-side apply merges per condition.
 fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
@@ -235,9 +291,14 @@ fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sch
     schema
 }
 
-/// Both CRDs of this crate, in a stable order: `ipaddresspools`, `l2advertisements`.
+/// The CRDs of this crate, in a stable order: `ipaddresspools`, `l2advertisements`,
+/// `servicel2statuses`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![IPAddressPool::crd(), L2Advertisement::crd()]
+    vec![
+        IPAddressPool::crd(),
+        L2Advertisement::crd(),
+        ServiceL2Status::crd(),
+    ]
 }
 
 #[cfg(test)]
@@ -279,7 +340,7 @@ mod tests {
     }
 
     #[test]
-    fn crds_are_cluster_scoped_with_status_and_structural_schema() {
+    fn crds_have_status_and_structural_schema() {
         let crds = crds();
         let names: Vec<_> = crds
             .iter()
@@ -289,12 +350,19 @@ mod tests {
             names,
             [
                 "ipaddresspools.palisade.dev",
-                "l2advertisements.palisade.dev"
+                "l2advertisements.palisade.dev",
+                "servicel2statuses.palisade.dev"
             ]
         );
         for crd in &crds {
             let v = crd_json(crd);
-            assert_eq!(v["spec"]["scope"], "Cluster");
+            // Configuration is cluster-wide; a status lives next to its Service.
+            let scope = if v["spec"]["names"]["kind"] == "ServiceL2Status" {
+                "Namespaced"
+            } else {
+                "Cluster"
+            };
+            assert_eq!(v["spec"]["scope"], scope);
             assert_eq!(v["spec"]["group"], "palisade.dev");
             let version = &v["spec"]["versions"][0];
             assert_eq!(version["name"], "v1alpha1");
@@ -305,6 +373,9 @@ mod tests {
             let mut bad = Vec::new();
             forbidden_keys(schema, "", &mut bad);
             assert!(bad.is_empty(), "non-structural schema parts: {bad:#?}");
+            if scope == "Namespaced" {
+                continue;
+            }
             let conditions = &schema["properties"]["status"]["properties"]["conditions"];
             assert_eq!(conditions["x-kubernetes-list-type"], "map");
             assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));

@@ -15,6 +15,7 @@ use crate::announcer::AnnouncerReconciler;
 use crate::client::make_client;
 use crate::config::AgentConfig;
 use crate::events::EventSink;
+use crate::l2status::StatusWriter;
 use crate::leader::LeaderElector;
 use crate::loadbalancer::LoadBalancerReconciler;
 use crate::membership::MembershipSettings;
@@ -76,6 +77,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     let netpol_trigger = Trigger::new();
     let lb_trigger = Trigger::new();
     let ann_trigger = Trigger::new();
+    let status_trigger = Trigger::new();
     let mut wanted = Wanted::default();
     let mut subs = Subscribers::default();
     if cfg.enable_netpol {
@@ -101,6 +103,10 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             &mut subs.endpoint_slices,
         ] {
             t.push(ann_trigger.clone());
+        }
+        if cfg.enable_l2 {
+            wanted = wanted.union(Wanted::l2_status());
+            subs.service_l2_statuses.push(status_trigger.clone());
         }
     }
     let stores = Stores::start(
@@ -158,9 +164,29 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         tasks.spawn(reconciler.run(lb_trigger, shutdown.clone()));
 
         if cfg.enable_l2 {
-            match start_announcer(&cfg, &stores, &metrics, &events, &shutdown, ann_trigger).await {
+            let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+            match start_announcer(
+                &cfg,
+                &stores,
+                &metrics,
+                &events,
+                &shutdown,
+                ann_trigger,
+                status_tx,
+            )
+            .await
+            {
                 Ok(fut) => {
                     tasks.spawn(fut);
+                    let writer = StatusWriter {
+                        client: client.clone(),
+                        node_name: cfg.node_name.clone(),
+                        stores: stores.clone(),
+                        metrics: metrics.clone(),
+                        settings: cfg.sync,
+                        snapshot: status_rx,
+                    };
+                    tasks.spawn(writer.run(status_trigger, shutdown.clone()));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
@@ -209,6 +235,7 @@ async fn start_announcer(
     events: &EventSink,
     shutdown: &CancellationToken,
     trigger: Trigger,
+    status: tokio::sync::watch::Sender<Option<crate::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
     let (peers_tx, peers_rx) = tokio::sync::watch::channel(None);
@@ -250,6 +277,7 @@ async fn start_announcer(
         peers: peers_tx,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
+        status,
     };
     Ok(reconciler.run(trigger, shutdown.clone()))
 }

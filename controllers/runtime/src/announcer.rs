@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SyncSettings;
 use crate::events::EventSink;
+use crate::l2status::Snapshot;
 use crate::membership::Live;
 use crate::metrics::Metrics;
 use crate::stores::{names, typed_objects, Stores};
@@ -208,6 +209,9 @@ pub struct AnnouncerReconciler {
     pub peers: watch::Sender<Option<BTreeSet<IpAddr>>>,
     pub class: String,
     pub claim_unclassed: bool,
+    /// After every pass: what the speaker holds and every IP's winner, for the
+    /// `ServiceL2Status` writer ([`crate::l2status`]).
+    pub status: watch::Sender<Option<Snapshot>>,
 }
 
 /// What the announcer last saw of one interface.
@@ -507,6 +511,20 @@ impl AnnouncerReconciler {
             }
         };
         *st = state;
+        let snapshot = Some(Snapshot {
+            warmed_up: live.warmed_up,
+            live: live.nodes.clone(),
+            owned: st.owned.clone(),
+            decisions: decisions.clone(),
+        });
+        self.status.send_if_modified(|cur| {
+            if *cur != snapshot {
+                *cur = snapshot;
+                true
+            } else {
+                false
+            }
+        });
         if applied == Applied::Told {
             for ip in &lost {
                 tracing::info!(%ip, "stopped announcing");

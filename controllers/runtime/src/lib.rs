@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod l2status;
 pub mod leader;
 pub mod loadbalancer;
 pub mod membership;

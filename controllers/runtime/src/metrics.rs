@@ -44,6 +44,7 @@ pub struct Metrics {
     pub l2_requests: Counter,
     pub l2_replies: Counter,
     pub l2_gratuitous: Counter,
+    pub l2_status_writes: Family<Labels, Counter>,
     pub members_alive: Gauge,
 }
 
@@ -75,6 +76,7 @@ impl Metrics {
         let l2_requests = Counter::default();
         let l2_replies = Counter::default();
         let l2_gratuitous = Counter::default();
+        let l2_status_writes = Family::<Labels, Counter>::default();
         let members_alive = Gauge::default();
         let build_info = Family::<Labels, Gauge>::default();
         build_info
@@ -202,6 +204,11 @@ impl Metrics {
             l2_gratuitous.clone(),
         );
         registry.register(
+            "l2_status_writes",
+            "ServiceL2Status writes by this node, by op (create, update, delete) and result",
+            l2_status_writes.clone(),
+        );
+        registry.register(
             "members_alive",
             "Agents (this one included) heard from within the membership timeout",
             members_alive.clone(),
@@ -212,6 +219,7 @@ impl Metrics {
             l2_requests,
             l2_replies,
             l2_gratuitous,
+            l2_status_writes,
             members_alive,
             lb_addresses_total,
             lb_addresses_in_use,

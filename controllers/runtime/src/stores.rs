@@ -44,6 +44,7 @@ pub mod names {
     pub const ENDPOINT_SLICES: &str = "endpointslices";
     pub const IP_ADDRESS_POOLS: &str = "ipaddresspools";
     pub const L2_ADVERTISEMENTS: &str = "l2advertisements";
+    pub const SERVICE_L2_STATUSES: &str = "servicel2statuses";
 }
 
 /// The `palisade.dev/v1alpha1` kinds, described without their Rust types so that the watch
@@ -124,6 +125,7 @@ pub struct Wanted {
     pub endpoint_slices: bool,
     pub ip_address_pools: bool,
     pub l2_advertisements: bool,
+    pub service_l2_statuses: bool,
 }
 
 impl Wanted {
@@ -149,6 +151,14 @@ impl Wanted {
         }
     }
 
+    /// What the L2 announcer's status writer reads (its own `ServiceL2Status` objects).
+    pub fn l2_status() -> Self {
+        Wanted {
+            service_l2_statuses: true,
+            ..Default::default()
+        }
+    }
+
     pub fn union(self, o: Wanted) -> Self {
         Wanted {
             pods: self.pods || o.pods,
@@ -159,6 +169,7 @@ impl Wanted {
             endpoint_slices: self.endpoint_slices || o.endpoint_slices,
             ip_address_pools: self.ip_address_pools || o.ip_address_pools,
             l2_advertisements: self.l2_advertisements || o.l2_advertisements,
+            service_l2_statuses: self.service_l2_statuses || o.service_l2_statuses,
         }
     }
 }
@@ -174,6 +185,7 @@ pub struct Subscribers {
     pub endpoint_slices: Vec<Trigger>,
     pub ip_address_pools: Vec<Trigger>,
     pub l2_advertisements: Vec<Trigger>,
+    pub service_l2_statuses: Vec<Trigger>,
 }
 
 /// The read side of every running cache. A kind that is not wanted has an empty store that
@@ -188,6 +200,7 @@ pub struct Stores {
     pub endpoint_slices: Store<EndpointSlice>,
     pub ip_address_pools: Store<DynamicObject>,
     pub l2_advertisements: Store<DynamicObject>,
+    pub service_l2_statuses: Store<DynamicObject>,
     pub readiness: Readiness,
 }
 
@@ -210,6 +223,7 @@ impl Stores {
         };
         let pools_ar = palisade_api_resource("IPAddressPool", "ipaddresspools");
         let l2_ar = palisade_api_resource("L2Advertisement", "l2advertisements");
+        let l2_status_ar = palisade_api_resource("ServiceL2Status", "servicel2statuses");
         Stores {
             pods: ctx.run(
                 wanted.pods,
@@ -266,6 +280,13 @@ impl Stores {
                 Api::all_with(client.clone(), &l2_ar),
                 l2_ar.clone(),
                 subs.l2_advertisements,
+            ),
+            service_l2_statuses: ctx.run(
+                wanted.service_l2_statuses,
+                names::SERVICE_L2_STATUSES,
+                Api::all_with(client.clone(), &l2_status_ar),
+                l2_status_ar.clone(),
+                subs.service_l2_statuses,
             ),
             readiness,
         }

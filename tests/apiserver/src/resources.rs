@@ -178,6 +178,13 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "l2advertisements",
         )
         .with_status(),
+        ResourceDef::namespaced(
+            "palisade.dev",
+            "v1alpha1",
+            "ServiceL2Status",
+            "servicel2statuses",
+        )
+        .with_status(),
     ]
 }
 
