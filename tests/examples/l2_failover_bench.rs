@@ -88,6 +88,7 @@ impl Bench {
         let mut arp_s = Vec::new();
         let mut garp_s = Vec::new();
         let mut back_gap = Vec::new();
+        let mut status_s = Vec::new();
         let expect: BTreeMap<_, _> = [(vip, self.c.mac(&w0))].into();
         for run in 0..runs {
             let wire = self.c.start_wire(&[vip], Duration::from_secs(120))?;
@@ -106,6 +107,18 @@ impl Bench {
             })?
             .with_context(|| format!("run {run}: no TCP connection served by {w1}"))?;
             drop(tcp);
+            // kubectl's view: the Service's only ServiceL2Status names the new owner.
+            let want = vec![(format!("web-a.{w1}"), w1.clone(), vec![vip.to_string()])];
+            let status = poll(Duration::from_secs(15), Duration::from_millis(5), || {
+                Ok((self.c.l2_statuses("web-a")? == want).then(Instant::now))
+            })?
+            .with_context(|| {
+                format!(
+                    "run {run}: ServiceL2Status never showed {w1} alone: {:?}",
+                    self.c.l2_statuses("web-a")
+                )
+            })?;
+            status_s.push(status - t_kill);
             let m1 = self.c.mac(&w1);
             tcp_s.push(served.done - t_kill);
             wire.wait_stable(&[(vip, m1)].into(), t_kill, 3, Duration::from_secs(10))
@@ -134,10 +147,11 @@ impl Bench {
                     .context("the restarted owner never claimed its VIP")?,
             );
             eprintln!(
-                "kill run {run}: TCP {} (ARP {}, GARP {}), restart hand-over gap {}",
+                "kill run {run}: TCP {} (ARP {}, GARP {}, ServiceL2Status {}), restart hand-over gap {}",
                 ms(served.done - t_kill),
                 first_answer.map(|c| ms(c.at - t_kill)).unwrap_or_default(),
                 first_garp.map(|c| ms(c.at - t_kill)).unwrap_or_default(),
+                ms(status - t_kill),
                 ms(*back_gap.last().expect("gap"))
             );
             std::thread::sleep(Duration::from_millis(500));
@@ -153,6 +167,11 @@ impl Bench {
             "ARP request every 100 ms",
         );
         row("SIGKILL → first gratuitous ARP from new owner", &garp_s, "");
+        row(
+            "SIGKILL → ServiceL2Status names the new owner alone",
+            &status_s,
+            "object read from the API every 5 ms; writes at most every 500 ms",
+        );
         row(
             "restart of the killed agent: hand-over back to it, last answer of the stand-in → first claim of the restarted owner",
             &back_gap,
