@@ -428,7 +428,7 @@ pub fn run(options: &DemoOptions) -> Result<()> {
         service_created.elapsed().as_secs_f64()
     ));
     if c.announcer_available()? {
-        lb_client_part(&mut c, &out, vip)?;
+        lb_client_part(&mut c, &out, vip, ("demo", "web"))?;
     } else {
         out.line("L2 announcement: not yet available in this build, so the client on the LAN");
         out.line(format!(
@@ -456,7 +456,40 @@ pub fn run(options: &DemoOptions) -> Result<()> {
     Ok(())
 }
 
-fn lb_client_part(c: &mut LabCluster, out: &Out, vip: Ipv4Addr) -> Result<()> {
+/// What `kubectl get servicel2statuses` would show for the Service, on one line.
+fn l2_status_line(c: &mut LabCluster, (ns, svc): (&str, &str)) -> String {
+    match scenarios::l2_statuses(c, ns, svc) {
+        Ok(list) if list.is_empty() => format!("kubectl get servicel2statuses -n {ns}: none yet"),
+        Ok(list) => {
+            let rows: Vec<String> = list
+                .iter()
+                .map(|(name, s)| {
+                    let ips: Vec<&str> = s["ips"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let node = s["node"].as_str().unwrap_or("?");
+                    format!("{name}: node {node} answers ARP for {}", ips.join(", "))
+                })
+                .collect();
+            format!("kubectl get servicel2statuses -n {ns}: {}", rows.join(", "))
+        }
+        Err(e) => format!("kubectl get servicel2statuses -n {ns}: {e}"),
+    }
+}
+
+/// Waits (up to 5 s) until the Service's only ServiceL2Status names `node`, and prints it.
+fn show_l2_status(c: &mut LabCluster, out: &Out, svc: (&str, &str), node: &str) {
+    let _ = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        let list = scenarios::l2_statuses(c, svc.0, svc.1)?;
+        Ok((list.len() == 1 && list[0].1["node"] == node).then_some(()))
+    });
+    out.line(l2_status_line(c, svc));
+}
+
+fn lb_client_part(c: &mut LabCluster, out: &Out, vip: Ipv4Addr, svc: (&str, &str)) -> Result<()> {
     let Some(first) = scenarios::wait_client_reaches(c, vip, Duration::from_secs(15))? else {
         out.bad(format!(
             "the client could not connect to {vip}:80 within 15s"
@@ -473,6 +506,7 @@ fn lb_client_part(c: &mut LabCluster, out: &Out, vip: Ipv4Addr) -> Result<()> {
         "client -> {vip}:80 connected ({:.1}s); {announcer} answered the client's ARP request",
         first.as_secs_f64()
     ));
+    show_l2_status(c, out, svc, &announcer);
 
     out.line(format!(
         "Killing the agent on {announcer} (SIGKILL) while the client keeps connecting ..."
@@ -494,12 +528,15 @@ fn lb_client_part(c: &mut LabCluster, out: &Out, vip: Ipv4Addr) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let log = prober.stop()?;
     match moved {
-        Some(next) => out.ok(format!(
-            "{next} took {vip} over after {:.2}s (gratuitous ARP); client connections meanwhile: {} ok, {} failed",
-            handover.as_secs_f64(),
-            log.successes(),
-            log.failures()
-        )),
+        Some(next) => {
+            out.ok(format!(
+                "{next} took {vip} over after {:.2}s (gratuitous ARP); client connections meanwhile: {} ok, {} failed",
+                handover.as_secs_f64(),
+                log.successes(),
+                log.failures()
+            ));
+            show_l2_status(c, out, svc, &next);
+        }
         None => out.bad(format!("nobody took {vip} over within 20s")),
     }
     c.start_agent(&announcer)?;

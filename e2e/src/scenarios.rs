@@ -925,9 +925,21 @@ pub fn lb_allocation_and_failover(c: &mut dyn Cluster) -> Result<()> {
     Ok(())
 }
 
-/// Waits until `<service>.<node>` is the Service's only `ServiceL2Status` (one name per node is
-/// looked up, so this works through the Cluster trait's `get` on every backend), saying that
-/// `node` announces `vip`.
+/// The Service's `ServiceL2Status` objects as `(name, status)`: one name per node is looked up
+/// (`<service>.<node>`), so this works through the Cluster trait's `get` on every backend.
+pub fn l2_statuses(c: &mut dyn Cluster, ns: &str, service: &str) -> Result<Vec<(String, Value)>> {
+    let mut out = Vec::new();
+    for n in c.node_names() {
+        let name = format!("{service}.{n}");
+        if let Some(o) = c.get("palisade.dev/v1alpha1", "ServiceL2Status", Some(ns), &name)? {
+            out.push((name, o["status"].clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until `<service>.<node>` is the Service's only `ServiceL2Status`, saying that `node`
+/// announces `vip`.
 fn wait_l2_status(
     c: &mut dyn Cluster,
     ns: &str,
@@ -935,16 +947,9 @@ fn wait_l2_status(
     node: &str,
     vip: Ipv4Addr,
 ) -> Result<()> {
-    let nodes = c.node_names();
     let mut seen = Vec::new();
     let ok = poll(Duration::from_secs(15), Duration::from_millis(200), || {
-        seen.clear();
-        for n in &nodes {
-            let name = format!("{service}.{n}");
-            if let Some(o) = c.get("palisade.dev/v1alpha1", "ServiceL2Status", Some(ns), &name)? {
-                seen.push((name, o["status"].clone()));
-            }
-        }
+        seen = l2_statuses(c, ns, service)?;
         let right = seen.len() == 1
             && seen[0].1["node"] == node
             && seen[0].1["serviceName"] == service
