@@ -23,9 +23,12 @@ fn labels(k: &str, v: &str) -> BTreeMap<String, String> {
 }
 
 fn pools() -> Vec<Pool> {
-    let sel = |k: &str, v: &str| LabelSelector {
-        match_labels: Some(labels(k, v)),
-        ..Default::default()
+    let sel = |k: &str, v: &str| {
+        palisade_loadbalancer::selector::parse(&LabelSelector {
+            match_labels: Some(labels(k, v)),
+            ..Default::default()
+        })
+        .expect("valid selector")
     };
     let mut gold = Pool::new("gold", &["10.96.0.0/18"]).expect("pool");
     gold.priority = Some(1);

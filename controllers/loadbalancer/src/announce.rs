@@ -134,7 +134,7 @@ pub fn advertisements_for_pool<'a>(
 
 /// Do `ad`'s `nodeSelectors` allow a node with `node_labels`? Empty list: every node.
 pub fn node_matches(ad: &L2AdvertisementSpec, node_labels: &Labels) -> bool {
-    selector::any_matches(&ad.node_selectors, node_labels)
+    selector::any_api_matches(&ad.node_selectors, node_labels)
 }
 
 /// Is the node opted out of LoadBalancer announcements ([`EXCLUDE_FROM_LB_LABEL`])?

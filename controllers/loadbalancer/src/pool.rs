@@ -41,7 +41,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::crd::IPAddressPoolSpec;
 use crate::error::{AddressProblem, Error};
-use crate::selector;
+use crate::selector::{self, any_matches, Selector};
 
 /// An IP family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -270,10 +270,10 @@ pub struct Pool {
     pub priority: Option<i32>,
     /// `spec.serviceAllocation.namespaces`.
     pub namespaces: Vec<String>,
-    /// `spec.serviceAllocation.namespaceSelectors`.
-    pub namespace_selectors: Vec<LabelSelector>,
-    /// `spec.serviceAllocation.serviceSelectors`.
-    pub service_selectors: Vec<LabelSelector>,
+    /// `spec.serviceAllocation.namespaceSelectors`, parsed.
+    pub namespace_selectors: Vec<Selector>,
+    /// `spec.serviceAllocation.serviceSelectors`, parsed.
+    pub service_selectors: Vec<Selector>,
     /// Sorted, merged, inclusive ranges as numbers, per family (index = `Family::index`).
     ranges: [Vec<(u128, u128)>; 2],
 }
@@ -306,16 +306,18 @@ impl Pool {
             merge(list);
         }
         let alloc = spec.service_allocation.clone().unwrap_or_default();
-        for sel in alloc
-            .namespace_selectors
-            .iter()
-            .chain(&alloc.service_selectors)
-        {
-            selector::validate(sel).map_err(|detail| Error::InvalidSelector {
-                pool: name.to_string(),
-                detail,
-            })?;
-        }
+        let parse_all = |list: &[LabelSelector]| {
+            list.iter()
+                .map(|sel| {
+                    selector::parse(sel).map_err(|detail| Error::InvalidSelector {
+                        pool: name.to_string(),
+                        detail,
+                    })
+                })
+                .collect::<Result<Vec<Selector>, Error>>()
+        };
+        let namespace_selectors = parse_all(&alloc.namespace_selectors)?;
+        let service_selectors = parse_all(&alloc.service_selectors)?;
         Ok(Pool {
             name: name.to_string(),
             labels: labels.clone(),
@@ -323,8 +325,8 @@ impl Pool {
             avoid_buggy_ips: spec.avoid_buggy_ips,
             priority: alloc.priority,
             namespaces: alloc.namespaces,
-            namespace_selectors: alloc.namespace_selectors,
-            service_selectors: alloc.service_selectors,
+            namespace_selectors,
+            service_selectors,
             ranges,
         })
     }
@@ -409,14 +411,14 @@ impl Pool {
             && !self
                 .namespace_selectors
                 .iter()
-                .any(|s| selector::matches(s, namespace_labels))
+                .any(|s| s.matches(namespace_labels))
         {
             return Err(format!(
                 "namespace {namespace:?} is not in serviceAllocation.namespaces and matches no \
                  serviceAllocation.namespaceSelectors"
             ));
         }
-        if !selector::any_matches(&self.service_selectors, service_labels) {
+        if !any_matches(&self.service_selectors, service_labels) {
             return Err("the Service's labels match no serviceAllocation.serviceSelectors".into());
         }
         Ok(())
@@ -692,9 +694,12 @@ mod tests {
     fn selects_namespaces_or_selectors_and_service_selectors() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
         let l = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-        let sel = |k: &str, v: &str| LabelSelector {
-            match_labels: Some(l(k, v)),
-            ..Default::default()
+        let sel = |k: &str, v: &str| {
+            selector::parse(&LabelSelector {
+                match_labels: Some(l(k, v)),
+                ..Default::default()
+            })
+            .unwrap()
         };
         let mut p = Pool::new("p", &["10.0.0.0/24"]).unwrap();
         let none = BTreeMap::new();

@@ -1,84 +1,44 @@
-//! Label selector matching (`metav1.LabelSelector`), pure and allocation-free.
+//! Label selectors on the LoadBalancer side: pool `serviceAllocation` namespace and Service
+//! selectors, L2Advertisement pool and node selectors.
 //!
-//! This module owns the one place where the LoadBalancer side evaluates selectors:
-//! pool `serviceAllocation` selectors, L2Advertisement pool and node selectors.
-//!
-//! Semantics follow Kubernetes: `matchLabels` and `matchExpressions` are ANDed, an empty
-//! selector matches everything. A malformed requirement (unknown operator, `In` without
-//! values, `Exists` with values) matches nothing, so a typo never widens who gets an IP;
-//! [`validate`] names the problem so it can be reported as a condition.
+//! Matching is the shared implementation (`palisade-labels`, also used for NetworkPolicies),
+//! with this side's rule for malformed selectors (unknown operator, `In` without values,
+//! `Exists` with values): they match nothing, so a typo never widens who gets an IP or who
+//! announces it; [`validate`] names the problem so it can be reported as a condition. Pools
+//! parse their selectors once ([`parse`]); advertisements are matched straight from the spec.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+pub use palisade_labels::{any_matches, Selector};
 
-/// Does `labels` satisfy `selector`? An empty selector matches everything.
+/// Validates and canonicalizes an API selector; the error names the offending requirement.
+pub fn parse(selector: &LabelSelector) -> Result<Selector, String> {
+    Selector::from_api(Some(selector)).map_err(|e| e.0)
+}
+
+/// Does `labels` satisfy `selector`? An empty selector matches everything, a malformed one
+/// nothing.
 pub fn matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    labels_ok
-        && selector
-            .match_expressions
-            .iter()
-            .flatten()
-            .all(|req| requirement_matches(req, labels))
+    parse(selector).is_ok_and(|s| s.matches(labels))
 }
 
 /// True when any selector of a non-empty list matches; true for an empty list
 /// ("no restriction"), which is how every selector list in our CRDs is defined.
-pub fn any_matches(selectors: &[LabelSelector], labels: &BTreeMap<String, String>) -> bool {
+pub fn any_api_matches(selectors: &[LabelSelector], labels: &BTreeMap<String, String>) -> bool {
     selectors.is_empty() || selectors.iter().any(|s| matches(s, labels))
-}
-
-fn requirement_matches(req: &LabelSelectorRequirement, labels: &BTreeMap<String, String>) -> bool {
-    if validate_requirement(req).is_err() {
-        return false;
-    }
-    let values = req.values.as_deref().unwrap_or_default();
-    let value = labels.get(&req.key);
-    match req.operator.as_str() {
-        "In" => value.is_some_and(|v| values.contains(v)),
-        "NotIn" => value.is_none_or(|v| !values.contains(v)),
-        "Exists" => value.is_some(),
-        "DoesNotExist" => value.is_none(),
-        _ => false,
-    }
 }
 
 /// Checks a selector for problems the API server does not catch in custom resources.
 /// The error text names the offending requirement.
 pub fn validate(selector: &LabelSelector) -> Result<(), String> {
-    for req in selector.match_expressions.iter().flatten() {
-        validate_requirement(req)?;
-    }
-    Ok(())
-}
-
-fn validate_requirement(req: &LabelSelectorRequirement) -> Result<(), String> {
-    let n = req.values.as_ref().map_or(0, Vec::len);
-    match req.operator.as_str() {
-        "In" | "NotIn" if n == 0 => Err(format!(
-            "matchExpressions key {:?}: operator {} needs at least one value",
-            req.key, req.operator
-        )),
-        "Exists" | "DoesNotExist" if n > 0 => Err(format!(
-            "matchExpressions key {:?}: operator {} takes no values",
-            req.key, req.operator
-        )),
-        "In" | "NotIn" | "Exists" | "DoesNotExist" => Ok(()),
-        other => Err(format!(
-            "matchExpressions key {:?}: unknown operator {other:?} (use In, NotIn, Exists or DoesNotExist)",
-            req.key
-        )),
-    }
+    parse(selector).map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -238,12 +198,20 @@ mod tests {
     #[test]
     fn any_matches_empty_list_is_unrestricted() {
         let l = labels(&[("a", "1")]);
-        assert!(any_matches(&[], &l));
-        assert!(!any_matches(&[sel(&[("a", "2")], vec![])], &l));
-        assert!(any_matches(
+        assert!(any_api_matches(&[], &l));
+        assert!(!any_api_matches(&[sel(&[("a", "2")], vec![])], &l));
+        assert!(any_api_matches(
             &[sel(&[("a", "2")], vec![]), sel(&[("a", "1")], vec![])],
             &l
         ));
+        // The parsed form agrees.
+        let parsed: Vec<Selector> = [sel(&[("a", "2")], vec![]), sel(&[("a", "1")], vec![])]
+            .iter()
+            .map(|s| parse(s).unwrap())
+            .collect();
+        assert!(any_matches(&parsed, &l));
+        assert!(!any_matches(&parsed[..1], &l));
+        assert!(any_matches::<BTreeMap<String, String>>(&[], &l));
     }
 
     #[test]
@@ -253,5 +221,7 @@ mod tests {
         assert!(err.contains("unknown operator \"Equals\""), "{err}");
         let err = validate(&sel(&[], vec![expr("a", "In", &[])])).unwrap_err();
         assert!(err.contains("needs at least one value"), "{err}");
+        let err = validate(&sel(&[], vec![expr("a", "Exists", &["x"])])).unwrap_err();
+        assert!(err.contains("takes no values"), "{err}");
     }
 }

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use palisade_loadbalancer::constants::reasons;
+use palisade_loadbalancer::selector::{self, Selector};
 use palisade_loadbalancer::{
     Allocator, Error, Family, IPAddressPoolSpec, IpFamilyPolicy, Pool, Port, ServiceKey,
     ServiceRequest,
@@ -27,11 +28,12 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn sel(k: &str, v: &str) -> LabelSelector {
-    LabelSelector {
+fn sel(k: &str, v: &str) -> Selector {
+    selector::parse(&LabelSelector {
         match_labels: Some(labels(&[(k, v)])),
         ..Default::default()
-    }
+    })
+    .expect("valid selector")
 }
 
 fn pool(name: &str, addrs: &[&str]) -> Pool {
