@@ -33,6 +33,12 @@ pub enum DataplaneError {
         found: String,
         want: String,
     },
+    /// A payload of the other address family (a wiring bug; nothing was applied).
+    #[error("an {executor:?} executor was given an {payload:?} payload")]
+    WrongFamily {
+        executor: palisade_netpol::Family,
+        payload: palisade_netpol::Family,
+    },
     /// Failure injected into a [`crate::RecordingExecutor`].
     #[error("simulated failure: {0}")]
     Simulated(String),
@@ -55,6 +61,7 @@ impl DataplaneError {
             DataplaneError::Spawn { .. } => "spawn",
             DataplaneError::CommandFailed { .. } => "command_failed",
             DataplaneError::SetConflict { .. } => "set_conflict",
+            DataplaneError::WrongFamily { .. } => "wrong_family",
             DataplaneError::Simulated(_) => "simulated",
         }
     }

@@ -1,4 +1,5 @@
-//! The real executor: `ipset` and `iptables-restore` / `iptables-save` subprocesses.
+//! The real executor: `ipset` and `iptables-restore` / `iptables-save` subprocesses
+//! (`ip6tables-restore` / `ip6tables-save` for an IPv6 executor: one executor per family).
 //!
 //! Apply order (never a window where an isolated pod is open):
 //!
@@ -25,7 +26,7 @@ use std::time::Instant;
 
 use palisade_netpol::compile::{IpSet, SetKind, SetMember};
 use palisade_netpol::render::{ipset_create_script, ipset_swap_script};
-use palisade_netpol::Payload;
+use palisade_netpol::{names, Family, Payload};
 
 use crate::observe::{
     error_line, parse_ipset_save, parse_iptables_save, plan_iptables, ObservedFilter, ObservedSet,
@@ -55,12 +56,26 @@ struct Tools {
     ip: Option<PathBuf>,
 }
 
-/// Applies payloads with the kernel tools, in the current network namespace or in a named
-/// one (`ip netns exec`).
+impl Backend {
+    /// The `--iptables-backend` spelling that selects this backend again (`auto` for the
+    /// system's plain tools), e.g. to give an IPv6 executor the IPv4 executor's choice.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+            Backend::System => "auto",
+        }
+    }
+}
+
+/// Applies payloads of one address family with the kernel tools, in the current network
+/// namespace or in a named one (`ip netns exec`). The sets of both families share one ipset
+/// namespace: an executor only ever creates, changes or destroys sets of its own family.
 #[derive(Debug)]
 pub struct KernelExecutor {
     tools: Tools,
     backend: Backend,
+    family: Family,
     netns: Option<String>,
     /// The last payload applied successfully.
     last: Mutex<Option<Payload>>,
@@ -94,16 +109,31 @@ impl KernelExecutor {
     /// Like [`KernelExecutor::detect`] with an explicit backend: `auto` (or empty), `nft`,
     /// `legacy`. The environment variable, when set, still wins over `auto`.
     pub fn detect_with(backend: &str) -> Result<Self, DataplaneError> {
-        Self::build(backend, None)
+        Self::build(backend, None, Family::V4)
     }
 
     /// Detects the tools and runs every command inside the named network namespace
     /// (`ip netns exec NAME ...`). For tests, benchmarks and the lab.
     pub fn detect_in_netns(netns: &str, backend: &str) -> Result<Self, DataplaneError> {
-        Self::build(backend, Some(netns.to_string()))
+        Self::build(backend, Some(netns.to_string()), Family::V4)
     }
 
-    fn build(backend: &str, netns: Option<String>) -> Result<Self, DataplaneError> {
+    /// An executor for `family` (IPv6: the `ip6tables` tools), optionally inside a named
+    /// network namespace. `backend` as for [`KernelExecutor::detect_with`].
+    pub fn for_family(
+        family: Family,
+        backend: &str,
+        netns: Option<&str>,
+    ) -> Result<Self, DataplaneError> {
+        Self::build(backend, netns.map(str::to_string), family)
+    }
+
+    /// The address family this executor applies.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    fn build(backend: &str, netns: Option<String>, family: Family) -> Result<Self, DataplaneError> {
         let env = std::env::var(BACKEND_ENV).unwrap_or_default();
         let wanted = match backend.trim() {
             "" | "auto" => env.trim().to_string(),
@@ -121,8 +151,12 @@ impl KernelExecutor {
                 which(&format!("{prefix}-save"))?,
             ))
         };
-        let nft = pair("iptables-nft");
-        let legacy = pair("iptables-legacy");
+        let tool = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        let nft = pair(&format!("{tool}-nft"));
+        let legacy = pair(&format!("{tool}-legacy"));
         let mut exec = KernelExecutor {
             tools: Tools {
                 restore: PathBuf::new(),
@@ -131,6 +165,7 @@ impl KernelExecutor {
                 ip,
             },
             backend: Backend::System,
+            family,
             netns,
             last: Mutex::new(None),
         };
@@ -158,19 +193,22 @@ impl KernelExecutor {
                 (None, Some(l)) => (Backend::Legacy, l),
                 (None, None) => (
                     Backend::System,
-                    (require("iptables-restore")?, require("iptables-save")?),
+                    (
+                        require(&format!("{tool}-restore"))?,
+                        require(&format!("{tool}-save"))?,
+                    ),
                 ),
             },
             "nft" => (
                 Backend::Nft,
                 nft.ok_or_else(|| DataplaneError::BinaryNotFound {
-                    tool: "iptables-nft-restore".into(),
+                    tool: format!("{tool}-nft-restore"),
                 })?,
             ),
             "legacy" => (
                 Backend::Legacy,
                 legacy.ok_or_else(|| DataplaneError::BinaryNotFound {
-                    tool: "iptables-legacy-restore".into(),
+                    tool: format!("{tool}-legacy-restore"),
                 })?,
             ),
             other => return Err(DataplaneError::InvalidBackend(other.to_string())),
@@ -180,6 +218,7 @@ impl KernelExecutor {
         exec.tools.save = save;
         tracing::info!(
             ?backend,
+            ?family,
             restore = %exec.tools.restore.display(),
             netns = exec.netns.as_deref().unwrap_or("(current)"),
             "iptables backend selected"
@@ -286,9 +325,12 @@ impl KernelExecutor {
         })
     }
 
+    /// Our sets of this executor's family, as the kernel holds them.
     fn observe_sets(&self) -> Result<BTreeMap<String, ObservedSet>, DataplaneError> {
         let out = self.run(&self.tools.ipset, &["save"], None)?;
-        Ok(parse_ipset_save(&out))
+        let mut sets = parse_ipset_save(&out);
+        sets.retain(|name, _| names::set_family(name) == Some(self.family));
+        Ok(sets)
     }
 
     fn ipset_restore(&self, script: &str) -> Result<(), DataplaneError> {
@@ -430,6 +472,12 @@ impl KernelExecutor {
 
 impl Executor for KernelExecutor {
     fn apply(&self, p: &Payload) -> Result<ApplyReport, DataplaneError> {
+        if p.family != self.family {
+            return Err(DataplaneError::WrongFamily {
+                executor: self.family,
+                payload: p.family,
+            });
+        }
         let start = Instant::now();
         let mut guard = self.last.lock().unwrap_or_else(|e| e.into_inner());
         // Forget first: if anything below fails, the next apply re-reads the kernel.

@@ -14,7 +14,7 @@ use palisade_dataplane::{Backend, DataplaneError, Executor, KernelExecutor};
 use palisade_netpol::builders::*;
 use palisade_netpol::k8s_openapi::api::core::v1::Pod;
 use palisade_netpol::k8s_openapi::api::networking::v1::NetworkPolicy;
-use palisade_netpol::{compile, names, render, NodeConfig, Payload};
+use palisade_netpol::{compile, names, render, Family, NodeConfig, Payload};
 use serde_json::json;
 
 fn skip_reason() -> Option<String> {
@@ -566,4 +566,222 @@ fn ten_thousand_ip_block_excepts_apply_to_the_kernel() {
     // And a re-apply is a no-op.
     let r = exec.apply(&p).expect("re-apply");
     assert!(!r.changed, "{r:?}");
+}
+
+/// A dual-stack probe server: one socket on `::` takes IPv4 and IPv6 (bindv6only is 0).
+const SERVER6: &str = r#"
+import socket, sys, threading
+def serve(port):
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); c.close()
+for p in sys.argv[1:]:
+    threading.Thread(target=serve, args=(int(p),), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+/// Dual-stack: the same objects compiled per family and applied by one executor per family
+/// in the same node. Both families enforce the same policy on real packets; each family's
+/// executor leaves the other family's sets alone (they share the kernel's ipset namespace);
+/// an egress-isolated pod still resolves its IPv6 gateway (Neighbor Solicitations from its
+/// global address reach the node's INPUT chain and must pass).
+#[test]
+fn dual_stack_real_packets_follow_the_policy_in_both_families() {
+    skip_unless_root!();
+    let Some(py) = python() else {
+        eprintln!("skipped: no python3 for the probe servers");
+        return;
+    };
+    let six = Command::new("ip6tables-save").arg("--version").output();
+    if six.is_err() {
+        eprintln!("skipped: ip6tables not installed");
+        return;
+    }
+    let node = Netns::create("pal-dp6-node").expect("netns");
+    let addrs = [
+        ("10.244.1.10", "fd00:10:1::10"),
+        ("10.244.1.11", "fd00:10:1::11"),
+        ("10.244.1.12", "fd00:10:1::12"),
+    ];
+    let pods: Vec<Netns> = addrs
+        .iter()
+        .map(|_| Netns::create("pal-dp6-pod").expect("netns"))
+        .collect();
+    let no_dad = "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0";
+    node.sh(&format!(
+        "{no_dad} && ip link set lo up && sysctl -qw net.ipv4.ip_forward=1 \
+         net.ipv6.conf.all.forwarding=1"
+    ))
+    .expect("node setup");
+    for (i, (pod, (v4, v6))) in pods.iter().zip(addrs).enumerate() {
+        pod.sh(no_dad).expect("pod sysctl");
+        node.sh(&format!(
+            "ip link add h{i} type veth peer name eth0 netns {pod} && ip link set h{i} up \
+             && ip addr add 169.254.1.1/32 dev h{i} && ip route add {v4}/32 dev h{i} \
+             && ip -6 addr add fe80::1/64 dev h{i} nodad && ip -6 route add {v6}/128 dev h{i}",
+            pod = pod.name()
+        ))
+        .expect("veth");
+        pod.sh(&format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {v4}/32 dev eth0 \
+             && ip route add 169.254.1.1 dev eth0 && ip route add default via 169.254.1.1 dev eth0 \
+             && ip -6 addr add {v6}/128 dev eth0 nodad && ip -6 route add default via fe80::1 dev eth0"
+        ))
+        .expect("pod setup");
+    }
+    let servers: Vec<Server> = pods
+        .iter()
+        .map(|p| {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", p.name(), py, "-c", SERVER6, "8080", "9090"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("server");
+            let mut line = String::new();
+            if let Some(out) = child.stdout.take() {
+                let _ = BufReader::new(out).read_line(&mut line);
+            }
+            assert_eq!(line.trim(), "ready");
+            Server(child)
+        })
+        .collect();
+    let (client, server, unknown) = (&pods[0], &pods[1], &pods[2]);
+    for (v4, v6) in [addrs[1], addrs[2]] {
+        assert!(connects(client, py, v4, 9090), "before policies: {v4}");
+        assert!(connects(client, py, v6, 9090), "before policies: {v6}");
+    }
+
+    let st = cluster(
+        vec![mk_node_cidrs("n1", &["10.244.1.0/24", "fd00:10:1::/64"])],
+        vec![mk_ns("x", &[])],
+        vec![
+            with_pod_ips(
+                mk_pod("x", "client", &[("app", "client")], "", "n1"),
+                &[addrs[0].0, addrs[0].1],
+            ),
+            with_ports(
+                with_pod_ips(
+                    mk_pod("x", "server", &[("app", "server")], "", "n1"),
+                    &[addrs[1].0, addrs[1].1],
+                ),
+                &[("http", 8080, "TCP")],
+            ),
+        ],
+        vec![
+            mk_policy(
+                "x",
+                "server",
+                json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}
+                ]}),
+            ),
+            mk_policy(
+                "x",
+                "client",
+                json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
+                    {"to": [{"podSelector": {"matchLabels": {"app": "server"}}}]}
+                ]}),
+            ),
+        ],
+    );
+    let cfg = |family| {
+        let mut c = NodeConfig::new("n1");
+        c.family = family;
+        c
+    };
+    let p4 = render(&compile(&st, &cfg(Family::V4)));
+    let p6 = render(&compile(&st, &cfg(Family::V6)));
+    let exec4 = KernelExecutor::for_family(Family::V4, "auto", Some(node.name())).expect("v4");
+    let exec6 =
+        KernelExecutor::for_family(Family::V6, exec4.backend().as_flag(), Some(node.name()))
+            .expect("v6");
+    assert_eq!(exec6.backend(), exec4.backend());
+    // The wrong family is refused, not applied.
+    assert!(matches!(
+        exec6.apply(&p4),
+        Err(DataplaneError::WrongFamily { .. })
+    ));
+    exec4.apply(&p4).expect("apply v4");
+    exec6.apply(&p6).expect("apply v6");
+    // Applying one family again (a resync reads the kernel back) keeps the other's sets.
+    let r = exec4.apply(&p4).expect("resync v4");
+    assert!(r.verified && r.sets_destroyed == 0, "{r:?}");
+    // The kernel prints the IPv6 rules back exactly as rendered: a resync rewrites nothing.
+    let r = exec6.apply(&p6).expect("resync v6");
+    assert!(
+        r.verified && !r.iptables_applied && r.sets_destroyed == 0 && !r.changed,
+        "{r:?}"
+    );
+    let listed = node.exec("ipset", &["list", "-n"]).expect("ipset list");
+    for s in p4.sets.iter().chain(&p6.sets) {
+        assert!(
+            listed.lines().any(|l| l == s),
+            "{s} missing after resync: {listed}"
+        );
+    }
+    let v6_rules = node
+        .exec("ip6tables-save", &["-t", "filter"])
+        .unwrap_or_default();
+    let v6_rules = if v6_rules.contains("PALISADE-FORWARD") {
+        v6_rules
+    } else {
+        let tool = match exec6.backend() {
+            Backend::Legacy => "ip6tables-legacy-save",
+            _ => "ip6tables-nft-save",
+        };
+        node.exec(tool, &["-t", "filter"]).expect("ip6tables-save")
+    };
+    assert!(
+        v6_rules.contains("-A FORWARD -j PALISADE-FORWARD"),
+        "{v6_rules}"
+    );
+
+    // Forget every neighbour learnt before the policies: IPv6 neighbour discovery must work
+    // under isolation (ARP is not IP; NDP is ICMPv6 and crosses the filter table).
+    for ns in std::iter::once(&node).chain(&pods) {
+        ns.sh("ip -6 neigh flush all; ip -4 neigh flush all")
+            .expect("neigh flush");
+    }
+    for (fam, i) in [("IPv4", 0usize), ("IPv6", 1)] {
+        let ip = |k: usize| if i == 0 { addrs[k].0 } else { addrs[k].1 };
+        assert!(
+            connects(client, py, ip(1), 8080),
+            "{fam}: client → server:http allowed"
+        );
+        assert!(
+            !connects(client, py, ip(1), 9090),
+            "{fam}: server ingress allows only http"
+        );
+        assert!(
+            connects(server, py, ip(0), 9090),
+            "{fam}: client is not ingress-isolated"
+        );
+        assert!(
+            !connects(client, py, ip(2), 8080),
+            "{fam}: client egress only to server"
+        );
+        assert!(
+            !connects(unknown, py, ip(0), 8080),
+            "{fam}: unknown local pod gets nothing"
+        );
+        assert!(
+            !connects(server, py, ip(2), 8080),
+            "{fam}: ... in either direction"
+        );
+        assert!(
+            connects(&node, py, ip(1), 9090),
+            "{fam}: the node reaches its pods"
+        );
+    }
+    // The egress-isolated client resolved its IPv6 gateway (and the node the client): the
+    // neighbour entries exist, so NDP passed the isolation.
+    let neigh = client.sh("ip -6 neigh show dev eth0").expect("ip neigh");
+    assert!(
+        neigh.contains("fe80::1"),
+        "client has no neighbour entry for its gateway: {neigh}"
+    );
+    drop(servers);
 }

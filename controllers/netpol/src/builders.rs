@@ -84,6 +84,24 @@ pub fn mk_pod(ns: &str, name: &str, l: &[(&str, &str)], ip: &str, node: &str) ->
     }
 }
 
+/// Gives the pod these IPs (dual-stack: one per family, the first is `status.podIP`).
+pub fn with_pod_ips(mut pod: Pod, ips: &[&str]) -> Pod {
+    if let Some(st) = pod.status.as_mut() {
+        st.pod_ip = ips.first().map(|s| s.to_string());
+        st.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
+    }
+    pod
+}
+
+/// A Node with these pod CIDRs (dual-stack: one per family).
+pub fn mk_node_cidrs(name: &str, pod_cidrs: &[&str]) -> Node {
+    let mut node = mk_node(name, pod_cidrs.first().copied().unwrap_or(""));
+    if let Some(spec) = node.spec.as_mut() {
+        spec.pod_cidrs = Some(pod_cidrs.iter().map(|c| c.to_string()).collect());
+    }
+    node
+}
+
 /// Adds named container ports `(name, port, protocol)` to the first container.
 pub fn with_ports(mut pod: Pod, ports: &[(&str, i32, &str)]) -> Pod {
     if let Some(c) = pod.spec.as_mut().and_then(|s| s.containers.first_mut()) {

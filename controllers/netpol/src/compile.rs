@@ -83,6 +83,11 @@ impl SetDir {
     }
 }
 
+/// ICMPv6 types of neighbour discovery (RFC 4861) let through the INPUT chain.
+pub const ICMP6_ROUTER_SOLICITATION: u8 = 133;
+pub const ICMP6_NEIGHBOR_SOLICITATION: u8 = 135;
+pub const ICMP6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+
 /// One match of a rule. The renderer prints addresses first, then the protocol, then the
 /// other matches in order, which is the order `iptables-save` prints them back.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -107,6 +112,8 @@ pub enum Match {
     },
     /// `-m addrtype --src-type LOCAL`: the source is one of this host's addresses.
     SrcLocal,
+    /// `-p ipv6-icmp -m icmp6 --icmpv6-type N` (IPv6 payloads only).
+    Icmp6Type(u8),
     Comment(String),
 }
 
@@ -496,10 +503,28 @@ impl<'m, 'a> Compiler<'m, 'a> {
             Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())),
             Rule::new(vec![], Target::Jump(names::INGRESS_CHAIN.into())),
         ];
-        let input = vec![
-            Rule::new(vec![Match::CtState("RELATED,ESTABLISHED")], Target::Return),
-            Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())),
-        ];
+        let mut input = vec![Rule::new(
+            vec![Match::CtState("RELATED,ESTABLISHED")],
+            Target::Return,
+        )];
+        if self.model.family == Family::V6 {
+            // Neighbour discovery is ICMPv6: a pod's Neighbor Solicitation for its gateway
+            // (sourced from the pod's own address when a packet of it triggered the lookup)
+            // and its Neighbor Advertisements reach the node's INPUT chain, untracked. Egress
+            // isolation must not cut them, or an isolated pod loses even its allowed traffic
+            // (ARP, its IPv4 counterpart, never meets iptables). Router Solicitations too.
+            for (t, what) in [
+                (ICMP6_ROUTER_SOLICITATION, "router solicitation"),
+                (ICMP6_NEIGHBOR_SOLICITATION, "neighbor solicitation"),
+                (ICMP6_NEIGHBOR_ADVERTISEMENT, "neighbor advertisement"),
+            ] {
+                input.push(Rule::new(
+                    vec![Match::Icmp6Type(t), Match::Comment(format!("IPv6 {what}"))],
+                    Target::Return,
+                ));
+            }
+        }
+        input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
         let mut chains = vec![
             Chain {
                 name: names::FORWARD_CHAIN.into(),

@@ -17,6 +17,7 @@
 //! | `PAL-P4-…`          | hash:ip, pods matched by a peer selector        |
 //! | `PAL-B4-…`          | hash:net, an ipBlock with `except` (nomatch)    |
 //! | `PAL-N4-…`          | hash:ip,port, pods declaring a named port       |
+//! | `PAL-P6-…` etc.     | the same for IPv6 (`family inet6`)              |
 //! | `…-T`               | temporary set used for an atomic swap           |
 
 use sha2::{Digest, Sha256};
@@ -54,6 +55,24 @@ pub fn is_ours_chain(name: &str) -> bool {
 /// Whether an ipset name is Palisade's.
 pub fn is_ours_set(name: &str) -> bool {
     name.starts_with(SET_PREFIX)
+}
+
+/// The address family of one of our sets, from its name (`PAL-<kind><4|6>-…`): the sets of
+/// both families share the kernel's one ipset namespace, and each family's executor may only
+/// touch its own.
+pub fn set_family(name: &str) -> Option<crate::Family> {
+    let rest = name.strip_prefix(SET_PREFIX)?;
+    let mut chars = rest.chars();
+    let kind = chars.next()?;
+    let family = chars.next()?;
+    if !matches!(kind, 'P' | 'B' | 'N') || chars.next() != Some('-') {
+        return None;
+    }
+    match family {
+        '4' => Some(crate::Family::V4),
+        '6' => Some(crate::Family::V6),
+        _ => None,
+    }
 }
 
 /// The temporary twin of a set, used for `swap`.
@@ -123,6 +142,11 @@ mod tests {
         assert!(is_ours_set(&temp_set_name(&s)));
         assert_eq!(hashed("PAL-P4-", "x"), hashed("PAL-P4-", "x"));
         assert_ne!(hashed("PAL-P4-", "x"), hashed("PAL-P4-", "y"));
+        assert_eq!(set_family(&s), Some(crate::Family::V4));
+        assert_eq!(set_family(&temp_set_name(&s)), Some(crate::Family::V4));
+        assert_eq!(set_family(&hashed("PAL-B6-", "x")), Some(crate::Family::V6));
+        assert_eq!(set_family("PAL-X6-AAAA"), None);
+        assert_eq!(set_family("KUBE-6-AAAA"), None);
         assert!(!is_ours_chain("KUBE-FORWARD"));
         assert!(!is_ours_set("KUBE-CLUSTER-IP"));
     }

@@ -233,8 +233,12 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
         }
     }
     for m in &r.matches {
-        if let Match::Proto(p) = m {
-            let _ = write!(out, " -p {}", p.as_str());
+        match m {
+            Match::Proto(p) => {
+                let _ = write!(out, " -p {}", p.as_str());
+            }
+            Match::Icmp6Type(_) => out.push_str(" -p ipv6-icmp"),
+            _ => {}
         }
     }
     for m in &r.matches {
@@ -258,6 +262,9 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
                 let _ = write!(out, " -m mark {neg}--mark {bit:#x}/{bit:#x}");
             }
             Match::SrcLocal => out.push_str(" -m addrtype --src-type LOCAL"),
+            Match::Icmp6Type(t) => {
+                let _ = write!(out, " -m icmp6 --icmpv6-type {t}");
+            }
             Match::Comment(c) => {
                 let _ = write!(out, " -m comment --comment {}", quoted(c));
             }

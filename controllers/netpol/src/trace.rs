@@ -50,6 +50,8 @@ pub struct Packet {
     pub state: CtState,
     /// The source address is one of this host's (`addrtype --src-type LOCAL`).
     pub src_local: bool,
+    /// An ICMPv6 message of this type (then `proto` and `dport` are ignored).
+    pub icmp6_type: Option<u8>,
 }
 
 impl Packet {
@@ -67,7 +69,17 @@ impl Packet {
             dport,
             state: CtState::New,
             src_local: false,
+            icmp6_type: None,
         }
+    }
+
+    /// An ICMPv6 message of type `t` (e.g. 135, a Neighbor Solicitation). Neighbour
+    /// discovery is not tracked by conntrack: give it [`CtState::Invalid`] to trace it as
+    /// the kernel sees it.
+    pub fn icmp6(src: &str, dst: &str, t: u8) -> Packet {
+        let mut p = Packet::new(src, dst, Protocol::Tcp, 0);
+        p.icmp6_type = Some(t);
+        p
     }
 
     pub fn with_state(mut self, state: CtState) -> Packet {
@@ -122,6 +134,10 @@ enum M {
         negate: bool,
     },
     SrcLocal,
+    /// `-p ipv6-icmp`.
+    Icmp6,
+    /// `--icmpv6-type N`.
+    Icmp6Type(u8),
 }
 
 #[derive(Clone, Debug)]
@@ -308,7 +324,9 @@ impl Tracer {
         r.matches.iter().all(|m| match m {
             M::Src(n) => n.contains(pkt.src),
             M::Dst(n) => n.contains(pkt.dst),
-            M::Proto(p) => *p == pkt.proto,
+            M::Proto(p) => pkt.icmp6_type.is_none() && *p == pkt.proto,
+            M::Icmp6 => pkt.icmp6_type.is_some(),
+            M::Icmp6Type(t) => pkt.icmp6_type == Some(*t),
             M::DPorts(ranges) => ranges
                 .iter()
                 .any(|(lo, hi)| (*lo..=*hi).contains(&pkt.dport)),
@@ -459,9 +477,13 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                 "-d" => matches.push(M::Dst(parse_net(line, &arg(k + 1)?)?)),
                 "-p" => {
                     let p = arg(k + 1)?;
-                    let proto =
-                        Protocol::from_kernel(&p).ok_or_else(|| err(line, format!("proto {p}")))?;
-                    matches.push(M::Proto(proto));
+                    if p == "ipv6-icmp" {
+                        matches.push(M::Icmp6);
+                    } else {
+                        let proto = Protocol::from_kernel(&p)
+                            .ok_or_else(|| err(line, format!("proto {p}")))?;
+                        matches.push(M::Proto(proto));
+                    }
                 }
                 "-m" => {
                     // Modules only introduce options; `-m tcp` etc. need no state.
@@ -477,6 +499,7 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             | "mark"
                             | "addrtype"
                             | "comment"
+                            | "icmp6"
                     ) {
                         return Err(err(line, format!("unsupported module {module}")));
                     }
@@ -515,6 +538,13 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                     matches.push(M::SrcLocal);
                 }
                 "--comment" => {}
+                "--icmpv6-type" => {
+                    let t = arg(k + 1)?;
+                    let t = t
+                        .parse()
+                        .map_err(|_| err(line, format!("icmpv6 type {t}")))?;
+                    matches.push(M::Icmp6Type(t));
+                }
                 "-j" | "-g" => {
                     let t = arg(k + 1)?;
                     target = Some(match (w[k].as_str(), t.as_str()) {
