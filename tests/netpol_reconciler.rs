@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_dataplane::RecordingExecutor;
-use palisade_netpol::builders::{mk_node, mk_ns, mk_pod, mk_policy};
-use palisade_netpol::NodeConfig;
+use palisade_netpol::builders::{mk_node, mk_node_cidrs, mk_ns, mk_pod, mk_policy, with_pod_ips};
+use palisade_netpol::{Family, NodeConfig};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::netpol::NetpolReconciler;
+use palisade_runtime::netpol::{ExecutorFactory, NetpolReconciler};
 use palisade_runtime::stores::{Stores, Subscribers, Wanted};
 use palisade_runtime::sync::Trigger;
 use palisade_testapi::{Outage, TestApiServer};
@@ -43,24 +43,48 @@ struct Harness {
 }
 
 async fn start(api_down_at_start: bool) -> Harness {
+    let exec = Arc::new(RecordingExecutor::new());
+    let executors: ExecutorFactory = {
+        let exec = exec.clone();
+        Arc::new(move |_| Ok(exec.clone() as Arc<dyn palisade_dataplane::Executor>))
+    };
+    let (server, shutdown) = start_with(api_down_at_start, false, executors).await;
+    Harness {
+        server,
+        exec,
+        shutdown,
+    }
+}
+
+/// The API server with Node n1 and pods x/a, x/b (dual-stack: IPv6 pod CIDR and addresses
+/// too), and the reconciler running with `executors`.
+async fn start_with(
+    api_down_at_start: bool,
+    dual_stack: bool,
+    executors: ExecutorFactory,
+) -> (TestApiServer, CancellationToken) {
     let server = TestApiServer::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let store = server.store();
-    store
-        .put_object(to_json("Node", "v1", &mk_node("n1", "10.244.1.0/24")))
-        .unwrap();
+    let node = if dual_stack {
+        mk_node_cidrs("n1", &["10.244.1.0/24", "fd00:10:1::/64"])
+    } else {
+        mk_node("n1", "10.244.1.0/24")
+    };
+    store.put_object(to_json("Node", "v1", &node)).unwrap();
     store
         .put_object(to_json("Namespace", "v1", &mk_ns("x", &[])))
         .unwrap();
-    for (name, ip) in [("a", "10.244.1.10"), ("b", "10.244.1.11")] {
-        store
-            .put_object(to_json(
-                "Pod",
-                "v1",
-                &mk_pod("x", name, &[("app", name)], ip, "n1"),
-            ))
-            .unwrap();
+    for (name, ip, ip6) in [
+        ("a", "10.244.1.10", "fd00:10:1::10"),
+        ("b", "10.244.1.11", "fd00:10:1::11"),
+    ] {
+        let mut pod = mk_pod("x", name, &[("app", name)], ip, "n1");
+        if dual_stack {
+            pod = with_pod_ips(pod, &[ip, ip6]);
+        }
+        store.put_object(to_json("Pod", "v1", &pod)).unwrap();
     }
     if api_down_at_start {
         server.set_outage(Outage::Disconnect);
@@ -85,11 +109,10 @@ async fn start(api_down_at_start: bool) -> Harness {
         Duration::from_millis(500),
         shutdown.clone(),
     );
-    let exec = Arc::new(RecordingExecutor::new());
     let reconciler = NetpolReconciler {
         stores,
         node: NodeConfig::new("n1"),
-        executor: exec.clone(),
+        executors,
         metrics: metrics.clone(),
         events: EventSink::log_only(metrics),
         settings: SyncSettings {
@@ -100,11 +123,7 @@ async fn start(api_down_at_start: bool) -> Harness {
         },
     };
     tokio::spawn(reconciler.run(trigger, shutdown.clone()));
-    Harness {
-        server,
-        exec,
-        shutdown,
-    }
+    (server, shutdown)
 }
 
 fn deny_all() -> serde_json::Value {
@@ -215,4 +234,72 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
     )
     .await;
     h.shutdown.cancel();
+}
+
+/// A dual-stack node: each family gets its own payload and executor, and a policy change
+/// reaches both. Then a node whose IPv6 rules cannot be applied (no ip6tables) keeps
+/// enforcing IPv4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_node_enforces_both_families() {
+    let v4 = Arc::new(RecordingExecutor::new());
+    let v6 = Arc::new(RecordingExecutor::new());
+    let executors: ExecutorFactory = {
+        let (v4, v6) = (v4.clone(), v6.clone());
+        Arc::new(move |f| {
+            Ok(match f {
+                Family::V4 => v4.clone() as Arc<dyn palisade_dataplane::Executor>,
+                Family::V6 => v6.clone(),
+            })
+        })
+    };
+    let (server, shutdown) = start_with(false, true, executors).await;
+    wait_until(
+        || v4.attempts() >= 1 && v6.attempts() >= 1,
+        "a first apply per family",
+    )
+    .await;
+    let p6 = v6.last().unwrap();
+    assert_eq!(p6.family, Family::V6);
+    assert!(
+        p6.iptables_restore.contains("fd00:10:1::10/128"),
+        "{}",
+        p6.iptables_restore
+    );
+    assert!(!p6.iptables_restore.contains("10.244.1.10"));
+    assert_eq!(v4.last().unwrap().family, Family::V4);
+    assert!(v4.payloads().iter().all(|p| p.family == Family::V4));
+
+    server.store().put_object(deny_all()).unwrap();
+    for (exec, what) in [(&v4, "IPv4"), (&v6, "IPv6")] {
+        wait_until(
+            || {
+                exec.last()
+                    .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
+            },
+            &format!("the policy to be applied over {what}"),
+        )
+        .await;
+    }
+    shutdown.cancel();
+
+    // No ip6tables: IPv4 still enforced, IPv6 reported.
+    let v4 = Arc::new(RecordingExecutor::new());
+    let executors: ExecutorFactory = {
+        let v4 = v4.clone();
+        Arc::new(move |f| match f {
+            Family::V4 => Ok(v4.clone() as Arc<dyn palisade_dataplane::Executor>),
+            Family::V6 => Err("ip6tables-nft-restore not found".into()),
+        })
+    };
+    let (server, shutdown) = start_with(false, true, executors).await;
+    server.store().put_object(deny_all()).unwrap();
+    wait_until(
+        || {
+            v4.last()
+                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
+        },
+        "IPv4 enforcement without an IPv6 executor",
+    )
+    .await;
+    shutdown.cancel();
 }

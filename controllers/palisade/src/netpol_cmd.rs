@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use palisade_dataplane::{Executor, KernelExecutor};
-use palisade_netpol::{compile, manifests, render, ClusterState, IpNetwork, NodeConfig};
+use palisade_netpol::{compile, manifests, render, ClusterState, Family, IpNetwork, NodeConfig};
 
 #[derive(Subcommand, Debug)]
 pub enum NetpolCmd {
@@ -46,6 +46,11 @@ pub struct Args {
     #[arg(long = "pod-cidr", value_name = "CIDR")]
     pub pod_cidrs: Vec<IpNetwork>,
 
+    /// Address family: `ipv4` (iptables) or `ipv6` (ip6tables). A dual-stack node needs
+    /// both; the agent does both by itself.
+    #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "ipv6"])]
+    pub family: String,
+
     /// iptables backend for `apply`: auto-detect, or force nft / legacy.
     #[arg(long, env = "PALISADE_IPTABLES_BACKEND", default_value = "auto",
           value_parser = ["auto", "nft", "legacy"])]
@@ -71,7 +76,7 @@ pub fn run(cmd: NetpolCmd) -> Result<()> {
         }
         NetpolCmd::Apply(args) => {
             let payload = build(&args)?;
-            let exec = KernelExecutor::detect_with(&args.iptables_backend)
+            let exec = KernelExecutor::for_family(family(&args), &args.iptables_backend, None)
                 .context("cannot find the iptables/ipset tools")?;
             let r = exec
                 .apply(&payload)
@@ -110,12 +115,21 @@ pub fn run(cmd: NetpolCmd) -> Result<()> {
     }
 }
 
+fn family(args: &Args) -> Family {
+    if args.family == "ipv6" {
+        Family::V6
+    } else {
+        Family::V4
+    }
+}
+
 /// Reads the manifests, compiles for the node, prints diagnostics, renders.
 fn build(args: &Args) -> Result<palisade_netpol::Payload> {
     let state = load(&args.manifests)?;
     let mut cfg = NodeConfig::new(args.node.clone());
     cfg.block_unknown_pods = args.block_unknown_pods;
     cfg.extra_pod_cidrs = args.pod_cidrs.clone();
+    cfg.family = family(args);
     let compiled = compile(&state, &cfg);
     for d in &compiled.diagnostics {
         eprintln!("warning: {d}");
@@ -216,7 +230,34 @@ mod tests {
         assert_eq!(a.node, "n1");
         assert!(a.block_unknown_pods);
         assert_eq!(a.pod_cidrs.len(), 1);
+        assert_eq!(family(&a), Family::V4);
         assert!(Cli::try_parse_from(["x", "apply", "--node", "n1"]).is_err());
+        let six = Cli::try_parse_from([
+            "x",
+            "compile",
+            "--manifests",
+            "a.yaml",
+            "--node",
+            "n1",
+            "--family",
+            "ipv6",
+        ])
+        .unwrap();
+        let NetpolCmd::Compile(a) = six.cmd else {
+            panic!("compile")
+        };
+        assert_eq!(family(&a), Family::V6);
+        assert!(Cli::try_parse_from([
+            "x",
+            "compile",
+            "--manifests",
+            "a.yaml",
+            "--node",
+            "n1",
+            "--family",
+            "inet6"
+        ])
+        .is_err());
     }
 
     #[test]

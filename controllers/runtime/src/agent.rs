@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_dataplane::{Executor, KernelExecutor};
-use palisade_netpol::NodeConfig;
+use palisade_netpol::{Family, NodeConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +20,7 @@ use crate::leader::LeaderElector;
 use crate::loadbalancer::LoadBalancerReconciler;
 use crate::membership::MembershipSettings;
 use crate::metrics::Metrics;
-use crate::netpol::NetpolReconciler;
+use crate::netpol::{ExecutorFactory, NetpolReconciler};
 use crate::stores::{Stores, Subscribers, Wanted};
 use crate::sync::Trigger;
 use crate::Error;
@@ -61,10 +61,21 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     }
     let metrics = Arc::new(Metrics::new());
 
-    // Kernel executor first: a missing iptables binary is reported at once, loudly.
-    let executor: Option<Arc<dyn Executor>> = if cfg.enable_netpol {
+    // Kernel executor first: a missing iptables binary is reported at once, loudly. The
+    // IPv6 executor is made when the node turns out to need it, on the IPv4 one's backend.
+    let executor: Option<ExecutorFactory> = if cfg.enable_netpol {
         match KernelExecutor::detect_with(&cfg.iptables_backend) {
-            Ok(x) => Some(Arc::new(x)),
+            Ok(x) => {
+                let backend = x.backend().as_flag();
+                let v4: Arc<dyn Executor> = Arc::new(x);
+                let factory: ExecutorFactory = Arc::new(move |family| match family {
+                    Family::V4 => Ok(v4.clone()),
+                    Family::V6 => KernelExecutor::for_family(Family::V6, backend, None)
+                        .map(|x| Arc::new(x) as Arc<dyn Executor>)
+                        .map_err(|e| e.to_string()),
+                });
+                Some(factory)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "NetworkPolicy enforcement cannot start: the iptables/ipset tools are missing or unusable; rules already in the kernel stay in force");
                 None
@@ -135,7 +146,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         let reconciler = NetpolReconciler {
             stores: stores.clone(),
             node,
-            executor,
+            executors: executor,
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,

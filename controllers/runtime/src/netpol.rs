@@ -12,13 +12,18 @@
 //! cache would otherwise "converge" to no policies and open every pod). During an API outage
 //! the caches keep their last content, so enforcement stays as it was. A failed apply leaves
 //! the previous kernel state in place and is retried with backoff. Nothing is flushed on exit.
-use std::collections::BTreeSet;
+//!
+//! Address families: each family the node's pods use (its `podCIDRs`, its pods' IPs) gets
+//! its own compiler and executor (`iptables` / `ip6tables`); a dual-stack node enforces
+//! both, and a family once enforced is never dropped.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use palisade_dataplane::Executor;
-use palisade_netpol::{ClusterState, Diagnostic, IncrementalCompiler, NodeConfig, Payload};
+use palisade_netpol::{ClusterState, Diagnostic, Family, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SyncSettings;
@@ -32,21 +37,84 @@ pub mod reasons {
     pub const APPLY_FAILED: &str = "NetworkPolicyApplyFailed";
 }
 
+/// Gives the executor of an address family (created when the family is first needed; an
+/// IPv6 executor needs the `ip6tables` tools, which an IPv4-only node may lack).
+pub type ExecutorFactory = Arc<dyn Fn(Family) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
+
 pub struct NetpolReconciler {
     pub stores: Stores,
+    /// This node's settings; `family` is ignored (each family gets its own compile).
     pub node: NodeConfig,
-    pub executor: Arc<dyn Executor>,
+    pub executors: ExecutorFactory,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
 }
 
-struct LastState {
+/// One address family's compiler, executor and last applied payload.
+struct FamilyState {
     /// Keeps the previous compile, so pod churn only recomputes what it touches.
     compiler: IncrementalCompiler,
+    executor: Arc<dyn Executor>,
     payload: Option<Payload>,
+}
+
+#[derive(Default)]
+struct LastState {
+    families: BTreeMap<Family, FamilyState>,
+    /// Families whose executor could not be created (reported once; retried on resync).
+    unavailable: BTreeSet<Family>,
     /// Diagnostics already reported as Events (reported again only when they change).
     reported: BTreeSet<(String, String, String, String)>,
+}
+
+/// The address families this node's pods use: the families of its `spec.podCIDRs` and of
+/// its local pods' IPs; IPv4 when nothing says otherwise.
+pub fn node_families(state: &ClusterState, node: &str) -> BTreeSet<Family> {
+    let mut out = BTreeSet::new();
+    let of = |s: &str| {
+        let s = s.split('/').next().unwrap_or(s);
+        s.parse::<IpAddr>().ok().map(|ip| match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        })
+    };
+    for n in &state.nodes {
+        if n.metadata.name.as_deref() != Some(node) {
+            continue;
+        }
+        let spec = n.spec.as_ref();
+        for c in spec
+            .and_then(|s| s.pod_cidrs.as_ref())
+            .into_iter()
+            .flatten()
+            .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
+        {
+            out.extend(of(c));
+        }
+    }
+    for p in &state.pods {
+        let spec = p.spec.as_ref();
+        if spec.and_then(|s| s.node_name.as_deref()) != Some(node)
+            || spec.and_then(|s| s.host_network) == Some(true)
+        {
+            continue;
+        }
+        let status = p.status.as_ref();
+        for ip in status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|i| i.ip.as_str())
+            .chain(status.and_then(|s| s.pod_ip.as_deref()))
+        {
+            out.extend(of(ip));
+        }
+    }
+    if out.is_empty() {
+        out.insert(Family::V4);
+    }
+    out
 }
 
 impl NetpolReconciler {
@@ -72,11 +140,7 @@ impl NetpolReconciler {
         }
         tracing::info!(node = %self.node.node_name, "caches synced; NetworkPolicy enforcement starts");
         let this = Arc::new(self);
-        let last = Arc::new(Mutex::new(LastState {
-            compiler: IncrementalCompiler::new(this.node.clone()),
-            payload: None,
-            reported: BTreeSet::new(),
-        }));
+        let last = Arc::new(Mutex::new(LastState::default()));
         trigger.poke();
         run_sync_loop(this.settings, trigger, shutdown, |cause| {
             let this = this.clone();
@@ -96,99 +160,179 @@ impl NetpolReconciler {
         }
     }
 
+    /// Brings the families the node needs under enforcement. A family once enforced stays
+    /// (its rules are never dropped because pods of it went away: fail closed).
+    async fn ensure_families(&self, state: &ClusterState, cause: Cause, last: &Mutex<LastState>) {
+        let wanted = node_families(state, &self.node.node_name);
+        let missing: Vec<Family> = {
+            let Ok(mut l) = last.lock() else { return };
+            if cause == Cause::Resync {
+                l.unavailable.clear();
+            }
+            wanted
+                .into_iter()
+                .filter(|f| !l.families.contains_key(f) && !l.unavailable.contains(f))
+                .collect()
+        };
+        for family in missing {
+            match (self.executors)(family) {
+                Ok(executor) => {
+                    let mut cfg = self.node.clone();
+                    cfg.family = family;
+                    tracing::info!(
+                        ?family,
+                        "NetworkPolicy enforcement for this address family starts"
+                    );
+                    if let Ok(mut l) = last.lock() {
+                        l.families.insert(
+                            family,
+                            FamilyState {
+                                compiler: IncrementalCompiler::new(cfg),
+                                executor,
+                                payload: None,
+                            },
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(?family, error = %e, "pods of this node use this address family but its rules cannot be applied");
+                    self.events
+                        .warning(
+                            &self.node_ref(),
+                            reasons::APPLY_FAILED,
+                            "Apply",
+                            format!("{family:?} NetworkPolicies cannot be enforced: {e}"),
+                        )
+                        .await;
+                    if let Ok(mut l) = last.lock() {
+                        l.unavailable.insert(family);
+                    }
+                }
+            }
+        }
+    }
+
+    fn node_ref(&self) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(self.node.node_name.clone()),
+            ..Default::default()
+        }
+    }
+
     async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
         let start = Instant::now();
         let state = self.snapshot();
-        let (payload, diagnostics) = {
+        self.ensure_families(&state, cause, last).await;
+        // Compile every enforced family; collect what must be applied.
+        let mut diagnostics = Vec::new();
+        let mut work = Vec::new();
+        {
             let Ok(mut l) = last.lock() else {
                 return Err(());
             };
-            let payload = l.compiler.sync(&state).clone();
-            let diagnostics = l
-                .compiler
-                .compiled()
-                .map(|c| c.diagnostics.clone())
-                .unwrap_or_default();
-            (payload, diagnostics)
-        };
+            for (family, fs) in l.families.iter_mut() {
+                let payload = fs.compiler.sync(&state).clone();
+                if let Some(c) = fs.compiler.compiled() {
+                    diagnostics.extend(c.diagnostics.iter().cloned());
+                }
+                let unchanged = fs.payload.as_ref() == Some(&payload);
+                if !unchanged || cause == Cause::Resync {
+                    work.push((*family, fs.executor.clone(), payload));
+                }
+            }
+        }
+        diagnostics.sort();
+        diagnostics.dedup();
         self.report_diagnostics(&diagnostics, last).await;
-
-        let unchanged = last
-            .lock()
-            .map(|l| l.payload.as_ref() == Some(&payload))
-            .unwrap_or(false);
-        if unchanged && cause != Cause::Resync {
+        if work.is_empty() {
             self.metrics
                 .netpol_syncs
                 .get_or_create(&labels1("result", "unchanged"))
                 .inc();
             return Ok(());
         }
-        let executor = self.executor.clone();
-        let to_apply = payload.clone();
-        let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+        let mut ok = true;
+        for (family, executor, payload) in work {
+            let to_apply = payload.clone();
+            let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+            match result {
+                Ok(Ok(report)) => {
+                    tracing::debug!(
+                        cause = cause.as_str(),
+                        ?family,
+                        changed = report.changed,
+                        rules = payload.stats.rules,
+                        sets = payload.stats.sets,
+                        "netpol sync applied"
+                    );
+                    if let Ok(mut l) = last.lock() {
+                        if let Some(fs) = l.families.get_mut(&family) {
+                            fs.payload = Some(payload);
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    ok = false;
+                    tracing::error!(?family, error = %e, "applying NetworkPolicy rules failed; previous rules stay in force, retrying");
+                    self.events
+                        .warning(
+                            &self.node_ref(),
+                            reasons::APPLY_FAILED,
+                            "Apply",
+                            e.to_string(),
+                        )
+                        .await;
+                    // Force a full re-apply next time.
+                    if let Ok(mut l) = last.lock() {
+                        if let Some(fs) = l.families.get_mut(&family) {
+                            fs.payload = None;
+                        }
+                    }
+                }
+                Err(join) => {
+                    ok = false;
+                    tracing::error!(error = %join, "apply task died");
+                }
+            }
+        }
         let elapsed = start.elapsed();
         self.metrics
             .netpol_sync_duration
             .observe(elapsed.as_secs_f64());
-        match result {
-            Ok(Ok(report)) => {
-                self.metrics
-                    .netpol_syncs
-                    .get_or_create(&labels1("result", "applied"))
-                    .inc();
-                self.metrics.netpol_rules.set(payload.stats.rules as i64);
-                self.metrics.netpol_ipsets.set(payload.stats.sets as i64);
-                self.metrics
-                    .netpol_ipset_members
-                    .set(payload.stats.members as i64);
-                self.metrics
-                    .netpol_payload_bytes
-                    .set((payload.ipset_restore.len() + payload.iptables_restore.len()) as i64);
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                self.metrics.netpol_last_success.set(now);
-                tracing::debug!(
-                    cause = cause.as_str(),
-                    ?elapsed,
-                    changed = report.changed,
-                    rules = payload.stats.rules,
-                    sets = payload.stats.sets,
-                    "netpol sync applied"
-                );
-                if let Ok(mut l) = last.lock() {
-                    l.payload = Some(payload);
-                }
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                self.metrics
-                    .netpol_syncs
-                    .get_or_create(&labels1("result", "failed"))
-                    .inc();
-                tracing::error!(error = %e, "applying NetworkPolicy rules failed; previous rules stay in force, retrying");
-                let node_ref = ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Node".into()),
-                    name: Some(self.node.node_name.clone()),
-                    ..Default::default()
-                };
-                self.events
-                    .warning(&node_ref, reasons::APPLY_FAILED, "Apply", e.to_string())
-                    .await;
-                // Force a full re-apply next time.
-                if let Ok(mut l) = last.lock() {
-                    l.payload = None;
-                }
-                Err(())
-            }
-            Err(join) => {
-                tracing::error!(error = %join, "apply task died");
-                Err(())
-            }
+        self.metrics
+            .netpol_syncs
+            .get_or_create(&labels1("result", if ok { "applied" } else { "failed" }))
+            .inc();
+        if ok {
+            self.record_payload_metrics(last);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.metrics.netpol_last_success.set(now);
+            Ok(())
+        } else {
+            Err(())
         }
+    }
+
+    /// Rules, sets and bytes over every enforced family.
+    fn record_payload_metrics(&self, last: &Mutex<LastState>) {
+        let Ok(l) = last.lock() else { return };
+        let (mut rules, mut sets, mut members, mut bytes) = (0, 0, 0, 0);
+        for p in l.families.values().filter_map(|f| f.payload.as_ref()) {
+            rules += p.stats.rules;
+            sets += p.stats.sets;
+            members += p.stats.members;
+            bytes += p.ipset_restore.len() + p.iptables_restore.len();
+        }
+        let m = &self.metrics;
+        m.netpol_rules.set(rules as i64);
+        m.netpol_ipsets.set(sets as i64);
+        m.netpol_ipset_members.set(members as i64);
+        m.netpol_payload_bytes.set(bytes as i64);
     }
 
     async fn report_diagnostics(&self, diags: &[Diagnostic], last: &Mutex<LastState>) {
@@ -238,5 +382,45 @@ impl NetpolReconciler {
                 .warning(&obj, d.reason, "Compile", d.message.clone())
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_netpol::builders::{cluster, mk_node, mk_node_cidrs, mk_pod, with_pod_ips};
+
+    #[test]
+    fn families_come_from_the_nodes_pod_cidrs_and_its_pods() {
+        let fams = |st: &ClusterState| node_families(st, "n1").into_iter().collect::<Vec<_>>();
+        // Nothing known: IPv4.
+        assert_eq!(fams(&cluster(vec![], vec![], vec![], vec![])), [Family::V4]);
+        let dual = mk_node_cidrs("n1", &["10.244.1.0/24", "fd00:10:1::/64"]);
+        assert_eq!(
+            fams(&cluster(vec![dual], vec![], vec![], vec![])),
+            [Family::V4, Family::V6]
+        );
+        // IPv6-only node.
+        let v6 = mk_node("n1", "fd00:10:1::/64");
+        assert_eq!(
+            fams(&cluster(vec![v6], vec![], vec![], vec![])),
+            [Family::V6]
+        );
+        // No pod CIDRs (e.g. Calico IPAM): the local pods' addresses tell; other nodes'
+        // pods do not count.
+        let bare = mk_node("n1", "");
+        let pods = vec![
+            with_pod_ips(mk_pod("x", "a", &[], "", "n1"), &["10.244.1.5", "fd00::5"]),
+            mk_pod("x", "b", &[], "fd00:2::5", "n2"),
+        ];
+        assert_eq!(
+            fams(&cluster(vec![bare.clone()], vec![], pods, vec![])),
+            [Family::V4, Family::V6]
+        );
+        let only_remote = vec![mk_pod("x", "b", &[], "fd00:2::5", "n2")];
+        assert_eq!(
+            fams(&cluster(vec![bare], vec![], only_remote, vec![])),
+            [Family::V4]
+        );
     }
 }
