@@ -1,9 +1,9 @@
 # One obvious command per task. `make test` and `make demo` work on a fresh Debian machine
-# as root: they install what is missing (apt: iptables, ipset, iproute2, conntrack;
+# as root: they install what is missing (apt: iptables, ipset, iproute2, conntrack, shellcheck;
 # pip: the Helm SDK and pytest) before doing anything else.
 CARGO ?= cargo
 PYTHON ?= python3
-APT_PACKAGES := iptables ipset iproute2 conntrack kmod
+APT_PACKAGES := iptables ipset iproute2 conntrack kmod shellcheck
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all build deps test test-rust test-chart lint fmt crds demo bench clean-lab
@@ -16,7 +16,7 @@ build:
 ## deps: OS and Python packages the tests and the demo need (idempotent, quiet when present)
 deps:
 	@missing=""; \
-	for b in iptables iptables-restore ipset ip conntrack; do \
+	for b in iptables iptables-restore ipset ip conntrack shellcheck; do \
 	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -35,8 +35,9 @@ test-rust:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
+## test-chart: the Helm chart (rendered and linted by Helm v4) and dry runs of e2e/kind/run.sh
 test-chart:
-	$(PYTHON) -m pytest tests/chart -q
+	$(PYTHON) -m pytest tests/chart tests/kind -q
 
 ## lint: formatting and clippy, as CI wants them
 lint:
