@@ -67,15 +67,14 @@ pub mod harness {
     use anyhow::{bail, ensure, Context, Result};
     use palisade_e2e::api::{ControlPlane, CONTROL_PLANE_IP};
     use palisade_e2e::lab::{Lab, LabSpec, NodeHandle};
+    use palisade_e2e::lab_cluster::{mac_of, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS};
     use palisade_e2e::netns;
-    use palisade_e2e::process::LabProcess;
+    pub use palisade_e2e::{poll, LabAgents};
     use palisade_speaker::packet::{self, Observed};
     use palisade_testapi::{Outage, Store};
     use pnet::datalink::{self, Channel, MacAddr};
     use serde_json::{json, Value};
 
-    /// Port of every agent's /healthz, /readyz, /metrics (on its node's LAN address).
-    pub const AGENT_PORT: u16 = 9476;
     /// The Service port clients connect to, and where the node backends listen.
     pub const SERVICE_PORT: u16 = 80;
     pub const BACKEND_PORT: u16 = 8080;
@@ -88,7 +87,8 @@ pub mod harness {
     pub const SYSTEM_NS: &str = "palisade-system";
     /// Node label the L2Advertisement's `nodeSelectors` match on (once they are set).
     pub const L2_LABEL: &str = "lab.palisade.dev/l2";
-    /// Every agent flag that is not per node.
+    /// Every agent flag that is not per node, besides the fast lease and sync timings
+    /// (`FAST_LEASE_FLAGS`, `FAST_SYNC_FLAGS`).
     pub const AGENT_FLAGS: &[&str] = &[
         "--pod-namespace",
         SYSTEM_NS,
@@ -101,38 +101,12 @@ pub mod harness {
         "1s",
         "--memberlist-interval",
         "200ms",
-        "--lease-duration",
-        "2s",
-        "--lease-renew-deadline",
-        "1500ms",
-        "--lease-retry-period",
-        "200ms",
-        "--sync-min-interval",
-        "20ms",
         "--log-level",
         "info",
     ];
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Polls `f` every `every` until it returns `Some` or `timeout` passes.
-    pub fn poll<T>(
-        timeout: Duration,
-        every: Duration,
-        mut f: impl FnMut() -> Result<Option<T>>,
-    ) -> Result<Option<T>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = f()? {
-                return Ok(Some(v));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(every);
-        }
     }
 
     /// IPv6 address of node `index` on the LAN (`fd00:51:100::1N`, like its IPv4 `.1N`).
@@ -210,10 +184,10 @@ pub mod harness {
         }
     }
 
-    /// The lab, its control plane, one agent per node, backends. Drop order: agents, backends,
-    /// control plane, lab (namespaces).
+    /// The lab, its control plane, one agent per node (asked over HTTP from the control-plane
+    /// host), backends. Drop order: agents, backends, control plane, lab (namespaces).
     pub struct L2Cluster {
-        agents: BTreeMap<String, LabProcess>,
+        pub agents: LabAgents,
         backends: Vec<Backend>,
         cp: Option<ControlPlane>,
         lab: Lab,
@@ -221,8 +195,6 @@ pub mod harness {
         pub macs: BTreeMap<String, MacAddr>,
         pub client_netns: String,
         pub cp_netns: String,
-        logs: BTreeMap<String, Vec<PathBuf>>,
-        bin: PathBuf,
         kubeconfig: PathBuf,
         pub opts: Options,
     }
@@ -230,22 +202,10 @@ pub mod harness {
     impl Drop for L2Cluster {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                for (node, paths) in &self.logs {
-                    for p in paths {
-                        let text = std::fs::read_to_string(p).unwrap_or_default();
-                        let lines: Vec<&str> = text.lines().collect();
-                        eprintln!(
-                            "==== {node}: last lines of {} ====\n{}",
-                            p.display(),
-                            lines[lines.len().saturating_sub(40)..].join("\n")
-                        );
-                    }
-                }
+                eprintln!("{}", self.agents.log_tails(40));
             }
             // Explicit order (fields would drop in this order anyway).
-            for (_, mut a) in std::mem::take(&mut self.agents) {
-                let _ = a.kill();
-            }
+            self.agents.kill_all();
             self.backends.clear();
             if let Some(cp) = self.cp.as_mut() {
                 cp.stop();
@@ -257,36 +217,11 @@ pub mod harness {
         }
     }
 
-    fn mac_of(netns_name: &str, ifname: &str) -> Result<MacAddr> {
-        let out = netns::ip_in(netns_name, &["-o", "link", "show", ifname])?;
-        out.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .and_then(|m| m.parse().ok())
-            .with_context(|| format!("no MAC in {out}"))
-    }
-
-    /// `GET path` over HTTP/1.0 from inside `netns_name`; (status, body).
-    pub fn http_get_in(netns_name: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-        let path = path.to_string();
-        netns::run_in(netns_name, move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf)?;
-            let code = buf
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let body = buf
-                .split_once("\r\n\r\n")
-                .map(|x| x.1)
-                .unwrap_or("")
-                .to_string();
-            Ok((code, body))
-        })
+    fn eth0_mac(netns_name: &str) -> Result<MacAddr> {
+        let mac = mac_of(netns_name, "eth0")?;
+        mac.parse()
+            .ok()
+            .with_context(|| format!("MAC {mac} of eth0 in {netns_name}"))
     }
 
     /// One TCP connection to `vip:80` from inside `netns_name`: the banner (node name).
@@ -319,7 +254,7 @@ pub mod harness {
             let nodes = lab.nodes().to_vec();
             let dir = lab.tmp_dir().to_path_buf();
             let mut cluster = L2Cluster {
-                agents: BTreeMap::new(),
+                agents: LabAgents::new(bin, &dir, &cp_host.netns, &nodes),
                 backends: Vec::new(),
                 cp: None,
                 lab,
@@ -327,8 +262,6 @@ pub mod harness {
                 macs: BTreeMap::new(),
                 client_netns: client.netns.clone(),
                 cp_netns: cp_host.netns.clone(),
-                logs: BTreeMap::new(),
-                bin,
                 kubeconfig: dir.join("kubeconfig"),
                 opts: opts.clone(),
             };
@@ -337,9 +270,7 @@ pub mod harness {
             cluster.kubeconfig = cp.agent_kubeconfig().to_path_buf();
             cluster.cp = Some(cp);
             for n in &nodes {
-                cluster
-                    .macs
-                    .insert(n.name.clone(), mac_of(&n.netns, "eth0")?);
+                cluster.macs.insert(n.name.clone(), eth0_mac(&n.netns)?);
             }
             if opts.ipv6 {
                 for n in &nodes {
@@ -435,7 +366,7 @@ pub mod harness {
                 cluster.start_agent(n)?;
             }
             for n in &names {
-                cluster.wait_ready(n, Duration::from_secs(30))?;
+                cluster.agents.wait_ready(n, Duration::from_secs(30))?;
             }
             Ok(cluster)
         }
@@ -487,93 +418,15 @@ pub mod harness {
 
         /// Starts (or restarts) the agent of `node` inside its namespace.
         pub fn start_agent(&mut self, node: &str) -> Result<()> {
-            ensure!(!self.agents.contains_key(node), "agent {node} runs already");
-            let n = self.node(node)?.clone();
-            let runs = self.logs.entry(node.to_string()).or_default();
-            let log_name = format!("agent-{node}-{}", runs.len() + 1);
-            runs.push(self.lab.tmp_dir().join(format!("{log_name}.log")));
-            let bin = self.bin.display().to_string();
-            let kubeconfig = self.kubeconfig.display().to_string();
-            let listen = format!("{}:{AGENT_PORT}", n.ip);
-            let mut argv: Vec<&str> = vec![
-                &bin,
-                "agent",
-                "--node-name",
-                node,
-                "--kubeconfig",
-                &kubeconfig,
-                "--listen-addr",
-                &listen,
-            ];
-            argv.extend_from_slice(AGENT_FLAGS);
-            let p = self.lab.spawn_in(&n.netns, &log_name, &argv)?;
-            self.agents.insert(node.to_string(), p);
-            Ok(())
+            let flags = [AGENT_FLAGS, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS].concat();
+            self.agents.start(node, &self.kubeconfig, &flags)
         }
 
         /// SIGKILLs the agent of `node`; returns the instant just before the signal.
         pub fn kill_agent(&mut self, node: &str) -> Result<Instant> {
-            let mut p = self
-                .agents
-                .remove(node)
-                .with_context(|| format!("no agent on {node}"))?;
             let t = Instant::now();
-            p.kill()?;
+            ensure!(self.agents.kill(node)?, "no agent on {node}");
             Ok(t)
-        }
-
-        pub fn agent_running(&mut self, node: &str) -> bool {
-            self.agents
-                .get_mut(node)
-                .is_some_and(|p| matches!(p.try_status(), Ok(None)))
-        }
-
-        /// Everything the agent of `node` logged (all runs).
-        pub fn agent_log(&self, node: &str) -> String {
-            self.logs
-                .get(node)
-                .map(|paths| {
-                    paths
-                        .iter()
-                        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
-                .unwrap_or_default()
-        }
-
-        pub fn agent_get(&self, node: &str, path: &str) -> Result<(u16, String)> {
-            let ip = self.node(node)?.ip;
-            http_get_in(&self.cp_netns, SocketAddr::from((ip, AGENT_PORT)), path)
-        }
-
-        pub fn wait_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
-            let deadline = Instant::now() + timeout;
-            loop {
-                if !self.agent_running(node) {
-                    bail!("the agent of {node} exited:\n{}", self.agent_log(node));
-                }
-                if let Ok((200, _)) = self.agent_get(node, "/readyz") {
-                    return Ok(());
-                }
-                if Instant::now() >= deadline {
-                    bail!("the agent of {node} is not ready after {timeout:?}");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-
-        /// One sample of the agent's /metrics (exact name, no labels).
-        pub fn metric(&self, node: &str, name: &str) -> Option<f64> {
-            let (code, body) = self.agent_get(node, "/metrics").ok()?;
-            if code != 200 {
-                return None;
-            }
-            body.lines().find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|r| r.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
         }
 
         /// A `type: LoadBalancer` Service with TCP port 80 (single-stack IPv6 with `v6`).
@@ -767,34 +620,6 @@ pub mod harness {
         ) -> Result<TcpProber> {
             TcpProber::start(&self.client_netns, targets, interval, timeout, limit)
         }
-
-        /// The last `lines` lines of every agent log (all runs), for failure reports.
-        pub fn log_tails(&self, lines: usize) -> String {
-            let mut out = String::new();
-            for node in self.logs.keys() {
-                let text = self.agent_log(node);
-                let all: Vec<&str> = text.lines().collect();
-                out.push_str(&format!(
-                    "==== {node} (last {lines} lines) ====\n{}\n",
-                    all[all.len().saturating_sub(lines)..].join("\n")
-                ));
-            }
-            out
-        }
-
-        /// Lines of every agent log that mention a panic.
-        pub fn panics(&self) -> Vec<String> {
-            self.logs
-                .keys()
-                .flat_map(|n| {
-                    self.agent_log(n)
-                        .lines()
-                        .filter(|l| l.contains("panicked"))
-                        .map(|l| format!("{n}: {l}"))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        }
     }
 
     fn put(store: &Store, obj: Value) -> Result<()> {
@@ -894,6 +719,14 @@ pub mod harness {
             self.rounds
                 .iter()
                 .filter(|r| r.at >= from && r.at < to)
+                .collect()
+        }
+
+        /// The rounds in which some target was answered by more than one MAC.
+        pub fn double_answers(&self) -> Vec<&Round> {
+            self.rounds
+                .iter()
+                .filter(|r| r.answers.values().any(|s| s.len() > 1))
                 .collect()
         }
     }
@@ -1233,6 +1066,11 @@ pub mod harness {
         nodes.iter().filter(|n| *n != gone).cloned().collect()
     }
 
+    /// A duration in whole milliseconds, for reports.
+    pub fn ms(d: Duration) -> String {
+        format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+    }
+
     /// Median, p90 and max of durations (empty: zeros).
     pub fn stats(samples: &[Duration]) -> (Duration, Duration, Duration) {
         let mut s = samples.to_vec();
@@ -1255,21 +1093,26 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn ready(test: &str) -> bool {
+/// The three-node cluster of `test` (IPv6 too with `ipv6`); `None` where the lab cannot run
+/// (`lab_ready` says why).
+fn start(test: &str, ipv6: bool) -> Option<L2Cluster> {
     if !palisade_e2e::lab_ready(test) {
-        return false;
+        return None;
     }
-    true
+    Some(L2Cluster::start(Options { nodes: 3, ipv6 }).expect("lab cluster"))
+}
+
+/// No agent log mentions a panic; prints how long `test` took.
+fn done(test: &str, started: Instant, c: &L2Cluster) {
+    let panics = c.agents.panics();
+    assert!(panics.is_empty(), "{panics:?}");
+    println!("{test}: {:.1} s", started.elapsed().as_secs_f64());
 }
 
 /// Upper bound for SIGKILL → first TCP connection served by the new owner in the tests
 /// (membership timeout 1 s + one 200 ms tick + a pass + gratuitous ARP; slack for a loaded
 /// 2-core machine). The benchmark reports the real distribution.
 const FAILOVER_BOUND: Duration = Duration::from_secs(5);
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
 
 fn expect_map(
     pairs: &[(IpAddr, pnet::datalink::MacAddr)],
@@ -1283,6 +1126,53 @@ fn wait_neighbour(c: &L2Cluster, ip: IpAddr, mac: pnet::datalink::MacAddr) -> Op
         Ok((c.client_neighbour(ip)? == Some(mac)).then(Instant::now))
     })
     .expect("ip neigh")
+}
+
+/// Waits (5 s) until the agent of `node` reports `want` for the metric `name`: `Some(want)`,
+/// or `None` if it never did.
+fn wait_metric(c: &L2Cluster, node: &str, name: &str, want: f64) -> Option<f64> {
+    poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        Ok(c.agents.metric(node, name).filter(|v| *v == want))
+    })
+    .expect("metrics")
+}
+
+/// Four IPv4 Services, what the election makes of them, and the client's wire on them.
+struct FourServices {
+    vips: Vec<IpAddr>,
+    /// The election's owner of each VIP, among all nodes.
+    owners: BTreeMap<IpAddr, String>,
+    /// The owners' MACs.
+    expect: BTreeMap<IpAddr, pnet::datalink::MacAddr>,
+    /// Probing every VIP (for `wire_for`); every owner has answered alone for 10 rounds.
+    wire: Wire,
+}
+
+fn four_services(c: &L2Cluster, wire_for: Duration) -> FourServices {
+    let names = ["web-a", "web-b", "web-c", "web-d"];
+    for n in names {
+        c.add_service(n, false).expect("service");
+    }
+    let vips: Vec<IpAddr> = names
+        .iter()
+        .map(|n| c.wait_vip(n, Duration::from_secs(20)).expect("vip"))
+        .collect();
+    let all = c.node_names();
+    let owners: BTreeMap<IpAddr, String> = vips
+        .iter()
+        .map(|v| (*v, expected_winner(*v, &all)))
+        .collect();
+    println!("owners: {owners:?}");
+    let expect: BTreeMap<_, _> = owners.iter().map(|(v, n)| (*v, c.mac(n))).collect();
+    let wire = c.start_wire(&vips, wire_for).expect("wire");
+    wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(20))
+        .expect("owners answer");
+    FourServices {
+        vips,
+        owners,
+        expect,
+        wire,
+    }
 }
 
 /// Gratuitous frames for `ip` from `mac` seen at or after `since` (waits up to 3 s for 3).
@@ -1304,15 +1194,10 @@ fn wait_gratuitous(wire: &Wire, ip: IpAddr, mac: pnet::datalink::MacAddr, since:
 fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
     let _serial = serial();
     let test = "elected_node_answers_alone_fails_over_and_follows_node_selectors";
-    if !ready(test) {
-        return;
-    }
     let started = Instant::now();
-    let mut c = L2Cluster::start(Options {
-        nodes: 3,
-        ipv6: true,
-    })
-    .expect("lab cluster");
+    let Some(mut c) = start(test, true) else {
+        return;
+    };
     c.add_service("web", false).expect("service web");
     c.add_service("web6", true).expect("service web6");
     let vip = c.wait_vip("web", Duration::from_secs(20)).expect("vip");
@@ -1366,19 +1251,20 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
             .iter()
             .filter(|(_, w)| *w == n)
             .count() as f64;
-        let got = poll(Duration::from_secs(5), Duration::from_millis(100), || {
-            Ok(c.metric(n, "palisade_l2_owned_ips").filter(|v| *v == want))
-        })
-        .expect("metrics");
-        assert_eq!(got, Some(want), "palisade_l2_owned_ips on {n}");
         assert_eq!(
-            c.metric(n, "palisade_members_alive"),
+            wait_metric(&c, n, "palisade_l2_owned_ips", want),
+            Some(want),
+            "palisade_l2_owned_ips on {n}"
+        );
+        assert_eq!(
+            c.agents.metric(n, "palisade_members_alive"),
             Some(3.0),
             "members on {n}"
         );
     }
     assert!(
-        c.metric(&w0, "palisade_l2_replies_sent_total")
+        c.agents
+            .metric(&w0, "palisade_l2_replies_sent_total")
             .unwrap_or(0.0)
             > 0.0,
         "{w0} counts its ARP replies"
@@ -1422,11 +1308,11 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
     wire.wait_stable(&after_kill, t_kill, 10, Duration::from_secs(10))
         .expect("the new owners answer alone");
     for n in &rest {
-        let alive = poll(Duration::from_secs(5), Duration::from_millis(100), || {
-            Ok(c.metric(n, "palisade_members_alive").filter(|v| *v == 2.0))
-        })
-        .expect("metrics");
-        assert_eq!(alive, Some(2.0), "{n} sees two agents alive");
+        assert_eq!(
+            wait_metric(&c, n, "palisade_members_alive", 2.0),
+            Some(2.0),
+            "{n} sees two agents alive"
+        );
     }
     drop(tcp);
     // The new owner created its object and deleted the dead node's.
@@ -1439,7 +1325,8 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
     // The killed agent comes back: it is the hash winner again and takes the IP back.
     c.start_agent(&w0).expect("restart");
     let t_restart = Instant::now();
-    c.wait_ready(&w0, Duration::from_secs(30))
+    c.agents
+        .wait_ready(&w0, Duration::from_secs(30))
         .expect("restarted agent ready");
     wire.wait_stable(&steady, t_restart, 10, Duration::from_secs(15))
         .expect("the restarted winner answers again, alone");
@@ -1487,12 +1374,8 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
     );
     let garps = wait_gratuitous(&wire, vip, c.mac(&w2), t_relabel);
     assert!(garps >= 3, "gratuitous ARP from {w2}: {garps}");
-    let owned = poll(Duration::from_secs(5), Duration::from_millis(100), || {
-        Ok(c.metric(&w0, "palisade_l2_owned_ips").filter(|v| *v == 0.0))
-    })
-    .expect("metrics");
     assert_eq!(
-        owned,
+        wait_metric(&c, &w0, "palisade_l2_owned_ips", 0.0),
         Some(0.0),
         "{w0} owns nothing once out of the selection"
     );
@@ -1526,11 +1409,7 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         .map(|m| c.who(m))
         .collect();
     assert_eq!(runs6, expected6, "sequence of nodes answering for {vip6}");
-    let doubles: Vec<&Round> = log
-        .rounds
-        .iter()
-        .filter(|r| r.answers.values().any(|s| s.len() > 1))
-        .collect();
+    let doubles = log.double_answers();
     assert!(
         doubles.is_empty(),
         "rounds answered by two MACs: {doubles:?}"
@@ -1566,9 +1445,7 @@ fn elected_node_answers_alone_fails_over_and_follows_node_selectors() {
         log.rounds.len(),
         log.claims.len()
     );
-    let panics = c.panics();
-    assert!(panics.is_empty(), "{panics:?}");
-    println!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+    done(test, started, &c);
 }
 
 /// Seconds the API server is unreachable in the outage test (20–30 s is the intent).
@@ -1584,33 +1461,17 @@ fn outage_secs() -> u64 {
 fn api_outage_changes_nothing_and_failover_still_works() {
     let _serial = serial();
     let test = "api_outage_changes_nothing_and_failover_still_works";
-    if !ready(test) {
-        return;
-    }
     let started = Instant::now();
-    let mut c = L2Cluster::start(Options {
-        nodes: 3,
-        ipv6: false,
-    })
-    .expect("lab cluster");
-    let names = ["web-a", "web-b", "web-c", "web-d"];
-    for n in names {
-        c.add_service(n, false).expect("service");
-    }
-    let vips: Vec<IpAddr> = names
-        .iter()
-        .map(|n| c.wait_vip(n, Duration::from_secs(20)).expect("vip"))
-        .collect();
+    let Some(mut c) = start(test, false) else {
+        return;
+    };
+    let FourServices {
+        vips,
+        owners,
+        expect,
+        wire,
+    } = four_services(&c, Duration::from_secs(300));
     let all = c.node_names();
-    let owners: BTreeMap<IpAddr, String> = vips
-        .iter()
-        .map(|v| (*v, expected_winner(*v, &all)))
-        .collect();
-    println!("owners: {owners:?}");
-    let expect: BTreeMap<_, _> = owners.iter().map(|(v, n)| (*v, c.mac(n))).collect();
-    let wire = c.start_wire(&vips, Duration::from_secs(300)).expect("wire");
-    wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(20))
-        .expect("owners answer");
     let tcp = c
         .start_tcp(
             &vips,
@@ -1654,7 +1515,7 @@ fn api_outage_changes_nothing_and_failover_still_works() {
 
     // The outage was real: the agents' watches failed.
     for n in &rest {
-        let text = c.agent_log(n);
+        let text = c.agents.log(n);
         assert!(
             text.contains("watch failed"),
             "{n} never noticed the API outage"
@@ -1728,15 +1589,14 @@ fn api_outage_changes_nothing_and_failover_still_works() {
     // After the outage the killed agent comes back (needs the API) and takes its IPs back.
     c.start_agent(&killed).expect("restart");
     let t_back = Instant::now();
-    c.wait_ready(&killed, Duration::from_secs(30))
+    c.agents
+        .wait_ready(&killed, Duration::from_secs(30))
         .expect("ready after the outage");
     let wire = c.start_wire(&vips, Duration::from_secs(60)).expect("wire");
     wire.wait_stable(&expect, t_back, 10, Duration::from_secs(20))
         .expect("original owners after the outage");
     drop(wire);
-    let panics = c.panics();
-    assert!(panics.is_empty(), "{panics:?}");
-    println!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+    done(test, started, &c);
 }
 
 /// The owner's LAN cable is pulled: the IP moves; the isolated agent, which hears nobody and
@@ -1749,32 +1609,17 @@ fn api_outage_changes_nothing_and_failover_still_works() {
 fn pulled_cable_fails_over_and_heals_without_stealing_ips() {
     let _serial = serial();
     let test = "pulled_cable_fails_over_and_heals_without_stealing_ips";
-    if !ready(test) {
-        return;
-    }
     let started = Instant::now();
-    let c = L2Cluster::start(Options {
-        nodes: 3,
-        ipv6: false,
-    })
-    .expect("lab cluster");
-    let names = ["web-a", "web-b", "web-c", "web-d"];
-    for n in names {
-        c.add_service(n, false).expect("service");
-    }
-    let vips: Vec<IpAddr> = names
-        .iter()
-        .map(|n| c.wait_vip(n, Duration::from_secs(20)).expect("vip"))
-        .collect();
+    let Some(c) = start(test, false) else {
+        return;
+    };
+    let FourServices {
+        vips,
+        owners,
+        expect,
+        wire,
+    } = four_services(&c, Duration::from_secs(120));
     let all = c.node_names();
-    let owners: BTreeMap<IpAddr, String> = vips
-        .iter()
-        .map(|v| (*v, expected_winner(*v, &all)))
-        .collect();
-    let expect: BTreeMap<_, _> = owners.iter().map(|(v, n)| (*v, c.mac(n))).collect();
-    let wire = c.start_wire(&vips, Duration::from_secs(120)).expect("wire");
-    wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(20))
-        .expect("owners answer");
     let cut = owners[&vips[0]].clone();
     let rest = without(&all, &cut);
     let during: BTreeMap<_, _> = vips
@@ -1827,11 +1672,7 @@ fn pulled_cable_fails_over_and_heals_without_stealing_ips() {
             owners[v]
         );
     }
-    let doubles: Vec<&Round> = log
-        .rounds
-        .iter()
-        .filter(|r| r.answers.values().any(|s| s.len() > 1))
-        .collect();
+    let doubles = log.double_answers();
     assert!(
         doubles.is_empty(),
         "rounds answered by two MACs: {doubles:?}"
@@ -1849,7 +1690,5 @@ fn pulled_cable_fails_over_and_heals_without_stealing_ips() {
         back < Duration::from_secs(2),
         "heal hand-over took {back:?}"
     );
-    let panics = c.panics();
-    assert!(panics.is_empty(), "{panics:?}");
-    println!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+    done(test, started, &c);
 }

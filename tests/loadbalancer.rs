@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use palisade_testapi::{Options, RequestRecord, Store, TestApiServer};
-use palisade_tests::{lb_agent, wait_for, AgentProc, Api, TempDir};
+use palisade_tests::{lb_agent, runtime, wait_for, AgentProc, Api, TempDir};
 use serde_json::{json, Value};
 
 /// Every wait is bounded by this.
@@ -510,11 +510,7 @@ struct Frontend {
 
 impl Frontend {
     fn start(store: &Store) -> Frontend {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime(1);
         let server = rt
             .block_on(TestApiServer::start_with_store(
                 "127.0.0.1:0".parse().unwrap(),

@@ -16,30 +16,15 @@
 //!
 //! Needs root and `cargo build -p palisade` first (or `PALISADE_BIN`).
 
-use std::time::Instant;
-
-use palisade_e2e::lab_ready;
 use palisade_e2e::netpol::Cluster;
-
-fn run(test: &str, scenario: fn(&mut Cluster) -> anyhow::Result<()>) {
-    if !lab_ready(test) {
-        return;
-    }
-    let started = Instant::now();
-    let mut cluster =
-        Cluster::new().unwrap_or_else(|e| panic!("{test}: building the cluster: {e:#}"));
-    if let Err(e) = scenario(&mut cluster) {
-        panic!("{test} failed: {e:#}");
-    }
-    println!("{test}: passed in {:?}", started.elapsed());
-}
+use palisade_tests::run_lab_test;
 
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() {
-                run(stringify!($name), scenario::$name);
+                run_lab_test(stringify!($name), Cluster::new, scenario::$name);
             }
         )*
     };

@@ -36,6 +36,19 @@ async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
     panic!("timed out waiting for {what}");
 }
 
+/// Waits until the last payload `exec` applied has NetworkPolicy ingress chains (`PAL-IN-`),
+/// or, with `enforced` false, has none.
+async fn wait_enforced(exec: &RecordingExecutor, enforced: bool, what: &str) {
+    wait_until(
+        || {
+            exec.last()
+                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-") == enforced)
+        },
+        what,
+    )
+    .await;
+}
+
 struct Harness {
     server: TestApiServer,
     exec: Arc<RecordingExecutor>,
@@ -150,15 +163,7 @@ async fn applies_after_sync_then_on_each_change() {
     );
 
     h.server.store().put_object(deny_all()).unwrap();
-    wait_until(
-        || {
-            h.exec
-                .last()
-                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
-        },
-        "the policy to be applied",
-    )
-    .await;
+    wait_enforced(&h.exec, true, "the policy to be applied").await;
     let applied = h.exec.attempts();
     // Nothing changed: no further applies.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -168,15 +173,7 @@ async fn applies_after_sync_then_on_each_change() {
         .store()
         .delete_object("networking.k8s.io/v1", "NetworkPolicy", Some("x"), "deny")
         .unwrap();
-    wait_until(
-        || {
-            h.exec
-                .last()
-                .is_some_and(|p| !p.iptables_restore.contains("PAL-IN-"))
-        },
-        "the policy removal to be applied",
-    )
-    .await;
+    wait_enforced(&h.exec, false, "the policy removal to be applied").await;
     h.shutdown.cancel();
 }
 
@@ -190,15 +187,7 @@ async fn nothing_is_applied_before_the_caches_list_and_an_outage_keeps_the_rules
     h.server.set_outage(Outage::Off);
     wait_until(|| h.exec.attempts() >= 1, "the first apply").await;
     h.server.store().put_object(deny_all()).unwrap();
-    wait_until(
-        || {
-            h.exec
-                .last()
-                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
-        },
-        "the policy to be applied",
-    )
-    .await;
+    wait_enforced(&h.exec, true, "the policy to be applied").await;
     let enforced = h.exec.last().unwrap();
 
     // API outage: watches fail, caches keep their content, nothing new is applied.
@@ -224,15 +213,7 @@ async fn a_failed_apply_is_retried_until_it_succeeds() {
         "three failures and a retry",
     )
     .await;
-    wait_until(
-        || {
-            h.exec
-                .last()
-                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
-        },
-        "the policy to be applied after retries",
-    )
-    .await;
+    wait_enforced(&h.exec, true, "the policy to be applied after retries").await;
     h.shutdown.cancel();
 }
 
@@ -271,14 +252,7 @@ async fn a_dual_stack_node_enforces_both_families() {
 
     server.store().put_object(deny_all()).unwrap();
     for (exec, what) in [(&v4, "IPv4"), (&v6, "IPv6")] {
-        wait_until(
-            || {
-                exec.last()
-                    .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
-            },
-            &format!("the policy to be applied over {what}"),
-        )
-        .await;
+        wait_enforced(exec, true, &format!("the policy to be applied over {what}")).await;
     }
     shutdown.cancel();
 
@@ -293,13 +267,6 @@ async fn a_dual_stack_node_enforces_both_families() {
     };
     let (server, shutdown) = start_with(false, true, executors).await;
     server.store().put_object(deny_all()).unwrap();
-    wait_until(
-        || {
-            v4.last()
-                .is_some_and(|p| p.iptables_restore.contains("PAL-IN-"))
-        },
-        "IPv4 enforcement without an IPv6 executor",
-    )
-    .await;
+    wait_enforced(&v4, true, "IPv4 enforcement without an IPv6 executor").await;
     shutdown.cancel();
 }

@@ -21,7 +21,8 @@ use palisade_e2e::k8s::{self, network_policy as np};
 use palisade_e2e::netpol::{
     self, big_manifests, line_diff, palisade_bin, run_apply, snapshot, Cluster,
 };
-use palisade_e2e::{lab_ready, netns, probe, Lab, LabSpec, Protocol};
+use palisade_e2e::{netns, probe, Lab, LabSpec, Protocol};
+use palisade_tests::run_lab_test;
 use serde_json::{json, Value};
 
 fn policies_a() -> Vec<Value> {
@@ -88,12 +89,7 @@ fn same(what: &str, expected: &str, got: &str) -> Result<()> {
 
 #[test]
 fn reapply_is_idempotent_and_converges() {
-    if !lab_ready("reapply_is_idempotent_and_converges") {
-        return;
-    }
-    let started = Instant::now();
-    let mut c = Cluster::new().expect("cluster");
-    let result = (|| -> Result<()> {
+    run_lab_test("reapply_is_idempotent_and_converges", Cluster::new, |c| {
         c.set_policies(policies_a());
         c.apply()?;
         let a = c.snapshots()?;
@@ -106,8 +102,8 @@ fn reapply_is_idempotent_and_converges() {
             )?;
         }
         let fresh_a = [
-            fresh_snapshot(&mut c, "node1", "fresh-a1")?,
-            fresh_snapshot(&mut c, "node2", "fresh-a2")?,
+            fresh_snapshot(c, "node1", "fresh-a1")?,
+            fresh_snapshot(c, "node2", "fresh-a2")?,
         ];
         for i in 0..2 {
             same(
@@ -141,32 +137,23 @@ fn reapply_is_idempotent_and_converges() {
         c.set_policies(vec![]);
         c.apply()?;
         let empty = c.snapshots()?;
-        let fresh_empty = fresh_snapshot(&mut c, "node1", "fresh-empty")?;
+        let fresh_empty = fresh_snapshot(c, "node1", "fresh-empty")?;
         same("node1 after A, B, A, none", &fresh_empty, &empty[0])?;
         c.check(80, Protocol::Tcp, &c.expect(|_, _| true))
-    })();
-    if let Err(e) = result {
-        panic!("reapply_is_idempotent_and_converges: {e:#}");
-    }
-    println!(
-        "reapply_is_idempotent_and_converges: passed in {:?}",
-        started.elapsed()
-    );
+    });
 }
 
 #[test]
 fn apply_killed_midway_converges() {
-    if !lab_ready("apply_killed_midway_converges") {
-        return;
-    }
-    let started = Instant::now();
-    let result = (|| -> Result<()> {
-        let bin = palisade_bin()?;
-        let mut lab = Lab::new(LabSpec {
+    let build = || {
+        Lab::new(LabSpec {
             client: false,
             serve_pods: false,
             ..LabSpec::new(2)
-        })?;
+        })
+    };
+    run_lab_test("apply_killed_midway_converges", build, |lab| {
+        let bin = palisade_bin()?;
         let nodes = lab.nodes().to_vec();
         let dir_m = lab.tmp_dir().join("m");
         let dir_v = lab.tmp_dir().join("v");
@@ -176,30 +163,30 @@ fn apply_killed_midway_converges() {
         // Reference: M applied once to a pristine namespace; its duration paces the kills.
         let reference_ns = lab.add_namespace("ref")?;
         let t = Instant::now();
-        run_apply(&lab, &bin, &reference_ns, &dir_m, "node1", "ref")?;
+        run_apply(lab, &bin, &reference_ns, &dir_m, "node1", "ref")?;
         let full = t.elapsed();
-        let reference = snapshot(&lab, &reference_ns)?;
+        let reference = snapshot(lab, &reference_ns)?;
         println!(
             "one apply of the big manifests takes {full:?}; reference has {} lines",
             reference.lines().count()
         );
 
         let node = nodes[0].netns.clone();
-        run_apply(&lab, &bin, &node, &dir_m, "node1", "m0")?;
+        run_apply(lab, &bin, &node, &dir_m, "node1", "m0")?;
         same(
             "node1 after a plain apply",
             &reference,
-            &snapshot(&lab, &node)?,
+            &snapshot(lab, &node)?,
         )?;
         // How long the two transitions take (they pace the kills): M → V, then V → M.
         let t = Instant::now();
-        run_apply(&lab, &bin, &node, &dir_v, "node1", "m-to-v")?;
+        run_apply(lab, &bin, &node, &dir_v, "node1", "m-to-v")?;
         let m_to_v = t.elapsed();
         let t = Instant::now();
-        run_apply(&lab, &bin, &node, &dir_m, "node1", "v-to-m")?;
+        run_apply(lab, &bin, &node, &dir_m, "node1", "v-to-m")?;
         let v_to_m = t.elapsed();
         println!("transitions take {m_to_v:?} (M to V) and {v_to_m:?} (V to M)");
-        same("node1 after M, V, M", &reference, &snapshot(&lab, &node)?)?;
+        same("node1 after M, V, M", &reference, &snapshot(lab, &node)?)?;
 
         const ATTEMPTS: u32 = 8;
         let mut killed_running = 0;
@@ -209,7 +196,7 @@ fn apply_killed_midway_converges() {
             let (kill_dir, duration) = if k & 1 == 0 {
                 (&dir_v, m_to_v)
             } else {
-                run_apply(&lab, &bin, &node, &dir_v, "node1", &format!("start-{k}"))?;
+                run_apply(lab, &bin, &node, &dir_v, "node1", &format!("start-{k}"))?;
                 (&dir_m, v_to_m)
             };
             let step = k / 2 + 1;
@@ -225,11 +212,11 @@ fn apply_killed_midway_converges() {
             process.kill()?;
             // Like a container restart: whatever the killed apply started dies with it.
             lab.kill_all_in(&node)?;
-            run_apply(&lab, &bin, &node, &dir_m, "node1", &format!("reapply-{k}"))?;
+            run_apply(lab, &bin, &node, &dir_m, "node1", &format!("reapply-{k}"))?;
             same(
                 &format!("attempt {k} (kill after {delay:?}), re-applied"),
                 &reference,
-                &snapshot(&lab, &node)?,
+                &snapshot(lab, &node)?,
             )?;
         }
 
@@ -241,11 +228,11 @@ fn apply_killed_midway_converges() {
         std::thread::sleep(full / 2);
         process.kill()?;
         lab.kill_all_in(&pristine)?;
-        run_apply(&lab, &bin, &pristine, &dir_m, "node1", "pristine")?;
+        run_apply(lab, &bin, &pristine, &dir_m, "node1", "pristine")?;
         same(
             "pristine namespace, killed then re-applied",
             &reference,
-            &snapshot(&lab, &pristine)?,
+            &snapshot(lab, &pristine)?,
         )?;
 
         println!("{killed_running} of {ATTEMPTS} kills hit a running apply");
@@ -254,14 +241,7 @@ fn apply_killed_midway_converges() {
             "no kill landed while palisade was still running (one apply took {full:?}); the test proved nothing"
         );
         Ok(())
-    })();
-    if let Err(e) = result {
-        panic!("apply_killed_midway_converges: {e:#}");
-    }
-    println!(
-        "apply_killed_midway_converges: passed in {:?}",
-        started.elapsed()
-    );
+    });
 }
 
 /// Policy variants that all keep x/a isolated from y/b and y/c, and all let z/a and z/b in.
@@ -332,12 +312,7 @@ fn no_gap_variants(yb: std::net::Ipv4Addr, yc: std::net::Ipv4Addr) -> Vec<(Vec<V
 
 #[test]
 fn no_gap_while_reapplying() {
-    if !lab_ready("no_gap_while_reapplying") {
-        return;
-    }
-    let started = Instant::now();
-    let mut c = Cluster::new().expect("cluster");
-    let result = (|| -> Result<()> {
+    run_lab_test("no_gap_while_reapplying", Cluster::new, |c| {
         let x = c.pod("x/a")?.endpoint();
         let denied = [c.pod("y/b")?.endpoint(), c.pod("y/c")?.endpoint()];
         let allowed = [c.pod("z/a")?.endpoint(), c.pod("z/b")?.endpoint()];
@@ -366,7 +341,7 @@ fn no_gap_while_reapplying() {
                 .with_context(|| format!("applying variant {}", i % variants.len()))
         };
 
-        apply_variant(&mut c, 0)?;
+        apply_variant(c, 0)?;
         let log = c.lab().server_log(x.ip).context("x/a serves")?;
         log.clear();
 
@@ -401,7 +376,7 @@ fn no_gap_while_reapplying() {
             let mut applied = 0;
             let outcome = (|| -> Result<()> {
                 for i in 1..=applies {
-                    apply_variant(&mut c, i)?;
+                    apply_variant(c, i)?;
                     applied += 1;
                 }
                 Ok(())
@@ -440,9 +415,5 @@ fn no_gap_while_reapplying() {
             Protocol::Tcp,
             &c.expect(|from, to| !to.is("x/a") || from.ns == "z"),
         )
-    })();
-    if let Err(e) = result {
-        panic!("no_gap_while_reapplying: {e:#}");
-    }
-    println!("no_gap_while_reapplying: passed in {:?}", started.elapsed());
+    });
 }

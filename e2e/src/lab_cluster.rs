@@ -13,11 +13,15 @@
 //!
 //! Drop order: agents (SIGKILL), the kubelet thread, the control plane, then the lab's
 //! namespaces. A panicking test gets the tail of every agent log printed first.
+//!
+//! The agents themselves are a [`LabAgents`] (start, kill, readiness, logs, metrics), which
+//! other lab harnesses (the L2 failover tests) use on their own, with the HTTP helpers
+//! [`http_get`] and [`http_get_in`].
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -31,7 +35,7 @@ use crate::api::{ControlPlane, Kind, CONTROL_PLANE_IP};
 use crate::cluster::{poll, ApiOutage, Attempt, Cluster, Peer, ProbeLog, Prober};
 use crate::k8s::{self, Labels, NamedPort};
 use crate::kubelet::{pod_is_ready, KubeletConfig, KubeletLoop, TERMINATING_ANNOTATION};
-use crate::lab::{Endpoint, Lab, LabSpec};
+use crate::lab::{Endpoint, Lab, LabSpec, NodeHandle};
 use crate::matrix::Matrix;
 use crate::netns::{self, Hopper};
 use crate::probe::{self, Job};
@@ -40,17 +44,17 @@ use crate::server::Protocol;
 
 /// Port of every agent's /healthz, /readyz, /metrics (on its node's LAN address).
 pub const AGENT_PORT: u16 = 9476;
-/// Leader-election and sync timings that keep tests fast.
-pub const FAST_AGENT_FLAGS: &[&str] = &[
+/// Leader-election timings that keep tests fast.
+pub const FAST_LEASE_FLAGS: &[&str] = &[
     "--lease-duration",
     "2s",
     "--lease-renew-deadline",
     "1500ms",
     "--lease-retry-period",
     "200ms",
-    "--sync-min-interval",
-    "20ms",
 ];
+/// The sync interval that keeps tests fast.
+pub const FAST_SYNC_FLAGS: &[&str] = &["--sync-min-interval", "20ms"];
 /// The namespace of the agents' Lease and Events.
 pub const SYSTEM_NAMESPACE: &str = "palisade-system";
 
@@ -92,17 +96,15 @@ impl LabClusterSpec {
 
 /// A cluster in network namespaces with real agents; see the module docs.
 pub struct LabCluster {
-    agents: BTreeMap<String, LabProcess>,
+    agents: LabAgents,
     kubelet: Option<KubeletLoop>,
     cp: Option<Arc<ControlPlane>>,
     lab: Arc<Mutex<Lab>>,
     spec: LabClusterSpec,
-    bin: PathBuf,
     prefix: String,
     cp_netns: String,
     client: Endpoint,
-    nodes: Vec<crate::lab::NodeHandle>,
-    agent_starts: usize,
+    nodes: Vec<NodeHandle>,
     outage: ApiOutage,
     /// Whether this build's agent has the L2 announcer (`--enable-l2`).
     l2: bool,
@@ -122,27 +124,62 @@ fn lock(lab: &Mutex<Lab>) -> MutexGuard<'_, Lab> {
     lab.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// `GET path` over HTTP/1.0 from inside `netns`; returns (status, body).
+/// `GET path` over HTTP/1.0 from the calling thread's namespace, waiting at most `connect` for
+/// the connection and `read` for each read; returns (status, body).
+pub fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    connect: Duration,
+    read: Duration,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, connect)?;
+    s.set_read_timeout(Some(read))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    Ok((code, body))
+}
+
+/// [`http_get`] from inside `netns_name` (1 s to connect, 3 s per read).
 pub fn http_get_in(netns_name: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    netns::run_in(netns_name, move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)?;
-        let code = buf
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|x| x.1)
-            .unwrap_or("")
-            .to_string();
-        Ok((code, body))
+    netns::run_in(netns_name, || {
+        Ok(http_get(
+            addr,
+            path,
+            Duration::from_secs(1),
+            Duration::from_secs(3),
+        )?)
     })
+}
+
+/// The value of one sample of an OpenMetrics/Prometheus text (`sample` is the exact name,
+/// labels included).
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// The MAC address of `ifname` in `netns_name` (from `ip -o link show`).
+pub fn mac_of(netns_name: &str, ifname: &str) -> Result<String> {
+    let out = netns::ip_in(netns_name, &["-o", "link", "show", ifname])?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_string)
+        .with_context(|| format!("no MAC in {out}"))
 }
 
 /// Metric names (no labels, no comments) in an OpenMetrics/Prometheus text.
@@ -161,6 +198,167 @@ pub fn metrics_show_announcer(text: &str) -> bool {
     })
 }
 
+/// The `palisade agent` of every lab node. Each runs inside its node's namespace, listens on
+/// `<node IP>:`[`AGENT_PORT`] and is asked over HTTP from `probe_netns` (a LAN host, e.g. the
+/// control plane's). Every run of a node's agent logs to `<dir>/agent-<node>-<run>.log`.
+/// Agents are SIGKILLed when dropped; [`LabCluster`] and the L2 failover tests build on this.
+pub struct LabAgents {
+    bin: PathBuf,
+    dir: PathBuf,
+    probe_netns: String,
+    nodes: Vec<NodeHandle>,
+    running: BTreeMap<String, LabProcess>,
+    logs: BTreeMap<String, Vec<PathBuf>>,
+}
+
+impl LabAgents {
+    /// No agent runs yet; `bin` is the `palisade` binary, `dir` takes the logs.
+    pub fn new(bin: PathBuf, dir: &Path, probe_netns: &str, nodes: &[NodeHandle]) -> LabAgents {
+        LabAgents {
+            bin,
+            dir: dir.to_path_buf(),
+            probe_netns: probe_netns.to_string(),
+            nodes: nodes.to_vec(),
+            running: BTreeMap::new(),
+            logs: BTreeMap::new(),
+        }
+    }
+
+    fn node(&self, name: &str) -> Result<&NodeHandle> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("the lab has no node {name}"))
+    }
+
+    /// Starts (or restarts) the agent of `node`: `palisade agent --node-name <node>
+    /// --kubeconfig <kubeconfig> --listen-addr <node IP>:9476 <flags>`, in a new log.
+    pub fn start(&mut self, node: &str, kubeconfig: &Path, flags: &[&str]) -> Result<()> {
+        ensure!(
+            !self.running(node),
+            "the agent of {node} is running already"
+        );
+        let n = self.node(node)?.clone();
+        let runs = self.logs.entry(node.to_string()).or_default();
+        let name = format!("agent-{node}-{}", runs.len() + 1);
+        let log = self.dir.join(format!("{name}.log"));
+        runs.push(log.clone());
+        let bin = self.bin.display().to_string();
+        let kubeconfig = kubeconfig.display().to_string();
+        let listen = format!("{}:{AGENT_PORT}", n.ip);
+        let mut argv: Vec<&str> = vec![
+            &bin,
+            "agent",
+            "--node-name",
+            node,
+            "--kubeconfig",
+            &kubeconfig,
+            "--listen-addr",
+            &listen,
+        ];
+        argv.extend_from_slice(flags);
+        let process = LabProcess::spawn(&name, &n.netns, &argv, &log)?;
+        self.running.insert(node.to_string(), process);
+        Ok(())
+    }
+
+    /// SIGKILLs and reaps the agent of `node`; `false` if it had none.
+    pub fn kill(&mut self, node: &str) -> Result<bool> {
+        match self.running.remove(node) {
+            Some(mut p) => p.kill().map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// SIGKILLs every agent.
+    pub fn kill_all(&mut self) {
+        for (_, mut p) in std::mem::take(&mut self.running) {
+            let _ = p.kill();
+        }
+    }
+
+    /// Whether the agent process of `node` is running.
+    pub fn running(&mut self, node: &str) -> bool {
+        self.running
+            .get_mut(node)
+            .is_some_and(|p| matches!(p.try_status(), Ok(None)))
+    }
+
+    /// Everything the agent of `node` logged, each run under a line naming its file.
+    pub fn log(&self, node: &str) -> String {
+        let mut out = String::new();
+        for path in self.logs.get(node).into_iter().flatten() {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                out.push_str(&format!("---- {} ----\n{text}", path.display()));
+            }
+        }
+        out
+    }
+
+    /// The last `lines` lines of every run's log, for failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for (node, paths) in &self.logs {
+            for path in paths {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "==== {node}: last {lines} lines of {} ====\n{}\n",
+                    path.display(),
+                    all[all.len().saturating_sub(lines)..].join("\n")
+                ));
+            }
+        }
+        out
+    }
+
+    /// The lines of every agent log that mention a panic, as `node: line`.
+    pub fn panics(&self) -> Vec<String> {
+        self.logs
+            .keys()
+            .flat_map(|n| {
+                self.log(n)
+                    .lines()
+                    .filter(|l| l.contains("panicked"))
+                    .map(|l| format!("{n}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// `GET path` on the agent of `node` (from `probe_netns`).
+    pub fn get(&self, node: &str, path: &str) -> Result<(u16, String)> {
+        let ip = self.node(node)?.ip;
+        http_get_in(&self.probe_netns, SocketAddr::from((ip, AGENT_PORT)), path)
+    }
+
+    /// Waits until the agent of `node` answers `/readyz` with 200; fails at once when it
+    /// exits, and after `timeout`, with its log.
+    pub fn wait_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        let ready = poll(timeout, Duration::from_millis(50), || {
+            if !self.running(node) {
+                bail!("the agent of {node} exited:\n{}", self.log(node));
+            }
+            Ok(matches!(self.get(node, "/readyz"), Ok((200, _))).then_some(()))
+        })?;
+        ensure!(
+            ready.is_some(),
+            "the agent of {node} is not ready after {timeout:?}:\n{}",
+            self.log(node)
+        );
+        Ok(())
+    }
+
+    /// One sample of the agent's `/metrics` (exact name, labels included).
+    pub fn metric(&self, node: &str, sample: &str) -> Option<f64> {
+        let (code, body) = self.get(node, "/metrics").ok()?;
+        if code != 200 {
+            return None;
+        }
+        metric_value(&body, sample)
+    }
+}
+
 impl LabCluster {
     /// Builds the lab (nodes, client, control plane), registers the Nodes and starts the
     /// kubelet loop and (per spec) the agents, waiting until they are ready.
@@ -175,17 +373,15 @@ impl LabCluster {
         let dir = lab.tmp_dir().to_path_buf();
         let lab = Arc::new(Mutex::new(lab));
         let mut cluster = LabCluster {
-            agents: BTreeMap::new(),
+            agents: LabAgents::new(bin, &dir, &cp_host.netns, &nodes),
             kubelet: None,
             cp: None,
             lab: lab.clone(),
             spec: spec.clone(),
-            bin,
             prefix,
             cp_netns: cp_host.netns.clone(),
             client,
             nodes,
-            agent_starts: 0,
             outage: ApiOutage::Off,
             l2,
         };
@@ -261,7 +457,7 @@ impl LabCluster {
     }
 
     /// The lab's nodes.
-    pub fn nodes(&self) -> &[crate::lab::NodeHandle] {
+    pub fn nodes(&self) -> &[NodeHandle] {
         &self.nodes
     }
 
@@ -283,37 +479,31 @@ impl LabCluster {
         self.kubelet.as_ref()
     }
 
-    fn node(&self, name: &str) -> Result<&crate::lab::NodeHandle> {
+    fn node(&self, name: &str) -> Result<&NodeHandle> {
         self.nodes
             .iter()
             .find(|n| n.name == name)
             .with_context(|| format!("the lab has no node {name}"))
     }
 
+    /// The agents.
+    pub fn agents(&self) -> &LabAgents {
+        &self.agents
+    }
+
     /// `GET path` on the node's agent (from the control-plane host).
     pub fn agent_get(&self, node: &str, path: &str) -> Result<(u16, String)> {
-        let ip = self.node(node)?.ip;
-        http_get_in(&self.cp_netns, SocketAddr::from((ip, AGENT_PORT)), path)
+        self.agents.get(node, path)
     }
 
     /// Whether the node's agent process is running.
     pub fn agent_running(&mut self, node: &str) -> bool {
-        self.agents
-            .get_mut(node)
-            .is_some_and(|p| matches!(p.try_status(), Ok(None)))
+        self.agents.running(node)
     }
 
     /// Everything the node's agent (all its runs) logged.
     pub fn agent_log(&self, node: &str) -> String {
-        let dir = self.lab().tmp_dir().to_path_buf();
-        let mut out = String::new();
-        for run in 1..=self.agent_starts {
-            let path = dir.join(format!("agent-{node}-{run}.log"));
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                out.push_str(&format!("---- {} ----\n{text}", path.display()));
-            }
-        }
-        out
+        self.agents.log(node)
     }
 
     fn resolve(&self, peer: &Peer) -> Result<Endpoint> {
@@ -327,34 +517,14 @@ impl LabCluster {
             }
         }
     }
-
-    fn node_mac(&self, node: &crate::lab::NodeHandle) -> Result<String> {
-        let out = netns::ip_in(&node.netns, &["-o", "link", "show", "eth0"])?;
-        out.split_whitespace()
-            .skip_while(|w| *w != "link/ether")
-            .nth(1)
-            .map(str::to_string)
-            .with_context(|| format!("no MAC in {out}"))
-    }
 }
 
 impl Drop for LabCluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-            for node in names {
-                let log = self.agent_log(&node);
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(60)..];
-                eprintln!(
-                    "==== last lines of the {node} agent's log ====\n{}",
-                    tail.join("\n")
-                );
-            }
+            eprintln!("{}", self.agents.log_tails(60));
         }
-        for (_, mut agent) in std::mem::take(&mut self.agents) {
-            let _ = agent.kill();
-        }
+        self.agents.kill_all();
         if self.outage != ApiOutage::Off {
             // So the kubelet's pass in flight ends now rather than at its call timeout.
             if let Some(cp) = &self.cp {
@@ -675,72 +845,31 @@ impl Cluster for LabCluster {
         let netns = self.node(node)?.netns.clone();
         // As a container runtime would: every process of the node's "container".
         self.lab().kill_all_in(&netns)?;
-        if let Some(mut agent) = self.agents.remove(node) {
-            agent.kill()?;
-        }
+        self.agents.kill(node)?;
         Ok(())
     }
 
     fn start_agent(&mut self, node: &str) -> Result<()> {
-        ensure!(
-            !self.agent_running(node),
-            "the agent of {node} is running already"
-        );
-        let n = self.node(node)?.clone();
-        self.agent_starts += 1;
-        let kubeconfig = self
-            .control_plane()
-            .agent_kubeconfig()
-            .display()
-            .to_string();
-        let listen = format!("{}:{AGENT_PORT}", n.ip);
-        let bin = self.bin.display().to_string();
-        let mut argv: Vec<String> = vec![
-            bin,
-            "agent".into(),
-            "--node-name".into(),
-            n.name.clone(),
-            "--kubeconfig".into(),
-            kubeconfig,
-            "--listen-addr".into(),
-            listen,
-            "--pod-namespace".into(),
-            SYSTEM_NAMESPACE.into(),
-            "--enable-netpol=true".into(),
-            "--enable-loadbalancer=true".into(),
-            "--log-level".into(),
-            self.spec.agent_log_level.clone(),
+        let kubeconfig = self.control_plane().agent_kubeconfig().to_path_buf();
+        let mut flags: Vec<&str> = vec![
+            "--pod-namespace",
+            SYSTEM_NAMESPACE,
+            "--enable-netpol=true",
+            "--enable-loadbalancer=true",
+            "--log-level",
+            &self.spec.agent_log_level,
         ];
-        argv.extend(FAST_AGENT_FLAGS.iter().map(|s| s.to_string()));
+        flags.extend_from_slice(FAST_LEASE_FLAGS);
+        flags.extend_from_slice(FAST_SYNC_FLAGS);
         if self.l2 {
-            argv.push("--enable-l2=true".into());
+            flags.push("--enable-l2=true");
         }
-        argv.extend(self.spec.agent_args.iter().cloned());
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        // One log per run, so a restart's log starts clean (agent_log joins them).
-        let name = format!("agent-{node}-{}", self.agent_starts);
-        let process = self.lab().spawn_in(&n.netns, &name, &argv)?;
-        self.agents.insert(node.to_string(), process);
-        Ok(())
+        flags.extend(self.spec.agent_args.iter().map(String::as_str));
+        self.agents.start(node, &kubeconfig, &flags)
     }
 
     fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if !self.agent_running(node) {
-                bail!("the agent of {node} exited:\n{}", self.agent_log(node));
-            }
-            if let Ok((200, _)) = self.agent_get(node, "/readyz") {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the agent of {node} is not ready after {timeout:?}:\n{}",
-                    self.agent_log(node)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.agents.wait_ready(node, timeout)
     }
 
     fn isolate_node(&mut self, node: &str, isolated: bool) -> Result<()> {
@@ -804,7 +933,7 @@ impl Cluster for LabCluster {
             .map(str::to_ascii_lowercase);
         let Some(mac) = mac else { return Ok(None) };
         for node in &self.nodes {
-            if self.node_mac(node)?.eq_ignore_ascii_case(&mac) {
+            if mac_of(&node.netns, "eth0")?.eq_ignore_ascii_case(&mac) {
                 return Ok(Some(node.name.clone()));
             }
         }
@@ -842,6 +971,51 @@ impl Cluster for LabCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_value_reads_one_exact_sample() {
+        let text = "# HELP palisade_leader leader\npalisade_leader 1\n\
+                    palisade_leader_changes_total 3\n\
+                    palisade_allocator_addresses{pool=\"lan\",family=\"IPv4\"} 51\n";
+        assert_eq!(metric_value(text, "palisade_leader"), Some(1.0));
+        assert_eq!(
+            metric_value(
+                text,
+                "palisade_allocator_addresses{pool=\"lan\",family=\"IPv4\"}"
+            ),
+            Some(51.0)
+        );
+        assert_eq!(metric_value(text, "palisade_allocator_addresses"), None);
+        assert_eq!(metric_value(text, "palisade_missing"), None);
+    }
+
+    #[test]
+    fn http_get_returns_status_and_body() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut byte = [0u8];
+            while !request.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
+                request.push(byte[0]);
+            }
+            s.write_all(b"HTTP/1.0 503 Service Unavailable\r\nX: y\r\n\r\nnot ready\n")
+                .unwrap();
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let got = http_get(
+            addr,
+            "/readyz",
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
+        assert_eq!(got.unwrap(), (503, "not ready\n".to_string()));
+        assert!(server
+            .join()
+            .unwrap()
+            .starts_with("GET /readyz HTTP/1.0\r\n"));
+    }
 
     #[test]
     fn announcer_detection_reads_metric_names_only() {

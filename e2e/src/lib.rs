@@ -7,6 +7,7 @@
 //!         │            real cluster) and a blocking JSON client
 //!         ├─ kubelet   the lab plays kubelet, the EndpointSlice controller and kube-proxy
 //!         ├─ lab_cluster  lab + control plane + kubelet + one real `palisade agent` per node
+//!         │            (`LabAgents`: the agents alone, for other harnesses; `http_get`)
 //!         ├─ cluster   the `Cluster` trait the e2e scenarios are written against
 //!         ├─ scenarios the e2e scenarios (tests/e2e_*.rs run them)
 //!         ├─ kind      the same trait over kubectl/docker against a kind cluster
@@ -44,9 +45,9 @@ pub mod scenarios;
 pub mod sctp;
 pub mod server;
 
-pub use cluster::{ApiOutage, Cluster, Peer};
+pub use cluster::{poll, ApiOutage, Cluster, Peer};
 pub use lab::{Endpoint, Lab, LabSpec, NodeHandle, PodHandle};
-pub use lab_cluster::{LabCluster, LabClusterSpec};
+pub use lab_cluster::{http_get, http_get_in, metric_value, LabAgents, LabCluster, LabClusterSpec};
 pub use matrix::Matrix;
 pub use probe::Outcome;
 pub use process::LabProcess;

@@ -39,10 +39,6 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
 fn row(what: &str, samples: &[Duration], note: &str) {
     let (p50, p90, max) = stats(samples);
     println!(
@@ -78,6 +74,28 @@ impl Bench {
         owners.iter().map(|(v, n)| (*v, self.c.mac(n))).collect()
     }
 
+    /// A wire on `targets` that has seen `expect` answer alone for 10 rounds, then TCP probes
+    /// of `vip` (every 20 ms, 200 ms timeout) running for 200 ms: ready for a failover.
+    fn armed(
+        &self,
+        targets: &[IpAddr],
+        expect: &BTreeMap<IpAddr, pnet::datalink::MacAddr>,
+        vip: IpAddr,
+        what: &str,
+    ) -> Result<(Wire, TcpProber)> {
+        let wire = self.c.start_wire(targets, Duration::from_secs(120))?;
+        wire.wait_stable(expect, Instant::now(), 10, Duration::from_secs(30))
+            .with_context(|| format!("stable before the {what}"))?;
+        let tcp = self.c.start_tcp(
+            &[vip],
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok((wire, tcp))
+    }
+
     /// SIGKILL of the owner of vips[0] → first TCP connection served by the new owner.
     fn kill_runs(&mut self, runs: u64) -> Result<()> {
         let vip = self.vips[0];
@@ -91,16 +109,7 @@ impl Bench {
         let mut status_s = Vec::new();
         let expect: BTreeMap<_, _> = [(vip, self.c.mac(&w0))].into();
         for run in 0..runs {
-            let wire = self.c.start_wire(&[vip], Duration::from_secs(120))?;
-            wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(30))
-                .context("stable before the kill")?;
-            let tcp = self.c.start_tcp(
-                &[vip],
-                Duration::from_millis(20),
-                Duration::from_millis(200),
-                Duration::from_secs(60),
-            )?;
-            std::thread::sleep(Duration::from_millis(200));
+            let (wire, tcp) = self.armed(&[vip], &expect, vip, "kill")?;
             let t_kill = self.c.kill_agent(&w0)?;
             let served = poll(Duration::from_secs(15), Duration::from_millis(5), || {
                 Ok(tcp.first_served_by(vip, &w1, t_kill))
@@ -138,7 +147,7 @@ impl Bench {
             // Restart; the restarted node is the hash winner and takes the VIP back.
             self.c.start_agent(&w0)?;
             let t_restart = Instant::now();
-            self.c.wait_ready(&w0, Duration::from_secs(30))?;
+            self.c.agents.wait_ready(&w0, Duration::from_secs(30))?;
             wire.wait_stable(&expect, t_restart, 10, Duration::from_secs(30))
                 .context("stable after the restart")?;
             let log = wire.finish()?;
@@ -194,16 +203,7 @@ impl Bench {
         let mut spurious_total = 0;
         let mut overlap_rounds = 0;
         for run in 0..runs {
-            let wire = self.c.start_wire(&self.vips, Duration::from_secs(120))?;
-            wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(30))
-                .context("stable before the cut")?;
-            let tcp = self.c.start_tcp(
-                &[vip],
-                Duration::from_millis(20),
-                Duration::from_millis(200),
-                Duration::from_secs(60),
-            )?;
-            std::thread::sleep(Duration::from_millis(200));
+            let (wire, tcp) = self.armed(&self.vips, &expect, vip, "cut")?;
             let t_cut = Instant::now();
             self.c.set_link(&w0, false)?;
             let served = poll(Duration::from_secs(15), Duration::from_millis(5), || {
@@ -323,6 +323,7 @@ impl Bench {
         );
         for n in self.all.clone() {
             self.c
+                .agents
                 .wait_ready(&n, Duration::from_secs(60))
                 .with_context(|| format!("{n} ready after the outage"))?;
         }
@@ -379,13 +380,13 @@ fn main() -> Result<()> {
         anyhow::Ok(())
     })();
     if std::env::var("L2_BENCH_LOGS").is_ok_and(|v| v == "1") {
-        eprintln!("{}", b.c.log_tails(200));
+        eprintln!("{}", b.c.agents.log_tails(200));
     }
     if let Err(e) = result {
-        eprintln!("{}", b.c.log_tails(60));
+        eprintln!("{}", b.c.agents.log_tails(60));
         return Err(e);
     }
-    let panics = b.c.panics();
+    let panics = b.c.agents.panics();
     if !panics.is_empty() {
         bail!("agents panicked: {panics:?}");
     }

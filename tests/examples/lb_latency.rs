@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::PostParams;
-use palisade_testapi::{Store, TestApiServer};
-use palisade_tests::{wait_for, AgentProc, TempDir, FAST_LEASE};
+use palisade_testapi::Store;
+use palisade_tests::{lb_agent_with, wait_for, Api, TempDir};
 use serde_json::{json, Value};
 
 const NS: &str = "bench";
@@ -79,17 +79,12 @@ fn ms(d: Duration) -> String {
 
 /// One configuration: fresh API server, `existing` allocated Services, one agent.
 fn run(existing: usize, interval: &str, samples: usize) -> Result<(Stats, Duration)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let server = rt.block_on(TestApiServer::start("127.0.0.1:0".parse()?))?;
-    let store = server.store().clone();
-    for ns in ["palisade-system", NS] {
-        store
-            .put_object(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    }
+    // With the palisade-system Namespace.
+    let api = Api::start();
+    let store = api.server.store().clone();
+    store
+        .put_object(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     store
         .put_object(
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
@@ -112,29 +107,19 @@ fn run(existing: usize, interval: &str, samples: usize) -> Result<(Stats, Durati
     }
 
     let dir = TempDir::new("lb-latency");
-    let kc = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kc)?;
-    let mut args = vec![
-        "--node-name",
-        "node-a",
-        "--pod-name",
-        "node-a",
-        "--enable-netpol=false",
-        // Root network namespace: never answer ARP here nor open the membership port.
-        "--enable-l2=false",
-        "--kubeconfig",
-        kc.to_str().unwrap(),
-    ];
-    args.extend_from_slice(FAST_LEASE);
-    if interval != "default" {
-        args.extend_from_slice(&["--sync-min-interval", interval]);
-    }
+    let kc = api.kubeconfig(&dir);
+    let flags: &[&str] = if interval == "default" {
+        &[]
+    } else {
+        &["--sync-min-interval", interval]
+    };
     // Production log level (info): every IPAllocated is also a log line.
-    let agent = AgentProc::spawn(
-        "bench",
-        &args,
+    let agent = lb_agent_with(
+        "node-a",
+        &kc,
+        &dir,
+        flags,
         &[("PALISADE_LOG_LEVEL", "info")],
-        dir.path(),
     );
     let t0 = Instant::now();
     if !agent.wait_ready(Duration::from_secs(60)) {
@@ -155,17 +140,17 @@ fn run(existing: usize, interval: &str, samples: usize) -> Result<(Stats, Durati
     // Let the start-up passes (pool status writes and the pass they trigger) settle.
     std::thread::sleep(Duration::from_millis(500));
 
-    let client = rt.block_on(async {
-        let cfg = kube::Config::new(server.url().parse()?);
+    let client = api.block_on(async {
+        let cfg = kube::Config::new(api.server.url().parse()?);
         anyhow::Ok(kube::Client::try_from(cfg)?)
     })?;
-    let api: kube::Api<Service> = kube::Api::namespaced(client, NS);
+    let services: kube::Api<Service> = kube::Api::namespaced(client, NS);
     let mut lat = Vec::with_capacity(samples);
     for i in 0..samples {
         let name = format!("new-{i:04}");
         let svc: Service = serde_json::from_value(service(&name, None))?;
         let start = Instant::now();
-        rt.block_on(api.create(&PostParams::default(), &svc))
+        api.block_on(services.create(&PostParams::default(), &svc))
             .with_context(|| format!("create {name}"))?;
         loop {
             if let Some(ip) = status_ip(&store, &name) {

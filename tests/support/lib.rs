@@ -1,13 +1,16 @@
 //! Shared helpers for the integration tests: locating and driving the real `palisade`
-//! binary, plain HTTP probes of its health/metrics endpoints, and polling with deadlines.
+//! binary, plain HTTP probes of its health/metrics endpoints (palisade-e2e's [`http_get`]),
+//! polling with deadlines, and running lab tests.
 #![forbid(unsafe_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use palisade_e2e::lab_cluster::FAST_LEASE_FLAGS;
+use palisade_e2e::{http_get, lab_ready, metric_value, poll};
 use palisade_testapi::TestApiServer;
 use serde_json::json;
 
@@ -41,36 +44,27 @@ pub fn free_port() -> u16 {
 
 /// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll(timeout, Duration::from_millis(50), || Ok(f())).expect("an infallible poll")
 }
 
-/// `GET path` over HTTP/1.0; returns (status code, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    Ok((code, body))
+/// Runs a lab test: skips it where the lab cannot run ([`lab_ready`] says why), builds what
+/// it runs on (a lab, or a cluster on one) with `build`, runs `body` on that and panics with
+/// the whole error chain while it is still up (it is torn down as the panic unwinds), then
+/// prints the time taken.
+pub fn run_lab_test<T>(
+    test: &str,
+    build: impl FnOnce() -> anyhow::Result<T>,
+    body: impl FnOnce(&mut T) -> anyhow::Result<()>,
+) {
+    if !lab_ready(test) {
+        return;
+    }
+    let started = Instant::now();
+    let mut fixture = build().unwrap_or_else(|e| panic!("{test}: building the lab: {e:#}"));
+    if let Err(e) = body(&mut fixture) {
+        panic!("{test} failed: {e:#}");
+    }
+    println!("{test}: passed in {:?}", started.elapsed());
 }
 
 /// A running `palisade agent` process; killed on drop. Its stderr (the log) goes to a file.
@@ -110,8 +104,15 @@ impl AgentProc {
         }
     }
 
+    /// `GET path` (2 s to connect, 5 s per read).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        http_get(self.listen, path).ok()
+        http_get(
+            self.listen,
+            path,
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        )
+        .ok()
     }
 
     /// Waits until `/readyz` answers 200.
@@ -125,11 +126,7 @@ impl AgentProc {
     /// The value of one sample line of `/metrics` (exact name including labels).
     pub fn metric(&self, sample: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;
-        body.lines().find_map(|l| {
-            l.strip_prefix(sample)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
+        metric_value(&body, sample)
     }
 
     pub fn logs(&self) -> String {
@@ -197,16 +194,22 @@ pub fn is_root() -> bool {
 /// Starts with the `palisade-system` namespace.
 pub struct Api {
     pub server: TestApiServer,
-    _rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
+}
+
+/// A multi-threaded tokio runtime with `workers` threads, for a blocking test to drive
+/// async code (API servers, kube clients) on.
+pub fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 impl Api {
     pub fn start() -> Api {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime(2);
         let server = rt
             .block_on(TestApiServer::start("127.0.0.1:0".parse().unwrap()))
             .expect("start test API server");
@@ -217,7 +220,12 @@ impl Api {
                 "metadata": {"name": "palisade-system"}
             }))
             .expect("namespace");
-        Api { server, _rt: rt }
+        Api { server, rt }
+    }
+
+    /// Runs `fut` to completion on the API server's runtime.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        self.rt.block_on(fut)
     }
 
     pub fn kubeconfig(&self, dir: &TempDir) -> String {
@@ -239,18 +247,19 @@ impl Api {
     }
 }
 
-/// Fast leader-election timings for tests.
-pub const FAST_LEASE: &[&str] = &[
-    "--lease-duration",
-    "2s",
-    "--lease-renew-deadline",
-    "1500ms",
-    "--lease-retry-period",
-    "200ms",
-];
-
 /// An agent with only the LoadBalancer side on (no root, no firewall changes).
 pub fn lb_agent(name: &str, kubeconfig: &str, dir: &TempDir) -> AgentProc {
+    lb_agent_with(name, kubeconfig, dir, &[], &[])
+}
+
+/// [`lb_agent`] with more flags and environment.
+pub fn lb_agent_with(
+    name: &str,
+    kubeconfig: &str,
+    dir: &TempDir,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> AgentProc {
     let mut args = vec![
         "--node-name",
         name,
@@ -263,6 +272,7 @@ pub fn lb_agent(name: &str, kubeconfig: &str, dir: &TempDir) -> AgentProc {
         "--kubeconfig",
         kubeconfig,
     ];
-    args.extend_from_slice(FAST_LEASE);
-    AgentProc::spawn(name, &args, &[], dir.path())
+    args.extend_from_slice(FAST_LEASE_FLAGS);
+    args.extend_from_slice(flags);
+    AgentProc::spawn(name, &args, env, dir.path())
 }

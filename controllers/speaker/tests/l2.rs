@@ -100,6 +100,15 @@ struct Lab {
 }
 
 impl Lab {
+    /// [`Lab::new`] where the test can run; `None` (after printing why) where it cannot.
+    fn for_test(nodes: usize, second_segment: bool) -> Option<Lab> {
+        if let Some(why) = skip_reason() {
+            println!("{why}");
+            return None;
+        }
+        Some(Lab::new(nodes, second_segment))
+    }
+
     /// The LAN, `nodes` nodes and the client; with `second_segment`, node 1 and the client
     /// also share a second LAN on their `eth1`.
     fn new(nodes: usize, second_segment: bool) -> Lab {
@@ -241,6 +250,14 @@ impl Lab {
         let mut words = out.split_whitespace();
         words.find(|w| *w == "lladdr")?;
         words.next()?.parse().ok()
+    }
+
+    /// Waits (2 s, polling every 10 ms) until the client's neighbour entry for `ip` on `eth0`
+    /// is `mac`; returns how long that took.
+    fn wait_client_neighbour(&self, ip: IpAddr, mac: MacAddr) -> Option<Duration> {
+        wait_until(Duration::from_secs(2), || {
+            self.client_neighbour(ip, "eth0") == Some(mac)
+        })
     }
 }
 
@@ -422,6 +439,25 @@ impl Capture {
     }
 }
 
+/// Captures what `speaker` announces when it gains `ip` on `eth0`: until it has sent `frames`
+/// gratuitous frames (3 s at most), plus 100 ms for them to reach the capture. Returns when
+/// `set_owned` was called, and the frames.
+fn capture_gain(
+    lab: &Lab,
+    speaker: &Speaker,
+    ip: &str,
+    frames: u64,
+) -> (Instant, Vec<(Instant, Observed)>) {
+    let capture = Capture::start(lab);
+    let t0 = Instant::now();
+    speaker.set_owned(owned(&[(ip, &["eth0"])])).unwrap();
+    wait_until(Duration::from_secs(3), || {
+        speaker.stats().gratuitous_sent >= frames
+    });
+    std::thread::sleep(Duration::from_millis(100)); // in flight to the capture
+    (t0, capture.finish())
+}
+
 /// Lets the client's kernel resolve `ip` (a UDP datagram to the discard port).
 fn client_sends_to(lab: &Lab, ip: IpAddr) {
     in_netns(&lab.ns("cl"), move || {
@@ -471,11 +507,9 @@ fn v4(s: &str) -> Ipv4Addr {
 /// answered exactly once, by the winner's MAC; an IP nobody owns is not answered.
 #[test]
 fn arp_is_answered_by_the_elected_node_only() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(3, false) else {
         return;
-    }
-    let lab = Lab::new(3, false);
+    };
     let names = ["node-1", "node-2", "node-3"];
     let shorts = ["n1", "n2", "n3"];
     let macs: Vec<MacAddr> = shorts.iter().map(|s| lab.mac(s, "eth0")).collect();
@@ -539,22 +573,14 @@ fn arp_is_answered_by_the_elected_node_only() {
 /// returns; moving it to another node moves the client kernel's neighbour entry by GARP alone.
 #[test]
 fn gratuitous_arp_and_failover_move_the_clients_neighbour() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(2, false) else {
         return;
-    }
-    let lab = Lab::new(2, false);
+    };
     let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
     let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
     let vip = v4("198.51.100.200");
 
-    let capture = Capture::start(&lab);
-    let t0 = Instant::now();
-    s1.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
-        .unwrap();
-    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 6);
-    std::thread::sleep(Duration::from_millis(100)); // in flight to the capture
-    let seen = capture.finish();
+    let (t0, seen) = capture_gain(&lab, &s1, "198.51.100.200", 6);
     let requests: Vec<Duration> = seen
         .iter()
         .filter(|(_, o)| *o == Observed::GarpRequest { ip: vip, mac: mac1 })
@@ -591,10 +617,8 @@ fn gratuitous_arp_and_failover_move_the_clients_neighbour() {
 
     // The client's kernel resolves the VIP to node 1.
     client_sends_to(&lab, vip.into());
-    wait_until(Duration::from_secs(2), || {
-        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
-    })
-    .expect("client resolves the VIP to node 1");
+    lab.wait_client_neighbour(vip.into(), mac1)
+        .expect("client resolves the VIP to node 1");
 
     // Loss: no answer from the moment set_owned returns.
     s1.set_owned(Owned::new()).unwrap();
@@ -605,10 +629,9 @@ fn gratuitous_arp_and_failover_move_the_clients_neighbour() {
     // Node 2 takes over; only gratuitous ARP tells the client.
     s2.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
         .unwrap();
-    let moved = wait_until(Duration::from_secs(2), || {
-        lab.client_neighbour(vip.into(), "eth0") == Some(mac2)
-    })
-    .expect("client neighbour entry moves to node 2");
+    let moved = lab
+        .wait_client_neighbour(vip.into(), mac2)
+        .expect("client neighbour entry moves to node 2");
     println!("failover: client neighbour entry moved {moved:?} after set_owned");
     let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &[vip]);
     assert_eq!(answers[&vip], vec![mac2]);
@@ -637,11 +660,9 @@ fn gratuitous_arp_and_failover_move_the_clients_neighbour() {
 /// A VIP is answered only on the interfaces configured for it.
 #[test]
 fn requests_on_other_interfaces_are_ignored() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(1, true) else {
         return;
-    }
-    let lab = Lab::new(1, true);
+    };
     let (eth0, eth1) = (lab.mac("n1", "eth0"), lab.mac("n1", "eth1"));
     let s1 = lab.speaker("n1");
     let (a, b) = (v4("198.51.100.200"), v4("198.51.101.200"));
@@ -682,11 +703,9 @@ fn requests_on_other_interfaces_are_ignored() {
 /// unroutable IPs are reported while everything else is applied.
 #[test]
 fn default_interface_follows_the_route_and_errors_are_partial() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(1, true) else {
         return;
-    }
-    let lab = Lab::new(1, true);
+    };
     let eth1 = lab.mac("n1", "eth1");
     let s1 = lab.speaker("n1");
     let err = s1
@@ -713,22 +732,15 @@ fn default_interface_follows_the_route_and_errors_are_partial() {
 /// advertisements announce a gain, and the client's neighbour entry follows a failover.
 #[test]
 fn ndp_is_answered_by_the_owner_and_follows_failover() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(2, false) else {
         return;
-    }
-    let lab = Lab::new(2, false);
+    };
     let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
     let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
     let vip: Ipv6Addr = "fd00:51:100::200".parse().unwrap();
     let client: Ipv6Addr = CLIENT.2.parse().unwrap();
 
-    let capture = Capture::start(&lab);
-    s1.set_owned(owned(&[("fd00:51:100::200", &["eth0"])]))
-        .unwrap();
-    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 3);
-    std::thread::sleep(Duration::from_millis(100)); // in flight to the capture
-    let seen = capture.finish();
+    let (_, seen) = capture_gain(&lab, &s1, "fd00:51:100::200", 3);
     let unsolicited = seen
         .iter()
         .filter(|(_, o)| {
@@ -748,18 +760,15 @@ fn ndp_is_answered_by_the_owner_and_follows_failover() {
     assert!(ndp_answers(&lab, client, nobody).is_empty());
 
     client_sends_to(&lab, vip.into());
-    wait_until(Duration::from_secs(2), || {
-        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
-    })
-    .expect("client kernel resolves the IPv6 VIP to node 1");
+    lab.wait_client_neighbour(vip.into(), mac1)
+        .expect("client kernel resolves the IPv6 VIP to node 1");
 
     s1.set_owned(Owned::new()).unwrap();
     assert!(ndp_answers(&lab, client, vip).is_empty());
     s2.set_owned(owned(&[("fd00:51:100::200", &[])])).unwrap();
-    let moved = wait_until(Duration::from_secs(2), || {
-        lab.client_neighbour(vip.into(), "eth0") == Some(mac2)
-    })
-    .expect("unsolicited NA moves the client's neighbour entry to node 2");
+    let moved = lab
+        .wait_client_neighbour(vip.into(), mac2)
+        .expect("unsolicited NA moves the client's neighbour entry to node 2");
     println!("IPv6 failover: neighbour entry moved {moved:?} after set_owned");
     wait_until(Duration::from_secs(3), || s2.stats().gratuitous_sent >= 3); // past its rounds
     assert_eq!(ndp_answers(&lab, client, vip), vec![(mac2, true, true)]);
@@ -769,11 +778,9 @@ fn ndp_is_answered_by_the_owner_and_follows_failover() {
 /// responder; when it comes back the IP is answered again and re-announced gratuitously.
 #[test]
 fn link_flap_reannounces() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(1, false) else {
         return;
-    }
-    let lab = Lab::new(1, false);
+    };
     let mac1 = lab.mac("n1", "eth0");
     let s1 = lab.speaker("n1");
     let vip = v4("198.51.100.200");
@@ -858,10 +865,9 @@ fn round_trips(
 #[test]
 #[ignore]
 fn bench_l2() {
-    if let Some(why) = skip_reason() {
-        println!("{why}");
+    let Some(lab) = Lab::for_test(2, false) else {
         return;
-    }
+    };
     // Pure election cost.
     let nodes: Vec<String> = (0..100).map(|i| format!("node-{i:03}")).collect();
     let refs: Vec<&str> = nodes.iter().map(String::as_str).collect();
@@ -877,7 +883,6 @@ fn bench_l2() {
         println!("election: 10,000 IPs x {k} nodes: {:?}", t.elapsed());
     }
 
-    let lab = Lab::new(2, false);
     let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
     let (s1, s2) = (lab.speaker("n1"), lab.speaker("n2"));
     s1.set_owned(owned(&[
@@ -913,10 +918,8 @@ fn bench_l2() {
 
     // Failover: client kernel's neighbour entry follows GARP.
     client_sends_to(&lab, vip.into());
-    wait_until(Duration::from_secs(2), || {
-        lab.client_neighbour(vip.into(), "eth0") == Some(mac1)
-    })
-    .expect("resolved");
+    lab.wait_client_neighbour(vip.into(), mac1)
+        .expect("resolved");
     let mut moves = Vec::new();
     let mut calls = Vec::new();
     let (mut from, mut to, mut to_mac) = (&s1, &s2, mac2);
@@ -926,10 +929,8 @@ fn bench_l2() {
         to.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
             .unwrap();
         calls.push(t.elapsed());
-        wait_until(Duration::from_secs(2), || {
-            lab.client_neighbour(vip.into(), "eth0") == Some(to_mac)
-        })
-        .expect("moved");
+        lab.wait_client_neighbour(vip.into(), to_mac)
+            .expect("moved");
         moves.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(1100)); // past the burst and the ARP locktime
         (from, to, to_mac) = (to, from, if to_mac == mac2 { mac1 } else { mac2 });

@@ -28,7 +28,7 @@ use palisade_e2e::cluster::Cluster;
 use palisade_e2e::demo::{self, DemoOptions};
 use palisade_e2e::lab::{cleanup_all, cleanup_own, cleanup_stale};
 use palisade_e2e::netpol::{NAMESPACES, POD_NAMES};
-use palisade_e2e::{k8s, Lab, LabCluster, LabClusterSpec, LabSpec};
+use palisade_e2e::{k8s, Lab, LabCluster, LabClusterSpec, LabSpec, PodHandle};
 
 const USAGE: &str = "usage: palisade-lab demo [--kubeconfig PATH] [--examples DIR]\n\
                      \x20      palisade-lab up [--nodes N] [--bare] [--kubeconfig PATH]\n\
@@ -217,15 +217,7 @@ fn up(nodes: usize, kubeconfig: Option<PathBuf>, signals: &Signals) -> Result<()
     );
     let mut pods = c.lab().pods().to_vec();
     pods.sort_by_key(|p| p.id());
-    for pod in pods {
-        println!(
-            "  {:<8} {:<15} on node{}  netns {}",
-            pod.id(),
-            pod.ip,
-            pod.node,
-            pod.netns
-        );
-    }
+    print_pods(&pods);
     println!(
         "the API is reachable only inside the lab (JSON only, no OpenAPI), e.g. with kubectl:"
     );
@@ -250,6 +242,19 @@ fn up(nodes: usize, kubeconfig: Option<PathBuf>, signals: &Signals) -> Result<()
     drop(c);
     signals.done.store(true, Ordering::SeqCst);
     Ok(())
+}
+
+/// One line per pod of the `up` listings.
+fn print_pods(pods: &[PodHandle]) {
+    for pod in pods {
+        println!(
+            "  {:<8} {:<15} on node{}  netns {}",
+            pod.id(),
+            pod.ip,
+            pod.node,
+            pod.netns
+        );
+    }
 }
 
 fn up_bare(nodes: usize, signals: &Signals) -> Result<()> {
@@ -277,15 +282,7 @@ fn up_bare(nodes: usize, signals: &Signals) -> Result<()> {
             client.name, client.ip, client.netns
         );
     }
-    for pod in lab.pods() {
-        println!(
-            "  {:<8} {:<15} on node{}  netns {}",
-            pod.id(),
-            pod.ip,
-            pod.node,
-            pod.netns
-        );
-    }
+    print_pods(lab.pods());
     println!(
         "pods serve TCP/UDP {:?} and receive SCTP INITs",
         lab.spec().ports

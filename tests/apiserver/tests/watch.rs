@@ -87,6 +87,27 @@ impl Reflector {
     async fn wait_for(&self, what: &str, want: &[&str]) {
         eventually(what, WAIT, || async { self.names() == want }).await;
     }
+
+    /// Waits until the cached pod `name` has the label `key`.
+    async fn wait_labelled(&self, what: &str, name: &str, key: &str) {
+        eventually(what, WAIT, || async {
+            self.reader
+                .state()
+                .iter()
+                .any(|p| p.name_any() == name && p.labels().contains_key(key))
+        })
+        .await;
+    }
+}
+
+/// The query string of the first watch request the server got.
+fn first_watch_query(server: &TestApiServer) -> String {
+    server
+        .request_log()
+        .into_iter()
+        .find(|r| r.verb == "watch")
+        .expect("a watch request")
+        .query
 }
 
 impl Drop for Reflector {
@@ -125,13 +146,7 @@ async fn reflector_follows_initial_list_then_changes() {
     )
     .await
     .unwrap();
-    eventually("MODIFIED p3", WAIT, || async {
-        r.reader
-            .state()
-            .iter()
-            .any(|p| p.name_any() == "p3" && p.labels().contains_key("x"))
-    })
-    .await;
+    r.wait_labelled("MODIFIED p3", "p3", "x").await;
     server
         .store()
         .delete_object("v1", "Pod", Some("b"), "p2")
@@ -152,16 +167,8 @@ async fn reflector_follows_initial_list_then_changes() {
     );
     assert_eq!(server.count_requests("list", "pods"), 1);
     assert_eq!(server.count_requests("watch", "pods"), 1);
-    let watch = server
-        .request_log()
-        .into_iter()
-        .find(|r| r.verb == "watch")
-        .unwrap();
-    assert!(
-        watch.query.contains("allowWatchBookmarks=true"),
-        "{}",
-        watch.query
-    );
+    let query = first_watch_query(&server);
+    assert!(query.contains("allowWatchBookmarks=true"), "{query}");
 }
 
 async fn collect_events(
@@ -348,13 +355,7 @@ async fn expired_resource_version_makes_the_watcher_relist() {
     server.set_outage(Outage::Off);
 
     r.wait_for("relisted state", &["p2", "p3", "p4"]).await;
-    eventually("p2 updated", WAIT, || async {
-        r.reader
-            .state()
-            .iter()
-            .any(|p| p.name_any() == "p2" && p.labels().contains_key("changed"))
-    })
-    .await;
+    r.wait_labelled("p2 updated", "p2", "changed").await;
     let seen = r.seen();
     assert!(
         seen.iter()
@@ -481,16 +482,8 @@ async fn streaming_list_watcher_gets_initial_events_then_changes() {
         ]
     );
     assert_eq!(server.count_requests("list", "pods"), 0);
-    let watch = server
-        .request_log()
-        .into_iter()
-        .find(|r| r.verb == "watch")
-        .unwrap();
-    assert!(
-        watch.query.contains("sendInitialEvents=true"),
-        "{}",
-        watch.query
-    );
+    let query = first_watch_query(&server);
+    assert!(query.contains("sendInitialEvents=true"), "{query}");
 }
 
 #[tokio::test]
