@@ -249,7 +249,8 @@ pub trait Cluster {
     fn wait_agent_ready(&mut self, node: &str, timeout: Duration) -> Result<()>;
 
     /// Cuts the node off the LAN (`true`) or plugs it back (`false`): a node failure as the
-    /// rest of the LAN sees it.
+    /// rest of the LAN sees it (lab: its LAN link goes down; kind: the node container is
+    /// paused).
     fn isolate_node(&mut self, node: &str, isolated: bool) -> Result<()>;
 
     /// Starts or ends a simulated API outage. Backends that cannot simulate one say so with
