@@ -1,7 +1,9 @@
 //! One allocation pass (`palisade_runtime::allocation::AllocationState::pass`) at scale, as
 //! the leader runs it on every event: N LoadBalancer Services that already hold their IPs
 //! (restored at the first pass), then steady-state passes (nothing changed, the common case:
-//! the watch echo of the agent's own writes), and passes after one new Service.
+//! the watch echo of the agent's own writes), and passes after one new Service; each size
+//! once recomputing every Service on every pass ("full", what the agent did before passes
+//! became incremental) and once incremental.
 //!
 //! ```text
 //! cargo run --release -p palisade-runtime --example alloc_pass_bench
@@ -85,9 +87,9 @@ fn main() {
         .expect("node"),
     )];
     let pools = pools();
-    println!("| Services | first pass (restore all) | steady pass (median) | pass after one new Service (median) |");
-    println!("|---:|---:|---:|---:|");
-    for &n in &sizes {
+    println!("| Services | pass | first pass (restore all) | steady pass (median) | pass after one new Service (median) |");
+    println!("|---:|---|---:|---:|---:|");
+    for (&n, mode) in sizes.iter().flat_map(|n| [(n, "full"), (n, "incremental")]) {
         // Addresses as a previous leader left them in status.
         let mut services: Vec<Arc<Service>> = (0..n)
             .map(|i| {
@@ -95,7 +97,11 @@ fn main() {
                 service(i, Some(ip))
             })
             .collect();
-        let mut state = AllocationState::default();
+        let mut state = if mode == "full" {
+            AllocationState::recomputing_everything()
+        } else {
+            AllocationState::default()
+        };
         let pass = |state: &mut AllocationState, services: &[Arc<Service>]| {
             let t = Instant::now();
             let plan = state.pass(&Inputs {
@@ -134,7 +140,7 @@ fn main() {
             after_new.push(d);
         }
         println!(
-            "| {n} | {} | {} | {} |",
+            "| {n} | {mode} | {} | {} | {} |",
             ms(first),
             ms(median(steady)),
             ms(median(after_new))

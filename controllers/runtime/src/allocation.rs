@@ -102,8 +102,7 @@ pub struct AllocationState {
     allocator: Option<Allocator>,
     confirmed: HashMap<ServiceKey, Fingerprint>,
     epoch: Option<u64>,
-    /// Tests compare against a state that recomputes every Service on every pass.
-    #[cfg(test)]
+    /// Recompute every Service on every pass (see [`AllocationState::recomputing_everything`]).
     full: bool,
 }
 
@@ -128,6 +127,15 @@ fn object_version(svc: &Service) -> Option<u64> {
 }
 
 impl AllocationState {
+    /// A state that never skips a Service: what the incremental passes are checked and
+    /// benchmarked against.
+    pub fn recomputing_everything() -> Self {
+        AllocationState {
+            full: true,
+            ..Default::default()
+        }
+    }
+
     /// Forget everything (on losing leadership): the next leader pass rebuilds.
     pub fn reset(&mut self) {
         self.allocator = None;
@@ -287,7 +295,6 @@ impl AllocationState {
                 object,
                 namespace_labels: ns_hashes.get(key.namespace.as_str()).copied().unwrap_or(0),
             });
-            #[cfg(test)]
             let fingerprint = fingerprint.filter(|_| !self.full);
             if fingerprint.is_some()
                 && confirmed.get(key) == fingerprint.as_ref()
@@ -667,10 +674,7 @@ mod tests {
             w.add_service(ns, &format!("s{i}"), json!({}));
         }
         let mut inc = AllocationState::default();
-        let mut full = AllocationState {
-            full: true,
-            ..Default::default()
-        };
+        let mut full = AllocationState::recomputing_everything();
         fn step(
             w: &mut World,
             inc: &mut AllocationState,
