@@ -365,9 +365,35 @@ fn python() -> Option<&'static str> {
         .find(|p| std::path::Path::new(p).is_file())
 }
 
+/// x/server accepts only x/client, on its port named `http`; x/client may only reach
+/// x/server.
+fn client_server_policies() -> Vec<NetworkPolicy> {
+    vec![
+        mk_policy(
+            "x",
+            "server",
+            json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}
+            ]}),
+        ),
+        mk_policy(
+            "x",
+            "client",
+            json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
+                {"to": [{"podSelector": {"matchLabels": {"app": "server"}}}]}
+            ]}),
+        ),
+    ]
+}
+
 fn serve(ns: &Netns, py: &str) -> Server {
+    serve_script(ns, py, SERVER)
+}
+
+/// Runs a probe server script (ports 8080 and 9090) in `ns`, once it says it is ready.
+fn serve_script(ns: &Netns, py: &str, script: &str) -> Server {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), py, "-c", SERVER, "8080", "9090"])
+        .args(["netns", "exec", ns.name(), py, "-c", script, "8080", "9090"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("server");
@@ -443,22 +469,7 @@ fn real_packets_follow_the_policy() {
                 &[("http", 8080, "TCP")],
             ),
         ],
-        vec![
-            mk_policy(
-                "x",
-                "server",
-                json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}
-                ]}),
-            ),
-            mk_policy(
-                "x",
-                "client",
-                json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
-                    {"to": [{"podSelector": {"matchLabels": {"app": "server"}}}]}
-                ]}),
-            ),
-        ],
+        client_server_policies(),
     );
     let p = render(&compile(&st, &NodeConfig::new("n1")));
     let exec = KernelExecutor::detect_in_netns(node.name(), "auto").expect("detect");
@@ -632,22 +643,7 @@ fn dual_stack_real_packets_follow_the_policy_in_both_families() {
         ))
         .expect("pod setup");
     }
-    let servers: Vec<Server> = pods
-        .iter()
-        .map(|p| {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", p.name(), py, "-c", SERVER6, "8080", "9090"])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("server");
-            let mut line = String::new();
-            if let Some(out) = child.stdout.take() {
-                let _ = BufReader::new(out).read_line(&mut line);
-            }
-            assert_eq!(line.trim(), "ready");
-            Server(child)
-        })
-        .collect();
+    let servers: Vec<Server> = pods.iter().map(|p| serve_script(p, py, SERVER6)).collect();
     let (client, server, unknown) = (&pods[0], &pods[1], &pods[2]);
     for (v4, v6) in [addrs[1], addrs[2]] {
         assert!(connects(client, py, v4, 9090), "before policies: {v4}");
@@ -670,22 +666,7 @@ fn dual_stack_real_packets_follow_the_policy_in_both_families() {
                 &[("http", 8080, "TCP")],
             ),
         ],
-        vec![
-            mk_policy(
-                "x",
-                "server",
-                json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": "http"}]}
-                ]}),
-            ),
-            mk_policy(
-                "x",
-                "client",
-                json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"], "egress": [
-                    {"to": [{"podSelector": {"matchLabels": {"app": "server"}}}]}
-                ]}),
-            ),
-        ],
+        client_server_policies(),
     );
     let cfg = |family| {
         let mut c = NodeConfig::new("n1");

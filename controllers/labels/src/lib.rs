@@ -230,19 +230,22 @@ impl fmt::Display for Selector {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+/// Builders for tests and examples: label maps and API selectors from literals.
+pub mod builders {
+    use std::collections::BTreeMap;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+
+    /// A label map from pairs.
+    pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }
 
-    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+    /// One `matchExpressions` entry (`values` empty: none).
+    pub fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
         LabelSelectorRequirement {
             key: key.into(),
             operator: op.into(),
@@ -254,16 +257,32 @@ mod tests {
         }
     }
 
-    fn sel(ml: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> Selector {
-        Selector::from_api(Some(&LabelSelector {
-            match_labels: if ml.is_empty() {
+    /// An API selector (`matchLabels` from pairs, then the expressions; empty parts absent).
+    pub fn api_selector(
+        match_labels: &[(&str, &str)],
+        exprs: Vec<LabelSelectorRequirement>,
+    ) -> LabelSelector {
+        LabelSelector {
+            match_labels: if match_labels.is_empty() {
                 None
             } else {
-                Some(labels(ml))
+                Some(labels(match_labels))
             },
             match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
-        }))
-        .expect("valid selector")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::builders::{api_selector, expr, labels};
+    use super::*;
+
+    fn sel(
+        ml: &[(&str, &str)],
+        exprs: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement>,
+    ) -> Selector {
+        Selector::from_api(Some(&api_selector(ml, exprs))).expect("valid selector")
     }
 
     #[test]

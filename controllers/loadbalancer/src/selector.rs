@@ -38,37 +38,7 @@ pub fn validate(selector: &LabelSelector) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
-        LabelSelectorRequirement {
-            key: key.into(),
-            operator: op.into(),
-            values: if values.is_empty() {
-                None
-            } else {
-                Some(values.iter().map(|v| v.to_string()).collect())
-            },
-        }
-    }
-
-    fn sel(ml: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> LabelSelector {
-        LabelSelector {
-            match_labels: if ml.is_empty() {
-                None
-            } else {
-                Some(labels(ml))
-            },
-            match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
-        }
-    }
+    use palisade_labels::builders::{api_selector as sel, expr, labels};
 
     #[test]
     fn table() {
