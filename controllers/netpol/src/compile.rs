@@ -23,7 +23,9 @@ use ipnetwork::IpNetwork;
 use crate::model::{normalize, Model, Peer, PodInfo, PolicyInfo, PortInfo, PortSel, RuleInfo};
 use crate::names::{self, hashed};
 use crate::selector::{NamespaceLabels, Selector};
-use crate::{reasons, ClusterState, Diagnostic, Family, NodeConfig, DEFAULT_MARK_BIT};
+use crate::{
+    reasons, ClusterState, Diagnostic, Family, NodeConfig, PodInterface, DEFAULT_MARK_BIT,
+};
 
 /// Transport protocols NetworkPolicy supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -87,13 +89,21 @@ impl SetDir {
 pub const ICMP6_ROUTER_SOLICITATION: u8 = 133;
 pub const ICMP6_NEIGHBOR_SOLICITATION: u8 = 135;
 pub const ICMP6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+/// MLDv2 listener report (RFC 3810), sent from `::` during duplicate address detection.
+pub const ICMP6_MLD2_REPORT: u8 = 143;
 
 /// One match of a rule. The renderer prints addresses first, then the protocol, then the
 /// other matches in order, which is the order `iptables-save` prints them back.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Match {
     Src(IpNetwork),
+    /// `! -s NET`.
+    NotSrc(IpNetwork),
     Dst(IpNetwork),
+    /// `-i IF`: the packet entered from this interface.
+    InIface(String),
+    /// `-m physdev --physdev-in IF`: the packet entered a bridge from this port.
+    PhysdevIn(String),
     Proto(Protocol),
     /// `-m <proto> --dport lo[:hi]` (needs a preceding [`Match::Proto`]).
     DPort(Protocol, u16, u16),
@@ -114,6 +124,8 @@ pub enum Match {
     SrcLocal,
     /// `-p ipv6-icmp -m icmp6 --icmpv6-type N` (IPv6 payloads only).
     Icmp6Type(u8),
+    /// `-p ipv6-icmp`: any ICMPv6 message.
+    Icmp6Any,
     Comment(String),
 }
 
@@ -497,7 +509,8 @@ impl<'m, 'a> Compiler<'m, 'a> {
         }
 
         // 4. Fixed chains.
-        let forward = vec![
+        let antispoof = cfg.anti_spoofing.then(|| self.antispoof(cfg));
+        let mut forward = vec![
             Rule::new(vec![Match::CtState("RELATED,ESTABLISHED")], Target::Accept),
             Rule::new(vec![Match::CtState("INVALID")], Target::Drop),
             Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())),
@@ -525,7 +538,18 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
         }
         input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
-        let mut chains = vec![
+        let mut chains = Vec::new();
+        if let Some(rules) = antispoof {
+            // First: a forged packet could match another pod's conntrack entry.
+            let jump = Rule::new(vec![], Target::Jump(names::ANTISPOOF_CHAIN.into()));
+            forward.insert(0, jump.clone());
+            input.insert(0, jump);
+            chains.push(Chain {
+                name: names::ANTISPOOF_CHAIN.into(),
+                rules,
+            });
+        }
+        chains.extend([
             Chain {
                 name: names::FORWARD_CHAIN.into(),
                 rules: forward,
@@ -542,7 +566,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 name: names::INGRESS_CHAIN.into(),
                 rules: ingress_dispatch,
             },
-        ];
+        ]);
         chains.extend(
             generated
                 .into_iter()
@@ -560,6 +584,87 @@ impl<'m, 'a> Compiler<'m, 'a> {
             diagnostics,
             sources: std::mem::take(&mut self.sets.sources),
         }
+    }
+
+    /// `PALISADE-ANTISPOOF`: per local pod with a known interface, one rule dropping what
+    /// enters from it with another source. IPv6 first lets neighbour discovery through
+    /// (duplicate address detection from `::`, link-local ICMPv6), which never carries a
+    /// pod's global address. Pods without a known interface become diagnostics.
+    fn antispoof(&mut self, cfg: &NodeConfig) -> Vec<Rule> {
+        let model = self.model;
+        let mut rules = Vec::new();
+        if model.family == Family::V6 {
+            let unspecified = IpNetwork::new(IpAddr::from([0u16; 8]), 128).ok();
+            for t in [
+                ICMP6_NEIGHBOR_SOLICITATION,
+                ICMP6_ROUTER_SOLICITATION,
+                ICMP6_MLD2_REPORT,
+            ] {
+                if let Some(net) = unspecified {
+                    rules.push(Rule::new(
+                        vec![
+                            Match::Src(net),
+                            Match::Icmp6Type(t),
+                            Match::Comment("IPv6 DAD / unspecified source".into()),
+                        ],
+                        Target::Return,
+                    ));
+                }
+            }
+            if let Ok(ll) = IpNetwork::from_str("fe80::/10") {
+                rules.push(Rule::new(
+                    vec![
+                        Match::Src(ll),
+                        Match::Icmp6Any,
+                        Match::Comment("IPv6 link-local ICMPv6".into()),
+                    ],
+                    Target::Return,
+                ));
+            }
+        }
+        for &pi in &model.local {
+            let pod = &model.pods[pi];
+            let iface = cfg
+                .pod_interfaces
+                .get(&pod.ip)
+                .filter(|i| PodInterface::valid_name(i.name()));
+            let Some(iface) = iface else {
+                let message = match cfg.pod_interfaces.get(&pod.ip) {
+                    Some(i) => format!(
+                        "interface name {:?} of pod IP {} cannot be used in a rule; \
+                         its source addresses are NOT checked (anti-spoofing)",
+                        crate::render::sanitize(i.name(), 40),
+                        pod.ip
+                    ),
+                    None => format!(
+                        "no interface found for pod IP {}; its source addresses are NOT \
+                         checked (anti-spoofing) until it is",
+                        pod.ip
+                    ),
+                };
+                self.diags.push(Diagnostic {
+                    kind: "Pod",
+                    namespace: Some(pod.ns.to_string()),
+                    name: pod.name.to_string(),
+                    reason: reasons::POD_INTERFACE_UNKNOWN,
+                    message,
+                });
+                continue;
+            };
+            let dev = match iface {
+                PodInterface::Routed(n) => Match::InIface(n.clone()),
+                PodInterface::BridgePort(n) => Match::PhysdevIn(n.clone()),
+            };
+            rules.push(Rule::new(
+                vec![
+                    dev,
+                    Match::NotSrc(host_net(pod.ip)),
+                    Match::Comment(pod.key()),
+                ],
+                Target::Drop,
+            ));
+        }
+        rules
     }
 
     /// The profile chain for a list of policies, created on first use.

@@ -130,6 +130,18 @@ impl IncrementalCompiler {
         self.cache.as_ref().map(|c| &c.compiled)
     }
 
+    /// Replaces the local pods' interfaces (anti-spoofing input). A change forces a full
+    /// compile on the next sync; an equal map changes nothing.
+    pub fn set_pod_interfaces(
+        &mut self,
+        interfaces: std::collections::BTreeMap<IpAddr, crate::PodInterface>,
+    ) {
+        if self.cfg.pod_interfaces != interfaces {
+            self.cfg.pod_interfaces = interfaces;
+            self.cache = None;
+        }
+    }
+
     /// Forgets everything: the next sync is a full compile.
     pub fn reset(&mut self) {
         self.cache = None;

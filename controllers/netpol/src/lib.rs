@@ -23,11 +23,14 @@
 //!
 //! ```text
 //! FORWARD ─(pos 1)─► PALISADE-FORWARD
+//!                      ├ → PALISADE-ANTISPOOF (if anti_spoofing): per local pod
+//!                      │     -i VETH | -m physdev --physdev-in PORT  ! -s podIP → DROP
 //!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
 //!                      ├ ctstate INVALID             → DROP
 //!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
 //!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
 //! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
+//!                      ├ → PALISADE-ANTISPOOF (if anti_spoofing)
 //!                      ├ ctstate RELATED,ESTABLISHED → RETURN
 //!                      └ → PALISADE-EGRESS
 //!
@@ -55,6 +58,8 @@ pub mod render;
 pub mod selector;
 pub mod trace;
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -132,6 +137,56 @@ pub struct NodeConfig {
     /// Pod CIDRs of this node in addition to `Node.spec.podCIDRs` (e.g. when Node objects do
     /// not carry them).
     pub extra_pod_cidrs: Vec<IpNetwork>,
+    /// Anti-spoofing: drop packets entering from a local pod's interface whose source is not
+    /// that pod's address (`PALISADE-ANTISPOOF`). Off in [`NodeConfig::new`] (the agent and
+    /// the CLI turn it on by default and fill in [`NodeConfig::pod_interfaces`]).
+    pub anti_spoofing: bool,
+    /// Where each local pod's packets enter the node, by pod IP (found in the kernel by the
+    /// dataplane adapter). A local pod missing here becomes a
+    /// [`reasons::POD_INTERFACE_UNKNOWN`] diagnostic when `anti_spoofing` is on.
+    pub pod_interfaces: BTreeMap<IpAddr, PodInterface>,
+}
+
+/// The interface a local pod's packets enter the node from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PodInterface {
+    /// Routed CNI: the pod's own host-side veth (`-i IF`).
+    Routed(String),
+    /// Bridged CNI with br_netfilter: the bridge port of the pod (`-m physdev --physdev-in IF`).
+    BridgePort(String),
+}
+
+impl PodInterface {
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        match self {
+            PodInterface::Routed(n) | PodInterface::BridgePort(n) => n,
+        }
+    }
+
+    /// Whether `name` can be used in a rule: 1 to 15 bytes of `[A-Za-z0-9_.-]` (what Linux
+    /// accepts, minus characters that could break a restore line or act as a wildcard).
+    pub fn valid_name(name: &str) -> bool {
+        (1..=15).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    }
+}
+
+/// The IPs of `family` of the active (not host-network, not finished) pods on `node`, sorted:
+/// the addresses whose interfaces anti-spoofing needs.
+pub fn local_pod_ips(state: &ClusterState, node: &str, family: Family) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = state
+        .pods
+        .iter()
+        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+        .filter(|p| model::is_active(p))
+        .filter_map(|p| model::pod_ip(p, family).ok().flatten())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl NodeConfig {
@@ -143,6 +198,8 @@ impl NodeConfig {
             family: Family::V4,
             mark_bit: DEFAULT_MARK_BIT,
             extra_pod_cidrs: Vec::new(),
+            anti_spoofing: false,
+            pod_interfaces: BTreeMap::new(),
         }
     }
 }
@@ -203,6 +260,9 @@ pub mod reasons {
     pub const INVALID_PORT: &str = "InvalidPort";
     /// A `policyTypes` entry other than Ingress or Egress.
     pub const UNKNOWN_POLICY_TYPE: &str = "UnknownPolicyType";
+    /// Anti-spoofing is on but the interface a local pod's packets enter from is unknown (or
+    /// its name cannot be used): the pod's source addresses are not checked.
+    pub const POD_INTERFACE_UNKNOWN: &str = "PodInterfaceUnknown";
     /// A NodeConfig value that cannot be used as given.
     pub const INVALID_CONFIG: &str = "InvalidConfig";
 }

@@ -35,6 +35,8 @@ pub const FORWARD_CHAIN: &str = "PALISADE-FORWARD";
 pub const INPUT_CHAIN: &str = "PALISADE-INPUT";
 pub const INGRESS_CHAIN: &str = "PALISADE-INGRESS";
 pub const EGRESS_CHAIN: &str = "PALISADE-EGRESS";
+/// Anti-spoofing: jumped first from FORWARD and INPUT chains of ours.
+pub const ANTISPOOF_CHAIN: &str = "PALISADE-ANTISPOOF";
 
 /// Kernel limit for iptables chain names.
 pub const MAX_CHAIN_NAME: usize = 28;

@@ -223,8 +223,14 @@ fn quoted(s: &str) -> String {
 fn rule_line(out: &mut String, chain: &str, r: &Rule) {
     let _ = write!(out, "-A {chain}");
     for m in &r.matches {
-        if let Match::Src(n) = m {
-            let _ = write!(out, " -s {}/{}", n.network(), n.prefix());
+        match m {
+            Match::Src(n) => {
+                let _ = write!(out, " -s {}/{}", n.network(), n.prefix());
+            }
+            Match::NotSrc(n) => {
+                let _ = write!(out, " ! -s {}/{}", n.network(), n.prefix());
+            }
+            _ => {}
         }
     }
     for m in &r.matches {
@@ -233,17 +239,30 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
         }
     }
     for m in &r.matches {
+        if let Match::InIface(i) = m {
+            let _ = write!(out, " -i {}", sanitize(i, 15));
+        }
+    }
+    for m in &r.matches {
         match m {
             Match::Proto(p) => {
                 let _ = write!(out, " -p {}", p.as_str());
             }
-            Match::Icmp6Type(_) => out.push_str(" -p ipv6-icmp"),
+            Match::Icmp6Type(_) | Match::Icmp6Any => out.push_str(" -p ipv6-icmp"),
             _ => {}
         }
     }
     for m in &r.matches {
         match m {
-            Match::Src(_) | Match::Dst(_) | Match::Proto(_) => {}
+            Match::Src(_)
+            | Match::NotSrc(_)
+            | Match::Dst(_)
+            | Match::InIface(_)
+            | Match::Proto(_)
+            | Match::Icmp6Any => {}
+            Match::PhysdevIn(i) => {
+                let _ = write!(out, " -m physdev --physdev-in {}", sanitize(i, 15));
+            }
             Match::DPort(p, lo, hi) => {
                 let _ = write!(out, " -m {} --dport {}", p.as_str(), port_range(*lo, *hi));
             }

@@ -3,7 +3,8 @@
 //! It parses the `iptables-restore` and `ipset restore` text we render, checks that every
 //! jump target and every referenced set exists, and walks a packet through the chains to a
 //! verdict, emulating the matches we use (addresses, protocol and ports, `multiport`, `set`
-//! with hash:ip / hash:net + nomatch / hash:ip,port, `conntrack`, `mark`, `addrtype`) and the
+//! with hash:ip / hash:net + nomatch / hash:ip,port, `conntrack`, `mark`, `addrtype`, the input
+//! interface `-i` and the bridge port `physdev --physdev-in`, negations `!`) and the
 //! targets (`ACCEPT`, `DROP`, `RETURN`, `MARK`, `-j`, `-g`). Unknown syntax is an error, so
 //! the tests notice when the renderer emits something the tracer cannot vouch for.
 //!
@@ -52,6 +53,10 @@ pub struct Packet {
     pub src_local: bool,
     /// An ICMPv6 message of this type (then `proto` and `dport` are ignored).
     pub icmp6_type: Option<u8>,
+    /// The interface the packet entered the node from (`-i`); `None` matches no `-i IF`.
+    pub in_iface: Option<String>,
+    /// The bridge port the packet entered from (`--physdev-in`, br_netfilter).
+    pub physdev_in: Option<String>,
 }
 
 impl Packet {
@@ -70,6 +75,8 @@ impl Packet {
             state: CtState::New,
             src_local: false,
             icmp6_type: None,
+            in_iface: None,
+            physdev_in: None,
         }
     }
 
@@ -89,6 +96,20 @@ impl Packet {
 
     pub fn from_local(mut self) -> Packet {
         self.src_local = true;
+        self
+    }
+
+    /// Entered the node from interface `dev` (a routed pod's veth).
+    pub fn entering(mut self, dev: &str) -> Packet {
+        self.in_iface = Some(dev.to_string());
+        self
+    }
+
+    /// Entered bridge `bridge` from its port `port` (bridged CNI with br_netfilter): the
+    /// input interface is the bridge, the physdev-in the port.
+    pub fn bridged(mut self, bridge: &str, port: &str) -> Packet {
+        self.in_iface = Some(bridge.to_string());
+        self.physdev_in = Some(port.to_string());
         self
     }
 }
@@ -118,8 +139,12 @@ impl Trace {
 
 #[derive(Clone, Debug)]
 enum M {
-    Src(IpNetwork),
-    Dst(IpNetwork),
+    Src(IpNetwork, bool),
+    Dst(IpNetwork, bool),
+    /// `-i IF` (negated when the bool is set).
+    InIface(String, bool),
+    /// `--physdev-in IF`.
+    PhysdevIn(String, bool),
     Proto(Protocol),
     DPorts(Vec<(u16, u16)>),
     Set {
@@ -322,8 +347,10 @@ impl Tracer {
 
     fn matches(&self, r: &TRule, pkt: &Packet, mark: u32) -> bool {
         r.matches.iter().all(|m| match m {
-            M::Src(n) => n.contains(pkt.src),
-            M::Dst(n) => n.contains(pkt.dst),
+            M::Src(n, neg) => n.contains(pkt.src) != *neg,
+            M::Dst(n, neg) => n.contains(pkt.dst) != *neg,
+            M::InIface(i, neg) => (pkt.in_iface.as_deref() == Some(i.as_str())) != *neg,
+            M::PhysdevIn(i, neg) => (pkt.physdev_in.as_deref() == Some(i.as_str())) != *neg,
             M::Proto(p) => pkt.icmp6_type.is_none() && *p == pkt.proto,
             M::Icmp6 => pkt.icmp6_type.is_some(),
             M::Icmp6Type(t) => pkt.icmp6_type == Some(*t),
@@ -473,8 +500,10 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                     k += 1;
                     continue;
                 }
-                "-s" => matches.push(M::Src(parse_net(line, &arg(k + 1)?)?)),
-                "-d" => matches.push(M::Dst(parse_net(line, &arg(k + 1)?)?)),
+                "-s" => matches.push(M::Src(parse_net(line, &arg(k + 1)?)?, negate)),
+                "-d" => matches.push(M::Dst(parse_net(line, &arg(k + 1)?)?, negate)),
+                "-i" => matches.push(M::InIface(arg(k + 1)?, negate)),
+                "--physdev-in" => matches.push(M::PhysdevIn(arg(k + 1)?, negate)),
                 "-p" => {
                     let p = arg(k + 1)?;
                     if p == "ipv6-icmp" {
@@ -500,6 +529,7 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             | "addrtype"
                             | "comment"
                             | "icmp6"
+                            | "physdev"
                     ) {
                         return Err(err(line, format!("unsupported module {module}")));
                     }
