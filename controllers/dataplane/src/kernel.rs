@@ -92,7 +92,7 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn require(name: &str) -> Result<PathBuf, DataplaneError> {
+pub(crate) fn require(name: &str) -> Result<PathBuf, DataplaneError> {
     which(name).ok_or_else(|| DataplaneError::BinaryNotFound {
         tool: name.to_string(),
     })

@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod interfaces;
 mod kernel;
 pub mod netns;
 mod observe;
@@ -27,6 +28,7 @@ mod recording;
 use std::time::Duration;
 
 pub use error::DataplaneError;
+pub use interfaces::{pod_interfaces, KernelLinks, LinkSource};
 pub use kernel::{Backend, KernelExecutor};
 pub use palisade_netpol::Payload;
 pub use recording::RecordingExecutor;
