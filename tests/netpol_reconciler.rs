@@ -126,6 +126,7 @@ async fn start_with(
         stores,
         node: NodeConfig::new("n1"),
         executors,
+        links: None,
         metrics: metrics.clone(),
         events: EventSink::log_only(metrics),
         settings: SyncSettings {

@@ -402,6 +402,7 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--log-level=info",
         "--iptables-backend=auto",
         "--block-unknown-pods=true",
+        "--anti-spoofing=true",
         "--lease-name=palisade-allocator",
         "--load-balancer-class=palisade.dev/palisade",
         "--handle-classless-services=true",
@@ -485,6 +486,7 @@ def test_netpol_disabled(chart: helm.Chart) -> None:
     assert flag(args, "enable-loadbalancer") == "true"
     assert flag(args, "iptables-backend") is None
     assert flag(args, "block-unknown-pods") is None
+    assert flag(args, "anti-spoofing") is None
     assert flag(args, "lease-name") == "palisade-allocator"
 
 
@@ -533,7 +535,7 @@ def test_json_logs_and_level(chart: helm.Chart) -> None:
 
 def test_netpol_and_loadbalancer_settings(chart: helm.Chart) -> None:
     values = {
-        "netpol": {"iptablesBackend": "nft", "blockUnknownPods": False},
+        "netpol": {"iptablesBackend": "nft", "blockUnknownPods": False, "antiSpoofing": False},
         "loadbalancer": {
             "loadBalancerClass": "example.com/lb",
             "handleClasslessServices": False,
@@ -545,6 +547,7 @@ def test_netpol_and_loadbalancer_settings(chart: helm.Chart) -> None:
     args = args_of(docs)
     assert flag(args, "iptables-backend") == "nft"
     assert flag(args, "block-unknown-pods") == "false"
+    assert flag(args, "anti-spoofing") == "false"
     assert flag(args, "load-balancer-class") == "example.com/lb"
     assert flag(args, "handle-classless-services") == "false"
     assert flag(args, "lease-name") == "my-lease"

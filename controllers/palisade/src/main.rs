@@ -134,6 +134,11 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_BLOCK_UNKNOWN_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     block_unknown_pods: bool,
 
+    /// Drop packets entering from a local pod's interface with a source address that is not
+    /// the pod's (IPv4 and IPv6; host-network pods exempt).
+    #[arg(long, env = "PALISADE_ANTI_SPOOFING", default_value_t = true, action = clap::ArgAction::Set)]
+    anti_spoofing: bool,
+
     /// Minimum time between two NetworkPolicy syncs (events in between are coalesced).
     #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     sync_min_interval: Duration,
@@ -239,6 +244,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_runtime::AgentConfig, String> {
     }
     .into();
     cfg.block_unknown_pods = a.block_unknown_pods;
+    cfg.anti_spoofing = a.anti_spoofing;
     cfg.sync.min_interval = a.sync_min_interval;
     cfg.sync.resync_interval = a.resync_interval;
     if a.memberlist_interval >= a.memberlist_timeout {

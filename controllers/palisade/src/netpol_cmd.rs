@@ -10,12 +10,15 @@
 //! payload does not have are deleted.
 
 use std::io::Read as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use palisade_dataplane::{Executor, KernelExecutor};
-use palisade_netpol::{compile, manifests, render, ClusterState, Family, IpNetwork, NodeConfig};
+use palisade_dataplane::{pod_interfaces, Executor, KernelExecutor, KernelLinks};
+use palisade_netpol::{
+    compile, manifests, render, ClusterState, Family, IpNetwork, NodeConfig, PodInterface,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum NetpolCmd {
@@ -41,6 +44,17 @@ pub struct Args {
     /// Drop traffic of pods in the node's pod CIDR that the manifests do not contain.
     #[arg(long, env = "PALISADE_BLOCK_UNKNOWN_PODS", default_value_t = true, action = clap::ArgAction::Set)]
     pub block_unknown_pods: bool,
+
+    /// Drop packets entering from a local pod's interface with another source address.
+    /// The interfaces come from `--pod-interface`, or else from this machine's kernel
+    /// (routes, neighbours, bridge FDB).
+    #[arg(long, env = "PALISADE_ANTI_SPOOFING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub anti_spoofing: bool,
+
+    /// A local pod's interface, `IP=IF` (routed: the pod's veth) or `IP=bridge:PORT`
+    /// (bridged: the pod's bridge port). Given at least once, the kernel is not read.
+    #[arg(long = "pod-interface", value_name = "IP=[bridge:]IF", value_parser = parse_pod_interface)]
+    pub pod_interfaces: Vec<(IpAddr, PodInterface)>,
 
     /// Extra pod CIDRs of the node (when the Node object has no spec.podCIDRs).
     #[arg(long = "pod-cidr", value_name = "CIDR")]
@@ -115,6 +129,22 @@ pub fn run(cmd: NetpolCmd) -> Result<()> {
     }
 }
 
+/// `IP=IF` or `IP=bridge:IF`.
+fn parse_pod_interface(s: &str) -> Result<(IpAddr, PodInterface), String> {
+    let (ip, dev) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected IP=IF or IP=bridge:IF"))?;
+    let ip: IpAddr = ip.parse().map_err(|e| format!("{ip:?}: {e}"))?;
+    let iface = match dev.strip_prefix("bridge:") {
+        Some(port) => PodInterface::BridgePort(port.to_string()),
+        None => PodInterface::Routed(dev.to_string()),
+    };
+    if !PodInterface::valid_name(iface.name()) {
+        return Err(format!("{:?} is not a usable interface name", iface.name()));
+    }
+    Ok((ip, iface))
+}
+
 fn family(args: &Args) -> Family {
     if args.family == "ipv6" {
         Family::V6
@@ -130,6 +160,21 @@ fn build(args: &Args) -> Result<palisade_netpol::Payload> {
     cfg.block_unknown_pods = args.block_unknown_pods;
     cfg.extra_pod_cidrs = args.pod_cidrs.clone();
     cfg.family = family(args);
+    cfg.anti_spoofing = args.anti_spoofing;
+    if args.anti_spoofing {
+        cfg.pod_interfaces = if args.pod_interfaces.is_empty() {
+            let ips = palisade_netpol::local_pod_ips(&state, &args.node, cfg.family);
+            match KernelLinks::detect().and_then(|l| pod_interfaces(&l, &ips)) {
+                Ok(found) => found,
+                Err(e) => {
+                    eprintln!("warning: cannot read pod interfaces from the kernel: {e}");
+                    Default::default()
+                }
+            }
+        } else {
+            args.pod_interfaces.iter().cloned().collect()
+        };
+    }
     let compiled = compile(&state, &cfg);
     for d in &compiled.diagnostics {
         eprintln!("warning: {d}");
@@ -229,6 +274,8 @@ mod tests {
         assert_eq!(a.manifests.len(), 2);
         assert_eq!(a.node, "n1");
         assert!(a.block_unknown_pods);
+        assert!(a.anti_spoofing);
+        assert!(a.pod_interfaces.is_empty());
         assert_eq!(a.pod_cidrs.len(), 1);
         assert_eq!(family(&a), Family::V4);
         assert!(Cli::try_parse_from(["x", "apply", "--node", "n1"]).is_err());
@@ -284,5 +331,48 @@ mod tests {
         let x = &state.namespaces[0];
         assert_eq!(x.metadata.labels.as_ref().unwrap()["team"], "b");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pod_interfaces_parse() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "compile",
+            "--manifests",
+            "a.yaml",
+            "--node",
+            "n1",
+            "--anti-spoofing=false",
+            "--pod-interface",
+            "10.244.1.5=veth1",
+            "--pod-interface",
+            "fd00::5=bridge:vethb",
+        ])
+        .unwrap();
+        let NetpolCmd::Compile(a) = cli.cmd else {
+            panic!("compile")
+        };
+        assert!(!a.anti_spoofing);
+        assert_eq!(
+            a.pod_interfaces,
+            vec![
+                (
+                    "10.244.1.5".parse().unwrap(),
+                    PodInterface::Routed("veth1".into())
+                ),
+                (
+                    "fd00::5".parse().unwrap(),
+                    PodInterface::BridgePort("vethb".into())
+                ),
+            ]
+        );
+        for bad in [
+            "10.244.1.5",
+            "x=veth1",
+            "10.244.1.5=bad name",
+            "10.244.1.5=bridge:",
+        ] {
+            assert!(parse_pod_interface(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -143,10 +143,19 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     if let Some(executor) = executor {
         let mut node = NodeConfig::new(cfg.node_name.clone());
         node.block_unknown_pods = cfg.block_unknown_pods;
+        node.anti_spoofing = cfg.anti_spoofing;
+        let links = match palisade_dataplane::KernelLinks::detect() {
+            Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
+            Err(e) => {
+                tracing::error!(error = %e, "anti-spoofing cannot read pod interfaces");
+                None
+            }
+        };
         let reconciler = NetpolReconciler {
             stores: stores.clone(),
             node,
             executors: executor,
+            links,
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,

@@ -24,6 +24,8 @@ pub struct AgentConfig {
     pub iptables_backend: String,
     /// Drop traffic to pods in this node's pod CIDR that the agent has not programmed yet.
     pub block_unknown_pods: bool,
+    /// Drop packets from a local pod's interface whose source is not the pod's address.
+    pub anti_spoofing: bool,
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.
     pub watch_backoff_max: Duration,
@@ -97,6 +99,7 @@ impl AgentConfig {
             handle_classless_services: true,
             iptables_backend: "auto".into(),
             block_unknown_pods: true,
+            anti_spoofing: true,
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,

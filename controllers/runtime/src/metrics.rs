@@ -34,6 +34,7 @@ pub struct Metrics {
     pub netpol_ipset_members: Gauge,
     pub netpol_payload_bytes: Gauge,
     pub netpol_diagnostics: Gauge,
+    pub netpol_pods_unprotected: Gauge,
     pub netpol_last_success: Gauge<f64, AtomicU64>,
     pub lb_addresses_total: Family<Labels, Gauge>,
     pub lb_addresses_in_use: Family<Labels, Gauge>,
@@ -65,6 +66,7 @@ impl Metrics {
         let netpol_ipset_members = Gauge::default();
         let netpol_payload_bytes = Gauge::default();
         let netpol_diagnostics = Gauge::default();
+        let netpol_pods_unprotected = Gauge::default();
         let netpol_last_success = Gauge::<f64, AtomicU64>::default();
 
         let lb_addresses_total = Family::<Labels, Gauge>::default();
@@ -154,6 +156,11 @@ impl Metrics {
             netpol_diagnostics.clone(),
         );
         registry.register(
+            "netpol_pods_unprotected",
+            "Local pods whose source addresses anti-spoofing cannot check (interface unknown)",
+            netpol_pods_unprotected.clone(),
+        );
+        registry.register(
             "netpol_last_success_timestamp_seconds",
             "Unix time of the last successful NetworkPolicy sync",
             netpol_last_success.clone(),
@@ -240,6 +247,7 @@ impl Metrics {
             netpol_ipset_members,
             netpol_payload_bytes,
             netpol_diagnostics,
+            netpol_pods_unprotected,
             netpol_last_success,
         }
     }

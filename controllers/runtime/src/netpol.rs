@@ -46,6 +46,8 @@ pub struct NetpolReconciler {
     /// This node's settings; `family` is ignored (each family gets its own compile).
     pub node: NodeConfig,
     pub executors: ExecutorFactory,
+    /// Where local pods' interfaces are read from when `node.anti_spoofing` is on.
+    pub links: Option<Arc<dyn palisade_dataplane::LinkSource>>,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -225,6 +227,7 @@ impl NetpolReconciler {
         let start = Instant::now();
         let state = self.snapshot();
         self.ensure_families(&state, cause, last).await;
+        let links = self.link_dump().await;
         // Compile every enforced family; collect what must be applied.
         let mut diagnostics = Vec::new();
         let mut work = Vec::new();
@@ -233,6 +236,11 @@ impl NetpolReconciler {
                 return Err(());
             };
             for (family, fs) in l.families.iter_mut() {
+                if let Some(dump) = &links {
+                    let ips = palisade_netpol::local_pod_ips(&state, &self.node.node_name, *family);
+                    let found = palisade_dataplane::interfaces::resolve(dump, &ips);
+                    fs.compiler.set_pod_interfaces(found);
+                }
                 let payload = fs.compiler.sync(&state).clone();
                 if let Some(c) = fs.compiler.compiled() {
                     diagnostics.extend(c.diagnostics.iter().cloned());
@@ -335,8 +343,27 @@ impl NetpolReconciler {
         m.netpol_payload_bytes.set(bytes as i64);
     }
 
+    /// Anti-spoofing input: the kernel's routes, neighbours and bridge FDB (`None` when off, or
+    /// when the dump fails: the interfaces found last stay in force).
+    async fn link_dump(&self) -> Option<palisade_dataplane::interfaces::LinkDump> {
+        let links = self.links.clone().filter(|_| self.node.anti_spoofing)?;
+        match tokio::task::spawn_blocking(move || links.dump()).await {
+            Ok(Ok(d)) => Some(d),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read pod interfaces; keeping the last ones");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     async fn report_diagnostics(&self, diags: &[Diagnostic], last: &Mutex<LastState>) {
         self.metrics.netpol_diagnostics.set(diags.len() as i64);
+        let unprotected = diags
+            .iter()
+            .filter(|d| d.reason == palisade_netpol::reasons::POD_INTERFACE_UNKNOWN)
+            .count();
+        self.metrics.netpol_pods_unprotected.set(unprotected as i64);
         let current: BTreeSet<_> = diags
             .iter()
             .map(|d| {
