@@ -81,9 +81,19 @@ impl Key {
 }
 
 /// The key to send with and the keys accepted now.
+///
+/// A change is two-phased so that agents picking up the new Secret at different moments never
+/// send a key a peer cannot check yet: for the first half of the rotation window the new key
+/// is accepted but not sent; then it is sent, and the old one is accepted for the second half.
+/// Agents therefore keep hearing each other as long as they all see the new file within half
+/// a window of each other (the kubelet refreshes Secret volumes within about a minute; the
+/// default window is 2 min).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRing {
     current: Key,
+    /// The new key: accepted now, sent from the instant on; the old one is then accepted for
+    /// the duration more.
+    next: Option<(Key, Instant, Duration)>,
     /// The key replaced last, accepted until the instant.
     previous: Option<(Key, Instant)>,
 }
@@ -92,29 +102,53 @@ impl KeyRing {
     pub fn new(current: Key) -> KeyRing {
         KeyRing {
             current,
+            next: None,
             previous: None,
         }
     }
 
-    /// The key datagrams are sent with.
+    /// The settled key (the one before a rotation in progress).
     pub fn current(&self) -> &Key {
         &self.current
     }
 
-    /// Switches to `key` at `now`, accepting the old one for `window` more. The same key
-    /// again changes nothing; going back to the previous key swaps the two.
+    /// The key datagrams are sent with at `now`.
+    pub fn sending(&self, now: Instant) -> &Key {
+        match &self.next {
+            Some((k, at, _)) if now >= *at => k,
+            _ => &self.current,
+        }
+    }
+
+    /// The file changed to `key` at `now` (see the type's docs for the two phases).
     pub fn rotate(&mut self, key: Key, now: Instant, window: Duration) {
+        let half = window / 2;
+        if let Some((n, at, h)) = self.next.take() {
+            if now >= at {
+                // The earlier rotation had switched: settle it.
+                let old = std::mem::replace(&mut self.current, n);
+                self.previous = Some((old, at + h));
+            }
+            // Else it is superseded before anyone was sent it: forget it.
+        }
         if key == self.current {
             return;
         }
-        let old = std::mem::replace(&mut self.current, key);
-        self.previous = Some((old, now + window));
+        self.next = Some((key, now + half, window - half));
     }
 
     /// The accepted key with this id, if any.
     pub fn lookup(&self, id: u32, now: Instant) -> Option<&Key> {
+        if let Some((k, _, _)) = &self.next {
+            if k.id == id {
+                return Some(k);
+            }
+        }
         if self.current.id == id {
-            return Some(&self.current);
+            return match &self.next {
+                Some((_, at, h)) if now >= *at + *h => None,
+                _ => Some(&self.current),
+            };
         }
         match &self.previous {
             Some((k, until)) if k.id == id && now < *until => Some(k),
@@ -122,11 +156,13 @@ impl KeyRing {
         }
     }
 
-    /// Whether the previous key is still accepted at `now`.
+    /// Whether a rotation is in progress at `now` (more than one key accepted).
     pub fn in_rotation(&self, now: Instant) -> bool {
-        self.previous
-            .as_ref()
-            .is_some_and(|(_, until)| now < *until)
+        self.next.as_ref().is_some_and(|(_, at, h)| now < *at + *h)
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|(_, until)| now < *until)
     }
 }
 
@@ -149,32 +185,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn rotation_accepts_the_previous_key_for_the_window_only() {
+    async fn rotation_accepts_the_new_key_first_and_the_old_one_until_the_window_ends() {
         let t0 = Instant::now();
+        let s = Duration::from_secs;
         let old = Key::parse(b"old-key-old-key-old-key").unwrap();
         let new = Key::parse(b"new-key-new-key-new-key").unwrap();
         let other = Key::parse(b"other-key-other-key").unwrap();
         let mut ring = KeyRing::new(old.clone());
         assert_eq!(ring.lookup(old.id(), t0), Some(&old));
         assert_eq!(ring.lookup(new.id(), t0), None);
-        let window = Duration::from_secs(120);
+        assert!(!ring.in_rotation(t0));
+        let window = s(120);
         ring.rotate(new.clone(), t0, window);
-        assert_eq!(ring.current(), &new);
-        assert_eq!(ring.lookup(new.id(), t0), Some(&new));
-        assert_eq!(ring.lookup(old.id(), t0 + window / 2), Some(&old));
-        assert!(ring.in_rotation(t0 + window / 2));
+        // First half: both accepted, the old one still sent.
+        for t in [t0, t0 + s(59)] {
+            assert_eq!(ring.sending(t), &old);
+            assert_eq!(ring.lookup(new.id(), t), Some(&new));
+            assert_eq!(ring.lookup(old.id(), t), Some(&old));
+        }
+        // Second half: the new one sent, the old one still accepted.
+        for t in [t0 + s(60), t0 + s(119)] {
+            assert_eq!(ring.sending(t), &new);
+            assert_eq!(ring.lookup(old.id(), t), Some(&old));
+            assert!(ring.in_rotation(t));
+        }
+        // Over.
         assert_eq!(ring.lookup(old.id(), t0 + window), None);
+        assert_eq!(ring.lookup(new.id(), t0 + window), Some(&new));
         assert!(!ring.in_rotation(t0 + window));
         assert_eq!(ring.lookup(other.id(), t0), None);
-        // The same key again does not restart the window or drop the previous key.
-        ring.rotate(new.clone(), t0 + Duration::from_secs(1), window);
-        assert_eq!(ring.lookup(old.id(), t0 + window / 2), Some(&old));
-        // Rolling back swaps them.
-        ring.rotate(old.clone(), t0 + Duration::from_secs(10), window);
-        assert_eq!(ring.current(), &old);
-        assert_eq!(
-            ring.lookup(new.id(), t0 + Duration::from_secs(11)),
-            Some(&new)
-        );
+        // The same key again (the next poll) changes nothing once settled.
+        ring.rotate(new.clone(), t0 + s(130), window);
+        assert_eq!(ring.current(), &new);
+        assert_eq!(ring.sending(t0 + s(130)), &new);
+        assert_eq!(ring.lookup(old.id(), t0 + s(130)), None);
+        // A key replaced again before it was ever sent is forgotten.
+        let mut ring = KeyRing::new(old.clone());
+        ring.rotate(other.clone(), t0, window);
+        ring.rotate(new.clone(), t0 + s(10), window);
+        assert_eq!(ring.lookup(other.id(), t0 + s(11)), None);
+        assert_eq!(ring.sending(t0 + s(69)), &old);
+        assert_eq!(ring.sending(t0 + s(70)), &new);
     }
 }

@@ -90,7 +90,7 @@ pub fn start(
                     tracing::info!(
                         key_id = format!("{:08x}", key.id()),
                         window = ?rotation_window,
-                        "memberlist key changed; sending with the new key, accepting the previous one for the window"
+                        "memberlist key changed; accepting it now, sending with it after half the rotation window, accepting the previous key until the window ends"
                     );
                     tx.send_modify(|ring| ring.rotate(key, Instant::now(), rotation_window));
                 }
@@ -154,8 +154,15 @@ mod tests {
             .expect("the change is picked up")
             .unwrap();
         let ring = rx.borrow().clone();
-        assert_eq!(ring.current(), &second);
-        assert_eq!(ring.lookup(first.id(), Instant::now()), Some(&first));
+        let now = Instant::now();
+        assert_eq!(
+            ring.sending(now),
+            &first,
+            "the new key is sent after half the window"
+        );
+        assert_eq!(ring.sending(now + Duration::from_secs(30)), &second);
+        assert_eq!(ring.lookup(second.id(), now), Some(&second));
+        assert_eq!(ring.lookup(first.id(), now), Some(&first));
         shutdown.cancel();
         let _ = std::fs::remove_dir_all(&dir);
         let ins = start(&KeySource::Insecure, POLL, CancellationToken::new()).unwrap();

@@ -232,6 +232,9 @@ struct Receiving {
     guard: Guard,
     limiter: LogLimiter,
     table: Table,
+    /// When a datagram from a Node's address last failed the key check (a peer with another
+    /// key — or we have the wrong one).
+    foreign_key_at: Option<Instant>,
 }
 
 fn wall_ms() -> u64 {
@@ -273,6 +276,13 @@ impl Handler {
         match st.guard.check(data, from.ip(), &cx) {
             Ok(d) => st.table.heard(Msg::from(d), now, self.timeout),
             Err(r) => {
+                if matches!(r, Reject::UnknownKey | Reject::BadMac)
+                    && peers
+                        .values()
+                        .any(|a| a.contains(&from.ip().to_canonical()))
+                {
+                    st.foreign_key_at = Some(now);
+                }
                 self.rejected
                     .get_or_create(&labels1("reason", r.reason()))
                     .inc();
@@ -333,6 +343,7 @@ pub async fn start(
             guard: Guard::new(settings.clock_window),
             limiter: LogLimiter::new(Duration::from_secs(10)),
             table: Table::default(),
+            foreign_key_at: None,
         }),
     });
     // Datagrams that change who is alive wake the evaluator at once.
@@ -370,7 +381,7 @@ pub async fn start(
         let mut seq: u64 = 0;
         let datagram = |kind: Kind, seq: &mut u64| {
             *seq += 1;
-            let key = settings.keys.borrow().current().clone();
+            let key = settings.keys.borrow().sending(Instant::now()).clone();
             memberlist_wire::encode(
                 &settings.cluster_tag,
                 &Datagram {
@@ -390,6 +401,7 @@ pub async fn start(
         // Local health: the largest recent lateness of our own ticks, decaying.
         let mut lag = Duration::ZERO;
         let mut suspect_until: Option<Instant> = None;
+        let mut key_mismatch_logged = false;
         let mut buf = [0u8; memberlist_wire::MAX_DATAGRAM + 1];
         let silent_after = settings.timeout * SILENT_AFTER_TIMEOUTS;
         loop {
@@ -444,10 +456,13 @@ pub async fn start(
                     let _ = socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
                 }
             }
-            let (mut nodes, suspicious) = handler
+            let (mut nodes, suspicious, foreign) = handler
                 .state
                 .lock()
                 .map(|s| {
+                    let foreign = s
+                        .foreign_key_at
+                        .is_some_and(|t| now.saturating_duration_since(t) < settings.timeout);
                     let prev: BTreeSet<String> = tx
                         .borrow()
                         .nodes
@@ -458,6 +473,7 @@ pub async fn start(
                     (
                         s.table.alive(&settings.node_name, now, timeout),
                         s.table.all_timed_out(&prev, now, timeout),
+                        foreign,
                     )
                 })
                 .unwrap_or_default();
@@ -475,10 +491,23 @@ pub async fn start(
             } else if nodes.len() > 1 {
                 suspect_until = None;
             }
+            // Alone, but hearing Nodes we cannot authenticate: most likely our key is the
+            // wrong one. Announcing would take every IP from the nodes that are fine.
+            let key_mismatch = foreign && nodes.len() == 1;
+            if key_mismatch != key_mismatch_logged {
+                key_mismatch_logged = key_mismatch;
+                if key_mismatch {
+                    tracing::error!(
+                        "hearing other nodes' membership datagrams but none with our key; not \
+                         announcing any IP until a peer with our key is heard (check \
+                         --memberlist-key-file against the other nodes)"
+                    );
+                }
+            }
             let live = Live {
                 // The hand-over hold: announce from the third "alive" round on, i.e. two
                 // intervals after peers first heard it.
-                warmed_up: alive_rounds > HOLD_ROUNDS,
+                warmed_up: alive_rounds > HOLD_ROUNDS && !key_mismatch,
                 nodes,
                 timeout: settings.timeout,
             };
@@ -812,5 +841,92 @@ mod tests {
             t0.elapsed()
         );
         shutdown_a.cancel();
+    }
+
+    /// Three agents on 127.0.0.1-3 (one port): a and b share a key, c has another. c is never
+    /// counted and never announces; then a and b rotate to a new key a little apart and never
+    /// lose each other.
+    #[tokio::test]
+    async fn a_wrong_key_is_never_counted_and_a_rotation_keeps_the_membership() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+        let peers: PeerMap = [("a", 1), ("b", 2), ("c", 3)]
+            .into_iter()
+            .map(|(n, i)| (n.to_string(), [ip(i)].into()))
+            .collect();
+        let (_ptx, prx) = watch::channel(Some(peers));
+        let key = |s: &str| Key::parse(s.as_bytes()).unwrap();
+        let (ka, ka_rx) = watch::channel(KeyRing::new(key("the-shared-key-0123")));
+        let (kb, kb_rx) = watch::channel(KeyRing::new(key("the-shared-key-0123")));
+        let (_kc, kc_rx) = watch::channel(KeyRing::new(key("a-wrong-key-456789")));
+        let shutdown = CancellationToken::new();
+        let mut agents = Vec::new();
+        for (name, i, keys) in [("a", 1, ka_rx), ("b", 2, kb_rx), ("c", 3, kc_rx)] {
+            let mut s = MembershipSettings::new(name, port, keys);
+            s.bind = SocketAddr::new(ip(i), port);
+            s.interval = Duration::from_millis(50);
+            s.timeout = Duration::from_millis(300);
+            let rejected = s.rejected.clone();
+            let rx = start(s, prx.clone(), shutdown.clone()).await.unwrap();
+            agents.push((rx, rejected));
+        }
+        let names = |l: &Live| l.nodes.iter().cloned().collect::<Vec<_>>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(agents[0].0.borrow().warmed_up && names(&agents[0].0.borrow()) == ["a", "b"]) {
+            assert!(std::time::Instant::now() < deadline, "a never saw b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // c: alone and hearing only foreign keys, so it holds back; a and b never count it.
+        let check_for = |ms: u64| {
+            let until = std::time::Instant::now() + Duration::from_millis(ms);
+            let agents = &agents;
+            async move {
+                while std::time::Instant::now() < until {
+                    for (i, (rx, _)) in agents.iter().take(2).enumerate() {
+                        let l = rx.borrow().clone();
+                        assert_eq!(names(&l), ["a", "b"], "agent {i}");
+                        assert!(l.warmed_up);
+                    }
+                    let c = agents[2].0.borrow().clone();
+                    assert!(!c.warmed_up, "c announces with a wrong key: {c:?}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        check_for(1000).await;
+        let unknown_key = |i: usize| {
+            agents[i]
+                .1
+                .get_or_create(&labels1("reason", "unknown_key"))
+                .get()
+        };
+        assert!(unknown_key(0) > 0 && unknown_key(1) > 0 && unknown_key(2) > 0);
+        // Rotation, window 1.2 s: a first, b 400 ms later (longer than the timeout: had a sent
+        // the new key at once, b would have lost it).
+        let window = Duration::from_millis(1200);
+        ka.send_modify(|r| r.rotate(key("the-next-key-abcdef"), Instant::now(), window));
+        let before = unknown_key(0) + unknown_key(1);
+        check_for(400).await;
+        kb.send_modify(|r| r.rotate(key("the-next-key-abcdef"), Instant::now(), window));
+        check_for(1500).await;
+        // Nothing a or b sent was rejected by the other during the rotation (c's datagrams
+        // still are: the counters rise by c's share only, about 2 × 38 in 1.9 s).
+        let during = unknown_key(0) + unknown_key(1) - before;
+        assert!(
+            during <= 2 * 40,
+            "{during} unknown-key rejections during the rotation"
+        );
+        assert_eq!(
+            agents[0]
+                .1
+                .get_or_create(&labels1("reason", "bad_mac"))
+                .get(),
+            0
+        );
+        shutdown.cancel();
     }
 }
