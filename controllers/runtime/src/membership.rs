@@ -449,7 +449,7 @@ pub async fn start(
                                 .map(|s| s.table.heard_within(n, now, silent_after))
                                 .unwrap_or(true)
                     },
-                    round % PROBE_EVERY == 0,
+                    round.is_multiple_of(PROBE_EVERY),
                 );
                 for ip in targets {
                     // Never wait on one peer (an unresolved neighbour fills the buffer).
