@@ -89,7 +89,8 @@ fn put(store: &Store, obj: Value) -> Result<()> {
 }
 
 impl Hostile {
-    fn start() -> Result<Hostile> {
+    /// The lab; `dead_nodes` extra Node objects with LAN addresses nothing answers.
+    fn start(dead_nodes: usize) -> Result<Hostile> {
         let mut spec = LabSpec::new(3);
         spec.serve_pods = false;
         spec.ports = Vec::new();
@@ -150,6 +151,20 @@ impl Hostile {
                     "status": {"addresses": [
                         {"type": "InternalIP", "address": n.ip.to_string()},
                         {"type": "Hostname", "address": n.name}]}
+                }),
+            )?;
+        }
+        // Unused LAN addresses: .101-.199 and .251-.254 (the pool is .200-.250).
+        let dead_ips = (101..=199u8)
+            .chain(251..=254)
+            .map(|i| Ipv4Addr::new(198, 51, 100, i));
+        for (i, ip) in dead_ips.take(dead_nodes).enumerate() {
+            put(
+                store,
+                json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": format!("dead{i}")},
+                    "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]}
                 }),
             )?;
         }
@@ -337,7 +352,7 @@ fn forged_and_replayed_datagrams_move_nothing_and_failover_still_works() {
         return;
     }
     let started = Instant::now();
-    let mut h = Hostile::start().expect("lab");
+    let mut h = Hostile::start(0).expect("lab");
     let owner = wait_settled(&mut h, Duration::from_secs(20)).expect("settles");
     let owner_node = h.nodes.iter().find(|n| n.name == owner).unwrap().clone();
     let node_ips: Vec<Ipv4Addr> = h.nodes.iter().map(|n| n.ip).collect();
@@ -449,4 +464,43 @@ fn forged_and_replayed_datagrams_move_nothing_and_failover_still_works() {
         rounds,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Issue 10, part 3: 100 Node objects whose addresses nothing answers (their neighbour entries
+/// never resolve) must not slow the heartbeats between the three live agents: the membership
+/// stays at 3 on every agent while nothing happens, and a SIGKILLed owner fails over as usual.
+#[test]
+fn a_hundred_dead_nodes_do_not_disturb_the_live_ones() {
+    if !palisade_e2e::lab_ready("a_hundred_dead_nodes_do_not_disturb_the_live_ones") {
+        return;
+    }
+    let mut h = Hostile::start(100).expect("lab");
+    let owner = wait_settled(&mut h, Duration::from_secs(20)).expect("settles");
+    // 6 s of quiet: no membership change anywhere (silent peers are probed at a low rate,
+    // every send is non-blocking).
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let (owners, alive) = h.owners();
+        assert_eq!(owners, vec![owner.clone()], "ownership moved");
+        assert!(
+            alive.iter().all(|(_, a)| *a == 3.0),
+            "membership flapped: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let killed_at = Instant::now();
+    assert!(h.agents.kill(&owner).unwrap());
+    let mut took = None;
+    while killed_at.elapsed() < Duration::from_secs(5) {
+        let (owners, alive) = h.owners();
+        if owners.len() == 1 && owners[0] != owner && alive.iter().all(|(_, a)| *a == 2.0) {
+            took = Some(killed_at.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = took.expect("no failover within 5 s with 100 dead Nodes");
+    println!("failover with 100 dead Nodes: {} ms", took.as_millis());
+    let panics = h.agents.panics();
+    assert!(panics.is_empty(), "{panics:?}");
 }

@@ -321,6 +321,8 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> std::io::Result<watch::Receiver<Live>> {
     let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
+    // Heartbeats to peers not heard from (see the sender).
+    let probe_socket = UdpSocket::bind(SocketAddr::new(settings.bind.ip(), 0)).await?;
     let (tx, rx) = watch::channel(Live::default());
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -438,22 +440,26 @@ pub async fn start(
                     Kind::Join
                 };
                 let msg = datagram(kind, &mut seq);
-                let targets = targets(
-                    &settings.node_name,
-                    map.as_ref(),
-                    |n| {
-                        now.saturating_duration_since(started) < silent_after
-                            || handler
-                                .state
-                                .lock()
-                                .map(|s| s.table.heard_within(n, now, silent_after))
-                                .unwrap_or(true)
-                    },
-                    round.is_multiple_of(PROBE_EVERY),
-                );
-                for ip in targets {
-                    // Never wait on one peer (an unresolved neighbour fills the buffer).
+                let (recent, silent) = targets(&settings.node_name, map.as_ref(), |n| {
+                    handler
+                        .state
+                        .lock()
+                        .map(|s| s.table.heard_within(n, now, silent_after))
+                        .unwrap_or(true)
+                });
+                // Never wait on one peer: non-blocking sends, a full buffer drops the datagram.
+                for ip in recent {
                     let _ = socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                }
+                // Peers not heard from go through their own socket, so that datagrams queued
+                // behind their unresolved neighbour entries never fill the buffer the live
+                // peers' heartbeats need; after the start-up grace only every few rounds.
+                let grace = now.saturating_duration_since(started) < silent_after;
+                if grace || round.is_multiple_of(PROBE_EVERY) {
+                    for ip in silent {
+                        let _ =
+                            probe_socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                    }
                 }
             }
             let (mut nodes, suspicious, foreign) = handler
@@ -525,7 +531,7 @@ pub async fn start(
         }
         // Tell peers we are gone, so they need not wait for the timeout.
         let map = peers.borrow().clone();
-        let targets = targets(&settings.node_name, map.as_ref(), |_| true, true);
+        let (targets, _) = targets(&settings.node_name, map.as_ref(), |_| true);
         for _ in 0..2 {
             let leave = datagram(Kind::Leave, &mut seq);
             for ip in &targets {
@@ -536,21 +542,27 @@ pub async fn start(
     Ok(rx)
 }
 
-/// Where this round's heartbeats go: every address of every other node, except nodes that
-/// are silent (`!recent(node)`) unless `probe_silent`.
+/// Where this round's heartbeats go: the addresses of the other nodes heard from recently
+/// (`recent(node)`), and those of the silent ones (both without duplicates; an address in
+/// both counts as recent).
 fn targets(
     me: &str,
     peers: Option<&PeerMap>,
     recent: impl Fn(&str) -> bool,
-    probe_silent: bool,
-) -> BTreeSet<IpAddr> {
-    peers
-        .into_iter()
-        .flatten()
-        .filter(|(n, _)| n.as_str() != me)
-        .filter(|(n, _)| probe_silent || recent(n))
-        .flat_map(|(_, ips)| ips.iter().copied())
-        .collect()
+) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
+    let (mut live, mut silent) = (BTreeSet::new(), BTreeSet::new());
+    for (n, ips) in peers.into_iter().flatten() {
+        if n.as_str() == me {
+            continue;
+        }
+        if recent(n) {
+            live.extend(ips.iter().copied());
+        } else {
+            silent.extend(ips.iter().copied());
+        }
+    }
+    silent.retain(|ip| !live.contains(ip));
+    (live, silent)
 }
 
 #[cfg(test)]
@@ -928,5 +940,21 @@ mod tests {
             0
         );
         shutdown.cancel();
+    }
+
+    #[test]
+    fn silent_peers_are_separated_from_recent_ones() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let peers: PeerMap = [
+            ("me".to_string(), [ip(1)].into()),
+            ("live".to_string(), [ip(2), ip(3)].into()),
+            ("dead".to_string(), [ip(4)].into()),
+            ("shares".to_string(), [ip(3)].into()),
+        ]
+        .into();
+        let (live, silent) = targets("me", Some(&peers), |n| n == "live");
+        assert_eq!(live, [ip(2), ip(3)].into());
+        assert_eq!(silent, [ip(4)].into());
+        assert_eq!(targets("me", None, |_| true), Default::default());
     }
 }
