@@ -211,6 +211,10 @@ pub struct LabAgents {
     logs: BTreeMap<String, Vec<PathBuf>>,
 }
 
+/// The membership key every lab agent gets unless a test writes another
+/// ([`LabAgents::write_key`]).
+pub const LAB_MEMBERLIST_KEY: &str = "palisade-lab-memberlist-key-0123456789";
+
 impl LabAgents {
     /// No agent runs yet; `bin` is the `palisade` binary, `dir` takes the logs.
     pub fn new(bin: PathBuf, dir: &Path, probe_netns: &str, nodes: &[NodeHandle]) -> LabAgents {
@@ -231,8 +235,26 @@ impl LabAgents {
             .with_context(|| format!("the lab has no node {name}"))
     }
 
+    /// The membership key file of `node`'s agent (`<dir>/memberlist-<node>.key`), passed
+    /// as `--memberlist-key-file` unless the flags name a key file or
+    /// `--memberlist-insecure` themselves.
+    pub fn key_file(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("memberlist-{node}.key"))
+    }
+
+    /// Replaces the key file of `node` (atomically, like the kubelet updates a Secret
+    /// volume); a running agent picks it up within its poll interval.
+    pub fn write_key(&self, node: &str, key: &str) -> Result<()> {
+        let path = self.key_file(node);
+        let tmp = path.with_extension("key.tmp");
+        std::fs::write(&tmp, key).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
     /// Starts (or restarts) the agent of `node`: `palisade agent --node-name <node>
-    /// --kubeconfig <kubeconfig> --listen-addr <node IP>:9476 <flags>`, in a new log.
+    /// --kubeconfig <kubeconfig> --listen-addr <node IP>:9476 --memberlist-key-file
+    /// <key file> <flags>`, in a new log. The key file is written with
+    /// [`LAB_MEMBERLIST_KEY`] first if it does not exist.
     pub fn start(&mut self, node: &str, kubeconfig: &Path, flags: &[&str]) -> Result<()> {
         ensure!(
             !self.running(node),
@@ -256,6 +278,17 @@ impl LabAgents {
             "--listen-addr",
             &listen,
         ];
+        let key_file = self.key_file(node);
+        let key_arg = key_file.display().to_string();
+        let own_key = flags.iter().any(|f| {
+            f.starts_with("--memberlist-key-file") || f.starts_with("--memberlist-insecure")
+        });
+        if !own_key {
+            if !key_file.exists() {
+                self.write_key(node, LAB_MEMBERLIST_KEY)?;
+            }
+            argv.extend_from_slice(&["--memberlist-key-file", &key_arg]);
+        }
         argv.extend_from_slice(flags);
         let process = LabProcess::spawn(&name, &n.netns, &argv, &log)?;
         self.running.insert(node.to_string(), process);

@@ -292,6 +292,7 @@ def test_default_render_objects(chart: helm.Chart) -> None:
             "DaemonSet",
             "Role",
             "RoleBinding",
+            "Secret",
             "Service",
             "ServiceAccount",
         ]
@@ -368,6 +369,75 @@ def test_agent_volumes(chart: helm.Chart) -> None:
     assert [v["name"] for v in pod["volumes"] if "hostPath" in v] == [lock["name"]]
 
 
+def _memberlist_volume(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The key's volume and its mount, or None."""
+    pod = only(docs, "DaemonSet")["spec"]["template"]["spec"]
+    mounts = [m for m in agent_container(docs)["volumeMounts"] if m["name"] == "memberlist-key"]
+    volumes = [v for v in pod["volumes"] if v["name"] == "memberlist-key"]
+    assert len(mounts) == len(volumes) <= 1
+    return (volumes[0], mounts[0]) if volumes else None
+
+
+def test_memberlist_key_secret_is_random_and_mounted(chart: helm.Chart) -> None:
+    import base64
+
+    docs = render(chart)
+    secret = only(docs, "Secret")
+    assert secret["metadata"]["name"] == "palisade-memberlist"
+    assert secret["type"] == "Opaque"
+    key = base64.b64decode(secret["data"]["key"], validate=True)
+    assert len(key) >= 32 and key.isalnum(), key
+    # Random per install (`helm template` has no cluster to look the old one up in).
+    again = base64.b64decode(only(render(chart), "Secret")["data"]["key"])
+    assert again != key
+    volume, mount = _memberlist_volume(docs)
+    assert volume["secret"] == {"secretName": "palisade-memberlist", "defaultMode": 0o400}
+    assert mount["mountPath"] == "/etc/palisade/memberlist"
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount  # subPath mounts never see Secret updates (rotation)
+    args = args_of(docs)
+    assert flag(args, "memberlist-key-file") == "/etc/palisade/memberlist/key"
+    assert flag(args, "memberlist-insecure") is None
+
+
+def test_memberlist_key_is_kept_on_upgrade() -> None:
+    # The template keeps an existing Secret's key through `lookup` (which needs a cluster, so
+    # it cannot be exercised here): check that the rendered key comes from it.
+    text = (CHART_DIR / "templates" / "memberlist-secret.yaml").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \$name', text), text
+    assert "index $existing.data $entry" in text
+    assert "randAlphaNum" in text
+
+
+def test_memberlist_existing_secret(chart: helm.Chart) -> None:
+    values = {
+        "loadbalancer": {
+            "l2": {"memberlistKey": {"existingSecret": "my-key", "secretKey": "cluster.key"}}
+        }
+    }
+    docs = render(chart, values)
+    assert "Secret" not in kinds(docs)
+    volume, _ = _memberlist_volume(docs)
+    assert volume["secret"]["secretName"] == "my-key"
+    assert flag(args_of(docs), "memberlist-key-file") == "/etc/palisade/memberlist/cluster.key"
+
+
+def test_memberlist_insecure_and_no_l2_need_no_key(chart: helm.Chart) -> None:
+    docs = render(chart, {"loadbalancer": {"l2": {"memberlistInsecure": True}}})
+    assert "Secret" not in kinds(docs)
+    assert _memberlist_volume(docs) is None
+    assert flag(args_of(docs), "memberlist-insecure") == "true"
+    assert flag(args_of(docs), "memberlist-key-file") is None
+    for values in (
+        {"loadbalancer": {"l2": {"enabled": False}}},
+        {"loadbalancer": {"enabled": False}},
+    ):
+        docs = render(chart, values)
+        assert "Secret" not in kinds(docs)
+        assert _memberlist_volume(docs) is None
+        assert flag(args_of(docs), "memberlist-key-file") is None
+
+
 def test_agent_probes_and_port(chart: helm.Chart) -> None:
     container = agent_container(render(chart))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -409,6 +479,8 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--enable-l2=true",
         "--memberlist-port=7946",
         "--memberlist-timeout=1s",
+        "--memberlist-key-file=/etc/palisade/memberlist/key",
+        "--memberlist-key-rotation-window=2m",
     ]
     assert container["image"] == "palisade:0.1.0"
     assert container["resources"]["requests"]["cpu"]
@@ -602,7 +674,7 @@ def test_names_follow_the_release(chart: helm.Chart) -> None:
 def test_rbac_and_service_account_can_be_left_out(chart: helm.Chart) -> None:
     values = {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "existing"}}
     docs = render(chart, values)
-    assert kinds(docs) == ["DaemonSet", "Service"]
+    assert kinds(docs) == ["DaemonSet", "Secret", "Service"]
     assert only(docs, "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "existing"
 
 

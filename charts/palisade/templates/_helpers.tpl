@@ -101,3 +101,23 @@ The listen address, bracketing IPv6 hosts: "0.0.0.0:9476", "[::]:9476".
 {{- printf "%s:%d" $host (int .Values.agent.port) -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+The membership key: whether L2 runs (and so needs one), whether the chart creates the Secret,
+and the Secret's name.
+*/}}
+{{- define "palisade.memberlistKeyNeeded" -}}
+{{- if and .Values.loadbalancer.enabled .Values.loadbalancer.l2.enabled (not .Values.loadbalancer.l2.memberlistInsecure) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "palisade.memberlistSecretCreate" -}}
+{{- if and (include "palisade.memberlistKeyNeeded" .) (not .Values.loadbalancer.l2.memberlistKey.existingSecret) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "palisade.memberlistSecretName" -}}
+{{- .Values.loadbalancer.l2.memberlistKey.existingSecret | default (printf "%s-memberlist" (include "palisade.fullname" .)) -}}
+{{- end -}}

@@ -159,6 +159,21 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_MEMBERLIST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     memberlist_timeout: Duration,
 
+    /// File holding the cluster key that authenticates membership datagrams (mounted from a
+    /// Secret; re-read when it changes). Required for L2 announcement unless
+    /// --memberlist-insecure.
+    #[arg(long, env = "PALISADE_MEMBERLIST_KEY_FILE")]
+    memberlist_key_file: Option<std::path::PathBuf>,
+
+    /// Run the membership without a key: anyone who reaches the membership port can move
+    /// LoadBalancer IPs. For labs only.
+    #[arg(long, env = "PALISADE_MEMBERLIST_INSECURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    memberlist_insecure: bool,
+
+    /// How long the previous key is still accepted after the key file changed.
+    #[arg(long, env = "PALISADE_MEMBERLIST_KEY_ROTATION_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    memberlist_key_rotation_window: Duration,
+
     /// Full re-apply at least this often, even with no change.
     #[arg(long, env = "PALISADE_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     resync_interval: Duration,
@@ -257,6 +272,9 @@ fn agent_config(a: AgentArgs) -> Result<palisade_runtime::AgentConfig, String> {
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;
+    cfg.memberlist_key_file = a.memberlist_key_file.filter(|p| !p.as_os_str().is_empty());
+    cfg.memberlist_insecure = a.memberlist_insecure;
+    cfg.memberlist_key_rotation_window = a.memberlist_key_rotation_window;
     Ok(cfg)
 }
 
@@ -371,5 +389,34 @@ mod tests {
             panic!("not agent")
         };
         assert!(agent_config(*a).is_err());
+    }
+
+    #[test]
+    fn memberlist_key_flags_map_to_config() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["palisade", "agent", "--node-name", "n1"];
+            argv.extend_from_slice(extra);
+            let Command::Agent(a) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not agent")
+            };
+            agent_config(*a).unwrap()
+        };
+        let cfg = parse(&[]);
+        assert_eq!(cfg.memberlist_key_file, None);
+        assert!(!cfg.memberlist_insecure);
+        assert_eq!(cfg.memberlist_key_rotation_window, Duration::from_secs(120));
+        let cfg = parse(&[
+            "--memberlist-key-file",
+            "/etc/palisade/memberlist/key",
+            "--memberlist-key-rotation-window",
+            "30s",
+        ]);
+        assert_eq!(
+            cfg.memberlist_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/palisade/memberlist/key"))
+        );
+        assert_eq!(cfg.memberlist_key_rotation_window, Duration::from_secs(30));
+        assert!(parse(&["--memberlist-insecure"]).memberlist_insecure);
+        assert!(parse(&["--memberlist-insecure=true"]).memberlist_insecure);
     }
 }

@@ -247,6 +247,29 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     Ok(())
 }
 
+/// Where the membership key comes from; an error when none was configured.
+fn membership_key_source(
+    cfg: &AgentConfig,
+) -> Result<crate::memberlist_keyfile::KeySource, String> {
+    use crate::memberlist_keyfile::KeySource;
+    match (&cfg.memberlist_key_file, cfg.memberlist_insecure) {
+        (Some(path), _) => Ok(KeySource::File(path.clone())),
+        (None, true) => {
+            tracing::warn!(
+                "--memberlist-insecure: membership datagrams are not authenticated; anyone \
+                 who reaches the membership port can move LoadBalancer IPs"
+            );
+            Ok(KeySource::Insecure)
+        }
+        (None, false) => Err(
+            "no membership key: pass --memberlist-key-file PATH (a file \
+             from a Secret holding a random key of at least 16 bytes; the Helm chart creates \
+             one) or, to run unauthenticated, --memberlist-insecure"
+                .into(),
+        ),
+    }
+}
+
 /// Starts the membership and the speaker, and returns the announcer's task.
 async fn start_announcer(
     cfg: &AgentConfig,
@@ -258,8 +281,14 @@ async fn start_announcer(
     status: tokio::sync::watch::Sender<Option<crate::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
+    let keys = crate::memberlist_keyfile::start(
+        &membership_key_source(cfg)?,
+        cfg.memberlist_key_rotation_window,
+        shutdown.clone(),
+    )?;
     let (peers_tx, peers_rx) = tokio::sync::watch::channel(None);
-    let mut settings = MembershipSettings::new(cfg.node_name.clone(), cfg.memberlist_port);
+    let mut settings = MembershipSettings::new(cfg.node_name.clone(), cfg.memberlist_port, keys);
+    settings.rejected = metrics.memberlist_rejected.clone();
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;
     let live = crate::membership::start(settings, peers_rx, shutdown.clone())

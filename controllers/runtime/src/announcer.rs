@@ -206,7 +206,7 @@ pub struct AnnouncerReconciler {
     pub speaker: Arc<dyn Announcer>,
     pub live: watch::Receiver<Live>,
     /// Peer addresses for the membership, refreshed from the Node cache.
-    pub peers: watch::Sender<Option<BTreeSet<IpAddr>>>,
+    pub peers: watch::Sender<Option<crate::membership::PeerMap>>,
     pub class: String,
     pub claim_unclassed: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
@@ -422,17 +422,24 @@ impl AnnouncerReconciler {
     }
 
     fn refresh_peers(&self) {
-        let mut ips = BTreeSet::new();
+        let mut ips = crate::membership::PeerMap::new();
         for n in self.stores.nodes.state() {
-            if n.metadata.name.as_deref() == Some(self.node_name.as_str()) {
+            let Some(name) = n.metadata.name.as_deref() else {
+                continue;
+            };
+            if name == self.node_name {
                 continue;
             }
-            for a in n.status.iter().flat_map(|s| s.addresses.iter().flatten()) {
-                if a.type_ == "InternalIP" {
-                    if let Ok(ip) = a.address.parse::<IpAddr>() {
-                        ips.insert(ip);
-                    }
-                }
+            let addrs: BTreeSet<IpAddr> = n
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                .map(|ip| ip.to_canonical())
+                .collect();
+            if !addrs.is_empty() {
+                ips.insert(name.to_string(), addrs);
             }
         }
         let ips = Some(ips);

@@ -36,6 +36,12 @@ pub struct AgentConfig {
     /// Heartbeat interval and the silence after which a peer counts as dead.
     pub memberlist_interval: Duration,
     pub memberlist_timeout: Duration,
+    /// The membership's cluster key: a file (from a Secret) or, explicitly, none
+    /// (`memberlist_insecure`). Neither: L2 announcement refuses to start.
+    pub memberlist_key_file: Option<PathBuf>,
+    pub memberlist_insecure: bool,
+    /// How long the previous key is still accepted after the key file changed.
+    pub memberlist_key_rotation_window: Duration,
 }
 
 /// Lease-based leader election settings (client-go's defaults are 15s/10s/2s).
@@ -106,6 +112,9 @@ impl AgentConfig {
             memberlist_port: 7946,
             memberlist_interval: Duration::from_millis(200),
             memberlist_timeout: Duration::from_secs(1),
+            memberlist_key_file: None,
+            memberlist_insecure: false,
+            memberlist_key_rotation_window: Duration::from_secs(120),
         }
     }
 }

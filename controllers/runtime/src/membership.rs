@@ -27,20 +27,45 @@
 //! also retires the old one at once (a crashed agent restarted within the timeout).
 //! Split brain: when the LAN partitions, each side sees the other side dead and elects among
 //! its own members, so an IP may be announced on both sides — each side's clients reach one
-//! node, which is the best a partitioned L2 segment allows. Datagrams carry a cluster tag;
-//! they are not authenticated (the port should be reachable from nodes only).
+//! node, which is the best a partitioned L2 segment allows.
+//!
+//! Security (see `docs/security-membership.md`): every datagram is authenticated with the
+//! cluster key (HMAC-SHA256, [`crate::memberlist_wire`]), carries a per-incarnation sequence
+//! number and a timestamp, and must come from one of the named Node's InternalIPs; anything
+//! else is counted in `palisade_memberlist_rejected_total{reason}` and dropped.
+//!
+//! Dead peers and load: sends never wait (`try_send_to`; a full socket buffer drops that one
+//! datagram), peers not heard for [`SILENT_AFTER_TIMEOUTS`] timeouts are sent to only every
+//! [`PROBE_EVERY`] rounds, every queued datagram is read before anyone is judged dead, the
+//! agent's own scheduling lag (how late its ticks fire) stretches the timeout, and when every
+//! peer times out at the same moment the agent suspects itself first and waits one more
+//! timeout before believing it is alone.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::memberlist_key::KeyRing;
+use crate::memberlist_wire::{self, Context, Datagram, Guard, Kind, LogLimiter, Reject};
+use crate::metrics::{labels1, Labels};
+
 /// "alive" rounds an agent sends before it counts itself alive (see the module docs).
 const HOLD_ROUNDS: u32 = 2;
+/// A peer not heard for this many timeouts counts as silent ...
+pub const SILENT_AFTER_TIMEOUTS: u32 = 10;
+/// ... and is sent to only every this many rounds.
+pub const PROBE_EVERY: u64 = 5;
+
+/// Every other Node's InternalIPs, from the Node cache: where heartbeats go, and where a
+/// node's datagrams must come from.
+pub type PeerMap = BTreeMap<String, BTreeSet<IpAddr>>;
 
 /// Membership settings.
 #[derive(Clone, Debug)]
@@ -53,10 +78,16 @@ pub struct MembershipSettings {
     pub timeout: Duration,
     /// Datagrams with another tag are ignored (several clusters on one LAN).
     pub cluster_tag: String,
+    /// The cluster keys (sending and accepted); the key file watcher updates them.
+    pub keys: watch::Receiver<KeyRing>,
+    /// Datagrams whose timestamp differs from our clock by more are rejected.
+    pub clock_window: Duration,
+    /// `palisade_memberlist_rejected_total{reason}`.
+    pub rejected: Family<Labels, Counter>,
 }
 
 impl MembershipSettings {
-    pub fn new(node_name: impl Into<String>, port: u16) -> Self {
+    pub fn new(node_name: impl Into<String>, port: u16, keys: watch::Receiver<KeyRing>) -> Self {
         MembershipSettings {
             node_name: node_name.into(),
             bind: SocketAddr::from(([0, 0, 0, 0], port)),
@@ -64,6 +95,9 @@ impl MembershipSettings {
             interval: Duration::from_millis(200),
             timeout: Duration::from_secs(1),
             cluster_tag: "palisade".into(),
+            keys,
+            clock_window: Duration::from_secs(30),
+            rejected: Family::default(),
         }
     }
 }
@@ -80,8 +114,7 @@ pub struct Live {
 
 #[derive(Debug, PartialEq, Eq)]
 enum Msg {
-    /// Heard, warming up: not alive for the election yet. (Agents that predate this message
-    /// ignore it, i.e. treat a warming-up agent as silent, which is what it should be.)
+    /// Heard, warming up: not alive for the election yet.
     Join {
         node: String,
         incarnation: u64,
@@ -96,40 +129,14 @@ enum Msg {
     },
 }
 
-impl Msg {
-    fn node(&self) -> &str {
-        match self {
-            Msg::Join { node, .. } | Msg::Alive { node, .. } | Msg::Leave { node, .. } => node,
+impl From<Datagram> for Msg {
+    fn from(d: Datagram) -> Msg {
+        let (node, incarnation) = (d.node, d.incarnation);
+        match d.kind {
+            Kind::Join => Msg::Join { node, incarnation },
+            Kind::Alive => Msg::Alive { node, incarnation },
+            Kind::Leave => Msg::Leave { node, incarnation },
         }
-    }
-}
-
-fn encode(tag: &str, msg: &Msg) -> Vec<u8> {
-    match msg {
-        Msg::Join { node, incarnation } => format!("PAL1 {tag} join {node} {incarnation}"),
-        Msg::Alive { node, incarnation } => format!("PAL1 {tag} alive {node} {incarnation}"),
-        Msg::Leave { node, incarnation } => format!("PAL1 {tag} leave {node} {incarnation}"),
-    }
-    .into_bytes()
-}
-
-fn decode(tag: &str, data: &[u8]) -> Option<Msg> {
-    let text = std::str::from_utf8(data).ok()?;
-    let mut it = text.split(' ');
-    if it.next()? != "PAL1" || it.next()? != tag {
-        return None;
-    }
-    let kind = it.next()?;
-    let node = it.next()?.to_string();
-    let incarnation = it.next()?.parse().ok()?;
-    if it.next().is_some() || node.is_empty() || node.len() > 253 {
-        return None;
-    }
-    match kind {
-        "join" => Some(Msg::Join { node, incarnation }),
-        "alive" => Some(Msg::Alive { node, incarnation }),
-        "leave" => Some(Msg::Leave { node, incarnation }),
-        _ => None,
     }
 }
 
@@ -200,6 +207,108 @@ impl Table {
         out.insert(me.to_string());
         out
     }
+
+    /// Whether `node` sent anything (join or alive) within `within` of `now`.
+    fn heard_within(&self, node: &str, now: Instant, within: Duration) -> bool {
+        self.last_seen
+            .get(node)
+            .is_some_and(|s| now.saturating_duration_since(s.at) < within)
+    }
+
+    /// Whether every one of `peers` (at least two) is still known, ready, and timed out —
+    /// nobody left, they all just went silent at once: suspicious (see the module docs).
+    fn all_timed_out(&self, peers: &BTreeSet<String>, now: Instant, timeout: Duration) -> bool {
+        peers.len() >= 2
+            && peers.iter().all(|n| {
+                self.last_seen
+                    .get(n)
+                    .is_some_and(|s| s.ready && now.saturating_duration_since(s.at) >= timeout)
+            })
+    }
+}
+
+/// The receiving side's state: the checks, the log limiter and the table.
+struct Receiving {
+    guard: Guard,
+    limiter: LogLimiter,
+    table: Table,
+    /// When a datagram from a Node's address last failed the key check (a peer with another
+    /// key — or we have the wrong one).
+    foreign_key_at: Option<Instant>,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Everything a datagram handler needs, shared by the receiver task and the evaluator's
+/// drain.
+struct Handler {
+    me: String,
+    tag: String,
+    timeout: Duration,
+    keys: watch::Receiver<KeyRing>,
+    peers: watch::Receiver<Option<PeerMap>>,
+    rejected: Family<Labels, Counter>,
+    state: Mutex<Receiving>,
+}
+
+impl Handler {
+    /// Checks and records one datagram; true when it may have changed who is alive.
+    fn handle(&self, data: &[u8], from: SocketAddr) -> bool {
+        let now = Instant::now();
+        let keys = self.keys.borrow().clone();
+        let peers = self.peers.borrow().clone().unwrap_or_default();
+        let cx = Context {
+            tag: &self.tag,
+            me: &self.me,
+            keys: &keys,
+            peers: &peers,
+            wall_ms: wall_ms(),
+            now,
+        };
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        match st.guard.check(data, from.ip(), &cx) {
+            Ok(d) => st.table.heard(Msg::from(d), now, self.timeout),
+            Err(r) => {
+                if matches!(r, Reject::UnknownKey | Reject::BadMac)
+                    && peers
+                        .values()
+                        .any(|a| a.contains(&from.ip().to_canonical()))
+                {
+                    st.foreign_key_at = Some(now);
+                }
+                self.rejected
+                    .get_or_create(&labels1("reason", r.reason()))
+                    .inc();
+                if let Some(suppressed) = st.limiter.allow(r, now) {
+                    tracing::warn!(
+                        reason = r.reason(),
+                        %from,
+                        suppressed,
+                        "membership datagram rejected{}",
+                        hint(r)
+                    );
+                }
+                false
+            }
+        }
+    }
+}
+
+fn hint(r: Reject) -> &'static str {
+    match r {
+        Reject::UnknownKey | Reject::BadMac => {
+            " (a peer with another --memberlist-key-file, or forged)"
+        }
+        Reject::Clock => " (clocks differ by more than the window: is NTP running?)",
+        _ => "",
+    }
 }
 
 /// Runs the membership until `shutdown`; peers' addresses come from `peers` (updated by the
@@ -208,16 +317,37 @@ impl Table {
 /// for "join", "alive" and the hand-over hold.
 pub async fn start(
     settings: MembershipSettings,
-    peers: watch::Receiver<Option<BTreeSet<IpAddr>>>,
+    peers: watch::Receiver<Option<PeerMap>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<watch::Receiver<Live>> {
     let socket = Arc::new(UdpSocket::bind(settings.bind).await?);
+    // Heartbeats to peers not heard from (see the sender).
+    let probe_socket = UdpSocket::bind(SocketAddr::new(settings.bind.ip(), 0)).await?;
     let (tx, rx) = watch::channel(Live::default());
     let incarnation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    let table = Arc::new(Mutex::new(Table::default()));
+    for r in Reject::ALL {
+        // Every reason shows (at 0) from the start.
+        let _ = settings
+            .rejected
+            .get_or_create(&labels1("reason", r.reason()));
+    }
+    let handler = Arc::new(Handler {
+        me: settings.node_name.clone(),
+        tag: settings.cluster_tag.clone(),
+        timeout: settings.timeout,
+        keys: settings.keys.clone(),
+        peers: peers.clone(),
+        rejected: settings.rejected.clone(),
+        state: Mutex::new(Receiving {
+            guard: Guard::new(settings.clock_window),
+            limiter: LogLimiter::new(Duration::from_secs(10)),
+            table: Table::default(),
+            foreign_key_at: None,
+        }),
+    });
     // Datagrams that change who is alive wake the evaluator at once.
     let changed = Arc::new(tokio::sync::Notify::new());
     let mut peers_known_at: Option<Instant> = None;
@@ -229,30 +359,19 @@ pub async fn start(
     // Receiver.
     {
         let socket = socket.clone();
-        let table = table.clone();
+        let handler = handler.clone();
         let changed = changed.clone();
-        let tag = settings.cluster_tag.clone();
-        let me = settings.node_name.clone();
-        let timeout = settings.timeout;
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 512];
+            let mut buf = [0u8; memberlist_wire::MAX_DATAGRAM + 1];
             loop {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = socket.recv_from(&mut buf) => r,
                 };
-                let Ok((n, _from)) = r else { continue };
-                if let Some(msg) = decode(&tag, &buf[..n]) {
-                    if msg.node() != me {
-                        let change = table
-                            .lock()
-                            .map(|mut t| t.heard(msg, Instant::now(), timeout))
-                            .unwrap_or(false);
-                        if change {
-                            changed.notify_one();
-                        }
-                    }
+                let Ok((n, from)) = r else { continue };
+                if handler.handle(&buf[..n], from) {
+                    changed.notify_one();
                 }
             }
         });
@@ -261,53 +380,141 @@ pub async fn start(
     // Sender + evaluator.
     tokio::spawn(async move {
         let node = settings.node_name.clone();
-        let join_msg = encode(
-            &settings.cluster_tag,
-            &Msg::Join {
-                node: node.clone(),
-                incarnation,
-            },
-        );
-        let alive_msg = encode(&settings.cluster_tag, &Msg::Alive { node, incarnation });
+        let mut seq: u64 = 0;
+        let datagram = |kind: Kind, seq: &mut u64| {
+            *seq += 1;
+            let key = settings.keys.borrow().sending(Instant::now()).clone();
+            memberlist_wire::encode(
+                &settings.cluster_tag,
+                &Datagram {
+                    kind,
+                    node: node.clone(),
+                    incarnation,
+                    seq: *seq,
+                    timestamp_ms: wall_ms(),
+                },
+                &key,
+            )
+        };
         let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round: u64 = 0;
+        let started = Instant::now();
+        // Local health: the largest recent lateness of our own ticks, decaying.
+        let mut lag = Duration::ZERO;
+        let mut suspect_until: Option<Instant> = None;
+        let mut key_mismatch_logged = false;
+        let mut buf = [0u8; memberlist_wire::MAX_DATAGRAM + 1];
+        let silent_after = settings.timeout * SILENT_AFTER_TIMEOUTS;
         loop {
             let send = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => true,
+                at = tick.tick() => {
+                    let late = Instant::now().saturating_duration_since(at);
+                    lag = late.max(lag.mul_f32(0.9));
+                    true
+                },
                 _ = changed.notified() => false,
             };
+            // Read whatever is queued before judging anyone (a stalled receiver task must not
+            // make live peers look dead).
+            while let Ok((n, from)) = socket.try_recv_from(&mut buf) {
+                handler.handle(&buf[..n], from);
+            }
             let now = Instant::now();
+            let timeout = settings.timeout + lag.min(settings.timeout * 4);
             if send {
-                let targets: Option<Vec<IpAddr>> =
-                    peers.borrow().as_ref().map(|p| p.iter().copied().collect());
-                if targets.is_some() && peers_known_at.is_none() {
+                round += 1;
+                let map = peers.borrow().clone();
+                if map.is_some() && peers_known_at.is_none() {
                     peers_known_at = Some(now);
                 }
                 // Listened for one timeout (half a tick of slack for the same jitter).
                 let warm = peers_known_at.is_some_and(|t| {
                     now.duration_since(t) + settings.interval / 2 >= settings.timeout
                 });
-                let msg = if alive_rounds > 0 || warm {
+                let kind = if alive_rounds > 0 || warm {
                     alive_rounds = alive_rounds.saturating_add(1);
-                    &alive_msg
+                    Kind::Alive
                 } else {
-                    &join_msg
+                    Kind::Join
                 };
-                for ip in targets.iter().flatten() {
-                    let _ = socket
-                        .send_to(msg, SocketAddr::new(*ip, settings.peer_port))
-                        .await;
+                let msg = datagram(kind, &mut seq);
+                let (recent, silent) = targets(&settings.node_name, map.as_ref(), |n| {
+                    handler
+                        .state
+                        .lock()
+                        .map(|s| s.table.heard_within(n, now, silent_after))
+                        .unwrap_or(true)
+                });
+                // Never wait on one peer: non-blocking sends, a full buffer drops the datagram.
+                for ip in recent {
+                    let _ = socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                }
+                // Peers not heard from go through their own socket, so that datagrams queued
+                // behind their unresolved neighbour entries never fill the buffer the live
+                // peers' heartbeats need; after the start-up grace only every few rounds.
+                let grace = now.saturating_duration_since(started) < silent_after;
+                if grace || round.is_multiple_of(PROBE_EVERY) {
+                    for ip in silent {
+                        let _ =
+                            probe_socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                    }
+                }
+            }
+            let (mut nodes, suspicious, foreign) = handler
+                .state
+                .lock()
+                .map(|s| {
+                    let foreign = s
+                        .foreign_key_at
+                        .is_some_and(|t| now.saturating_duration_since(t) < settings.timeout);
+                    let prev: BTreeSet<String> = tx
+                        .borrow()
+                        .nodes
+                        .iter()
+                        .filter(|n| **n != settings.node_name)
+                        .cloned()
+                        .collect();
+                    (
+                        s.table.alive(&settings.node_name, now, timeout),
+                        s.table.all_timed_out(&prev, now, timeout),
+                        foreign,
+                    )
+                })
+                .unwrap_or_default();
+            if nodes.len() == 1 && suspicious {
+                // Everybody at once: suspect ourselves first, for one more timeout.
+                let until = *suspect_until.get_or_insert_with(|| {
+                    tracing::warn!(
+                        "every peer went silent at once; suspecting this agent first                          (keeping the membership for one more timeout)"
+                    );
+                    now + settings.timeout
+                });
+                if now < until {
+                    nodes = tx.borrow().nodes.clone();
+                }
+            } else if nodes.len() > 1 {
+                suspect_until = None;
+            }
+            // Alone, but hearing Nodes we cannot authenticate: most likely our key is the
+            // wrong one. Announcing would take every IP from the nodes that are fine.
+            let key_mismatch = foreign && nodes.len() == 1;
+            if key_mismatch != key_mismatch_logged {
+                key_mismatch_logged = key_mismatch;
+                if key_mismatch {
+                    tracing::error!(
+                        "hearing other nodes' membership datagrams but none with our key; not \
+                         announcing any IP until a peer with our key is heard (check \
+                         --memberlist-key-file against the other nodes)"
+                    );
                 }
             }
             let live = Live {
                 // The hand-over hold: announce from the third "alive" round on, i.e. two
                 // intervals after peers first heard it.
-                warmed_up: alive_rounds > HOLD_ROUNDS,
-                nodes: table
-                    .lock()
-                    .map(|t| t.alive(&settings.node_name, now, settings.timeout))
-                    .unwrap_or_default(),
+                warmed_up: alive_rounds > HOLD_ROUNDS && !key_mismatch,
+                nodes,
                 timeout: settings.timeout,
             };
             tx.send_if_modified(|cur| {
@@ -323,70 +530,55 @@ pub async fn start(
             });
         }
         // Tell peers we are gone, so they need not wait for the timeout.
-        let leave = encode(
-            &settings.cluster_tag,
-            &Msg::Leave {
-                node: settings.node_name.clone(),
-                incarnation,
-            },
-        );
-        let targets: Vec<IpAddr> = peers
-            .borrow()
-            .as_ref()
-            .map(|p| p.iter().copied().collect())
-            .unwrap_or_default();
+        let map = peers.borrow().clone();
+        let (targets, _) = targets(&settings.node_name, map.as_ref(), |_| true);
         for _ in 0..2 {
+            let leave = datagram(Kind::Leave, &mut seq);
             for ip in &targets {
-                let _ = socket
-                    .send_to(&leave, SocketAddr::new(*ip, settings.peer_port))
-                    .await;
+                let _ = socket.try_send_to(&leave, SocketAddr::new(*ip, settings.peer_port));
             }
         }
     });
     Ok(rx)
 }
 
+/// Where this round's heartbeats go: the addresses of the other nodes heard from recently
+/// (`recent(node)`), and those of the silent ones (both without duplicates; an address in
+/// both counts as recent).
+fn targets(
+    me: &str,
+    peers: Option<&PeerMap>,
+    recent: impl Fn(&str) -> bool,
+) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
+    let (mut live, mut silent) = (BTreeSet::new(), BTreeSet::new());
+    for (n, ips) in peers.into_iter().flatten() {
+        if n.as_str() == me {
+            continue;
+        }
+        if recent(n) {
+            live.extend(ips.iter().copied());
+        } else {
+            silent.extend(ips.iter().copied());
+        }
+    }
+    silent.retain(|ip| !live.contains(ip));
+    (live, silent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memberlist_key::Key;
 
-    #[test]
-    fn codec_round_trips_and_rejects_garbage() {
-        let m = Msg::Alive {
-            node: "node-1".into(),
-            incarnation: 42,
-        };
-        assert_eq!(decode("c", &encode("c", &m)), Some(m));
-        let j = Msg::Join {
-            node: "node-2".into(),
-            incarnation: 7,
-        };
-        assert_eq!(encode("c", &j), b"PAL1 c join node-2 7");
-        assert_eq!(decode("c", &encode("c", &j)), Some(j));
-        assert_eq!(
-            decode(
-                "other",
-                &encode(
-                    "c",
-                    &Msg::Leave {
-                        node: "n".into(),
-                        incarnation: 1
-                    }
-                )
-            ),
-            None
-        );
-        for junk in [
-            &b""[..],
-            b"PAL1",
-            b"PAL1 c alive",
-            b"PAL1 c alive n x",
-            b"PAL1 c hello n 1",
-            b"\xff\xfe",
-            b"PAL1 c alive n 1 extra",
-        ] {
-            assert_eq!(decode("c", junk), None, "{junk:?}");
-        }
+    fn test_keys() -> watch::Receiver<KeyRing> {
+        let key = Key::parse(b"membership-test-key-0123").unwrap();
+        watch::channel(KeyRing::new(key)).1
+    }
+
+    /// Both agents on 127.0.0.1.
+    fn loopback_peers() -> PeerMap {
+        let lo: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
+        [("a".to_string(), lo.clone()), ("b".to_string(), lo)].into()
     }
 
     #[tokio::test(start_paused = true)]
@@ -535,13 +727,13 @@ mod tests {
         };
         let (pa, pb) = (port(0), port(1));
         let mk = |name: &str, bind: u16, peer: u16| {
-            let mut s = MembershipSettings::new(name, peer);
+            let mut s = MembershipSettings::new(name, peer, test_keys());
             s.bind = SocketAddr::from(([127, 0, 0, 1], bind));
             s.interval = Duration::from_millis(50);
             s.timeout = Duration::from_millis(300);
             s
         };
-        let loopback: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
+        let loopback = loopback_peers();
         let (_ptx, prx) = watch::channel(Some(loopback));
         let mut a = start(mk("a", pa, pb), prx.clone(), shutdown.clone())
             .await
@@ -611,13 +803,13 @@ mod tests {
             .unwrap()
             .port();
         let mk = |name: &str, bind: u16, peer: u16| {
-            let mut s = MembershipSettings::new(name, peer);
+            let mut s = MembershipSettings::new(name, peer, test_keys());
             s.bind = SocketAddr::from(([127, 0, 0, 1], bind));
             s.interval = Duration::from_millis(50);
             s.timeout = Duration::from_millis(300);
             s
         };
-        let loopback: BTreeSet<IpAddr> = [IpAddr::from([127, 0, 0, 1])].into();
+        let loopback = loopback_peers();
         let (ptx, prx) = watch::channel(None);
         let mut a = start(mk("a", pa, pb), prx.clone(), shutdown_a.clone())
             .await
@@ -661,5 +853,108 @@ mod tests {
             t0.elapsed()
         );
         shutdown_a.cancel();
+    }
+
+    /// Three agents on 127.0.0.1-3 (one port): a and b share a key, c has another. c is never
+    /// counted and never announces; then a and b rotate to a new key a little apart and never
+    /// lose each other.
+    #[tokio::test]
+    async fn a_wrong_key_is_never_counted_and_a_rotation_keeps_the_membership() {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ip = |n: u8| IpAddr::from([127, 0, 0, n]);
+        let peers: PeerMap = [("a", 1), ("b", 2), ("c", 3)]
+            .into_iter()
+            .map(|(n, i)| (n.to_string(), [ip(i)].into()))
+            .collect();
+        let (_ptx, prx) = watch::channel(Some(peers));
+        let key = |s: &str| Key::parse(s.as_bytes()).unwrap();
+        let (ka, ka_rx) = watch::channel(KeyRing::new(key("the-shared-key-0123")));
+        let (kb, kb_rx) = watch::channel(KeyRing::new(key("the-shared-key-0123")));
+        let (_kc, kc_rx) = watch::channel(KeyRing::new(key("a-wrong-key-456789")));
+        let shutdown = CancellationToken::new();
+        let mut agents = Vec::new();
+        for (name, i, keys) in [("a", 1, ka_rx), ("b", 2, kb_rx), ("c", 3, kc_rx)] {
+            let mut s = MembershipSettings::new(name, port, keys);
+            s.bind = SocketAddr::new(ip(i), port);
+            s.interval = Duration::from_millis(50);
+            s.timeout = Duration::from_millis(300);
+            let rejected = s.rejected.clone();
+            let rx = start(s, prx.clone(), shutdown.clone()).await.unwrap();
+            agents.push((rx, rejected));
+        }
+        let names = |l: &Live| l.nodes.iter().cloned().collect::<Vec<_>>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(agents[0].0.borrow().warmed_up && names(&agents[0].0.borrow()) == ["a", "b"]) {
+            assert!(std::time::Instant::now() < deadline, "a never saw b");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // c: alone and hearing only foreign keys, so it holds back; a and b never count it.
+        let check_for = |ms: u64| {
+            let until = std::time::Instant::now() + Duration::from_millis(ms);
+            let agents = &agents;
+            async move {
+                while std::time::Instant::now() < until {
+                    for (i, (rx, _)) in agents.iter().take(2).enumerate() {
+                        let l = rx.borrow().clone();
+                        assert_eq!(names(&l), ["a", "b"], "agent {i}");
+                        assert!(l.warmed_up);
+                    }
+                    let c = agents[2].0.borrow().clone();
+                    assert!(!c.warmed_up, "c announces with a wrong key: {c:?}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        check_for(1000).await;
+        let unknown_key = |i: usize| {
+            agents[i]
+                .1
+                .get_or_create(&labels1("reason", "unknown_key"))
+                .get()
+        };
+        assert!(unknown_key(0) > 0 && unknown_key(1) > 0 && unknown_key(2) > 0);
+        // Rotation, window 1.2 s: a first, b 400 ms later (longer than the timeout: had a sent
+        // the new key at once, b would have lost it).
+        let window = Duration::from_millis(1200);
+        ka.send_modify(|r| r.rotate(key("the-next-key-abcdef"), Instant::now(), window));
+        let before = unknown_key(0) + unknown_key(1);
+        check_for(400).await;
+        kb.send_modify(|r| r.rotate(key("the-next-key-abcdef"), Instant::now(), window));
+        check_for(1500).await;
+        // Nothing a or b sent was rejected by the other during the rotation (c's datagrams
+        // still are: the counters rise by c's share only, about 2 × 38 in 1.9 s).
+        let during = unknown_key(0) + unknown_key(1) - before;
+        assert!(
+            during <= 2 * 40,
+            "{during} unknown-key rejections during the rotation"
+        );
+        assert_eq!(
+            agents[0]
+                .1
+                .get_or_create(&labels1("reason", "bad_mac"))
+                .get(),
+            0
+        );
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn silent_peers_are_separated_from_recent_ones() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let peers: PeerMap = [
+            ("me".to_string(), [ip(1)].into()),
+            ("live".to_string(), [ip(2), ip(3)].into()),
+            ("dead".to_string(), [ip(4)].into()),
+            ("shares".to_string(), [ip(3)].into()),
+        ]
+        .into();
+        let (live, silent) = targets("me", Some(&peers), |n| n == "live");
+        assert_eq!(live, [ip(2), ip(3)].into());
+        assert_eq!(silent, [ip(4)].into());
+        assert_eq!(targets("me", None, |_| true), Default::default());
     }
 }

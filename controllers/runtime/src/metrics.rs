@@ -47,6 +47,8 @@ pub struct Metrics {
     pub l2_gratuitous: Counter,
     pub l2_status_writes: Family<Labels, Counter>,
     pub members_alive: Gauge,
+    /// `palisade_memberlist_rejected_total{reason}` (see `memberlist_wire::Reject`).
+    pub memberlist_rejected: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -80,6 +82,7 @@ impl Metrics {
         let l2_gratuitous = Counter::default();
         let l2_status_writes = Family::<Labels, Counter>::default();
         let members_alive = Gauge::default();
+        let memberlist_rejected = Family::<Labels, Counter>::default();
         let build_info = Family::<Labels, Gauge>::default();
         build_info
             .get_or_create(&labels1("version", env!("CARGO_PKG_VERSION")))
@@ -220,6 +223,12 @@ impl Metrics {
             "Agents (this one included) heard from within the membership timeout",
             members_alive.clone(),
         );
+        registry.register(
+            "memberlist_rejected",
+            "Membership datagrams dropped, by reason (bad_mac, unknown_key, replay, clock, \
+             source_address, ...)",
+            memberlist_rejected.clone(),
+        );
         Metrics {
             registry,
             l2_owned_ips,
@@ -228,6 +237,7 @@ impl Metrics {
             l2_gratuitous,
             l2_status_writes,
             members_alive,
+            memberlist_rejected,
             lb_addresses_total,
             lb_addresses_in_use,
             lb_services_allocated,

@@ -1,0 +1,619 @@
+//! The membership's wire format v2 and the checks every received datagram passes (pure: no
+//! I/O, clocks passed in; the socket loop is [`crate::membership`]).
+//!
+//! ```text
+//!  0   "PAL2"                      magic and version
+//!  4   kind        u8              1 join, 2 alive, 3 leave
+//!  5   key id      u32 BE          which cluster key the MAC is made with (memberlist_key)
+//!  9   incarnation u64 BE          the sender's start time, µs since the Unix epoch
+//! 17   sequence    u64 BE          strictly increasing within one incarnation
+//! 25   timestamp   u64 BE          sender's wall clock at sending, ms since the Unix epoch
+//! 33   tag         u8 len + bytes  cluster tag (several clusters on one LAN)
+//!  .   node        u8 len + bytes  the sender's Node name
+//!  .   MAC         32 bytes        HMAC-SHA256(key, every byte before it)
+//! ```
+//!
+//! A datagram is accepted only if, in this order (the first failure is its rejection reason,
+//! see [`Reject`]): it parses; its tag is ours; its key id names a key of the [`KeyRing`];
+//! its MAC verifies (constant-time); it does not claim to be us; its node is a Node of the
+//! cache; it comes from one of that Node's InternalIPs; its timestamp is within
+//! `clock_window` of our clock; its incarnation is not in the future (beyond the window);
+//! and its (incarnation, sequence) is greater than the last accepted for that node (a higher
+//! incarnation with any sequence, or the same incarnation with a higher sequence).
+//!
+//! Why both sequence and clock: the sequence makes every datagram count once per receiver;
+//! the clock bounds what a receiver that lost its memory (restarted) can be fed: only
+//! datagrams of the last `clock_window`. A receiver forgets a node's last sequence once it
+//! has heard nothing from it for `2 × clock_window`, when every datagram captured before is
+//! outside the clock window anyway — so a sender whose clock stepped back across a restart
+//! is heard again after that time instead of never.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::time::Instant;
+
+use crate::memberlist_key::{Key, KeyRing};
+
+pub const MAGIC: &[u8; 4] = b"PAL2";
+const MAC_LEN: usize = 32;
+const HEADER_LEN: usize = 33;
+/// The largest datagram this format produces (255-byte tag and node name).
+pub const MAX_DATAGRAM: usize = HEADER_LEN + 1 + 255 + 1 + 255 + MAC_LEN;
+
+type HmacSha256 = Hmac<Sha256>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Join,
+    Alive,
+    Leave,
+}
+
+/// One membership datagram's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    pub kind: Kind,
+    pub node: String,
+    pub incarnation: u64,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+}
+
+/// Why a datagram was rejected; [`Reject::reason`] is the `reason` label of
+/// `palisade_memberlist_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reject {
+    /// Not a v2 datagram (too short, bad magic or kind, bad lengths, not UTF-8) — the old
+    /// `PAL1` text format included.
+    Malformed,
+    /// Another cluster's tag.
+    OtherCluster,
+    /// A key id that names none of our keys (a wrong key, or a rotation window long over).
+    UnknownKey,
+    /// The MAC does not verify: forged or altered.
+    BadMac,
+    /// Claims to come from this agent.
+    OwnName,
+    /// Names no Node of the cache.
+    UnknownNode,
+    /// Sent from an address that is not one of the named Node's InternalIPs.
+    SourceAddress,
+    /// Timestamp outside the clock window.
+    Clock,
+    /// Incarnation later than our clock plus the window.
+    FutureIncarnation,
+    /// (Incarnation, sequence) not greater than the last accepted from that node.
+    Replay,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 10] = [
+        Reject::Malformed,
+        Reject::OtherCluster,
+        Reject::UnknownKey,
+        Reject::BadMac,
+        Reject::OwnName,
+        Reject::UnknownNode,
+        Reject::SourceAddress,
+        Reject::Clock,
+        Reject::FutureIncarnation,
+        Reject::Replay,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Reject::Malformed => "malformed",
+            Reject::OtherCluster => "other_cluster",
+            Reject::UnknownKey => "unknown_key",
+            Reject::BadMac => "bad_mac",
+            Reject::OwnName => "own_name",
+            Reject::UnknownNode => "unknown_node",
+            Reject::SourceAddress => "source_address",
+            Reject::Clock => "clock",
+            Reject::FutureIncarnation => "future_incarnation",
+            Reject::Replay => "replay",
+        }
+    }
+}
+
+fn kind_byte(k: Kind) -> u8 {
+    match k {
+        Kind::Join => 1,
+        Kind::Alive => 2,
+        Kind::Leave => 3,
+    }
+}
+
+/// The datagram for `d`, authenticated with `key`. Tags and names longer than 255 bytes are
+/// cut (Node names are at most 253).
+pub fn encode(tag: &str, d: &Datagram, key: &Key) -> Vec<u8> {
+    let tag = &tag.as_bytes()[..tag.len().min(255)];
+    let node = &d.node.as_bytes()[..d.node.len().min(255)];
+    let mut out = Vec::with_capacity(HEADER_LEN + 2 + tag.len() + node.len() + MAC_LEN);
+    out.extend_from_slice(MAGIC);
+    out.push(kind_byte(d.kind));
+    out.extend_from_slice(&key.id().to_be_bytes());
+    out.extend_from_slice(&d.incarnation.to_be_bytes());
+    out.extend_from_slice(&d.seq.to_be_bytes());
+    out.extend_from_slice(&d.timestamp_ms.to_be_bytes());
+    out.push(tag.len() as u8);
+    out.extend_from_slice(tag);
+    out.push(node.len() as u8);
+    out.extend_from_slice(node);
+    let mut mac = HmacSha256::new_from_slice(key.secret()).expect("HMAC takes any key length");
+    mac.update(&out);
+    out.extend_from_slice(&mac.finalize().into_bytes());
+    out
+}
+
+/// A parsed but not yet verified datagram.
+struct Parsed<'a> {
+    datagram: Datagram,
+    key_id: u32,
+    tag: &'a [u8],
+    signed: &'a [u8],
+    mac: &'a [u8],
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    u64::from_be_bytes(a)
+}
+
+fn parse(data: &[u8]) -> Option<Parsed<'_>> {
+    if data.len() < HEADER_LEN + 2 + MAC_LEN || &data[..4] != MAGIC {
+        return None;
+    }
+    let kind = match data[4] {
+        1 => Kind::Join,
+        2 => Kind::Alive,
+        3 => Kind::Leave,
+        _ => return None,
+    };
+    let key_id = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
+    let incarnation = be64(&data[9..17]);
+    let seq = be64(&data[17..25]);
+    let timestamp_ms = be64(&data[25..33]);
+    let (signed, mac) = data.split_at(data.len() - MAC_LEN);
+    let rest = &signed[HEADER_LEN..];
+    let tag_len = *rest.first()? as usize;
+    let tag = rest.get(1..1 + tag_len)?;
+    let rest = &rest[1 + tag_len..];
+    let node_len = *rest.first()? as usize;
+    let node = rest.get(1..1 + node_len)?;
+    if rest.len() != 1 + node_len || node.is_empty() {
+        return None;
+    }
+    let node = std::str::from_utf8(node).ok()?.to_string();
+    Some(Parsed {
+        datagram: Datagram {
+            kind,
+            node,
+            incarnation,
+            seq,
+            timestamp_ms,
+        },
+        key_id,
+        tag,
+        signed,
+        mac,
+    })
+}
+
+/// What a check needs to know of the world at the moment a datagram arrived.
+pub struct Context<'a> {
+    pub tag: &'a str,
+    /// This agent's Node name.
+    pub me: &'a str,
+    pub keys: &'a KeyRing,
+    /// Every other Node's InternalIPs (from the Node cache).
+    pub peers: &'a BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Our wall clock, ms since the Unix epoch.
+    pub wall_ms: u64,
+    pub now: Instant,
+}
+
+/// The last (incarnation, sequence) accepted from one node, and when.
+#[derive(Clone, Copy, Debug)]
+struct Last {
+    incarnation: u64,
+    seq: u64,
+    at: Instant,
+}
+
+/// The receiver's checks and its replay memory (see the module docs).
+#[derive(Debug)]
+pub struct Guard {
+    clock_window: Duration,
+    last: BTreeMap<String, Last>,
+}
+
+impl Guard {
+    pub fn new(clock_window: Duration) -> Guard {
+        Guard {
+            clock_window,
+            last: BTreeMap::new(),
+        }
+    }
+
+    /// Checks one datagram from `from`; the accepted content, or why not.
+    pub fn check(
+        &mut self,
+        data: &[u8],
+        from: IpAddr,
+        cx: &Context<'_>,
+    ) -> Result<Datagram, Reject> {
+        let p = parse(data).ok_or(Reject::Malformed)?;
+        if p.tag != cx.tag.as_bytes() {
+            return Err(Reject::OtherCluster);
+        }
+        let key = cx.keys.lookup(p.key_id, cx.now).ok_or(Reject::UnknownKey)?;
+        let mut mac = HmacSha256::new_from_slice(key.secret()).expect("HMAC takes any key length");
+        mac.update(p.signed);
+        mac.verify_slice(p.mac).map_err(|_| Reject::BadMac)?;
+        let d = p.datagram;
+        if d.node == cx.me {
+            return Err(Reject::OwnName);
+        }
+        let addrs = cx.peers.get(&d.node).ok_or(Reject::UnknownNode)?;
+        if !addrs.contains(&from.to_canonical()) {
+            return Err(Reject::SourceAddress);
+        }
+        let window_ms = self.clock_window.as_millis() as u64;
+        if d.timestamp_ms.abs_diff(cx.wall_ms) > window_ms {
+            return Err(Reject::Clock);
+        }
+        if d.incarnation / 1000 > cx.wall_ms.saturating_add(window_ms) {
+            return Err(Reject::FutureIncarnation);
+        }
+        let forget_after = self.clock_window * 2;
+        if let Some(l) = self.last.get(&d.node) {
+            let fresh = cx.now.saturating_duration_since(l.at) < forget_after;
+            if fresh && (d.incarnation, d.seq) <= (l.incarnation, l.seq) {
+                return Err(Reject::Replay);
+            }
+        }
+        self.last.insert(
+            d.node.clone(),
+            Last {
+                incarnation: d.incarnation,
+                seq: d.seq,
+                at: cx.now,
+            },
+        );
+        // Bounded memory: only nodes of the cache get here; forget the long-silent ones.
+        if self.last.len() > cx.peers.len() {
+            self.last.retain(|n, l| {
+                cx.peers.contains_key(n) && cx.now.saturating_duration_since(l.at) < forget_after
+            });
+        }
+        Ok(d)
+    }
+}
+
+/// At most one warning per reason per `every`: [`LogLimiter::allow`] says whether to log now
+/// and how many were suppressed since the last one.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    last: BTreeMap<Reject, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    pub fn new(every: Duration) -> LogLimiter {
+        LogLimiter {
+            every,
+            last: BTreeMap::new(),
+        }
+    }
+
+    /// `Some(suppressed)` when this rejection should be logged.
+    pub fn allow(&mut self, r: Reject, now: Instant) -> Option<u64> {
+        match self.last.get_mut(&r) {
+            Some((at, suppressed)) if now.saturating_duration_since(*at) < self.every => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                self.last.insert(r, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WALL: u64 = 1_800_000_000_000; // ms
+
+    fn key(s: &str) -> Key {
+        Key::parse(s.as_bytes()).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    struct World {
+        ring: KeyRing,
+        peers: BTreeMap<String, BTreeSet<IpAddr>>,
+        now: Instant,
+        wall_ms: u64,
+    }
+
+    impl World {
+        fn new() -> World {
+            World {
+                ring: KeyRing::new(key("the-cluster-key-0123")),
+                peers: [
+                    ("node1".to_string(), [ip("10.0.0.1")].into()),
+                    ("node2".to_string(), [ip("10.0.0.2"), ip("fd00::2")].into()),
+                ]
+                .into(),
+                now: Instant::now(),
+                wall_ms: WALL,
+            }
+        }
+
+        fn cx(&self) -> Context<'_> {
+            Context {
+                tag: "palisade",
+                me: "node1",
+                keys: &self.ring,
+                peers: &self.peers,
+                wall_ms: self.wall_ms,
+                now: self.now,
+            }
+        }
+    }
+
+    fn dg(kind: Kind, node: &str, incarnation: u64, seq: u64) -> Datagram {
+        Datagram {
+            kind,
+            node: node.into(),
+            incarnation,
+            seq,
+            timestamp_ms: WALL,
+        }
+    }
+
+    const INC: u64 = (WALL - 60_000) * 1000; // started a minute ago
+
+    #[tokio::test(start_paused = true)]
+    async fn round_trips_and_accepts_increasing_sequences() {
+        let w = World::new();
+        let mut g = Guard::new(Duration::from_secs(30));
+        let k = w.ring.current().clone();
+        for (seq, kind) in [(1, Kind::Join), (2, Kind::Alive), (3, Kind::Leave)] {
+            let d = dg(kind, "node2", INC, seq);
+            let bytes = encode("palisade", &d, &k);
+            assert!(bytes.len() <= MAX_DATAGRAM);
+            assert_eq!(g.check(&bytes, ip("10.0.0.2"), &w.cx()), Ok(d));
+        }
+        // From the node's other address too (and an IPv4-mapped form of an IPv4 one).
+        let d = dg(Kind::Alive, "node2", INC, 4);
+        assert!(g
+            .check(&encode("palisade", &d, &k), ip("fd00::2"), &w.cx())
+            .is_ok());
+        let d = dg(Kind::Alive, "node2", INC, 5);
+        assert!(g
+            .check(&encode("palisade", &d, &k), ip("::ffff:10.0.0.2"), &w.cx())
+            .is_ok());
+        // Gaps are fine (lost datagrams); a new incarnation starts over at any sequence.
+        let d = dg(Kind::Join, "node2", INC + 1, 1);
+        assert!(g
+            .check(&encode("palisade", &d, &k), ip("10.0.0.2"), &w.cx())
+            .is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_rejection_reason() {
+        let mut w = World::new();
+        let mut g = Guard::new(Duration::from_secs(30));
+        let k = w.ring.current().clone();
+        let from = ip("10.0.0.2");
+        let good = dg(Kind::Alive, "node2", INC, 10);
+        let mut check = |w: &World, bytes: &[u8], from: IpAddr| g.check(bytes, from, &w.cx());
+
+        // The attack of issue 10, verbatim, and other junk.
+        for junk in [
+            &b"PAL1 palisade leave node2 18446744073709551615"[..],
+            b"PAL1 palisade join node2 18446744073709551615",
+            b"",
+            b"PAL2",
+            &[0xff; 200],
+        ] {
+            assert_eq!(check(&w, junk, from), Err(Reject::Malformed), "{junk:?}");
+        }
+        let bytes = encode("palisade", &good, &k);
+        let mut bad_kind = bytes.clone();
+        bad_kind[4] = 9;
+        assert_eq!(check(&w, &bad_kind, from), Err(Reject::Malformed));
+        assert_eq!(
+            check(&w, &bytes[..bytes.len() - 1], from),
+            Err(Reject::Malformed)
+        );
+        let mut longer = bytes.clone();
+        longer.insert(HEADER_LEN + 1, b'x');
+        assert_eq!(check(&w, &longer, from), Err(Reject::Malformed));
+
+        assert_eq!(
+            check(&w, &encode("other", &good, &k), from),
+            Err(Reject::OtherCluster)
+        );
+        assert_eq!(
+            check(
+                &w,
+                &encode("palisade", &good, &key("a-wrong-key-0123456")),
+                from
+            ),
+            Err(Reject::UnknownKey)
+        );
+        // Altered after signing: every byte before the MAC is covered, the MAC itself too.
+        for i in [4usize, 9, 16, 17, 25, 33, 40, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[i] ^= 0x01;
+            let r = check(&w, &b, from);
+            assert!(
+                matches!(
+                    r,
+                    Err(Reject::BadMac | Reject::Malformed | Reject::OtherCluster)
+                ),
+                "byte {i}: {r:?}"
+            );
+        }
+        let mut b = bytes.clone();
+        b[17] ^= 0x80; // the sequence
+        assert_eq!(check(&w, &b, from), Err(Reject::BadMac));
+
+        assert_eq!(
+            check(
+                &w,
+                &encode("palisade", &dg(Kind::Leave, "node1", INC, 1), &k),
+                ip("10.0.0.1")
+            ),
+            Err(Reject::OwnName)
+        );
+        assert_eq!(
+            check(
+                &w,
+                &encode("palisade", &dg(Kind::Alive, "node9", INC, 1), &k),
+                from
+            ),
+            Err(Reject::UnknownNode)
+        );
+        // Node2's datagram from node1's address, or from anywhere else.
+        assert_eq!(
+            check(&w, &bytes, ip("10.0.0.1")),
+            Err(Reject::SourceAddress)
+        );
+        assert_eq!(
+            check(&w, &bytes, ip("192.0.2.7")),
+            Err(Reject::SourceAddress)
+        );
+
+        let mut old = good.clone();
+        old.timestamp_ms = WALL - 30_001;
+        assert_eq!(
+            check(&w, &encode("palisade", &old, &k), from),
+            Err(Reject::Clock)
+        );
+        let mut ahead = good.clone();
+        ahead.timestamp_ms = WALL + 30_001;
+        assert_eq!(
+            check(&w, &encode("palisade", &ahead, &k), from),
+            Err(Reject::Clock)
+        );
+        let mut edge = good.clone();
+        edge.timestamp_ms = WALL - 30_000;
+        edge.seq = 1;
+        assert!(check(&w, &encode("palisade", &edge, &k), from).is_ok());
+
+        for inc in [u64::MAX, (WALL + 31_000) * 1000] {
+            assert_eq!(
+                check(
+                    &w,
+                    &encode("palisade", &dg(Kind::Join, "node2", inc, 1), &k),
+                    from
+                ),
+                Err(Reject::FutureIncarnation)
+            );
+        }
+
+        // Accepted once; the same datagram again, a lower sequence, an older incarnation: no.
+        assert_eq!(check(&w, &bytes, from), Ok(good.clone()));
+        assert_eq!(check(&w, &bytes, from), Err(Reject::Replay));
+        assert_eq!(
+            check(
+                &w,
+                &encode("palisade", &dg(Kind::Leave, "node2", INC, 9), &k),
+                from
+            ),
+            Err(Reject::Replay)
+        );
+        assert_eq!(
+            check(
+                &w,
+                &encode("palisade", &dg(Kind::Leave, "node2", INC - 1, 99), &k),
+                from
+            ),
+            Err(Reject::Replay)
+        );
+        // The replay memory outlives the clock window: a datagram captured earlier is out of
+        // the clock window by the time the memory is dropped.
+        w.now += Duration::from_secs(59);
+        assert_eq!(check(&w, &bytes, from), Err(Reject::Replay));
+        w.now += Duration::from_secs(2);
+        w.wall_ms += 61_000;
+        assert_eq!(check(&w, &bytes, from), Err(Reject::Clock));
+
+        // Every reason has a distinct label.
+        let labels: BTreeSet<&str> = Reject::ALL.iter().map(|r| r.reason()).collect();
+        assert_eq!(labels.len(), Reject::ALL.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_previous_key_is_accepted_during_rotation() {
+        let mut w = World::new();
+        let mut g = Guard::new(Duration::from_secs(30));
+        let old = w.ring.current().clone();
+        let new = key("the-new-cluster-key-4567");
+        w.ring.rotate(new.clone(), w.now, Duration::from_secs(120));
+        w.now += Duration::from_secs(60);
+        let from = ip("10.0.0.2");
+        assert!(g
+            .check(
+                &encode("palisade", &dg(Kind::Alive, "node2", INC, 1), &old),
+                from,
+                &w.cx()
+            )
+            .is_ok());
+        assert!(g
+            .check(
+                &encode("palisade", &dg(Kind::Alive, "node2", INC, 2), &new),
+                from,
+                &w.cx()
+            )
+            .is_ok());
+        w.now += Duration::from_secs(61);
+        assert_eq!(
+            g.check(
+                &encode("palisade", &dg(Kind::Alive, "node2", INC, 3), &old),
+                from,
+                &w.cx()
+            ),
+            Err(Reject::UnknownKey)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warnings_are_limited_per_reason() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::new(Duration::from_secs(10));
+        assert_eq!(l.allow(Reject::BadMac, t0), Some(0));
+        assert_eq!(l.allow(Reject::Replay, t0), Some(0));
+        for i in 1..100 {
+            assert_eq!(
+                l.allow(Reject::BadMac, t0 + Duration::from_millis(i * 10)),
+                None
+            );
+        }
+        assert_eq!(
+            l.allow(Reject::BadMac, t0 + Duration::from_secs(10)),
+            Some(99)
+        );
+        assert_eq!(l.allow(Reject::BadMac, t0 + Duration::from_secs(11)), None);
+    }
+}
