@@ -30,8 +30,8 @@ use palisade_e2e::api::{ControlPlane, CONTROL_PLANE_IP};
 use palisade_e2e::lab::{Lab, LabSpec, NodeHandle};
 use palisade_e2e::lab_cluster::{FAST_LEASE_FLAGS, FAST_SYNC_FLAGS};
 use palisade_e2e::{netns, LabAgents};
-use palisade_runtime::memberlist_key::Key;
-use palisade_runtime::memberlist_wire::{self, Datagram, Kind};
+use palisade_membership::memberlist_key::Key;
+use palisade_membership::memberlist_wire::{self, Datagram, Kind};
 use palisade_testapi::Store;
 use serde_json::{json, Value};
 
@@ -412,7 +412,7 @@ fn forged_and_replayed_datagrams_move_nothing_and_failover_still_works() {
             forged_now >= forged_before + (rounds * forged.len()) as f64,
             "{n}: forged rejections {forged_before} → {forged_now} after {rounds} rounds"
         );
-        let all: Vec<(&str, f64)> = palisade_runtime::memberlist_wire::Reject::ALL
+        let all: Vec<(&str, f64)> = palisade_membership::memberlist_wire::Reject::ALL
             .iter()
             .map(|r| (r.reason(), h.rejected(n, r.reason())))
             .collect();

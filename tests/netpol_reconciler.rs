@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_dataplane::RecordingExecutor;
+use palisade_enforcement::{ExecutorFactory, NetpolReconciler};
 use palisade_netpol::builders::{mk_node, mk_node_cidrs, mk_ns, mk_pod, mk_policy, with_pod_ips};
 use palisade_netpol::{Family, NodeConfig};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::netpol::{ExecutorFactory, NetpolReconciler};
 use palisade_runtime::stores::{Stores, Subscribers, Wanted};
 use palisade_runtime::sync::Trigger;
 use palisade_testapi::{Outage, TestApiServer};

@@ -7,11 +7,15 @@
 //!   pool       address entries ─► Pool (ranges, sizes, membership, overlaps)
 //!   allocator  Pools + ServiceRequests ─► IPs per Service (set_pools/assign/restore/unassign)
 //!   service    core/v1 Service ─► ServiceRequest; status.loadBalancer.ingress ─► IPs
+//!   plan       one allocation pass: API objects in, status writes and Events out
+//!   l2         the L2 announcement decision: which IPs this node answers for
+//!   l2status   the ServiceL2Status plan: which objects this node creates, updates, deletes
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
 //! ```
 //!
-//! Nothing here talks to the API server or the kernel; the runtime crate adapts API objects
-//! into these types and writes results back.
+//! Nothing here talks to the API server or the kernel; the reconciler crates
+//! (`palisade-allocation`, `palisade-announcement`) adapt API objects into these types and
+//! perform the plans.
 #![forbid(unsafe_code)]
 
 pub mod allocator;
@@ -19,6 +23,9 @@ pub mod announce;
 pub mod constants;
 pub mod crd;
 pub mod error;
+pub mod l2;
+pub mod l2status;
+pub mod plan;
 pub mod pool;
 pub mod selector;
 pub mod service;

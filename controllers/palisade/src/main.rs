@@ -232,14 +232,14 @@ fn init_logging(args: &LogArgs) {
     }
 }
 
-fn agent_config(a: AgentArgs) -> Result<palisade_runtime::AgentConfig, String> {
+fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     if a.lease_renew_deadline >= a.lease_duration {
         return Err(format!(
             "--lease-renew-deadline ({:?}) must be shorter than --lease-duration ({:?})",
             a.lease_renew_deadline, a.lease_duration
         ));
     }
-    let mut cfg = palisade_runtime::AgentConfig::new(a.node_name.clone());
+    let mut cfg = palisade_agent::AgentConfig::new(a.node_name.clone());
     cfg.identity = a.pod_name.unwrap_or(a.node_name);
     cfg.kubeconfig = a.kubeconfig.filter(|p| !p.as_os_str().is_empty());
     cfg.enable_netpol = a.enable_netpol;
@@ -306,7 +306,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(palisade_runtime::run_agent(cfg)) {
+            match rt.block_on(palisade_agent::run_agent(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "agent failed");

@@ -21,8 +21,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("dataplane: {0}")]
-    Dataplane(#[from] palisade_dataplane::DataplaneError),
     #[error("signal handling: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -36,7 +34,6 @@ impl Error {
             Error::Client(_) => "client",
             Error::Api(_) => "api",
             Error::Listen { .. } => "listen",
-            Error::Dataplane(_) => "dataplane",
             Error::Signal(_) => "signal",
         }
     }

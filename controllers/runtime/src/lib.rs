@@ -1,38 +1,27 @@
-//! The shared agent runtime: everything both reconcilers need from the outside world.
+//! The shared agent runtime: the wiring every reconciler needs, and nothing domain-specific.
 //!
 //! ```text
-//!  config ──► client ──► stores (reflectors, readiness) ──► triggers ──► reconcilers
-//!                │                                            │
-//!                ├── leader (Lease; only the allocator uses it)
-//!                ├── events (Kubernetes Events with constant reasons)
-//!                └── http (/healthz /readyz /metrics) ◄── metrics
+//!  client ──► stores (reflectors, readiness) ──► triggers ──► sync loop (SyncJob) ──► reconcilers
+//!     │                                                                (their own crates)
+//!     ├── leader (Lease; only the allocator uses it)
+//!     ├── events (Kubernetes Events with constant reasons)
+//!     └── http (/healthz /readyz /metrics) ◄── metrics (shared registry)
 //! ```
 //!
-//! The pure cores (`palisade-netpol`, `palisade-loadbalancer`) know nothing of this crate;
-//! the reconciler modules here translate store snapshots into their inputs and their outputs
-//! into kernel operations (through `palisade-dataplane`) or API writes.
+//! The reconcilers (`palisade-enforcement`, `palisade-allocation`, `palisade-announcement`)
+//! depend on this crate; it depends on none of them, nor on the pure cores.
 #![forbid(unsafe_code)]
 
-pub mod agent;
-pub mod allocation;
-pub mod announcer;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod events;
 pub mod http;
-pub mod l2status;
 pub mod leader;
-pub mod loadbalancer;
-pub mod memberlist_key;
-pub mod memberlist_keyfile;
-pub mod memberlist_wire;
-pub mod membership;
 pub mod metrics;
-pub mod netpol;
 pub mod stores;
 pub mod sync;
 
-pub use agent::run_agent;
-pub use config::AgentConfig;
+pub use config::{LeaseSettings, SyncSettings};
 pub use error::Error;
+pub use sync::{run_job, Cause, JobError, SyncJob, Trigger};

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub is_leader: Gauge,
     pub leader_transitions: Counter,
     pub events_published: Family<Labels, Counter>,
+    pub sync_errors: Family<Labels, Counter>,
     pub netpol_sync_duration: Histogram,
     pub netpol_syncs: Family<Labels, Counter>,
     pub netpol_rules: Gauge,
@@ -61,6 +62,12 @@ impl Metrics {
         let is_leader = Gauge::default();
         let leader_transitions = Counter::default();
         let events_published = Family::<Labels, Counter>::default();
+        let sync_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "sync_errors",
+            "Failed reconciler syncs (retried with backoff), by job and error",
+            sync_errors.clone(),
+        );
         let netpol_sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let netpol_syncs = Family::<Labels, Counter>::default();
         let netpol_rules = Gauge::default();
@@ -250,6 +257,7 @@ impl Metrics {
             is_leader,
             leader_transitions,
             events_published,
+            sync_errors,
             netpol_sync_duration,
             netpol_syncs,
             netpol_rules,

@@ -1,4 +1,4 @@
-//! The coalescing sync job both reconcilers use (kube-network-policies' runner, in tokio).
+//! The coalescing sync job every reconciler uses (kube-network-policies' runner, in tokio).
 //!
 //! Any number of [`Trigger::poke`]s between two runs cause exactly one run. Runs are at
 //! least `min_interval` apart; a failed run is retried after an exponential backoff; with no
@@ -17,6 +17,7 @@ use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SyncSettings;
+use crate::metrics::Metrics;
 
 /// A cheap, cloneable handle that asks for a sync.
 #[derive(Clone, Debug, Default)]
@@ -61,18 +62,45 @@ impl Cause {
     }
 }
 
+/// An error of a sync job: shown in logs, and counted by its short constant label in
+/// `palisade_sync_errors_total{job, error}`.
+pub trait JobError: std::fmt::Display {
+    fn label(&self) -> &'static str;
+}
+
+impl std::fmt::Display for Unreported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failed (reported by the job)")
+    }
+}
+
+/// The error of a closure job that reported its failure itself.
+#[derive(Debug)]
+pub struct Unreported;
+
+impl JobError for Unreported {
+    fn label(&self) -> &'static str {
+        "failed"
+    }
+}
+
+/// One reconciler's sync: everything it does on a poke, a retry or a resync.
+pub trait SyncJob {
+    /// Name in logs and in the `job` metric label.
+    const NAME: &'static str;
+    type Error: JobError;
+    fn sync(&mut self, cause: Cause) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
 /// Runs `job` whenever the trigger is poked, rate-limited and retried, until `shutdown`.
-///
-/// The job's error is only used to schedule a retry; the job reports it itself.
-pub async fn run_sync_loop<F, Fut, E>(
+/// A failed run is logged with its error, counted by its label, and retried after a backoff.
+pub async fn run_job<J: SyncJob>(
     settings: SyncSettings,
     trigger: Trigger,
     shutdown: CancellationToken,
-    mut job: F,
-) where
-    F: FnMut(Cause) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-{
+    job: &mut J,
+    metrics: Option<&Metrics>,
+) {
     let mut backoff = settings.backoff_initial;
     let mut last_start: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
@@ -103,17 +131,55 @@ pub async fn run_sync_loop<F, Fut, E>(
         }
         last_start = Some(Instant::now());
         trigger.absorb();
-        match job(cause).await {
+        match job.sync(cause).await {
             Ok(()) => {
                 backoff = settings.backoff_initial;
                 retry_at = None;
             }
-            Err(_) => {
+            Err(e) => {
+                if let Some(m) = metrics {
+                    m.sync_errors
+                        .get_or_create(&vec![
+                            ("job", J::NAME.to_string()),
+                            ("error", e.label().to_string()),
+                        ])
+                        .inc();
+                }
+                tracing::debug!(job = J::NAME, error = %e, retry_in = ?backoff, "sync failed; retrying");
                 retry_at = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(settings.backoff_max);
             }
         }
     }
+}
+
+/// A closure as a [`SyncJob`] (for jobs whose state lives in the closure).
+struct FnJob<F>(F);
+
+impl<F, Fut, E> SyncJob for FnJob<F>
+where
+    F: FnMut(Cause) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send,
+{
+    const NAME: &'static str = "job";
+    type Error = Unreported;
+    fn sync(&mut self, cause: Cause) -> impl Future<Output = Result<(), Unreported>> + Send {
+        let fut = (self.0)(cause);
+        async move { fut.await.map_err(|_| Unreported) }
+    }
+}
+
+/// [`run_job`] for a closure whose errors are reported by the closure itself.
+pub async fn run_sync_loop<F, Fut, E>(
+    settings: SyncSettings,
+    trigger: Trigger,
+    shutdown: CancellationToken,
+    job: F,
+) where
+    F: FnMut(Cause) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send,
+{
+    run_job(settings, trigger, shutdown, &mut FnJob(job), None).await
 }
 
 /// Pokes `trigger` every time `rx` changes (leadership, membership), until `shutdown`.

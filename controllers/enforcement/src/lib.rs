@@ -26,11 +26,11 @@ use palisade_dataplane::Executor;
 use palisade_netpol::{ClusterState, Diagnostic, Family, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SyncSettings;
-use crate::events::EventSink;
-use crate::metrics::{labels1, Metrics};
-use crate::stores::{names, Stores};
-use crate::sync::{run_sync_loop, Cause, Trigger};
+use palisade_runtime::config::SyncSettings;
+use palisade_runtime::events::EventSink;
+use palisade_runtime::metrics::{labels1, Metrics};
+use palisade_runtime::stores::{names, Stores};
+use palisade_runtime::sync::{run_sync_loop, Cause, Trigger};
 
 /// Event reasons of the netpol reconciler.
 pub mod reasons {

@@ -1,4 +1,4 @@
-//! One allocation pass (`palisade_runtime::allocation::AllocationState::pass`) at scale, as
+//! One allocation pass (`palisade_loadbalancer::plan::AllocationState::pass`) at scale, as
 //! the leader runs it on every event: N LoadBalancer Services that already hold their IPs
 //! (restored at the first pass), then steady-state passes (nothing changed, the common case:
 //! the watch echo of the agent's own writes), and passes after one new Service; each size
@@ -6,15 +6,15 @@
 //! became incremental) and once incremental.
 //!
 //! ```text
-//! cargo run --release -p palisade-runtime --example alloc_pass_bench
+//! cargo run --release -p palisade-loadbalancer --example alloc_pass_bench
 //! # knobs: PASS_BENCH_SIZES=1000,10000 PASS_BENCH_RUNS=50
 //! ```
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use palisade_loadbalancer::plan::{AllocationState, Inputs};
 use palisade_loadbalancer::IPAddressPool;
-use palisade_runtime::allocation::{AllocationState, Inputs};
 use serde_json::json;
 
 fn service(i: usize, ip: Option<String>) -> Arc<Service> {

@@ -1,5 +1,5 @@
 //! The membership's wire format v2 and the checks every received datagram passes (pure: no
-//! I/O, clocks passed in; the socket loop is [`crate::membership`]).
+//! I/O, clocks passed in; the socket loop is [`crate`]).
 //!
 //! ```text
 //!  0   "PAL2"                      magic and version

@@ -1,5 +1,6 @@
-//! The L2 announcer: every agent decides alone which LoadBalancer IPs it must answer ARP/NDP
-//! for, and tells the speaker.
+//! The L2 announcement reconciler: every agent decides alone (with the pure
+//! `palisade_loadbalancer::l2::decide`) which LoadBalancer IPs it must answer ARP/NDP for,
+//! and tells the speaker; [`status`] keeps the `ServiceL2Status` objects true.
 //!
 //! ```text
 //!  Services (ours, with ingress IPs) ─┐
@@ -10,7 +11,7 @@
 //!                    winner = min sha256("node#ip") ─► mine? ─► Speaker::set_owned
 //! ```
 //!
-//! Inputs come from the caches and from [`crate::membership`] (agents' own heartbeats), so
+//! Inputs come from the caches and from `palisade_membership` (agents' own heartbeats), so
 //! an API outage changes nothing: announcements continue from the last known state, and a
 //! dead agent's IPs move within the membership timeout. Until the membership has warmed up
 //! the agent announces nothing (it cannot yet know who else is alive).
@@ -26,176 +27,24 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, ObjectReference, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use palisade_loadbalancer::announce::{
-    advertisements_for_pool, eligible_nodes, interfaces_for, should_announce, TrafficPolicy,
-};
-use palisade_loadbalancer::pool::Pool;
-use palisade_loadbalancer::service::{is_ours, service_key, status_ips};
-use palisade_loadbalancer::{IPAddressPool, L2Advertisement, L2AdvertisementSpec};
+use k8s_openapi::api::core::v1::ObjectReference;
+use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
+use palisade_loadbalancer::l2status::Snapshot;
+use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
+use palisade_membership::Live;
+use palisade_runtime::config::SyncSettings;
+use palisade_runtime::events::EventSink;
+use palisade_runtime::metrics::Metrics;
+use palisade_runtime::stores::{names, typed_objects, Stores};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
 use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::SyncSettings;
-use crate::events::EventSink;
-use crate::l2status::Snapshot;
-use crate::membership::Live;
-use crate::metrics::Metrics;
-use crate::stores::{names, typed_objects, Stores};
-use crate::sync::{poke_on_change, run_sync_loop, Trigger};
+pub mod status;
 
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
-
-/// One IP's outcome in a pass (for events, logs and tests).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IpDecision {
-    pub service: (String, String),
-    pub uid: Option<String>,
-    pub ip: IpAddr,
-    pub winner: Option<String>,
-    pub interfaces: Vec<String>,
-}
-
-/// Inputs of one announcement pass.
-pub struct AnnounceInputs<'a> {
-    pub me: &'a str,
-    pub live: &'a BTreeSet<String>,
-    pub services: &'a [Arc<Service>],
-    pub pools: &'a [IPAddressPool],
-    pub advertisements: &'a [L2Advertisement],
-    pub nodes: &'a [Arc<Node>],
-    pub slices: &'a [Arc<EndpointSlice>],
-    pub class: &'a str,
-    pub claim_unclassed: bool,
-}
-
-/// Pure: which IPs this node owns, and the decision for every announced IP.
-pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
-    let mut pools: Vec<Pool> = input
-        .pools
-        .iter()
-        .filter_map(|p| {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let labels = p.metadata.labels.clone().unwrap_or_default();
-            Pool::from_spec(&name, &labels, &p.spec).ok()
-        })
-        .collect();
-    pools.sort_by(|a, b| a.name.cmp(&b.name));
-    let ads: Vec<&L2AdvertisementSpec> = input.advertisements.iter().map(|a| &a.spec).collect();
-    let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
-        .nodes
-        .iter()
-        .map(|n| {
-            (
-                n.metadata.name.clone().unwrap_or_default(),
-                n.metadata.labels.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
-    // Live agents whose Node we know (labels are needed for nodeSelectors).
-    let live_nodes: Vec<(&str, &BTreeMap<String, String>)> = node_labels
-        .iter()
-        .filter(|(n, _)| input.live.contains(*n))
-        .map(|(n, l)| (n.as_str(), l))
-        .collect();
-    let empty = BTreeMap::new();
-    let my_labels = node_labels.get(input.me).unwrap_or(&empty);
-
-    let mut owned = Owned::new();
-    let mut decisions = Vec::new();
-    for svc in input.services {
-        if !is_ours(svc, input.class, input.claim_unclassed) {
-            continue;
-        }
-        let ips = status_ips(svc);
-        if ips.is_empty() {
-            continue;
-        }
-        let key = service_key(svc);
-        let local = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.external_traffic_policy.as_deref())
-            == Some("Local");
-        let ready_nodes: BTreeSet<String> = if local {
-            ready_endpoint_nodes(input.slices, &key.namespace, &key.name)
-        } else {
-            BTreeSet::new()
-        };
-        let policy = if local {
-            TrafficPolicy::Local(&ready_nodes)
-        } else {
-            TrafficPolicy::Cluster
-        };
-        for ip in ips {
-            let Some(pool) = pools.iter().find(|p| p.contains(ip)) else {
-                continue;
-            };
-            let pool_ads = advertisements_for_pool(ads.iter().copied(), &pool.name, &pool.labels);
-            if pool_ads.is_empty() {
-                continue;
-            }
-            let eligible = eligible_nodes(&pool_ads, live_nodes.iter().copied(), policy);
-            let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
-            let decision = should_announce(input.me, ip, &eligible_refs);
-            let mut interfaces = Vec::new();
-            if decision.announce {
-                if let Some(choice) = interfaces_for(&pool_ads, my_labels) {
-                    interfaces = choice.named.clone();
-                    if choice.route_interface {
-                        match palisade_speaker::route_interface(ip) {
-                            Ok(i) if !interfaces.contains(&i) => interfaces.push(i),
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(%ip, error = %e, "no route to the IP's subnet; cannot pick an interface")
-                            }
-                        }
-                    }
-                    if !interfaces.is_empty() {
-                        owned
-                            .entry(ip)
-                            .or_default()
-                            .extend(interfaces.iter().cloned());
-                    }
-                }
-            }
-            decisions.push(IpDecision {
-                service: (key.namespace.clone(), key.name.clone()),
-                uid: svc.metadata.uid.clone(),
-                ip,
-                winner: decision.winner,
-                interfaces,
-            });
-        }
-    }
-    for ifaces in owned.values_mut() {
-        ifaces.sort();
-        ifaces.dedup();
-    }
-    (owned, decisions)
-}
-
-/// Nodes with at least one ready endpoint of the Service.
-fn ready_endpoint_nodes(slices: &[Arc<EndpointSlice>], ns: &str, svc: &str) -> BTreeSet<String> {
-    slices
-        .iter()
-        .filter(|s| {
-            s.metadata.namespace.as_deref() == Some(ns)
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .map(String::as_str)
-                    == Some(svc)
-        })
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .filter_map(|e| e.node_name.clone())
-        .collect()
-}
 
 pub struct AnnouncerReconciler {
     pub node_name: String,
@@ -206,11 +55,11 @@ pub struct AnnouncerReconciler {
     pub speaker: Arc<dyn Announcer>,
     pub live: watch::Receiver<Live>,
     /// Peer addresses for the membership, refreshed from the Node cache.
-    pub peers: watch::Sender<Option<crate::membership::PeerMap>>,
+    pub peers: watch::Sender<Option<palisade_membership::PeerMap>>,
     pub class: String,
     pub claim_unclassed: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
-    /// `ServiceL2Status` writer ([`crate::l2status`]).
+    /// `ServiceL2Status` writer ([`status`]).
     pub status: watch::Sender<Option<Snapshot>>,
 }
 
@@ -422,7 +271,7 @@ impl AnnouncerReconciler {
     }
 
     fn refresh_peers(&self) {
-        let mut ips = crate::membership::PeerMap::new();
+        let mut ips = palisade_membership::PeerMap::new();
         for n in self.stores.nodes.state() {
             let Some(name) = n.metadata.name.as_deref() else {
                 continue;
@@ -466,8 +315,24 @@ impl AnnouncerReconciler {
             let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
             let nodes = self.stores.nodes.state();
             let slices = self.stores.endpoint_slices.state();
+            // Route lookups are I/O: done here, once per IP and pass, and handed to the
+            // pure decision.
+            let routes = std::sync::Mutex::new(BTreeMap::<IpAddr, Result<String, String>>::new());
+            let route_interface = |ip: IpAddr| {
+                let mut cache = routes.lock().unwrap_or_else(|e| e.into_inner());
+                cache
+                    .entry(ip)
+                    .or_insert_with(|| {
+                        palisade_speaker::route_interface(ip).map_err(|e| {
+                            tracing::warn!(%ip, error = %e, "no route to the IP's subnet; cannot pick an interface");
+                            e.to_string()
+                        })
+                    })
+                    .clone()
+            };
             decide(&AnnounceInputs {
                 me: &self.node_name,
+                route_interface: &route_interface,
                 live: &live.nodes,
                 services: &services,
                 pools: &pools,
@@ -588,130 +453,6 @@ impl AnnouncerReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
-        serde_json::from_value(v).expect("valid object")
-    }
-
-    fn node(name: &str, zone: &str) -> Arc<Node> {
-        Arc::new(obj(
-            json!({"metadata": {"name": name, "labels": {"zone": zone}}}),
-        ))
-    }
-
-    fn svc(name: &str, ip: &str, policy: &str) -> Arc<Service> {
-        Arc::new(obj(json!({
-            "metadata": {"namespace": "shop", "name": name, "uid": format!("uid-{name}")},
-            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy, "ports": [{"port": 80}]},
-            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
-        })))
-    }
-
-    fn pool() -> IPAddressPool {
-        obj(
-            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
-            "metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
-        )
-    }
-
-    fn ad(spec: serde_json::Value) -> L2Advertisement {
-        obj(
-            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
-            "metadata": {"name": "ad"}, "spec": spec}),
-        )
-    }
-
-    fn owners(
-        services: &[Arc<Service>],
-        ads: &[L2Advertisement],
-        live: &[&str],
-        slices: &[Arc<EndpointSlice>],
-    ) -> BTreeMap<IpAddr, Vec<String>> {
-        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
-        let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
-        let pools = vec![pool()];
-        let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-        for me in ["n1", "n2", "n3"] {
-            if !live.contains(me) {
-                continue;
-            }
-            let (owned, _) = decide(&AnnounceInputs {
-                me,
-                live: &live,
-                services,
-                pools: &pools,
-                advertisements: ads,
-                nodes: &nodes,
-                slices,
-                class: "palisade.dev/palisade",
-                claim_unclassed: true,
-            });
-            for (ip, ifaces) in owned {
-                assert_eq!(ifaces, vec!["eth9".to_string()]);
-                out.entry(ip).or_default().push(me.to_string());
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn every_ip_has_exactly_one_owner_and_moves_only_when_its_owner_dies() {
-        let services: Vec<_> = (0..20)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
-        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
-        let all = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
-        assert_eq!(all.len(), 20);
-        assert!(all.values().all(|o| o.len() == 1), "{all:?}");
-        // n2 dies: only its IPs move.
-        let without = owners(&services, &ads, &["n1", "n3"], &[]);
-        for (ip, o) in &all {
-            if o[0] != "n2" {
-                assert_eq!(&without[ip], o, "{ip} moved although its owner lives");
-            } else {
-                assert_ne!(without[ip][0], "n2");
-            }
-        }
-    }
-
-    #[test]
-    fn node_selectors_and_local_policy_restrict_the_owner() {
-        let services = vec![svc("web", "198.51.100.201", "Cluster")];
-        let ads = vec![ad(
-            json!({"interfaces": ["eth9"], "nodeSelectors": [{"matchLabels": {"zone": "b"}}]}),
-        )];
-        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
-        assert_eq!(o.values().next().unwrap(), &vec!["n3".to_string()]);
-        // n3 dead: nobody may announce.
-        assert!(owners(&services, &ads, &["n1", "n2"], &[]).is_empty());
-
-        let local = vec![svc("api", "198.51.100.202", "Local")];
-        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
-        let slice: Arc<EndpointSlice> = Arc::new(obj(json!({
-            "metadata": {"namespace": "shop", "name": "api-1", "labels": {"kubernetes.io/service-name": "api"}},
-            "addressType": "IPv4",
-            "endpoints": [
-                {"addresses": ["10.244.2.5"], "nodeName": "n2", "conditions": {"ready": true}},
-                {"addresses": ["10.244.1.5"], "nodeName": "n1", "conditions": {"ready": false}}
-            ]
-        })));
-        let o = owners(
-            &local,
-            &ads,
-            &["n1", "n2", "n3"],
-            std::slice::from_ref(&slice),
-        );
-        assert_eq!(o.values().next().unwrap(), &vec!["n2".to_string()]);
-        // No ready endpoint anywhere: no announcement (traffic would be dropped anyway).
-        assert!(owners(&local, &ads, &["n1", "n2", "n3"], &[]).is_empty());
-    }
 
     /// A speaker that answers each `set_owned` with the next scripted result and records the
     /// sets it was given.
@@ -844,24 +585,5 @@ mod tests {
         // ... then usable again, nothing pending.
         assert_eq!(gate(&mut links, true, at(4000)), full);
         assert_eq!(gate(&mut links, true, at(9000)), full);
-    }
-
-    #[test]
-    fn ips_without_advertisement_or_pool_are_not_announced() {
-        let services = vec![
-            svc("web", "198.51.100.201", "Cluster"),
-            svc("far", "203.0.113.9", "Cluster"),
-        ];
-        assert!(owners(&services, &[], &["n1", "n2", "n3"], &[]).is_empty());
-        let ads = vec![ad(
-            json!({"interfaces": ["eth9"], "ipAddressPools": ["other"]}),
-        )];
-        assert!(owners(&services, &ads, &["n1", "n2", "n3"], &[]).is_empty());
-        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
-        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
-        assert_eq!(
-            o.keys().map(ToString::to_string).collect::<Vec<_>>(),
-            ["198.51.100.201"]
-        );
     }
 }

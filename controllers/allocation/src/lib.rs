@@ -4,11 +4,11 @@
 //!  Stores (pools, l2ads, services, nodes, ...) ──► intake: typed, malformed ones reported
 //!         ▲ pokes                                   │
 //!     Trigger ◄── reflectors                        ▼ (leader only)
-//!                       allocation pass (allocation.rs) ──► Service status, pool status,
+//!                       allocation pass (palisade_loadbalancer::plan) ──► Service status, pool status,
 //!                                                           Events, metrics
 //! ```
 //!
-//! Custom resources arrive as `DynamicObject`s (see [`crate::stores`]); [`PoolIntake`]
+//! Custom resources arrive as `DynamicObject`s (see `palisade_runtime::stores`); [`PoolIntake`]
 //! converts them and keeps the malformed ones out, reporting each once per
 //! generation: a log line, the `palisade_invalid_objects` gauge and, from the leader, an
 //! `Invalid` condition in the object's status naming the parse error.
@@ -24,12 +24,12 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::allocation::{AllocationState, Inputs};
-use crate::config::SyncSettings;
-use crate::events::EventSink;
-use crate::metrics::{labels1, Metrics};
-use crate::stores::{names, palisade_api_resource, typed_objects, Stores};
-use crate::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_loadbalancer::plan::{AllocationState, Inputs};
+use palisade_runtime::config::SyncSettings;
+use palisade_runtime::events::EventSink;
+use palisade_runtime::metrics::{labels1, Metrics};
+use palisade_runtime::stores::{names, palisade_api_resource, typed_objects, Stores};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
 
 /// Condition reason for an object that does not parse at all.
 pub const MALFORMED_OBJECT: &str = "MalformedObject";

@@ -40,6 +40,10 @@
 //! agent's own scheduling lag (how late its ticks fire) stretches the timeout, and when every
 //! peer times out at the same moment the agent suspects itself first and waits one more
 //! timeout before believing it is alone.
+pub mod memberlist_key;
+pub mod memberlist_keyfile;
+pub mod memberlist_wire;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -53,8 +57,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::memberlist_key::KeyRing;
-use crate::memberlist_wire::{self, Context, Datagram, Guard, Kind, LogLimiter, Reject};
-use crate::metrics::{labels1, Labels};
+use crate::memberlist_wire::{Context, Datagram, Guard, Kind, LogLimiter, Reject};
+use palisade_runtime::metrics::{labels1, Labels};
 
 /// "alive" rounds an agent sends before it counts itself alive (see the module docs).
 const HOLD_ROUNDS: u32 = 2;

@@ -7,7 +7,7 @@
 //!   Plan { service status writes, pool status writes, Events } ◄──┘
 //! ```
 //!
-//! No I/O: the reconciler (`loadbalancer.rs`) performs the plan. The allocator persists
+//! No I/O: the reconciler (`palisade-allocation`) performs the plan. The allocator persists
 //! between passes while this agent leads; a new leader starts from an empty allocator and
 //! rebuilds it from every Service's `status.loadBalancer.ingress` (oldest Service first)
 //! before it assigns anything, so a Service keeps its IP across restarts and leader changes
@@ -19,13 +19,13 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::allocator::{Allocator, ServiceKey};
+use crate::constants::{conditions, reasons};
+use crate::pool::{find_overlaps, Family, Pool};
+use crate::service::{is_ours, service_key, service_request, status_ips};
+use crate::{IPAddressPool, IPAddressPoolStatus};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use palisade_loadbalancer::allocator::{Allocator, ServiceKey};
-use palisade_loadbalancer::constants::{conditions, reasons};
-use palisade_loadbalancer::pool::{find_overlaps, Family, Pool};
-use palisade_loadbalancer::service::{is_ours, service_key, service_request, status_ips};
-use palisade_loadbalancer::{IPAddressPool, IPAddressPoolStatus};
 
 /// An Event to publish on a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! `palisade agent`: wires the shared runtime and the enabled reconcilers together.
+//! `palisade agent`: wires the shared runtime (`palisade-runtime`) and the enabled
+//! reconcilers (enforcement, allocation, announcement, membership) together.
 //!
 //! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
 //! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
@@ -11,19 +12,21 @@ use palisade_netpol::{Family, NodeConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::announcer::AnnouncerReconciler;
-use crate::client::make_client;
-use crate::config::AgentConfig;
-use crate::events::EventSink;
-use crate::l2status::StatusWriter;
-use crate::leader::LeaderElector;
-use crate::loadbalancer::LoadBalancerReconciler;
-use crate::membership::MembershipSettings;
-use crate::metrics::Metrics;
-use crate::netpol::{ExecutorFactory, NetpolReconciler};
-use crate::stores::{Stores, Subscribers, Wanted};
-use crate::sync::Trigger;
-use crate::Error;
+use palisade_announcement::AnnouncerReconciler;
+use palisade_runtime::client::make_client;
+pub mod config;
+
+pub use config::AgentConfig;
+use palisade_allocation::LoadBalancerReconciler;
+use palisade_announcement::status::StatusWriter;
+use palisade_enforcement::{ExecutorFactory, NetpolReconciler};
+use palisade_membership::MembershipSettings;
+use palisade_runtime::events::EventSink;
+use palisade_runtime::leader::LeaderElector;
+use palisade_runtime::metrics::Metrics;
+use palisade_runtime::stores::{Stores, Subscribers, Wanted};
+use palisade_runtime::sync::Trigger;
+use palisade_runtime::Error;
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run_agent(cfg: AgentConfig) -> Result<(), Error> {
@@ -128,7 +131,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         cfg.watch_backoff_max,
         shutdown.clone(),
     );
-    let (bound, http_task) = crate::http::serve(
+    let (bound, http_task) = palisade_runtime::http::serve(
         cfg.listen_addr,
         stores.readiness.clone(),
         metrics.clone(),
@@ -250,8 +253,8 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
 /// Where the membership key comes from; an error when none was configured.
 fn membership_key_source(
     cfg: &AgentConfig,
-) -> Result<crate::memberlist_keyfile::KeySource, String> {
-    use crate::memberlist_keyfile::KeySource;
+) -> Result<palisade_membership::memberlist_keyfile::KeySource, String> {
+    use palisade_membership::memberlist_keyfile::KeySource;
     match (&cfg.memberlist_key_file, cfg.memberlist_insecure) {
         (Some(path), _) => Ok(KeySource::File(path.clone())),
         (None, true) => {
@@ -278,10 +281,10 @@ async fn start_announcer(
     events: &EventSink,
     shutdown: &CancellationToken,
     trigger: Trigger,
-    status: tokio::sync::watch::Sender<Option<crate::l2status::Snapshot>>,
+    status: tokio::sync::watch::Sender<Option<palisade_loadbalancer::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
     let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
-    let keys = crate::memberlist_keyfile::start(
+    let keys = palisade_membership::memberlist_keyfile::start(
         &membership_key_source(cfg)?,
         cfg.memberlist_key_rotation_window,
         shutdown.clone(),
@@ -291,7 +294,7 @@ async fn start_announcer(
     settings.rejected = metrics.memberlist_rejected.clone();
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;
-    let live = crate::membership::start(settings, peers_rx, shutdown.clone())
+    let live = palisade_membership::start(settings, peers_rx, shutdown.clone())
         .await
         .map_err(|e| {
             format!(

@@ -1,0 +1,345 @@
+//! The L2 announcement decision, pure: which LoadBalancer IPs this node answers ARP/NDP for.
+//!
+//! ```text
+//!  Services (ours, with ingress IPs) ─┐
+//!  IPAddressPools ─► pool of the IP ──┼─► L2Advertisements of the pool ─► eligible nodes
+//!  Nodes (labels) ∩ live agents ──────┤      (nodeSelectors, exclude label, Local policy:
+//!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
+//!                                                   │
+//!                    winner = min sha256("node#ip") ─► mine? ─► owned IPs + interfaces
+//! ```
+//!
+//! No I/O: the interface routing to an IP is looked up by the caller (the announcement
+//! reconciler) and handed in as a function, so this module only decides. Per pass the
+//! EndpointSlices are indexed by Service once and each pool's advertisements selected once.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::announce::{
+    advertisements_for_pool, eligible_nodes, interfaces_for, should_announce, TrafficPolicy,
+};
+use crate::pool::Pool;
+use crate::service::{is_ours, service_key, status_ips};
+use crate::{IPAddressPool, L2Advertisement, L2AdvertisementSpec};
+
+/// IPs this node answers for, with the interfaces to answer on.
+pub type Owned = BTreeMap<IpAddr, Vec<String>>;
+
+/// One IP's outcome in a pass (for events, logs and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpDecision {
+    pub service: (String, String),
+    pub uid: Option<String>,
+    pub ip: IpAddr,
+    pub winner: Option<String>,
+    pub interfaces: Vec<String>,
+}
+
+/// Inputs of one announcement pass.
+pub struct AnnounceInputs<'a> {
+    pub me: &'a str,
+    /// The interface that routes to an IP (resolved by the caller, who does the I/O and may
+    /// cache it); `Err` says why there is none.
+    pub route_interface: &'a dyn Fn(IpAddr) -> Result<String, String>,
+    pub live: &'a BTreeSet<String>,
+    pub services: &'a [Arc<Service>],
+    pub pools: &'a [IPAddressPool],
+    pub advertisements: &'a [L2Advertisement],
+    pub nodes: &'a [Arc<Node>],
+    pub slices: &'a [Arc<EndpointSlice>],
+    pub class: &'a str,
+    pub claim_unclassed: bool,
+}
+
+/// Pure: which IPs this node owns, and the decision for every announced IP.
+pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
+    let mut pools: Vec<Pool> = input
+        .pools
+        .iter()
+        .filter_map(|p| {
+            let name = p.metadata.name.clone().unwrap_or_default();
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            Pool::from_spec(&name, &labels, &p.spec).ok()
+        })
+        .collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    let ads: Vec<&L2AdvertisementSpec> = input.advertisements.iter().map(|a| &a.spec).collect();
+    let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    // Live agents whose Node we know (labels are needed for nodeSelectors).
+    let live_nodes: Vec<(&str, &BTreeMap<String, String>)> = node_labels
+        .iter()
+        .filter(|(n, _)| input.live.contains(*n))
+        .map(|(n, l)| (n.as_str(), l))
+        .collect();
+    let empty = BTreeMap::new();
+    let my_labels = node_labels.get(input.me).unwrap_or(&empty);
+
+    let slices = slices_by_service(input.slices);
+    // Per pass, each pool's advertisements are selected once.
+    let mut ads_of_pool: BTreeMap<&str, Vec<&L2AdvertisementSpec>> = BTreeMap::new();
+    let mut owned = Owned::new();
+    let mut decisions = Vec::new();
+    for svc in input.services {
+        if !is_ours(svc, input.class, input.claim_unclassed) {
+            continue;
+        }
+        let ips = status_ips(svc);
+        if ips.is_empty() {
+            continue;
+        }
+        let key = service_key(svc);
+        let local = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_traffic_policy.as_deref())
+            == Some("Local");
+        let ready_nodes: BTreeSet<String> = if local {
+            slices
+                .get(&(key.namespace.as_str(), key.name.as_str()))
+                .map(|s| ready_endpoint_nodes(s))
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
+        let policy = if local {
+            TrafficPolicy::Local(&ready_nodes)
+        } else {
+            TrafficPolicy::Cluster
+        };
+        for ip in ips {
+            let Some(pool) = pools.iter().find(|p| p.contains(ip)) else {
+                continue;
+            };
+            let pool_ads = ads_of_pool.entry(pool.name.as_str()).or_insert_with(|| {
+                advertisements_for_pool(ads.iter().copied(), &pool.name, &pool.labels)
+            });
+            if pool_ads.is_empty() {
+                continue;
+            }
+            let eligible = eligible_nodes(pool_ads, live_nodes.iter().copied(), policy);
+            let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            let decision = should_announce(input.me, ip, &eligible_refs);
+            let mut interfaces = Vec::new();
+            if decision.announce {
+                if let Some(choice) = interfaces_for(pool_ads, my_labels) {
+                    interfaces = choice.named.clone();
+                    if choice.route_interface {
+                        match (input.route_interface)(ip) {
+                            Ok(i) if !interfaces.contains(&i) => interfaces.push(i),
+                            Ok(_) => {}
+                            // The caller's lookup reports it; the IP is left unannounced here.
+                            Err(_) => {}
+                        }
+                    }
+                    if !interfaces.is_empty() {
+                        owned
+                            .entry(ip)
+                            .or_default()
+                            .extend(interfaces.iter().cloned());
+                    }
+                }
+            }
+            decisions.push(IpDecision {
+                service: (key.namespace.clone(), key.name.clone()),
+                uid: svc.metadata.uid.clone(),
+                ip,
+                winner: decision.winner,
+                interfaces,
+            });
+        }
+    }
+    for ifaces in owned.values_mut() {
+        ifaces.sort();
+        ifaces.dedup();
+    }
+    (owned, decisions)
+}
+
+/// EndpointSlices by the (namespace, name) of their Service, built once per pass.
+fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        let ns = s.metadata.namespace.as_deref();
+        let svc = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"));
+        if let (Some(ns), Some(svc)) = (ns, svc) {
+            out.entry((ns, svc.as_str())).or_default().push(s);
+        }
+    }
+    out
+}
+
+/// Nodes with at least one ready endpoint in the Service's slices.
+fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.node_name.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).expect("valid object")
+    }
+
+    fn node(name: &str, zone: &str) -> Arc<Node> {
+        Arc::new(obj(
+            json!({"metadata": {"name": name, "labels": {"zone": zone}}}),
+        ))
+    }
+
+    fn svc(name: &str, ip: &str, policy: &str) -> Arc<Service> {
+        Arc::new(obj(json!({
+            "metadata": {"namespace": "shop", "name": name, "uid": format!("uid-{name}")},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": policy, "ports": [{"port": 80}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        })))
+    }
+
+    fn pool() -> IPAddressPool {
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+            "metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
+        )
+    }
+
+    fn ad(spec: serde_json::Value) -> L2Advertisement {
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
+            "metadata": {"name": "ad"}, "spec": spec}),
+        )
+    }
+
+    fn owners(
+        services: &[Arc<Service>],
+        ads: &[L2Advertisement],
+        live: &[&str],
+        slices: &[Arc<EndpointSlice>],
+    ) -> BTreeMap<IpAddr, Vec<String>> {
+        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
+        let pools = vec![pool()];
+        let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for me in ["n1", "n2", "n3"] {
+            if !live.contains(me) {
+                continue;
+            }
+            let (owned, _) = decide(&AnnounceInputs {
+                me,
+                route_interface: &|_| Err("no routes in tests".into()),
+                live: &live,
+                services,
+                pools: &pools,
+                advertisements: ads,
+                nodes: &nodes,
+                slices,
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+            });
+            for (ip, ifaces) in owned {
+                assert_eq!(ifaces, vec!["eth9".to_string()]);
+                out.entry(ip).or_default().push(me.to_string());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_ip_has_exactly_one_owner_and_moves_only_when_its_owner_dies() {
+        let services: Vec<_> = (0..20)
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let all = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(all.len(), 20);
+        assert!(all.values().all(|o| o.len() == 1), "{all:?}");
+        // n2 dies: only its IPs move.
+        let without = owners(&services, &ads, &["n1", "n3"], &[]);
+        for (ip, o) in &all {
+            if o[0] != "n2" {
+                assert_eq!(&without[ip], o, "{ip} moved although its owner lives");
+            } else {
+                assert_ne!(without[ip][0], "n2");
+            }
+        }
+    }
+
+    #[test]
+    fn node_selectors_and_local_policy_restrict_the_owner() {
+        let services = vec![svc("web", "198.51.100.201", "Cluster")];
+        let ads = vec![ad(
+            json!({"interfaces": ["eth9"], "nodeSelectors": [{"matchLabels": {"zone": "b"}}]}),
+        )];
+        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(o.values().next().unwrap(), &vec!["n3".to_string()]);
+        // n3 dead: nobody may announce.
+        assert!(owners(&services, &ads, &["n1", "n2"], &[]).is_empty());
+
+        let local = vec![svc("api", "198.51.100.202", "Local")];
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let slice: Arc<EndpointSlice> = Arc::new(obj(json!({
+            "metadata": {"namespace": "shop", "name": "api-1", "labels": {"kubernetes.io/service-name": "api"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.2.5"], "nodeName": "n2", "conditions": {"ready": true}},
+                {"addresses": ["10.244.1.5"], "nodeName": "n1", "conditions": {"ready": false}}
+            ]
+        })));
+        let o = owners(
+            &local,
+            &ads,
+            &["n1", "n2", "n3"],
+            std::slice::from_ref(&slice),
+        );
+        assert_eq!(o.values().next().unwrap(), &vec!["n2".to_string()]);
+        // No ready endpoint anywhere: no announcement (traffic would be dropped anyway).
+        assert!(owners(&local, &ads, &["n1", "n2", "n3"], &[]).is_empty());
+    }
+
+    #[test]
+    fn ips_without_advertisement_or_pool_are_not_announced() {
+        let services = vec![
+            svc("web", "198.51.100.201", "Cluster"),
+            svc("far", "203.0.113.9", "Cluster"),
+        ];
+        assert!(owners(&services, &[], &["n1", "n2", "n3"], &[]).is_empty());
+        let ads = vec![ad(
+            json!({"interfaces": ["eth9"], "ipAddressPools": ["other"]}),
+        )];
+        assert!(owners(&services, &ads, &["n1", "n2", "n3"], &[]).is_empty());
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let o = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
+        assert_eq!(
+            o.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.51.100.201"]
+        );
+    }
+}
