@@ -53,6 +53,7 @@ mod model;
 pub mod names;
 pub mod render;
 pub mod selector;
+pub mod synthetic;
 pub mod trace;
 
 use std::sync::Arc;
