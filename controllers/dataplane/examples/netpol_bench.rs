@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use palisade_dataplane::netns::{is_root, Netns};
 use palisade_dataplane::{Executor, KernelExecutor};
 use palisade_netpol::builders::*;
-use palisade_netpol::synthetic::*;
 use palisade_netpol::k8s_openapi::api::core::v1::Pod;
+use palisade_netpol::synthetic::*;
 use palisade_netpol::{compile, render, ClusterState, IncrementalCompiler, NodeConfig, SyncMode};
 
 const RUNS: usize = 9;

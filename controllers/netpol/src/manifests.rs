@@ -44,10 +44,26 @@ pub fn parse_json(text: &str) -> Result<ClusterState, ManifestError> {
         match doc {
             Value::Array(items) => {
                 for (i, item) in items.into_iter().enumerate() {
-                    add_document(&mut state, Doc { index, line, item: Some(i) }, item)?;
+                    add_document(
+                        &mut state,
+                        Doc {
+                            index,
+                            line,
+                            item: Some(i),
+                        },
+                        item,
+                    )?;
                 }
             }
-            doc => add_document(&mut state, Doc { index, line, item: None }, doc)?,
+            doc => add_document(
+                &mut state,
+                Doc {
+                    index,
+                    line,
+                    item: None,
+                },
+                doc,
+            )?,
         }
         index += 1;
     }
@@ -71,18 +87,16 @@ fn yaml_chunks(text: &str) -> Vec<(usize, &str)> {
     let mut start = 0;
     let mut start_line = 1;
     let mut pos = 0;
-    let mut line = 1;
-    for l in text.split_inclusive('\n') {
-        let marker = l.strip_prefix("---").is_some_and(|rest| {
-            rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n'])
-        });
+    for (line, l) in (1..).zip(text.split_inclusive('\n')) {
+        let marker = l
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
         if marker && pos > start {
             out.push((start_line, &text[start..pos]));
             start = pos;
             start_line = line;
         }
         pos += l.len();
-        line += 1;
     }
     if pos > start {
         out.push((start_line, &text[start..pos]));
@@ -101,7 +115,9 @@ fn yaml_options(len: usize) -> serde_saphyr::Options {
     options.leading_zero_numbers_as_strings = true;
     let mut budget = serde_saphyr::budget::Budget::default();
     budget.max_nodes = budget.max_nodes.max(len.saturating_add(16));
-    budget.max_events = budget.max_events.max(len.saturating_mul(2).saturating_add(16));
+    budget.max_events = budget
+        .max_events
+        .max(len.saturating_mul(2).saturating_add(16));
     budget.max_documents = budget.max_documents.max(len.saturating_add(16));
     budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(len.saturating_add(16));
     options.budget = Some(budget);
@@ -120,11 +136,21 @@ pub fn parse_yaml(text: &str) -> Result<ClusterState, ManifestError> {
         .map_err(|e| ManifestError::Syntax {
             format: "YAML",
             document: index,
-            line: line + e.location().map_or(0, |l| (l.line() as usize).saturating_sub(1)),
+            line: line
+                + e.location()
+                    .map_or(0, |l| (l.line() as usize).saturating_sub(1)),
             message: e.to_string(),
         })?;
         for doc in docs {
-            add_document(&mut state, Doc { index, line, item: None }, doc)?;
+            add_document(
+                &mut state,
+                Doc {
+                    index,
+                    line,
+                    item: None,
+                },
+                doc,
+            )?;
             index += 1;
         }
     }
@@ -171,7 +197,14 @@ fn add_document(state: &mut ClusterState, at: Doc, doc: Value) -> Result<(), Man
                 };
                 // Nested lists are not a Kubernetes thing: items of items are not read.
                 if at.item.is_none() {
-                    add_document(state, Doc { item: Some(i), ..at }, item)?;
+                    add_document(
+                        state,
+                        Doc {
+                            item: Some(i),
+                            ..at
+                        },
+                        item,
+                    )?;
                 }
             }
         }
@@ -345,7 +378,11 @@ items:
         let e = parse("{\"kind\": \"PodList\", \"apiVersion\": \"v1\",\n \"items\": [{}, {\"metadata\": {\"name\": \"bad\"}, \"spec\": 7}]}").unwrap_err();
         assert!(e.to_string().contains("item 1: invalid Pod \"bad\""), "{e}");
         let e = parse("{}\n{\n  \"a\": [1,\n}").unwrap_err();
-        assert!(e.to_string().starts_with("document 1 (line 4): invalid JSON"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("document 1 (line 4): invalid JSON"),
+            "{e}"
+        );
         let e = parse_yaml("a: 1\n---\nb: 2\n---\nc: [1,\n").unwrap_err();
         assert!(e.to_string().starts_with("document 2 (line"), "{e}");
         let e =

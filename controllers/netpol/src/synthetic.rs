@@ -202,7 +202,6 @@ pub fn policy(i: usize, t: usize, variant: u16) -> NetworkPolicy {
     mk_policy(&ns, name, spec)
 }
 
-
 /// One cluster written the ways users hand it to `palisade netpol`.
 pub struct Dumps {
     /// Every object as its own YAML document (`---`).
@@ -223,9 +222,19 @@ pub fn objects(state: &ClusterState) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let to = |v: Result<serde_json::Value, serde_json::Error>| v.expect("objects serialize");
     out.extend(state.nodes.iter().map(|o| to(serde_json::to_value(&**o))));
-    out.extend(state.namespaces.iter().map(|o| to(serde_json::to_value(&**o))));
+    out.extend(
+        state
+            .namespaces
+            .iter()
+            .map(|o| to(serde_json::to_value(&**o))),
+    );
     out.extend(state.pods.iter().map(|o| to(serde_json::to_value(&**o))));
-    out.extend(state.policies.iter().map(|o| to(serde_json::to_value(&**o))));
+    out.extend(
+        state
+            .policies
+            .iter()
+            .map(|o| to(serde_json::to_value(&**o))),
+    );
     out
 }
 

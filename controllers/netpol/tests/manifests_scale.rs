@@ -19,7 +19,10 @@ fn every_format_compiles_to_the_same_payload() {
         + cluster.policies.len();
     assert_eq!(total, 13_103);
     let want = payload(&cluster);
-    assert!(want.1.contains("PAL-PI-"), "the cluster has policies for the node");
+    assert!(
+        want.1.contains("PAL-PI-"),
+        "the cluster has policies for the node"
+    );
     let d = dumps(&cluster);
     assert!(d.split.len() > 20);
     let mut split = ClusterState::default();
@@ -39,6 +42,9 @@ fn every_format_compiles_to_the_same_payload() {
         assert_eq!(st.namespaces.len(), cluster.namespaces.len(), "{name}");
         assert_eq!(st.nodes.len(), cluster.nodes.len(), "{name}");
         let got = payload(&st);
-        assert!(got == want, "{name}: payload differs from the in-memory cluster's");
+        assert!(
+            got == want,
+            "{name}: payload differs from the in-memory cluster's"
+        );
     }
 }
