@@ -4,13 +4,22 @@
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum NetpolError {
-    /// The YAML stream does not parse.
-    #[error("invalid YAML: {0}")]
-    Yaml(String),
-    /// A document of a kind we read (Pod, Namespace, Node, NetworkPolicy) does not match its schema.
-    #[error("document {index}: invalid {kind} {name:?}: {message}")]
+    /// The YAML or JSON text does not parse. `document` counts from 0, `line` from 1.
+    #[error("document {document} (line {line}): invalid {format}: {message}")]
+    Syntax {
+        format: &'static str,
+        document: usize,
+        line: usize,
+        message: String,
+    },
+    /// A document of a kind we read (Pod, Namespace, Node, NetworkPolicy) does not match its
+    /// schema. `item` is the position in a `kind: List`'s `items`.
+    #[error("document {index} (line {line}){}: invalid {kind} {name:?}: {message}",
+            item.map(|i| format!(", item {i}")).unwrap_or_default())]
     Object {
         index: usize,
+        line: usize,
+        item: Option<usize>,
         kind: String,
         name: String,
         message: String,
@@ -24,12 +33,12 @@ impl NetpolError {
     /// A short constant label (for metrics and logs).
     pub fn label(&self) -> &'static str {
         match self {
-            NetpolError::Yaml(_) => "yaml",
+            NetpolError::Syntax { .. } => "syntax",
             NetpolError::Object { .. } => "object",
             NetpolError::Trace { .. } => "trace",
         }
     }
 }
 
-/// The error of [`crate::manifests::parse_yaml`].
+/// The error of [`crate::manifests::parse`].
 pub type ManifestError = NetpolError;

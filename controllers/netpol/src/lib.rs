@@ -56,6 +56,7 @@ mod model;
 pub mod names;
 pub mod render;
 pub mod selector;
+pub mod synthetic;
 pub mod trace;
 
 use std::collections::BTreeMap;

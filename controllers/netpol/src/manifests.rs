@@ -1,7 +1,8 @@
 //! Read Kubernetes YAML (what `kubectl get -o yaml` prints, or hand-written manifests) into a
 //! [`ClusterState`], for the `palisade netpol` CLI, tests and demos.
 //!
-//! Accepts multi-document streams (`---`), `kind: List` (and `PodList`, ...) with `items`,
+//! Accepts JSON (detected by its first byte, read with serde_json) and YAML; any number of
+//! documents (`---`), `kind: List` (and `PodList`, ...) with `items` of any size,
 //! and skips every kind we do not read (Services, Deployments, Calico's own `NetworkPolicy`
 //! of another API group, ...) silently. Read: `v1` Pod, Namespace, Node and
 //! `networking.k8s.io/v1` NetworkPolicy.
@@ -16,25 +17,156 @@ use serde_json::Value;
 
 use crate::{ClusterState, ManifestError};
 
-/// Parses a (multi-document) YAML stream.
-pub fn parse_yaml(text: &str) -> Result<ClusterState, ManifestError> {
+/// Parses manifests in either format: text whose first non-space byte is `{` or `[` is JSON
+/// (what `kubectl get -o json` prints; several concatenated values are allowed), anything
+/// else is a (multi-document) YAML stream.
+pub fn parse(text: &str) -> Result<ClusterState, ManifestError> {
+    match text.trim_start().as_bytes().first() {
+        Some(b'{' | b'[') => parse_json(text),
+        _ => parse_yaml(text),
+    }
+}
+
+/// Parses one or more concatenated JSON values (objects, `kind: List`s, or arrays of objects).
+pub fn parse_json(text: &str) -> Result<ClusterState, ManifestError> {
+    let mut state = ClusterState::default();
+    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let mut index = 0;
+    loop {
+        let line = line_at(text, stream.byte_offset());
+        let Some(doc) = stream.next() else { break };
+        let doc = doc.map_err(|e| ManifestError::Syntax {
+            format: "JSON",
+            document: index,
+            line: e.line().max(1),
+            message: e.to_string(),
+        })?;
+        match doc {
+            Value::Array(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    add_document(
+                        &mut state,
+                        Doc {
+                            index,
+                            line,
+                            item: Some(i),
+                        },
+                        item,
+                    )?;
+                }
+            }
+            doc => add_document(
+                &mut state,
+                Doc {
+                    index,
+                    line,
+                    item: None,
+                },
+                doc,
+            )?,
+        }
+        index += 1;
+    }
+    Ok(state)
+}
+
+/// 1-based line of a byte offset (the first line after leading whitespace).
+fn line_at(text: &str, offset: usize) -> usize {
+    let head = text.get(..offset).unwrap_or(text);
+    let rest = text.get(offset..).unwrap_or_default();
+    let ws = rest.len() - rest.trim_start().len();
+    let skipped = rest.get(..ws).unwrap_or_default();
+    1 + head.bytes().filter(|&b| b == b'\n').count()
+        + skipped.bytes().filter(|&b| b == b'\n').count()
+}
+
+/// Splits a YAML stream at its document markers (`---` at the start of a line, which YAML
+/// forbids inside content), returning each chunk with its first line (1-based).
+fn yaml_chunks(text: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut start_line = 1;
+    let mut pos = 0;
+    for (line, l) in (1..).zip(text.split_inclusive('\n')) {
+        let marker = l
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
+        if marker && pos > start {
+            out.push((start_line, &text[start..pos]));
+            start = pos;
+            start_line = line;
+        }
+        pos += l.len();
+    }
+    if pos > start {
+        out.push((start_line, &text[start..pos]));
+    }
+    out
+}
+
+/// Parser options for one YAML chunk: YAML 1.2 scalars, and budgets that scale with the
+/// chunk's size (every node and event costs at least a byte of input, so a large dump is
+/// not refused while alias and anchor expansion keep their fixed caps).
+fn yaml_options(len: usize) -> serde_saphyr::Options {
     // Documents go through untyped values first, so YAML 1.1 spellings would turn `name: y`
     // or a label `on` into booleans; read booleans the YAML 1.2 way instead.
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
     options.leading_zero_numbers_as_strings = true;
-    let docs: Vec<Value> =
-        serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(text, options)
-            .map_err(|e| ManifestError::Yaml(e.to_string()))?;
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_nodes = budget.max_nodes.max(len.saturating_add(16));
+    budget.max_events = budget
+        .max_events
+        .max(len.saturating_mul(2).saturating_add(16));
+    budget.max_documents = budget.max_documents.max(len.saturating_add(16));
+    budget.max_total_scalar_bytes = budget.max_total_scalar_bytes.max(len.saturating_add(16));
+    options.budget = Some(budget);
+    options
+}
+
+/// Parses a (multi-document) YAML stream of any number of documents.
+pub fn parse_yaml(text: &str) -> Result<ClusterState, ManifestError> {
     let mut state = ClusterState::default();
-    for (i, doc) in docs.into_iter().enumerate() {
-        add_document(&mut state, i, doc)?;
+    let mut index = 0;
+    for (line, chunk) in yaml_chunks(text) {
+        let docs: Vec<Value> = serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
+            chunk,
+            yaml_options(chunk.len()),
+        )
+        .map_err(|e| ManifestError::Syntax {
+            format: "YAML",
+            document: index,
+            line: line
+                + e.location()
+                    .map_or(0, |l| (l.line() as usize).saturating_sub(1)),
+            message: e.to_string(),
+        })?;
+        for doc in docs {
+            add_document(
+                &mut state,
+                Doc {
+                    index,
+                    line,
+                    item: None,
+                },
+                doc,
+            )?;
+            index += 1;
+        }
     }
     Ok(state)
 }
 
-fn add_document(state: &mut ClusterState, index: usize, doc: Value) -> Result<(), ManifestError> {
-    let Value::Object(map) = &doc else {
+/// Where a document came from, for error messages.
+#[derive(Clone, Copy)]
+struct Doc {
+    index: usize,
+    line: usize,
+    item: Option<usize>,
+}
+
+fn add_document(state: &mut ClusterState, at: Doc, doc: Value) -> Result<(), ManifestError> {
+    let Value::Object(mut map) = doc else {
         return Ok(());
     };
     let kind = map
@@ -49,9 +181,9 @@ fn add_document(state: &mut ClusterState, index: usize, doc: Value) -> Result<()
         .to_string();
     let kind = kind.as_str();
     if kind.ends_with("List") {
-        if let Some(Value::Array(items)) = map.get("items") {
+        if let Some(Value::Array(items)) = map.remove("items") {
             let item_kind = kind.strip_suffix("List").unwrap_or_default();
-            for item in items.clone() {
+            for (i, item) in items.into_iter().enumerate() {
                 let item = match item {
                     // `kubectl get pods -o yaml` items may omit kind/apiVersion.
                     Value::Object(mut m) if !item_kind.is_empty() => {
@@ -63,17 +195,28 @@ fn add_document(state: &mut ClusterState, index: usize, doc: Value) -> Result<()
                     }
                     other => other,
                 };
-                add_document(state, index, item)?;
+                // Nested lists are not a Kubernetes thing: items of items are not read.
+                if at.item.is_none() {
+                    add_document(
+                        state,
+                        Doc {
+                            item: Some(i),
+                            ..at
+                        },
+                        item,
+                    )?;
+                }
             }
         }
         return Ok(());
     }
+    let doc = Value::Object(map);
     match (api.as_str(), kind) {
-        ("v1", "Pod") => state.pods.push(Arc::new(object(index, kind, doc)?)),
-        ("v1", "Namespace") => state.namespaces.push(Arc::new(object(index, kind, doc)?)),
-        ("v1", "Node") => state.nodes.push(Arc::new(object(index, kind, doc)?)),
+        ("v1", "Pod") => state.pods.push(Arc::new(object(at, kind, doc)?)),
+        ("v1", "Namespace") => state.namespaces.push(Arc::new(object(at, kind, doc)?)),
+        ("v1", "Node") => state.nodes.push(Arc::new(object(at, kind, doc)?)),
         ("networking.k8s.io/v1", "NetworkPolicy") => {
-            state.policies.push(Arc::new(object(index, kind, doc)?))
+            state.policies.push(Arc::new(object(at, kind, doc)?))
         }
         _ => {}
     }
@@ -81,7 +224,7 @@ fn add_document(state: &mut ClusterState, index: usize, doc: Value) -> Result<()
 }
 
 fn object<T: serde::de::DeserializeOwned>(
-    index: usize,
+    at: Doc,
     kind: &str,
     doc: Value,
 ) -> Result<T, ManifestError> {
@@ -91,7 +234,9 @@ fn object<T: serde::de::DeserializeOwned>(
         .unwrap_or_default()
         .to_string();
     serde_json::from_value(doc).map_err(|e| ManifestError::Object {
-        index,
+        index: at.index,
+        line: at.line,
+        item: at.item,
         kind: kind.to_string(),
         name,
         message: e.to_string(),
@@ -228,6 +373,18 @@ items:
 
     #[test]
     fn errors_name_the_object() {
+        let e = parse_yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: 7\n").unwrap_err();
+        assert!(e.to_string().starts_with("document 1 (line 4)"), "{e}");
+        let e = parse("{\"kind\": \"PodList\", \"apiVersion\": \"v1\",\n \"items\": [{}, {\"metadata\": {\"name\": \"bad\"}, \"spec\": 7}]}").unwrap_err();
+        assert!(e.to_string().contains("item 1: invalid Pod \"bad\""), "{e}");
+        let e = parse("{}\n{\n  \"a\": [1,\n}").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("document 1 (line 4): invalid JSON"),
+            "{e}"
+        );
+        let e = parse_yaml("a: 1\n---\nb: 2\n---\nc: [1,\n").unwrap_err();
+        assert!(e.to_string().starts_with("document 2 (line"), "{e}");
         let e =
             parse_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: 7\n").unwrap_err();
         assert!(e.to_string().contains("Pod \"bad\""), "{e}");
@@ -246,5 +403,55 @@ items:
         assert_eq!(a.namespaces.len(), 2);
         let labels = a.namespaces[0].metadata.labels.as_ref().unwrap();
         assert_eq!(labels.get("team").map(String::as_str), Some("b"));
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+
+    fn ns_doc(i: usize) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{i}}}\n")
+    }
+
+    #[test]
+    fn thousands_of_documents_and_a_huge_list() {
+        let multi: Vec<String> = (0..3000).map(ns_doc).collect();
+        let s = parse(&multi.join("---\n")).expect("3000 documents");
+        assert_eq!(s.namespaces.len(), 3000);
+        // One List of more than the default 250,000 YAML nodes.
+        let mut list = String::from("apiVersion: v1\nkind: List\nitems:\n");
+        for i in 0..30_000 {
+            list.push_str(&format!(
+                "- apiVersion: v1\n  kind: Namespace\n  metadata:\n    name: ns-{i}\n    labels: {{a: b, c: d, e: f}}\n"
+            ));
+        }
+        let s = parse(&list).expect("a big List");
+        assert_eq!(s.namespaces.len(), 30_000);
+    }
+
+    #[test]
+    fn json_is_detected_and_read() {
+        let s = parse(
+            " \n{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [\
+             {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}}]}\n\
+             {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"b\"}}\n\
+             [{\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"c\"}}]",
+        )
+        .expect("json");
+        let names: Vec<_> = s
+            .namespaces
+            .iter()
+            .map(|n| n.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn document_markers_split_where_yaml_does() {
+        let chunks = yaml_chunks("a: 1\n---\nb: |\n  --- not a marker\n--- {c: 1}\n---x: 2\n");
+        let lines: Vec<usize> = chunks.iter().map(|c| c.0).collect();
+        assert_eq!(lines, [1, 2, 5]);
+        assert!(chunks[2].1.contains("---x"));
     }
 }

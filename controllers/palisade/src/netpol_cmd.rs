@@ -2,7 +2,7 @@
 //! path, driven by YAML files instead of a cluster.
 //!
 //! ```text
-//!  files/dirs (*.yaml, *.yml; recursive, sorted) ─► manifests::parse_yaml ─► merge
+//!  files/dirs (*.yaml, *.yml, *.json; recursive, sorted) ─► manifests::parse ─► merge
 //!        ─► compile(node) ─► render ─┬─ compile: print both payloads (stdout), diagnostics (stderr)
 //!                                    └─ apply:   KernelExecutor (current netns), report (stderr)
 //! ```
@@ -31,8 +31,9 @@ pub enum NetpolCmd {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// YAML files or directories (searched recursively for *.yaml and *.yml, in sorted
-    /// order); `-` reads standard input. Objects read: Pods, Namespaces, Nodes,
+    /// YAML or JSON files or directories (searched recursively for *.yaml, *.yml and
+    /// *.json, in sorted order); `-` reads standard input. Any number of documents per file
+    /// and `kind: List` dumps of any size (`kubectl get ... -o yaml|json`). Objects read: Pods, Namespaces, Nodes,
     /// NetworkPolicies; other kinds are skipped. A later object with the same name wins.
     #[arg(long, required = true, num_args = 1..)]
     pub manifests: Vec<PathBuf>,
@@ -190,20 +191,20 @@ fn load(paths: &[PathBuf]) -> Result<ClusterState> {
             std::io::stdin()
                 .read_to_string(&mut text)
                 .context("reading manifests from stdin")?;
-            state.merge(manifests::parse_yaml(&text).context("<stdin>")?);
+            state.merge(manifests::parse(&text).context("<stdin>")?);
             continue;
         }
         let files = yaml_files(path)?;
         for f in files {
             let text =
                 std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-            state.merge(manifests::parse_yaml(&text).with_context(|| f.display().to_string())?);
+            state.merge(manifests::parse(&text).with_context(|| f.display().to_string())?);
         }
     }
     Ok(state)
 }
 
-/// A file as given, or the *.yaml / *.yml files below a directory, sorted by path.
+/// A file as given, or the *.yaml / *.yml / *.json files below a directory, sorted by path.
 fn yaml_files(path: &Path) -> Result<Vec<PathBuf>> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -234,7 +235,7 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
         } else if meta.is_file()
             && matches!(
                 path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
+                Some("yaml" | "yml" | "json")
             )
         {
             out.push(path);
