@@ -10,7 +10,7 @@
 //! otherwise, except under CI=true, where a missing `bird` fails.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -125,9 +125,10 @@ fn bird_config(nodes: &[Ipv4Addr]) -> String {
     c
 }
 
-/// The next hops of the router's kernel route to the VIP (empty when there is none).
-fn vip_next_hops(router: &str) -> Result<BTreeSet<Ipv4Addr>> {
-    let out = netns::ip_in(router, &["route", "show", VIP])?;
+/// The next hops of the router's kernel route to `vip` (empty when there is none).
+fn next_hops(router: &str, vip: &str) -> Result<BTreeSet<IpAddr>> {
+    let family = if vip.contains(':') { "-6" } else { "-4" };
+    let out = netns::ip_in(router, &[family, "route", "show", vip])?;
     let words: Vec<&str> = out.split_whitespace().collect();
     let mut hops = BTreeSet::new();
     for pair in words.windows(2) {
@@ -138,17 +139,32 @@ fn vip_next_hops(router: &str) -> Result<BTreeSet<Ipv4Addr>> {
     Ok(hops)
 }
 
-fn wait_for_hops(router: &str, want: &BTreeSet<Ipv4Addr>, limit: Duration) -> Result<Duration> {
+fn vip_next_hops(router: &str) -> Result<BTreeSet<Ipv4Addr>> {
+    Ok(next_hops(router, VIP)?
+        .into_iter()
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
+}
+
+fn wait_for(router: &str, vip: &str, want: &BTreeSet<IpAddr>, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
     let mut last = BTreeSet::new();
     while started.elapsed() < limit {
-        last = vip_next_hops(router)?;
+        last = next_hops(router, vip)?;
         if last == *want {
             return Ok(started.elapsed());
         }
         thread::sleep(Duration::from_millis(20));
     }
-    bail!("router next hops for {VIP}: {last:?}, wanted {want:?} within {limit:?}")
+    bail!("router next hops for {vip}: {last:?}, wanted {want:?} within {limit:?}")
+}
+
+fn wait_for_hops(router: &str, want: &BTreeSet<Ipv4Addr>, limit: Duration) -> Result<Duration> {
+    let want: BTreeSet<IpAddr> = want.iter().map(|a| IpAddr::V4(*a)).collect();
+    wait_for(router, VIP, &want, limit)
 }
 
 fn bird_ready(test: &str) -> bool {
@@ -256,6 +272,121 @@ fn bird_ecmp_shutdown_and_hold_timer() -> Result<()> {
         speakers[0].speaker.status()[0].state,
         SessionState::Established
     );
+    drop(speakers);
+    drop(bird);
+    lab.teardown()?;
+    Ok(())
+}
+
+const ROUTER_IP6: &str = "2001:db8:100::fe";
+const VIP6: &str = "2001:db8:ff::10";
+
+fn bird_config_v6(nodes: &[Ipv6Addr]) -> String {
+    let mut c = format!(
+        "log stderr all;\n\
+         router id {ROUTER_IP};\n\
+         protocol device {{ scan time 1; }}\n\
+         protocol kernel {{\n  ipv6 {{ import none; export all; }};\n  merge paths on;\n}}\n\
+         template bgp nodes {{\n  local {ROUTER_IP6} as {ROUTER_ASN};\n  passive on;\n  \
+         hold time {};\n  ipv6 {{ import all; export none; }};\n}}\n",
+        HOLD.as_secs()
+    );
+    for (i, ip) in nodes.iter().enumerate() {
+        c.push_str(&format!(
+            "protocol bgp node{} from nodes {{ neighbor {ip} as {NODE_ASN}; }}\n",
+            i + 1
+        ));
+    }
+    c
+}
+
+/// IPv6 peering (MP-BGP, MP_REACH with the node's global address as next hop) and a v6 VIP:
+/// ECMP over three nodes, then one node's graceful shutdown.
+#[test]
+fn bird_ipv6_ecmp_and_shutdown() -> Result<()> {
+    if !bird_ready("bird_ipv6_ecmp_and_shutdown") {
+        return Ok(());
+    }
+    let mut lab = Lab::new(LabSpec {
+        nodes: 3,
+        ports: Vec::new(),
+        client: false,
+        serve_pods: false,
+    })?;
+    let router = lab.add_lan_host("router", ROUTER_IP)?.netns;
+    netns::ip_in(
+        &router,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ROUTER_IP6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    let mut nodes: Vec<(String, Ipv6Addr)> = Vec::new();
+    for n in lab.nodes() {
+        let ip: Ipv6Addr = format!("2001:db8:100::{}", 10 + n.index).parse()?;
+        netns::ip_in(
+            &n.netns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
+        nodes.push((n.netns.clone(), ip));
+    }
+    let conf = lab.tmp_dir().join("bird6.conf");
+    std::fs::write(
+        &conf,
+        bird_config_v6(&nodes.iter().map(|n| n.1).collect::<Vec<_>>()),
+    )?;
+    let sock = lab.tmp_dir().join("bird6.ctl");
+    let conf_s = conf.to_string_lossy().into_owned();
+    let sock_s = sock.to_string_lossy().into_owned();
+    let bird = lab.spawn_in(
+        &router,
+        "bird6",
+        &["bird", "-f", "-c", &conf_s, "-s", &sock_s],
+    )?;
+
+    let speakers: Vec<NodeSpeaker> = nodes
+        .iter()
+        .map(|(ns, _)| NodeSpeaker::start(ns))
+        .collect::<Result<_>>()?;
+    let vip: IpNetwork = format!("{VIP6}/128").parse()?;
+    for (i, (speaker, (_, ip))) in speakers.iter().zip(&nodes).enumerate() {
+        let mut peer = PeerConfig::new("router6", NODE_ASN, ROUTER_ASN, ROUTER_IP6.parse()?);
+        peer.hold_time = HOLD;
+        peer.router_id = Ipv4Addr::new(198, 51, 100, 11 + i as u8);
+        peer.source_address = Some(IpAddr::V6(*ip));
+        peer.connect_retry = Duration::from_millis(200);
+        speaker.speaker.set_peers(vec![peer]);
+        assert!(speaker.speaker.set_prefixes("router6", [vip].into()));
+    }
+    let all: BTreeSet<IpAddr> = nodes.iter().map(|n| IpAddr::V6(n.1)).collect();
+    let took = wait_for(&router, VIP6, &all, Duration::from_secs(20)).map_err(|e| {
+        let log = std::fs::read_to_string(bird.log_path()).unwrap_or_default();
+        e.context(format!("bird log:\n{log}"))
+    })?;
+    println!("IPv6 ECMP route with 3 next hops after {took:?}");
+    for s in &speakers {
+        let status = s.speaker.status();
+        assert_eq!(status[0].state, SessionState::Established, "{status:?}");
+        assert_eq!(status[0].prefixes_sent, 1);
+    }
+    speakers[0].shutdown(Duration::from_secs(5))?;
+    let mut left = all.clone();
+    left.remove(&IpAddr::V6(nodes[0].1));
+    let gone = wait_for(&router, VIP6, &left, Duration::from_secs(1))?;
+    println!("IPv6 next hop gone {gone:?} after shutdown() returned");
     drop(speakers);
     drop(bird);
     lab.teardown()?;
