@@ -123,8 +123,7 @@ impl Open {
     /// Whether the sender advertised the address family.
     pub fn supports(&self, afi: u16, safi: u8) -> bool {
         self.capabilities
-            .iter()
-            .any(|c| *c == Capability::Multiprotocol { afi, safi })
+            .contains(&Capability::Multiprotocol { afi, safi })
     }
 
     /// Whether the sender advertised route refresh.
