@@ -33,6 +33,9 @@ fn committed_crds_match_the_rust_types() {
     assert_eq!(
         generated.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
         [
+            "palisade.dev_bfdprofiles.yaml",
+            "palisade.dev_bgpadvertisements.yaml",
+            "palisade.dev_bgppeers.yaml",
             "palisade.dev_ipaddresspools.yaml",
             "palisade.dev_l2advertisements.yaml",
             "palisade.dev_servicel2statuses.yaml"

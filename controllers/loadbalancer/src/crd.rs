@@ -280,6 +280,281 @@ pub struct ServiceL2StatusStatus {
     pub interfaces: Vec<String>,
 }
 
+/// A BGP router the nodes' agents open sessions to (MetalLB's `BGPPeer` fields).
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "BGPPeer",
+    plural = "bgppeers",
+    singular = "bgppeer",
+    shortname = "bgpp",
+    category = "palisade",
+    status = "BGPConfigStatus",
+    derive = "PartialEq",
+    doc = "A BGP router that selected nodes announce LoadBalancer IPs to.",
+    printcolumn(name = "Address", type_ = "string", json_path = ".spec.peerAddress"),
+    printcolumn(name = "ASN", type_ = "integer", json_path = ".spec.peerASN"),
+    printcolumn(name = "My ASN", type_ = "integer", json_path = ".spec.myASN"),
+    printcolumn(name = "BFD Profile", type_ = "string", json_path = ".spec.bfdProfile"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct BGPPeerSpec {
+    /// Our AS number (4-octet ASNs are fine).
+    #[serde(rename = "myASN")]
+    pub my_asn: u32,
+    /// The router's AS number; equal to `myASN` for iBGP.
+    #[serde(rename = "peerASN")]
+    pub peer_asn: u32,
+    /// The router's address (IPv4 or IPv6).
+    #[serde(rename = "peerAddress")]
+    pub peer_address: String,
+    /// The router's TCP port.
+    #[serde(rename = "peerPort", default = "default_bgp_port")]
+    pub peer_port: u16,
+    /// Local address the session is opened from (default: chosen by the routing table).
+    #[serde(
+        rename = "sourceAddress",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub source_address: Option<String>,
+    /// Proposed hold time as a duration string (`90s`, `3m`); the session uses the smaller of
+    /// both sides' proposals. Default `90s`.
+    #[serde(rename = "holdTime", default, skip_serializing_if = "Option::is_none")]
+    pub hold_time: Option<String>,
+    /// Keepalive interval (default: a third of the hold time).
+    #[serde(
+        rename = "keepaliveTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keepalive_time: Option<String>,
+    /// BGP identifier to send (default: the node's IPv4 address).
+    #[serde(rename = "routerID", default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<String>,
+    /// Nodes that peer with this router (any selector matching is enough; empty: all nodes).
+    #[serde(
+        rename = "nodeSelectors",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub node_selectors: Vec<LabelSelector>,
+    /// Secret (type `kubernetes.io/basic-auth`, key `password`) holding the TCP MD5 password.
+    #[serde(
+        rename = "passwordSecret",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub password_secret: Option<SecretReference>,
+    /// Name of a `BFDProfile`: run BFD on this session and drop it when BFD goes down.
+    #[serde(
+        rename = "bfdProfile",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub bfd_profile: Option<String>,
+    /// Whether the router may be more than one hop away (eBGP multihop).
+    #[serde(rename = "ebgpMultiHop", default)]
+    pub ebgp_multi_hop: bool,
+}
+
+fn default_bgp_port() -> u16 {
+    179
+}
+
+/// A reference to a Secret by name and namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretReference {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Observed state of `BGPPeer`, `BGPAdvertisement` and `BFDProfile` objects.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BGPConfigStatus {
+    /// `Ready` and `Invalid` conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Announces the IPs of some pools over BGP from some nodes to some peers.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "BGPAdvertisement",
+    plural = "bgpadvertisements",
+    singular = "bgpadvertisement",
+    shortname = "bgpadv",
+    category = "palisade",
+    status = "BGPConfigStatus",
+    derive = "PartialEq",
+    doc = "Announces LoadBalancer IPs of selected pools over BGP from selected nodes.",
+    printcolumn(
+        name = "IPAddressPools",
+        type_ = "string",
+        json_path = ".spec.ipAddressPools"
+    ),
+    printcolumn(name = "Peers", type_ = "string", json_path = ".spec.peers"),
+    printcolumn(
+        name = "Node Selectors",
+        type_ = "string",
+        json_path = ".spec.nodeSelectors",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BGPAdvertisementSpec {
+    /// Pools (by name) to announce; empty together with `ipAddressPoolSelectors`: every pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pools: Vec<String>,
+    /// Selectors over pool labels, OR-ed with `ipAddressPools`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_address_pool_selectors: Vec<LabelSelector>,
+    /// Nodes that announce (empty: all nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_selectors: Vec<LabelSelector>,
+    /// `BGPPeer` names to announce to (empty: every peer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// Prefix length IPv4 addresses are announced with.
+    #[serde(default = "default_aggregation_v4")]
+    pub aggregation_length: u8,
+    /// Prefix length IPv6 addresses are announced with.
+    #[serde(rename = "aggregationLengthV6", default = "default_aggregation_v6")]
+    pub aggregation_length_v6: u8,
+    /// LOCAL_PREF attached on iBGP sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
+    /// Communities attached to the announcements, as `ASN:VALUE` (e.g. `64500:100`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+}
+
+fn default_aggregation_v4() -> u8 {
+    32
+}
+
+fn default_aggregation_v6() -> u8 {
+    128
+}
+
+/// BFD timers for the sessions of peers that name this profile (MetalLB's `BFDProfile`).
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "BFDProfile",
+    plural = "bfdprofiles",
+    singular = "bfdprofile",
+    shortname = "bfdp",
+    category = "palisade",
+    status = "BGPConfigStatus",
+    derive = "PartialEq",
+    doc = "BFD timers for BGP sessions whose BGPPeer names this profile.",
+    printcolumn(
+        name = "Receive Interval",
+        type_ = "integer",
+        json_path = ".spec.receiveInterval"
+    ),
+    printcolumn(
+        name = "Transmit Interval",
+        type_ = "integer",
+        json_path = ".spec.transmitInterval"
+    ),
+    printcolumn(
+        name = "Multiplier",
+        type_ = "integer",
+        json_path = ".spec.detectMultiplier"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BFDProfileSpec {
+    /// Minimum interval between received packets we ask for, in milliseconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_interval: Option<u32>,
+    /// Minimum interval between transmitted packets, in milliseconds (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transmit_interval: Option<u32>,
+    /// Packets that may be lost before the session is declared down (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_multiplier: Option<u32>,
+    /// Echo interval in milliseconds (echo mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_interval: Option<u32>,
+    /// Whether to use echo mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_mode: Option<bool>,
+    /// Whether to wait for the peer to start BFD instead of sending first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_mode: Option<bool>,
+    /// Minimum TTL of incoming packets (single hop: 254).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ttl: Option<u32>,
+}
+
+/// Parses a duration as MetalLB (Go's `time.ParseDuration`) writes them: one or more
+/// `<number><unit>` with units `h`, `m`, `s`, `ms` (e.g. `90s`, `1m30s`, `500ms`); `0` alone is
+/// zero. Fractions and negative values are rejected.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total: u64 = 0;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(format!("{text:?}: expected a number"));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: number too large"))?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(format!("{text:?}: unit must be h, m, s or ms"));
+        };
+        rest = &rest[len..];
+        total = value
+            .checked_mul(unit_ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("{text:?}: too long"))?;
+    }
+    Ok(std::time::Duration::from_millis(total))
+}
+
 /// `conditions` as a list-map keyed by `type`, so server-side apply merges per condition.
 fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<Condition>>();
@@ -292,12 +567,15 @@ fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sch
 }
 
 /// The CRDs of this crate, in a stable order: `ipaddresspools`, `l2advertisements`,
-/// `servicel2statuses`.
+/// `servicel2statuses`, `bgppeers`, `bgpadvertisements`, `bfdprofiles`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         IPAddressPool::crd(),
         L2Advertisement::crd(),
         ServiceL2Status::crd(),
+        BGPPeer::crd(),
+        BGPAdvertisement::crd(),
+        BFDProfile::crd(),
     ]
 }
 
@@ -351,7 +629,10 @@ mod tests {
             [
                 "ipaddresspools.palisade.dev",
                 "l2advertisements.palisade.dev",
-                "servicel2statuses.palisade.dev"
+                "servicel2statuses.palisade.dev",
+                "bgppeers.palisade.dev",
+                "bgpadvertisements.palisade.dev",
+                "bfdprofiles.palisade.dev"
             ]
         );
         for crd in &crds {
@@ -491,5 +772,69 @@ mod tests {
         let s = serde_json::to_value(&status).unwrap();
         assert_eq!(s["assignedIPv4"], 1);
         assert_eq!(s["availableIPv6"], i64::MAX);
+    }
+
+    /// The example, as written in MetalLB style, deserializes with its defaults.
+    #[test]
+    fn bgp_types_take_metallb_manifests() {
+        let peer: BGPPeer = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "BGPPeer",
+            "metadata": {"name": "tor"},
+            "spec": {"myASN": 64500, "peerASN": 64501, "peerAddress": "192.0.2.254",
+                     "holdTime": "9s", "keepaliveTime": "3s", "bfdProfile": "fast"}
+        }))
+        .unwrap();
+        assert_eq!(peer.spec.my_asn, 64500);
+        assert_eq!(peer.spec.peer_port, 179);
+        assert_eq!(
+            parse_duration(peer.spec.hold_time.as_deref().unwrap()),
+            Ok(std::time::Duration::from_secs(9))
+        );
+        assert_eq!(peer.spec.bfd_profile.as_deref(), Some("fast"));
+        let bfd: BFDProfile = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "BFDProfile",
+            "metadata": {"name": "fast"},
+            "spec": {"receiveInterval": 100, "transmitInterval": 100, "detectMultiplier": 3}
+        }))
+        .unwrap();
+        assert_eq!(bfd.spec.detect_multiplier, Some(3));
+        let adv: BGPAdvertisement = serde_json::from_value(json!({
+            "apiVersion": "palisade.dev/v1alpha1", "kind": "BGPAdvertisement",
+            "metadata": {"name": "adv"},
+            "spec": {"ipAddressPools": ["pool"]}
+        }))
+        .unwrap();
+        assert_eq!(
+            (adv.spec.aggregation_length, adv.spec.aggregation_length_v6),
+            (32, 128)
+        );
+        let v = serde_json::to_value(&peer.spec).unwrap();
+        assert_eq!(v["myASN"], 64500);
+        assert_eq!(v["peerASN"], 64501);
+        let schema = crd_json(&BGPPeer::crd());
+        let props = &schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["spec"]["properties"];
+        for key in [
+            "myASN",
+            "peerASN",
+            "routerID",
+            "ebgpMultiHop",
+            "passwordSecret",
+        ] {
+            assert!(props.get(key).is_some(), "BGPPeer schema lacks {key}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_metallb() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "9", "s", "1.5s", "-1s", "9x", "99999999999999999999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }
