@@ -459,7 +459,7 @@ pub async fn start(
                 // behind their unresolved neighbour entries never fill the buffer the live
                 // peers' heartbeats need; after the start-up grace only every few rounds.
                 let grace = now.saturating_duration_since(started) < silent_after;
-                if grace || round.is_multiple_of(PROBE_EVERY) {
+                if grace || round % PROBE_EVERY == 0 {
                     for ip in silent {
                         let _ =
                             probe_socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
