@@ -29,7 +29,7 @@
 //! its own members, so an IP may be announced on both sides — each side's clients reach one
 //! node, which is the best a partitioned L2 segment allows.
 //!
-//! Security (see `docs/security-membership.md`): every datagram is authenticated with the
+//! Security (see `docs/security.md`): every datagram is authenticated with the
 //! cluster key (HMAC-SHA256, [`crate::memberlist_wire`]), carries a per-incarnation sequence
 //! number and a timestamp, and must come from one of the named Node's InternalIPs; anything
 //! else is counted in `palisade_memberlist_rejected_total{reason}` and dropped.

@@ -83,8 +83,8 @@ pub struct ClusterState {
     pub policies: Vec<Arc<NetworkPolicy>>,
 }
 
-/// IP address family of one payload. Only IPv4 is rendered today; the IR, set names and
-/// renderer carry the family so IPv6 (`ip6tables`, `family inet6`) is the same shape.
+/// IP address family of one payload: IPv4 through `iptables`, IPv6 through `ip6tables` with
+/// `family inet6` sets; the IR, set names and renderer are the same shape for both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     #[default]
