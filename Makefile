@@ -39,10 +39,12 @@ test-rust:
 test-chart:
 	$(PYTHON) -m pytest tests/chart tests/kind -q
 
-## lint: formatting and clippy, as CI wants them
+## lint: formatting, clippy and rustdoc with warnings denied, as CI wants them
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings -A rustdoc::private_intra_doc_links" \
+	  $(CARGO) doc --workspace --no-deps --document-private-items
 
 fmt:
 	$(CARGO) fmt --all
