@@ -337,6 +337,7 @@ impl Ctx {
         };
         let stream = watcher::watcher(api, watcher::Config::default())
             .backoff(backoff)
+            .modify(prune)
             .reflect(writer);
         let ready_reader = reader.clone();
         tokio::spawn(async move {
@@ -397,6 +398,18 @@ impl Ctx {
         reader
     }
 }
+
+/// Drops what no reconciler reads before an object enters a cache: `managedFields` and the
+/// `kubectl.kubernetes.io/last-applied-configuration` annotation (a copy of the whole object)
+/// are most of a typical object's size.
+fn prune<K: Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+    if let Some(a) = obj.meta_mut().annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// The watcher's backoff, reset only once the watch is healthy again. kube's `StreamBackoff`
 /// resets on every `Ok` item, and the watcher yields `Ok(Init)` before each list attempt, so
@@ -472,6 +485,24 @@ mod tests {
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].0, "bad");
         assert!(bad[0].1.contains("invalid type"), "{}", bad[0].1);
+    }
+
+    #[test]
+    fn cached_objects_lose_managed_fields_and_the_last_applied_copy() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "a", "namespace": "x",
+                "labels": {"app": "web"},
+                "annotations": {LAST_APPLIED: "{...}", "keep": "me"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]
+            }
+        }))
+        .unwrap();
+        prune(&mut pod);
+        assert!(pod.metadata.managed_fields.unwrap_or_default().is_empty());
+        let ann = pod.metadata.annotations.unwrap();
+        assert_eq!(ann.keys().collect::<Vec<_>>(), ["keep"]);
+        assert_eq!(pod.metadata.labels.unwrap()["app"], "web");
     }
 
     #[test]
