@@ -31,7 +31,25 @@ use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
 use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
+
+/// Why an allocation pass failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("leadership was lost during the pass; the new leader takes over")]
+    LostLeadership,
+    #[error("some status writes failed")]
+    Writes,
+}
+
+impl JobError for PassError {
+    fn label(&self) -> &'static str {
+        match self {
+            PassError::LostLeadership => "lost_leadership",
+            PassError::Writes => "status_write",
+        }
+    }
+}
 
 /// Condition reason for an object that does not parse at all.
 pub const MALFORMED_OBJECT: &str = "MalformedObject";
@@ -206,18 +224,26 @@ impl LoadBalancerReconciler {
             return;
         }
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |_| {
-            let this = this.clone();
-            let state = state.clone();
-            async move {
-                let mut st = state.lock().await;
-                this.pass(&mut st).await
-            }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "allocation",
+            metrics,
+            |_| {
+                let this = this.clone();
+                let state = state.clone();
+                async move {
+                    let mut st = state.lock().await;
+                    this.pass(&mut st).await
+                }
+            },
+        )
         .await;
     }
 
-    async fn pass(&self, st: &mut LbState) -> Result<(), ()> {
+    async fn pass(&self, st: &mut LbState) -> Result<(), PassError> {
         let intake = st.intake.take(
             &self.stores.ip_address_pools,
             &self.stores.l2_advertisements,
@@ -275,7 +301,7 @@ impl LoadBalancerReconciler {
         // Writes: only while still leading (checked before each one).
         for (key, ips) in &plan.service_status {
             if !*self.is_leader.borrow() {
-                return Err(());
+                return Err(PassError::LostLeadership);
             }
             let ingress: Vec<serde_json::Value> = ips
                 .iter()
@@ -309,7 +335,7 @@ impl LoadBalancerReconciler {
         }
         for (name, status) in &plan.pool_status {
             if !*self.is_leader.borrow() {
-                return Err(());
+                return Err(PassError::LostLeadership);
             }
             let api: Api<IPAddressPool> = Api::all(self.client.clone());
             let patch = json!({ "status": status });
@@ -370,7 +396,7 @@ impl LoadBalancerReconciler {
             .lb_services_allocated
             .set(plan.services_allocated as i64);
         if failed {
-            Err(())
+            Err(PassError::Writes)
         } else {
             Ok(())
         }

@@ -40,12 +40,30 @@ use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
 use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
 use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub mod status;
+
+/// Why an announcement pass failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the speaker task died: {0}")]
+    SpeakerTask(String),
+    #[error("the speaker could not apply every announcement yet")]
+    Speaker,
+}
+
+impl JobError for PassError {
+    fn label(&self) -> &'static str {
+        match self {
+            PassError::SpeakerTask(_) => "speaker_task",
+            PassError::Speaker => "speaker",
+        }
+    }
+}
 
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
@@ -284,12 +302,20 @@ impl AnnouncerReconciler {
             });
         }
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |_| {
-            let this = this.clone();
-            let state = state.clone();
-            let recheck_tx = recheck_tx.clone();
-            async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "announcement",
+            metrics,
+            |_| {
+                let this = this.clone();
+                let state = state.clone();
+                let recheck_tx = recheck_tx.clone();
+                async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
+            },
+        )
         .await;
         // Stop answering on the way out: a successor takes over within the membership timeout
         // (sooner, thanks to our "leave" message).
@@ -333,7 +359,7 @@ impl AnnouncerReconciler {
         &self,
         st: &mut AnnState,
         recheck: &watch::Sender<Option<Instant>>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), PassError> {
         self.refresh_peers();
         let live = self.live.borrow().clone();
         let (mut owned, decisions) = if live.warmed_up {
@@ -406,7 +432,7 @@ impl AnnouncerReconciler {
                 tracing::error!(error = %e, "speaker task died");
                 // The state went down with the task: make the retry tell the speaker again.
                 st.resend = true;
-                return Err(());
+                return Err(PassError::SpeakerTask(e.to_string()));
             }
         };
         *st = state;
@@ -454,7 +480,7 @@ impl AnnouncerReconciler {
             }
         }
         if applied == Applied::Failed {
-            Err(())
+            Err(PassError::Speaker)
         } else {
             Ok(())
         }

@@ -17,10 +17,21 @@ use palisade_loadbalancer::{ServiceL2Status, ServiceL2StatusSpec, ServiceL2Statu
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::metrics::{Labels, Metrics};
 use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Why a status pass failed: some writes did not go through (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} ServiceL2Status writes failed")]
+pub struct WriteError(usize);
+
+impl JobError for WriteError {
+    fn label(&self) -> &'static str {
+        "status_write"
+    }
+}
 
 /// The cache the status writer reads: the `ServiceL2Status` objects.
 #[derive(Clone)]
@@ -65,10 +76,18 @@ impl StatusWriter {
         trigger.poke();
         {
             let this = this.clone();
-            run_sync_loop(settings, trigger, shutdown, move |_| {
-                let this = this.clone();
-                async move { this.pass().await }
-            })
+            let metrics = Some(this.metrics.clone());
+            run_sync_loop(
+                settings,
+                trigger,
+                shutdown,
+                "l2status",
+                metrics,
+                move |_| {
+                    let this = this.clone();
+                    async move { this.pass().await }
+                },
+            )
             .await;
         }
         // On the way out the speaker stops answering: say so, within a short bound (the new
@@ -85,19 +104,21 @@ impl StatusWriter {
         objs.iter().filter_map(Existing::from_object).collect()
     }
 
-    async fn pass(&self) -> Result<(), ()> {
+    async fn pass(&self) -> Result<(), WriteError> {
         let Some(snap) = self.snapshot.borrow().clone() else {
             return Ok(());
         };
         let ops = plan(&self.node_name, &snap, &self.existing());
-        let mut ok = true;
+        let mut failed = 0;
         for op in ops {
-            ok &= self.execute(op).await;
+            if !self.execute(op).await {
+                failed += 1;
+            }
         }
-        if ok {
+        if failed == 0 {
             Ok(())
         } else {
-            Err(())
+            Err(WriteError(failed))
         }
     }
 

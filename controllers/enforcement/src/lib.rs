@@ -33,11 +33,32 @@ use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
 use palisade_runtime::stores::{CacheGroup, Caches};
-use palisade_runtime::sync::{run_sync_loop, Cause, Trigger};
+use palisade_runtime::sync::{run_sync_loop, Cause, JobError, Trigger};
 
 /// Event reasons of the netpol reconciler.
 pub mod reasons {
     pub const APPLY_FAILED: &str = "NetworkPolicyApplyFailed";
+}
+
+/// Why a NetworkPolicy sync failed (retried with backoff; the previous rules stay in force).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the reconciler's state lock is poisoned")]
+    Poisoned,
+    #[error("applying the {family:?} rules failed: {message}")]
+    Apply { family: Family, message: String },
+    #[error("the apply task died: {0}")]
+    ApplyTask(String),
+}
+
+impl JobError for SyncError {
+    fn label(&self) -> &'static str {
+        match self {
+            SyncError::Poisoned => "poisoned",
+            SyncError::Apply { .. } => "apply",
+            SyncError::ApplyTask(_) => "apply_task",
+        }
+    }
 }
 
 /// Gives the executor of an address family (created when the family is first needed; an
@@ -85,7 +106,8 @@ struct FamilyState {
     /// Keeps the previous compile, so pod churn only recomputes what it touches.
     compiler: IncrementalCompiler,
     executor: Arc<dyn Executor>,
-    payload: Option<Payload>,
+    /// Shared with the apply task: a payload is copied once, when it changed.
+    payload: Option<Arc<Payload>>,
 }
 
 #[derive(Default)]
@@ -157,11 +179,19 @@ impl NetpolReconciler {
         let this = Arc::new(self);
         let last = Arc::new(Mutex::new(LastState::default()));
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |cause| {
-            let this = this.clone();
-            let last = last.clone();
-            async move { this.sync_once(cause, &last).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "netpol",
+            metrics,
+            |cause| {
+                let this = this.clone();
+                let last = last.clone();
+                async move { this.sync_once(cause, &last).await }
+            },
+        )
         .await;
     }
 
@@ -236,7 +266,7 @@ impl NetpolReconciler {
         }
     }
 
-    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
+    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), SyncError> {
         let start = Instant::now();
         let state = self.snapshot();
         self.ensure_families(&state, cause, last).await;
@@ -246,7 +276,7 @@ impl NetpolReconciler {
         let mut work = Vec::new();
         {
             let Ok(mut l) = last.lock() else {
-                return Err(());
+                return Err(SyncError::Poisoned);
             };
             for (family, fs) in l.families.iter_mut() {
                 if let Some(dump) = &links {
@@ -254,13 +284,17 @@ impl NetpolReconciler {
                     let found = palisade_dataplane::interfaces::resolve(dump, &ips);
                     fs.compiler.set_pod_interfaces(found);
                 }
-                let payload = fs.compiler.sync(&state).clone();
+                let payload = fs.compiler.sync(&state);
+                let unchanged = fs.payload.as_deref() == Some(payload);
+                if !unchanged || cause == Cause::Resync {
+                    let payload = match (&fs.payload, unchanged) {
+                        (Some(p), true) => p.clone(),
+                        _ => Arc::new(payload.clone()),
+                    };
+                    work.push((*family, fs.executor.clone(), payload));
+                }
                 if let Some(c) = fs.compiler.compiled() {
                     diagnostics.extend(c.diagnostics.iter().cloned());
-                }
-                let unchanged = fs.payload.as_ref() == Some(&payload);
-                if !unchanged || cause == Cause::Resync {
-                    work.push((*family, fs.executor.clone(), payload));
                 }
             }
         }
@@ -274,7 +308,7 @@ impl NetpolReconciler {
                 .inc();
             return Ok(());
         }
-        let mut ok = true;
+        let mut failure = None;
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
             let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
@@ -295,7 +329,6 @@ impl NetpolReconciler {
                     }
                 }
                 Ok(Err(e)) => {
-                    ok = false;
                     tracing::error!(?family, error = %e, "applying NetworkPolicy rules failed; previous rules stay in force, retrying");
                     self.events
                         .warning(
@@ -311,13 +344,18 @@ impl NetpolReconciler {
                             fs.payload = None;
                         }
                     }
+                    failure = Some(SyncError::Apply {
+                        family,
+                        message: e.to_string(),
+                    });
                 }
                 Err(join) => {
-                    ok = false;
                     tracing::error!(error = %join, "apply task died");
+                    failure = Some(SyncError::ApplyTask(join.to_string()));
                 }
             }
         }
+        let ok = failure.is_none();
         let elapsed = start.elapsed();
         self.metrics
             .netpol_sync_duration
@@ -333,10 +371,8 @@ impl NetpolReconciler {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
             self.metrics.netpol_last_success.set(now);
-            Ok(())
-        } else {
-            Err(())
         }
+        failure.map_or(Ok(()), Err)
     }
 
     /// Rules, sets and bytes over every enforced family.
