@@ -159,6 +159,7 @@ impl NetpolReconciler {
             namespaces: self.stores.namespaces.state(),
             pods: self.stores.pods.state(),
             policies: self.stores.network_policies.state(),
+            cluster_policies: Vec::new(),
         }
     }
 

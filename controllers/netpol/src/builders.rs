@@ -162,5 +162,6 @@ pub fn cluster(
         namespaces: namespaces.into_iter().map(Arc::new).collect(),
         pods: pods.into_iter().map(Arc::new).collect(),
         policies: policies.into_iter().map(Arc::new).collect(),
+        cluster_policies: Vec::new(),
     }
 }
