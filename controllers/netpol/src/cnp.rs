@@ -730,6 +730,129 @@ pub(crate) fn node_addresses(node: &Node, family: Family) -> Vec<IpAddr> {
     out
 }
 
+// ---------------------------------------------------------------------------------------
+// Status.
+
+/// Condition type of node `node` on a policy: `palisade.io/<node>` (one per node, merged by
+/// type through server-side apply; node names fit the condition type's name part).
+pub fn condition_type(node: &str) -> String {
+    format!("palisade.io/{node}")
+}
+
+/// Condition reasons.
+pub mod condition_reasons {
+    /// Everything in the policy is enforced as written.
+    pub const APPLIED: &str = "Applied";
+    /// Enforced, but parts fail closed or match nothing (see the message).
+    pub const APPLIED_WITH_WARNINGS: &str = "AppliedWithWarnings";
+    /// The policy is not enforced (unknown tier, unusable subject).
+    pub const NOT_APPLIED: &str = "NotApplied";
+    /// The node's last apply failed; the previous rules stay in force.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+}
+
+/// The condition this node reports on `policy`, from the diagnostics of its last compile
+/// (all families) and whether its last apply succeeded. `now` becomes
+/// `lastTransitionTime` unless `existing` already has the same status.
+pub fn node_condition(
+    policy: &ClusterNetworkPolicy,
+    node: &str,
+    diags: &[Diagnostic],
+    apply_error: Option<&str>,
+    now: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Condition {
+    let name = policy.metadata.name.as_deref().unwrap_or_default();
+    let mine: Vec<&Diagnostic> = diags
+        .iter()
+        .filter(|d| d.kind == DIAG_KIND && d.name == name)
+        .collect();
+    let ignored = mine
+        .iter()
+        .any(|d| matches!(d.reason, reasons::UNKNOWN_TIER | reasons::INVALID_SUBJECT));
+    let (status, reason, mut message) = if let Some(e) = apply_error {
+        (
+            "False",
+            condition_reasons::APPLY_FAILED,
+            format!("applying the rules failed: {e}"),
+        )
+    } else if ignored {
+        ("False", condition_reasons::NOT_APPLIED, String::new())
+    } else if mine.is_empty() {
+        (
+            "True",
+            condition_reasons::APPLIED,
+            "enforced on this node".to_string(),
+        )
+    } else {
+        (
+            "True",
+            condition_reasons::APPLIED_WITH_WARNINGS,
+            String::new(),
+        )
+    };
+    for d in &mine {
+        if !message.is_empty() {
+            message.push_str("; ");
+        }
+        message.push_str(d.reason);
+        message.push_str(": ");
+        message.push_str(&d.message);
+    }
+    if message.len() > 1024 {
+        let mut end = 1021;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    let ty = condition_type(node);
+    let existing = policy
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == ty));
+    let last_transition_time = match existing {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now,
+    };
+    Condition {
+        type_: ty,
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: policy.metadata.generation,
+        last_transition_time,
+    }
+}
+
+/// Whether `policy` already carries `cond` (ignoring `lastTransitionTime`).
+pub fn has_condition(policy: &ClusterNetworkPolicy, cond: &Condition) -> bool {
+    policy.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == cond.type_
+                && c.status == cond.status
+                && c.reason == cond.reason
+                && c.message == cond.message
+                && c.observed_generation == cond.observed_generation
+        })
+    })
+}
+
+/// What the compiler reads of a policy (name and spec): two objects with equal views
+/// compile identically, so a status-only update need not recompile.
+pub fn compiled_view(p: &ClusterNetworkPolicy) -> ClusterNetworkPolicy {
+    ClusterNetworkPolicy {
+        api_version: None,
+        kind: None,
+        metadata: ObjectMeta {
+            name: p.metadata.name.clone(),
+            ..Default::default()
+        },
+        spec: p.spec.clone(),
+        status: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -929,6 +1052,44 @@ spec:
         ] {
             assert!(reasons.contains(&r), "{r} in {reasons:?}");
         }
+    }
+
+    #[test]
+    fn node_conditions() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let t0 = Time(jiff::Timestamp::UNIX_EPOCH);
+        let t1 = Time(jiff::Timestamp::from_second(100).unwrap());
+        let mut p = parse(ADMIN);
+        p.metadata.generation = Some(3);
+        let mut d = Vec::new();
+        let _ = validate(&p, Family::V4, &mut d);
+        let c = node_condition(&p, "n1", &d, None, t1.clone());
+        assert_eq!(c.type_, "palisade.io/n1");
+        assert_eq!(c.status, "True");
+        assert_eq!(c.reason, condition_reasons::APPLIED_WITH_WARNINGS);
+        assert!(
+            c.message.contains("UnsupportedDomainNames"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.observed_generation, Some(3));
+        assert!(!has_condition(&p, &c));
+        // Once stored, the same condition needs no patch and keeps its transition time.
+        p.status = Some(ClusterNetworkPolicyStatus {
+            conditions: vec![Condition {
+                last_transition_time: t0.clone(),
+                ..c.clone()
+            }],
+        });
+        assert!(has_condition(&p, &c));
+        let again = node_condition(&p, "n1", &d, None, t1.clone());
+        assert_eq!(again.last_transition_time, t0);
+        let failed = node_condition(&p, "n1", &d, Some("boom"), t1.clone());
+        assert_eq!(failed.status, "False");
+        assert_eq!(failed.last_transition_time, t1);
+        let clean = node_condition(&p, "n2", &[], None, t1);
+        assert_eq!(clean.reason, condition_reasons::APPLIED);
+        assert_eq!(compiled_view(&p).status, None);
     }
 
     #[test]
