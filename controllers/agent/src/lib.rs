@@ -96,9 +96,10 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         shutdown.clone(),
     );
     let netpol_trigger = Trigger::new();
-    let netpol_caches = cfg
-        .enable_netpol
-        .then(|| NetpolCaches::register(&mut caches, &netpol_trigger));
+    let netpol_caches = cfg.enable_netpol.then(|| {
+        let cnp_client = cfg.enable_cluster_network_policy.then(|| client.clone());
+        NetpolCaches::register_with(&mut caches, &netpol_trigger, cnp_client)
+    });
     let lb_trigger = Trigger::new();
     let lb_caches = cfg
         .enable_loadbalancer

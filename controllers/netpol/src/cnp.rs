@@ -733,10 +733,10 @@ pub(crate) fn node_addresses(node: &Node, family: Family) -> Vec<IpAddr> {
 // ---------------------------------------------------------------------------------------
 // Status.
 
-/// Condition type of node `node` on a policy: `palisade.io/<node>` (one per node, merged by
+/// Condition type of node `node` on a policy: `palisade.dev/<node>` (one per node, merged by
 /// type through server-side apply; node names fit the condition type's name part).
 pub fn condition_type(node: &str) -> String {
-    format!("palisade.io/{node}")
+    format!("palisade.dev/{node}")
 }
 
 /// Condition reasons.
@@ -1064,7 +1064,7 @@ spec:
         let mut d = Vec::new();
         let _ = validate(&p, Family::V4, &mut d);
         let c = node_condition(&p, "n1", &d, None, t1.clone());
-        assert_eq!(c.type_, "palisade.io/n1");
+        assert_eq!(c.type_, "palisade.dev/n1");
         assert_eq!(c.status, "True");
         assert_eq!(c.reason, condition_reasons::APPLIED_WITH_WARNINGS);
         assert!(
