@@ -692,3 +692,85 @@ fn chains_stay_linear_in_policies_and_local_pods() {
         r.payload.stats.rules
     );
 }
+
+#[test]
+fn the_documented_example_compiles_cleanly() {
+    let text = include_str!("../../../examples/clusternetworkpolicy/tenant-guard.yaml");
+    let mut s = state(vec![], vec![]);
+    s.merge(palisade_netpol::manifests::parse(text).expect("example parses"));
+    assert_eq!(s.cluster_policies.len(), 2);
+    // shop becomes tenant blue; mon is the monitoring namespace.
+    s.namespaces = vec![
+        Arc::new(mk_ns("shop", &[("tenant", "blue")])),
+        Arc::new(mk_ns("db", &[("tenant", "red")])),
+        Arc::new(mk_ns("mon", &[("purpose", "monitoring")])),
+    ];
+    let r = run_family(&s, Family::V4);
+    let cnp_diags: Vec<_> = r
+        .compiled
+        .diagnostics
+        .iter()
+        .filter(|d| d.kind == "ClusterNetworkPolicy")
+        .collect();
+    // Nobody declares a port named "metrics" in this cluster: that is the only remark.
+    assert!(
+        cnp_diags
+            .iter()
+            .all(|d| d.reason == reasons::UNKNOWN_NAMED_PORT),
+        "{cnp_diags:?}"
+    );
+    assert_eq!(r.tcp(PG1, WEB1, 80), Drop, "another tenant");
+    assert_eq!(
+        r.tcp(API1, WEB1, 80),
+        Drop,
+        "same tenant: passed, then the Baseline default deny"
+    );
+    assert_eq!(r.tcp(WEB1, PG1, 80), Drop, "Baseline default deny for db");
+    assert_eq!(r.tcp(WEB1, "169.254.169.254", 80), Drop);
+    // The namespace opts in with a NetworkPolicy: it overrides the Baseline.
+    s.policies = vec![Arc::new(mk_policy(
+        "shop",
+        "same-namespace",
+        json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+    ))];
+    let r = run_family(&s, Family::V4);
+    assert_eq!(r.tcp(API1, WEB1, 80), Accept);
+    assert_eq!(r.tcp(PG1, WEB1, 80), Drop, "the Admin Deny still wins");
+}
+
+#[test]
+fn synthetic_cluster_with_200_cluster_policies() {
+    use palisade_netpol::synthetic::*;
+    let mut cl = build_cluster();
+    cl.state.cluster_policies = cluster_network_policies()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let c = compile(&cl.state, &NodeConfig::new(NODE));
+    let p = render(&c);
+    Tracer::new(&p).expect("parses");
+    let cnp_chains = p
+        .chains
+        .iter()
+        .filter(|n| n.starts_with("PAL-CI-") || n.starts_with("PAL-CE-"))
+        .count();
+    // At most one chain per policy and direction, and no more tiered profiles than local
+    // pods per direction.
+    assert!(
+        cnp_chains > 0 && cnp_chains <= 2 * CLUSTER_POLICIES,
+        "{cnp_chains}"
+    );
+    let tiered = p
+        .chains
+        .iter()
+        .filter(|n| n.starts_with("PAL-XI-") || n.starts_with("PAL-XE-"))
+        .count();
+    assert!(tiered > 0 && tiered <= 2 * LOCAL_PODS, "{tiered}");
+    assert!(
+        !c.diagnostics
+            .iter()
+            .any(|d| d.kind == "ClusterNetworkPolicy" && d.reason != reasons::UNKNOWN_NAMED_PORT),
+        "{:?}",
+        c.diagnostics
+    );
+}
