@@ -14,6 +14,8 @@ pub struct AgentConfig {
     /// Explicit kubeconfig; `None` means in-cluster config or `$KUBECONFIG`/`~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
     pub enable_netpol: bool,
+    /// Watch and enforce ClusterNetworkPolicies too (needs their CRD).
+    pub enable_cluster_network_policy: bool,
     pub enable_loadbalancer: bool,
     /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
     pub listen_addr: SocketAddr,
@@ -55,6 +57,7 @@ impl AgentConfig {
             node_name,
             kubeconfig: None,
             enable_netpol: true,
+            enable_cluster_network_policy: false,
             enable_loadbalancer: true,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 9476)),
             lease: LeaseSettings::default(),

@@ -74,7 +74,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         cfg.watch_backoff_max,
         shutdown.clone(),
     );
-    let wiring = Wiring::register(&cfg, &mut caches);
+    let wiring = Wiring::register(&cfg, &mut caches, &client);
     let readiness = caches.readiness();
     tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
@@ -147,16 +147,20 @@ struct L2Wiring {
 
 impl Wiring {
     /// Each reconciler registers the caches it reads (one watch per kind, whoever reads it).
-    fn register(cfg: &AgentConfig, caches: &mut Caches) -> Wiring {
+    fn register(cfg: &AgentConfig, caches: &mut Caches, client: &kube::Client) -> Wiring {
         fn with<C>(caches: &mut Caches, reg: fn(&mut Caches, &Trigger) -> C) -> (Trigger, C) {
             let t = Trigger::new();
             let c = reg(caches, &t);
             (t, c)
         }
         Wiring {
-            netpol: cfg
-                .enable_netpol
-                .then(|| with(caches, NetpolCaches::register)),
+            netpol: cfg.enable_netpol.then(|| {
+                // ClusterNetworkPolicy status is written by enforcement itself.
+                let cnp_client = cfg.enable_cluster_network_policy.then(|| client.clone());
+                let t = Trigger::new();
+                let c = NetpolCaches::register_with(caches, &t, cnp_client);
+                (t, c)
+            }),
             allocation: cfg
                 .enable_loadbalancer
                 .then(|| with(caches, LbCaches::register)),

@@ -86,6 +86,11 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ENABLE_NETPOL", default_value_t = true, action = clap::ArgAction::Set)]
     enable_netpol: bool,
 
+    /// Also enforce ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2; the CRD must
+    /// be installed: enforcement waits until every watch it reads has listed once).
+    #[arg(long, env = "PALISADE_ENABLE_CLUSTER_NETWORK_POLICY", default_value_t = false, action = clap::ArgAction::Set)]
+    enable_cluster_network_policy: bool,
+
     /// Allocate and announce LoadBalancer IPs (turn off if you use another load balancer).
     #[arg(long, env = "PALISADE_ENABLE_LOADBALANCER", default_value_t = true, action = clap::ArgAction::Set)]
     enable_loadbalancer: bool,
@@ -243,6 +248,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     cfg.identity = a.pod_name.unwrap_or(a.node_name);
     cfg.kubeconfig = a.kubeconfig.filter(|p| !p.as_os_str().is_empty());
     cfg.enable_netpol = a.enable_netpol;
+    cfg.enable_cluster_network_policy = a.enable_cluster_network_policy;
     cfg.enable_loadbalancer = a.enable_loadbalancer;
     cfg.listen_addr = a.listen_addr;
     cfg.lease.name = a.lease_name;
