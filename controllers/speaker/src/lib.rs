@@ -35,4 +35,4 @@ pub mod speaker;
 pub use announcer::{Announcer, Owned, RecordingAnnouncer, SpeakerStats};
 pub use error::SpeakerError;
 pub use route::route_interface;
-pub use speaker::{Speaker, SpeakerConfig, DEFAULT_GARP_SCHEDULE};
+pub use speaker::{Speaker, SpeakerConfig, DEFAULT_GARP_SCHEDULE, DEFAULT_REFRESH_INTERVAL};

@@ -31,6 +31,11 @@
 //!   reply's target MAC equal to the sender's to call it gratuitous), or one unsolicited
 //!   Neighbor Advertisement with the override flag to `ff02::1`. Three rounds ride out a lost
 //!   frame and a switch port still learning, and the whole burst is over in a third of a second.
+//! * Periodic refresh ([`SpeakerConfig::refresh_interval`], default
+//!   [`DEFAULT_REFRESH_INTERVAL`], zero = off): one more gratuitous round per answered
+//!   (IP, interface) pair every interval after its burst. Switch FDB entries and client
+//!   neighbour caches age out while nothing changes (a quiet VIP, a client that only receives);
+//!   the refresh re-teaches them before they do.
 //! * A lost IP is removed from the shared table before `set_owned` returns: no answer for it
 //!   leaves this node afterwards. Pending gratuitous rounds for it are dropped.
 //! * Responders poll with a read timeout ([`SpeakerConfig::read_timeout`]) so they stop
@@ -64,6 +69,11 @@ pub const DEFAULT_GARP_SCHEDULE: [Duration; 3] = [
     Duration::from_millis(300),
 ];
 
+/// Default [`SpeakerConfig::refresh_interval`]: well inside the common switch FDB ageing
+/// (300 s) and Linux's neighbour garbage collection of stale entries (`gc_stale_time`, 60 s),
+/// and rare enough (two frames per IP a minute) to be noise on any LAN.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -80,6 +90,11 @@ pub struct SpeakerConfig {
     pub resync_interval: Duration,
     /// How long `set_owned` waits for the control thread.
     pub reply_timeout: Duration,
+    /// Period of the gratuitous refresh: every answered (IP, interface) pair gets one more
+    /// gratuitous round this long after its last one, so switch FDBs and client neighbour
+    /// caches that age out while nothing changes learn the owner again. `Duration::ZERO`
+    /// turns the refresh off.
+    pub refresh_interval: Duration,
 }
 
 impl Default for SpeakerConfig {
@@ -89,6 +104,7 @@ impl Default for SpeakerConfig {
             read_timeout: Duration::from_millis(100),
             resync_interval: Duration::from_secs(1),
             reply_timeout: Duration::from_secs(10),
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
         }
     }
 }
@@ -101,6 +117,7 @@ struct Counters {
     requests: AtomicU64,
     replies: AtomicU64,
     gratuitous: AtomicU64,
+    refreshes: AtomicU64,
     send_errors: AtomicU64,
     owned: AtomicU64,
     responders: AtomicU64,
@@ -181,6 +198,7 @@ impl Announcer for Speaker {
             requests_received: c.requests.load(Ordering::Relaxed),
             replies_sent: c.replies.load(Ordering::Relaxed),
             gratuitous_sent: c.gratuitous.load(Ordering::Relaxed),
+            refresh_rounds: c.refreshes.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
             owned_ips: c.owned.load(Ordering::Relaxed),
             responders: c.responders.load(Ordering::Relaxed),
@@ -439,6 +457,8 @@ struct Control {
     /// (IP, interface) pairs being answered; a pair new here gets a gratuitous burst.
     announced: BTreeSet<(IpAddr, String)>,
     pending: Vec<Pending>,
+    /// When each announced pair is refreshed next (empty when the refresh is off).
+    refresh: BTreeMap<(IpAddr, String), Instant>,
     /// Problems of the last reconcile, to log only changes.
     last_problems: Vec<String>,
 }
@@ -453,6 +473,7 @@ impl Control {
             stopping: Vec::new(),
             announced: BTreeSet::new(),
             pending: Vec::new(),
+            refresh: BTreeMap::new(),
             last_problems: Vec::new(),
         }
     }
@@ -465,6 +486,7 @@ impl Control {
                 .pending
                 .iter()
                 .map(|p| p.due)
+                .chain(self.refresh.values().copied())
                 .min()
                 .map_or(next_resync, |due| due.min(next_resync));
             match commands.recv_timeout(wake.saturating_duration_since(now)) {
@@ -475,6 +497,7 @@ impl Control {
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
+            self.queue_refresh();
             self.send_due();
             if Instant::now() >= next_resync {
                 if let Err(e) = self.reconcile() {
@@ -600,6 +623,7 @@ impl Control {
             .filter(|(ip, i)| self.responders.contains_key(&(i.clone(), Family::of(*ip))))
             .collect();
         let now = Instant::now();
+        let burst_end = self.config.garp_schedule.iter().max().copied();
         for (ip, iface) in live.difference(&self.announced) {
             info!(%ip, interface = %iface, "announcing");
             for offset in &self.config.garp_schedule {
@@ -609,11 +633,17 @@ impl Control {
                     iface: iface.clone(),
                 });
             }
+            if !self.config.refresh_interval.is_zero() {
+                let last = now + burst_end.unwrap_or_default();
+                self.refresh
+                    .insert((*ip, iface.clone()), last + self.config.refresh_interval);
+            }
         }
         self.announced = live;
         let announced = &self.announced;
         self.pending
             .retain(|p| announced.contains(&(p.ip, p.iface.clone())));
+        self.refresh.retain(|pair, _| announced.contains(pair));
         self.send_due();
 
         // Warn when the problems change, not on every resync.
@@ -628,6 +658,27 @@ impl Control {
             Ok(())
         } else {
             Err(SpeakerError::Incomplete(problems))
+        }
+    }
+
+    /// Queues one gratuitous round for every pair whose refresh is due, and schedules its next
+    /// one an interval from now (a stalled thread does not catch up with a burst).
+    fn queue_refresh(&mut self) {
+        let now = Instant::now();
+        let interval = self.config.refresh_interval;
+        for ((ip, iface), due) in &mut self.refresh {
+            if *due <= now {
+                self.pending.push(Pending {
+                    due: now,
+                    ip: *ip,
+                    iface: iface.clone(),
+                });
+                self.shared
+                    .counters
+                    .refreshes
+                    .fetch_add(1, Ordering::Relaxed);
+                *due = now + interval;
+            }
         }
     }
 

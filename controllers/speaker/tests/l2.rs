@@ -813,6 +813,89 @@ fn link_flap_reannounces() {
     }
 }
 
+/// Periodic refresh: after the gain burst, one gratuitous round per IP every refresh interval
+/// (ARP request + reply, unsolicited NA), none once the IP is lost, none when it is off.
+#[test]
+fn gratuitous_refresh_repeats_at_the_configured_interval() {
+    let Some(lab) = Lab::for_test(2, false) else {
+        return;
+    };
+    let interval = Duration::from_millis(400);
+    let mac1 = lab.mac("n1", "eth0");
+    let (vip, vip6) = (
+        v4("198.51.100.200"),
+        "fd00:51:100::200".parse::<Ipv6Addr>().unwrap(),
+    );
+    let config = SpeakerConfig {
+        garp_schedule: vec![Duration::ZERO],
+        refresh_interval: interval,
+        ..SpeakerConfig::default()
+    };
+    let s1 = in_netns(&lab.ns("n1"), move || {
+        Speaker::with_config(config).expect("speaker")
+    });
+
+    let capture = Capture::start(&lab);
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    // Burst (1 round each) + 3 refresh rounds each = 4 rounds = 4 × (2 ARP + 1 NA) frames.
+    wait_until(Duration::from_secs(10), || s1.stats().gratuitous_sent >= 12)
+        .expect("three refresh rounds");
+    std::thread::sleep(Duration::from_millis(100));
+    let seen = capture.finish();
+    let at = |want: &dyn Fn(&Observed) -> bool| -> Vec<Instant> {
+        seen.iter()
+            .filter(|(_, o)| want(o))
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let requests = at(&|o| *o == Observed::GarpRequest { ip: vip, mac: mac1 });
+    let replies = at(&|o| {
+        *o == Observed::ArpReply {
+            ip: vip,
+            mac: mac1,
+            gratuitous: true,
+        }
+    });
+    let adverts = at(
+        &|o| matches!(o, Observed::Advert { target, mac, solicited: false, .. } if *target == vip6 && *mac == mac1),
+    );
+    assert!(requests.len() >= 4, "GARP requests: {seen:?}");
+    assert!(replies.len() >= 4, "GARP replies: {seen:?}");
+    assert!(adverts.len() >= 4, "unsolicited NAs: {seen:?}");
+    assert!(s1.stats().refresh_rounds >= 6, "{:?}", s1.stats());
+    // Never earlier than the interval (half of it, for capture-side scheduling jitter).
+    let gaps: Vec<Duration> = requests.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("refresh gaps (interval {interval:?}): {gaps:?}");
+    assert!(gaps.iter().all(|g| *g >= interval / 2), "{gaps:?}");
+
+    // Lost: the refresh stops with the answers.
+    s1.set_owned(Owned::new()).unwrap();
+    let capture = Capture::start(&lab);
+    std::thread::sleep(interval * 3);
+    let after = capture.finish();
+    assert!(after.is_empty(), "refresh after loss: {after:?}");
+
+    // Off: one burst and nothing after it.
+    let off = SpeakerConfig {
+        garp_schedule: vec![Duration::ZERO],
+        refresh_interval: Duration::ZERO,
+        ..SpeakerConfig::default()
+    };
+    let s2 = in_netns(&lab.ns("n2"), move || {
+        Speaker::with_config(off).expect("speaker")
+    });
+    s2.set_owned(owned(&[("198.51.100.201", &["eth0"])]))
+        .unwrap();
+    wait_until(Duration::from_secs(3), || s2.stats().gratuitous_sent >= 2).expect("burst");
+    std::thread::sleep(interval * 3);
+    assert_eq!(s2.stats().gratuitous_sent, 2, "{:?}", s2.stats());
+    assert_eq!(s2.stats().refresh_rounds, 0);
+}
+
 fn percentiles(mut v: Vec<Duration>) -> String {
     if v.is_empty() {
         return "no samples".into();
