@@ -896,6 +896,132 @@ fn gratuitous_refresh_repeats_at_the_configured_interval() {
     assert_eq!(s2.stats().refresh_rounds, 0);
 }
 
+/// Sets `key` (e.g. `net.ipv4.neigh.eth0.base_reachable_time_ms`) in namespace `ns`.
+fn sysctl(ns: &str, key: &str, value: &str) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .output()
+        .expect("running sysctl");
+    assert!(
+        out.status.success(),
+        "sysctl {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The client kernel's neighbour state for `ip` on `eth0` (`REACHABLE`, `STALE`, ...).
+fn client_neighbour_state(lab: &Lab, ip: IpAddr) -> Option<String> {
+    let out = run_ip(&[
+        "-n",
+        &lab.ns("cl"),
+        "neigh",
+        "show",
+        &ip.to_string(),
+        "dev",
+        "eth0",
+    ]);
+    out.split_whitespace().last().map(str::to_owned)
+}
+
+/// Revalidation the way hosts do it: the client's kernel resolves the VIP, lets the entry age
+/// to STALE, and on the next packet probes the cached MAC with *unicast* ARP requests / NS
+/// (`ucast_solicit`; no multicast fallback). The owner must answer them or the client marks
+/// the entry FAILED and traffic stops (MetalLB #2920). Short neighbour timers make the cycle
+/// take about a second.
+#[test]
+fn unicast_probes_are_answered() {
+    let Some(lab) = Lab::for_test(1, false) else {
+        return;
+    };
+    let mac1 = lab.mac("n1", "eth0");
+    let cl = lab.ns("cl");
+    for family in ["ipv4", "ipv6"] {
+        let base = format!("net.{family}.neigh.eth0");
+        sysctl(&cl, &format!("{base}.base_reachable_time_ms"), "300");
+        sysctl(&cl, &format!("{base}.delay_first_probe_time"), "1");
+        sysctl(&cl, &format!("{base}.retrans_time_ms"), "300");
+        sysctl(&cl, &format!("{base}.ucast_solicit"), "3");
+        sysctl(&cl, &format!("{base}.mcast_resolicit"), "0");
+    }
+    let s1 = lab.speaker("n1");
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 9).expect("bursts");
+
+    for vip in ["198.51.100.200", "fd00:51:100::200"] {
+        let vip: IpAddr = vip.parse().unwrap();
+        // Count the client's unicast probes to the owner's MAC on the wire.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let probes = {
+            let stop = stop.clone();
+            spawn_in_netns(&cl, move || {
+                let (_tx, mut rx, _) = channel("eth0");
+                ready_tx.send(()).expect("ready");
+                let mut probes = 0usize;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let Ok(frame) = rx.next() else { continue };
+                    let to_owner = frame.get(..6) == Some(&mac1.octets()[..]);
+                    let asks = match packet::parse(frame) {
+                        Some(packet::Request::Arp { target, .. }) => IpAddr::V4(target) == vip,
+                        Some(packet::Request::Solicit { target, .. }) => IpAddr::V6(target) == vip,
+                        None => false,
+                    };
+                    if to_owner && asks {
+                        probes += 1;
+                    }
+                }
+                probes
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+
+        client_sends_to(&lab, vip);
+        lab.wait_client_neighbour(vip, mac1)
+            .expect("client resolves the VIP");
+        let replies_before = s1.stats().replies_sent;
+        // Keep sending: REACHABLE ─► STALE ─► DELAY ─► PROBE (unicast) ─► REACHABLE again.
+        let mut states = Vec::new();
+        let revalidated = wait_until(Duration::from_secs(15), || {
+            client_sends_to(&lab, vip);
+            let state = client_neighbour_state(&lab, vip).unwrap_or_default();
+            if states.last() != Some(&state) {
+                states.push(state.clone());
+            }
+            // Two full cycles back to REACHABLE (PROBE itself lasts only a round trip).
+            let cycles = states
+                .windows(2)
+                .filter(|w| w[0] != "REACHABLE" && w[1] == "REACHABLE")
+                .count();
+            cycles >= 2 || state == "FAILED"
+        });
+        stop.store(true, Ordering::Relaxed);
+        let probes = probes.join().expect("capture");
+        println!("{vip}: neighbour states {states:?}, unicast probes {probes}");
+        assert!(revalidated.is_some(), "{vip}: no probe cycle: {states:?}");
+        assert!(!states.iter().any(|s| s == "FAILED"), "{vip}: {states:?}");
+        assert!(
+            probes >= 2,
+            "{vip}: unicast probes seen: {probes} ({states:?})"
+        );
+        assert!(s1.stats().replies_sent > replies_before, "{:?}", s1.stats());
+        assert_eq!(lab.client_neighbour(vip, "eth0"), Some(mac1));
+    }
+}
+
 fn percentiles(mut v: Vec<Duration>) -> String {
     if v.is_empty() {
         return "no samples".into();
