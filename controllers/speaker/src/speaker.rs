@@ -19,7 +19,11 @@
 //!   only ARP frames and never copies our own outgoing traffic back. pnet always opens
 //!   `SOCK_DGRAM` for such a channel, which would strip the Ethernet header and make replies
 //!   go to our own MAC; we therefore open the `SOCK_RAW` socket ourselves (nix, no `unsafe`)
-//!   and let pnet bind it to the EtherType (`Config::socket_fd`).
+//!   and let pnet bind it to the EtherType (`Config::socket_fd`). Receiving goes through
+//!   `recvfrom` on a duplicate of that socket, because the kernel also hands a socket bound to
+//!   `eth0` the frames of `eth0`'s upper devices (VLAN, macvlan) once their tag is stripped;
+//!   only frames whose `sll_ifindex` is the responder's own interface are answered, so a reply
+//!   always leaves on the interface the request came in on, with that interface's MAC.
 //! * IPv6 responders see every IPv6 frame arriving on their interface (there is no
 //!   ICMPv6-only packet socket); they exist only while the interface has an owned IPv6 address.
 //!   Solicitations go to the solicited-node multicast group, which a real NIC filters out
@@ -46,15 +50,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, UdpSocket};
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pnet::datalink::{
-    self, Channel, ChannelType, DataLinkReceiver, DataLinkSender, MacAddr, NetworkInterface,
-};
+use pnet::datalink::{self, Channel, ChannelType, DataLinkSender, MacAddr, NetworkInterface};
 use tracing::{debug, info, warn};
 
 use crate::announcer::{Announcer, Owned, SpeakerStats};
@@ -265,6 +267,17 @@ impl Responder {
             None,
         )
         .map_err(|e| socket_err(e.into()))?;
+        // Our own handle on the same socket for receiving: `recvfrom` tells the interface a
+        // frame arrived on, which pnet's receiver does not (see `respond`).
+        let reader = nix::unistd::dup(&fd).map_err(|e| socket_err(e.into()))?;
+        nix::sys::socket::setsockopt(
+            &reader,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &<nix::sys::time::TimeVal as nix::sys::time::TimeValLike>::milliseconds(
+                i64::try_from(read_timeout.as_millis().max(1)).unwrap_or(i64::MAX),
+            ),
+        )
+        .map_err(|e| socket_err(e.into()))?;
         let ethertype = match family {
             Family::V4 => ETH_P_ARP,
             Family::V6 => ETH_P_IPV6,
@@ -277,21 +290,22 @@ impl Responder {
             socket_fd: Some(fd.into_raw_fd()),
             ..datalink::Config::default()
         };
-        let (tx, rx) = match datalink::channel(iface, config) {
-            Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+        let tx = match datalink::channel(iface, config) {
+            Ok(Channel::Ethernet(tx, _rx)) => tx,
             Ok(_) => return Err(SpeakerError::UnsupportedChannel(name.to_owned())),
             Err(e) => return Err(socket_err(e)),
         };
         let tx = Arc::new(Mutex::new(tx));
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
+            let index = iface.index;
             let (tx, stop, iface) = (tx.clone(), stop.clone(), name.to_owned());
             std::thread::Builder::new()
                 .name(format!(
                     "pal-{}-{name}",
                     if family == Family::V4 { "arp" } else { "ndp" }
                 ))
-                .spawn(move || respond(&iface, mac, rx, &tx, &shared, &stop))
+                .spawn(move || respond(&iface, index, mac, &reader, &tx, &shared, &stop))
                 .map_err(SpeakerError::Spawn)?
         };
         info!(interface = name, %mac, ?family, "responder started");
@@ -379,33 +393,48 @@ fn send_frame(
     }
 }
 
-/// The reader loop of a responder: answer requests for IPs owned on this interface.
+/// Largest frame read; longer ones are truncated and then fail the length checks of
+/// `packet::parse` (requests are far shorter).
+const MAX_FRAME: usize = 9216;
+/// `sll_pkttype` of a frame this host sent.
+const PACKET_OUTGOING: u8 = 4;
+
+/// The reader loop of a responder: answer requests for IPs owned on this interface that came
+/// in on this interface. A socket bound to an interface also receives what the kernel hands
+/// to the interface's upper devices (macvlan, VLAN, bond/bridge members' masters) after
+/// stripping their tags, with `sll_ifindex` naming the upper device; such a frame is the upper
+/// device's responder's business and answering it here would leave with our MAC and without
+/// the tag.
+#[allow(clippy::too_many_arguments)]
 fn respond(
     iface: &str,
+    index: u32,
     mac: MacAddr,
-    mut rx: Box<dyn DataLinkReceiver>,
+    reader: &OwnedFd,
     tx: &Mutex<Box<dyn DataLinkSender>>,
     shared: &Shared,
     stop: &AtomicBool,
 ) {
     let counters = &shared.counters;
+    let mut buf = vec![0u8; MAX_FRAME];
     while !stop.load(Ordering::Relaxed) {
-        let frame = match rx.next() {
-            Ok(frame) => frame,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+        let (len, from) = match nix::sys::socket::recvfrom::<nix::sys::socket::LinkAddr>(
+            reader.as_raw_fd(),
+            &mut buf,
+        ) {
+            Ok(got) => got,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 // Link down or interface gone: the control thread reopens us at resync.
                 warn!(interface = iface, error = %e, "responder stopped on receive error");
                 return;
             }
         };
+        let Some(from) = from else { continue };
+        if from.ifindex() != index as usize || from.pkttype() == PACKET_OUTGOING {
+            continue;
+        }
+        let frame = &buf[..len.min(buf.len())];
         let Some(request) = packet::parse(frame) else {
             continue;
         };

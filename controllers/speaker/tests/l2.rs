@@ -376,10 +376,20 @@ fn arp_answers(
 
 /// Who answers a Neighbor Solicitation for `target`, and whether the answers are solicited.
 fn ndp_answers(lab: &Lab, source: Ipv6Addr, target: Ipv6Addr) -> Vec<(MacAddr, bool, bool)> {
+    ndp_answers_on(lab, "eth0", source, target)
+}
+
+/// [`ndp_answers`] asked from the client's `ifname`.
+fn ndp_answers_on(
+    lab: &Lab,
+    ifname: &'static str,
+    source: Ipv6Addr,
+    target: Ipv6Addr,
+) -> Vec<(MacAddr, bool, bool)> {
     let requests: Vec<Box<dyn Fn(MacAddr) -> Vec<u8> + Send>> = vec![Box::new(move |mac| {
         packet::neighbor_solicit(mac, source, target)
     })];
-    ask(lab, "eth0", requests, Duration::from_millis(250))
+    ask(lab, ifname, requests, Duration::from_millis(250))
         .into_iter()
         .filter_map(|o| match o {
             Observed::Advert {
@@ -1020,6 +1030,77 @@ fn unicast_probes_are_answered() {
         assert!(s1.stats().replies_sent > replies_before, "{:?}", s1.stats());
         assert_eq!(lab.client_neighbour(vip, "eth0"), Some(mac1));
     }
+}
+
+/// Adds a macvlan `name` (bridge mode) on top of `eth0` in namespace `ns`, with MAC `mac`
+/// and no address; up.
+fn add_macvlan(ns: &str, name: &str, mac: &str) {
+    run_ip(&[
+        "-n", ns, "link", "add", "link", "eth0", "name", name, "address", mac, "type", "macvlan",
+        "mode", "bridge",
+    ]);
+    run_ip(&["-n", ns, "link", "set", name, "up"]);
+}
+
+/// A sub-interface without an IP address, with its own MAC, on top of `eth0`. This kernel
+/// has no 802.1Q driver, so a macvlan stands in for a VLAN: like `eth0.100` it owns no
+/// address and receives through its parent, whose packet socket therefore also sees frames
+/// addressed to the sub-interface (the kernel delivers them to the lower device's protocol
+/// handlers too). A request that came in on the sub-interface is answered by the
+/// sub-interface alone, with its MAC; a request on the parent by the parent alone.
+#[test]
+fn sub_interface_without_ip_answers_with_its_own_mac_only() {
+    let Some(lab) = Lab::for_test(1, false) else {
+        return;
+    };
+    let n1 = lab.ns("n1");
+    add_macvlan(&n1, "mv100", "02:00:00:00:01:64");
+    let eth0 = lab.mac("n1", "eth0");
+    let sub: MacAddr = "02:00:00:00:01:64".parse().unwrap();
+    let s1 = lab.speaker("n1");
+    let (a, b) = (v4("198.51.100.200"), v4("198.51.100.201"));
+    // A on both, B on the sub-interface only.
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0", "mv100"]),
+        ("198.51.100.201", &["mv100"]),
+    ]))
+    .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 18).expect("bursts");
+
+    // Unicast to the sub-interface's MAC: only it answers, with its MAC.
+    let unicast = |to: MacAddr, target: Ipv4Addr| {
+        Box::new(move |mac: MacAddr| {
+            let mut f = packet::arp_request(mac, v4(CLIENT.1), target);
+            f[..6].copy_from_slice(&to.octets());
+            f
+        }) as Box<dyn Fn(MacAddr) -> Vec<u8> + Send>
+    };
+    let replies = |requests| {
+        ask(&lab, "eth0", requests, Duration::from_millis(250))
+            .into_iter()
+            .filter_map(|o| match o {
+                Observed::ArpReply {
+                    ip,
+                    mac,
+                    gratuitous: false,
+                } => Some((ip, mac)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(replies(vec![unicast(sub, a)]), vec![(a, sub)]);
+    assert_eq!(replies(vec![unicast(sub, b)]), vec![(b, sub)]);
+    // Unicast to the parent: only the parent, and only for what it owns.
+    assert_eq!(replies(vec![unicast(eth0, a)]), vec![(a, eth0)]);
+    assert_eq!(replies(vec![unicast(eth0, b)]), vec![]);
+    assert_eq!(s1.stats().replies_sent, 3, "{:?}", s1.stats());
+    // Broadcast: each interface answers for itself once.
+    let mut both = arp_answers(&lab, "eth0", v4(CLIENT.1), &[a, b]);
+    both.values_mut().for_each(|v| v.sort());
+    let mut want_a = vec![eth0, sub];
+    want_a.sort();
+    assert_eq!(both[&a], want_a);
+    assert_eq!(both[&b], vec![sub]);
 }
 
 fn percentiles(mut v: Vec<Duration>) -> String {
