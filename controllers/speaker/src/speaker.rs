@@ -374,6 +374,18 @@ fn usable_mac(link: &NetworkInterface) -> Result<MacAddr, SpeakerError> {
         .ok_or_else(|| SpeakerError::NotEthernet(link.name.clone()))
 }
 
+/// Whether IPv6 is on for `iface` in this thread's network namespace: its
+/// `disable_ipv6` sysctl exists and is 0. Neighbor Discovery on an interface without IPv6
+/// would only fail (joining groups) or confuse (advertising a family the link does not run).
+fn ipv6_enabled(iface: &str) -> bool {
+    // Names come from the interface list or the user; never let one walk out of the directory.
+    if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"))
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 fn send_frame(
     tx: &Mutex<Box<dyn DataLinkSender>>,
     iface: &str,
@@ -599,6 +611,7 @@ impl Control {
                     || !links
                         .get(&key.0)
                         .is_some_and(|l| usable_mac(l).is_ok() && r.current(l))
+                    || (key.1 == Family::V6 && !ipv6_enabled(&key.0))
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -618,6 +631,10 @@ impl Control {
                 problems.push(SpeakerError::InterfaceNotFound(key.0.clone()));
                 continue;
             };
+            if key.1 == Family::V6 && !ipv6_enabled(&key.0) {
+                problems.push(SpeakerError::NoIpv6(key.0.clone()));
+                continue;
+            }
             match Responder::open(link, key.1, self.shared.clone(), self.config.read_timeout) {
                 Ok(r) => {
                     self.responders.insert(key.clone(), r);

@@ -1103,6 +1103,66 @@ fn sub_interface_without_ip_answers_with_its_own_mac_only() {
     assert_eq!(both[&b], vec![sub]);
 }
 
+/// A node with two NICs on two LANs: `eth1` carries no IP address and has IPv6 disabled.
+/// IPv4 is answered on it with its MAC; no Neighbor Discovery happens on it (reported as
+/// `NoIpv6`) until IPv6 is enabled, then the IPv6 VIP is announced and answered there too.
+#[test]
+fn two_nics_without_ip_and_without_ipv6() {
+    let Some(lab) = Lab::for_test(1, true) else {
+        return;
+    };
+    let n1 = lab.ns("n1");
+    run_ip(&["-n", &n1, "addr", "flush", "dev", "eth1"]);
+    sysctl(&n1, "net.ipv6.conf.eth1.disable_ipv6", "1");
+    let (eth0, eth1) = (lab.mac("n1", "eth0"), lab.mac("n1", "eth1"));
+    let s1 = lab.speaker("n1");
+    let a = v4("198.51.101.200");
+    let (a6, b6): (Ipv6Addr, Ipv6Addr) = (
+        "fd00:51:101::200".parse().unwrap(),
+        "fd00:51:100::200".parse().unwrap(),
+    );
+    let err = s1
+        .set_owned(owned(&[
+            ("198.51.101.200", &["eth1"]),
+            ("fd00:51:101::200", &["eth1"]),
+            ("fd00:51:100::200", &["eth0"]),
+        ]))
+        .unwrap_err();
+    let SpeakerError::Incomplete(problems) = &err else {
+        panic!("{err}");
+    };
+    let labels: Vec<&str> = problems.iter().map(SpeakerError::label).collect();
+    assert_eq!(labels, vec!["NoIpv6"], "{err}");
+    assert_eq!(s1.stats().responders, 2, "ARP on eth1, NDP on eth0");
+
+    // ARP on the address-less NIC, with its MAC; not on the other LAN.
+    let lan2 = arp_answers(&lab, "eth1", v4("198.51.101.100"), &[a]);
+    assert_eq!(lan2[&a], vec![eth1]);
+    let lan1 = arp_answers(&lab, "eth0", v4(CLIENT.1), &[a]);
+    assert!(lan1[&a].is_empty(), "{lan1:?}");
+    let (cl1, cl2): (Ipv6Addr, Ipv6Addr) = (
+        CLIENT.2.parse().unwrap(),
+        "fd00:51:101::100".parse().unwrap(),
+    );
+    assert_eq!(ndp_answers(&lab, cl1, b6), vec![(eth0, true, true)]);
+    assert!(ndp_answers_on(&lab, "eth1", cl2, a6).is_empty());
+    // Bursts: GARP request + reply ×3 on eth1, unsolicited NA ×3 on eth0, nothing else.
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 9).expect("bursts");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(s1.stats().gratuitous_sent, 9, "{:?}", s1.stats());
+
+    // IPv6 comes on: the next resync opens NDP on eth1 and announces the VIP there.
+    sysctl(&n1, "net.ipv6.conf.eth1.disable_ipv6", "0");
+    wait_until(Duration::from_secs(5), || s1.stats().responders == 3)
+        .expect("NDP responder on eth1 after IPv6 was enabled");
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 12)
+        .expect("unsolicited NAs on eth1");
+    assert_eq!(
+        ndp_answers_on(&lab, "eth1", cl2, a6),
+        vec![(eth1, true, true)]
+    );
+}
+
 fn percentiles(mut v: Vec<Duration>) -> String {
     if v.is_empty() {
         return "no samples".into();
