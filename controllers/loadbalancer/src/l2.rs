@@ -6,6 +6,7 @@
 //!  Nodes (labels) ∩ live agents ──────┤      (nodeSelectors, exclude label, Local policy:
 //!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
 //!                                                   │
+//!        reach (membership) ─► only nodes able to announce the IP on a selected interface
 //!                    winner = min sha256("node#ip") ─► mine? ─► owned IPs + interfaces
 //! ```
 //!
@@ -20,7 +21,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::announce::{
-    advertisements_for_pool, eligible_nodes, interfaces_for, should_announce, TrafficPolicy,
+    advertisements_for_pool, eligible_nodes, interfaces_for, reachable_nodes, should_announce,
+    NodeReach, TrafficPolicy,
 };
 use crate::pool::Pool;
 use crate::service::{is_ours, service_key, status_ips};
@@ -46,6 +48,9 @@ pub struct AnnounceInputs<'a> {
     /// cache it); `Err` says why there is none.
     pub route_interface: &'a dyn Fn(IpAddr) -> Result<String, String>,
     pub live: &'a BTreeSet<String>,
+    /// Where each node can announce, as its agent reported over the membership (this node's
+    /// own entry included). Nodes missing here are not restricted.
+    pub reach: &'a BTreeMap<String, NodeReach>,
     pub services: &'a [Arc<Service>],
     pub pools: &'a [IPAddressPool],
     pub advertisements: &'a [L2Advertisement],
@@ -130,6 +135,13 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
                 continue;
             }
             let eligible = eligible_nodes(pool_ads, live_nodes.iter().copied(), policy);
+            let eligible = if input.reach.is_empty() {
+                eligible
+            } else {
+                reachable_nodes(eligible, ip, input.reach, |n| {
+                    interfaces_for(pool_ads, node_labels.get(n).unwrap_or(&empty))
+                })
+            };
             let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
             let decision = should_announce(input.me, ip, &eligible_refs);
             let mut interfaces = Vec::new();
@@ -238,6 +250,17 @@ mod tests {
         live: &[&str],
         slices: &[Arc<EndpointSlice>],
     ) -> BTreeMap<IpAddr, Vec<String>> {
+        owners_with(services, ads, live, slices, &BTreeMap::new(), "eth9")
+    }
+
+    fn owners_with(
+        services: &[Arc<Service>],
+        ads: &[L2Advertisement],
+        live: &[&str],
+        slices: &[Arc<EndpointSlice>],
+        reach: &BTreeMap<String, NodeReach>,
+        route: &'static str,
+    ) -> BTreeMap<IpAddr, Vec<String>> {
         let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
         let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
         let pools = vec![pool()];
@@ -248,8 +271,9 @@ mod tests {
             }
             let (owned, _) = decide(&AnnounceInputs {
                 me,
-                route_interface: &|_| Err("no routes in tests".into()),
+                route_interface: &|_| Ok(route.to_string()),
                 live: &live,
+                reach,
                 services,
                 pools: &pools,
                 advertisements: ads,
@@ -259,7 +283,7 @@ mod tests {
                 claim_unclassed: true,
             });
             for (ip, ifaces) in owned {
-                assert_eq!(ifaces, vec!["eth9".to_string()]);
+                assert_eq!(ifaces, vec![route.to_string()]);
                 out.entry(ip).or_default().push(me.to_string());
             }
         }
@@ -340,6 +364,93 @@ mod tests {
         assert_eq!(
             o.keys().map(ToString::to_string).collect::<Vec<_>>(),
             ["198.51.100.201"]
+        );
+    }
+
+    /// Two LAN segments, a pool on each: only nodes with an up interface on a pool's subnet
+    /// win its IPs; every node computes the same owners from the same reports.
+    #[test]
+    fn only_nodes_on_the_ips_segment_are_elected() {
+        use crate::announce::ReachInterface;
+        let on = |net: &str| NodeReach {
+            interfaces: vec![ReachInterface {
+                name: "eth0".into(),
+                up: true,
+                nets: vec![(net.parse().unwrap(), 24)],
+            }],
+        };
+        let mut reach = BTreeMap::new();
+        reach.insert("n1".to_string(), on("198.51.100.0"));
+        reach.insert("n2".to_string(), on("198.51.100.0"));
+        reach.insert("n3".to_string(), on("198.51.101.0"));
+        let mut services: Vec<_> = (0..10)
+            .map(|i| {
+                svc(
+                    &format!("a{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        services.extend((0..10).map(|i| {
+            svc(
+                &format!("b{i}"),
+                &format!("198.51.101.{}", 200 + i),
+                "Cluster",
+            )
+        }));
+        let pools = [
+            json!({"metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
+            json!({"metadata": {"name": "lan-b"}, "spec": {"addresses": ["198.51.101.200-198.51.101.250"]}}),
+        ];
+        let pools: Vec<IPAddressPool> = pools
+            .into_iter()
+            .map(|mut p| {
+                p["apiVersion"] = json!("palisade.dev/v1alpha1");
+                p["kind"] = json!("IPAddressPool");
+                obj(p)
+            })
+            .collect();
+        let ads = vec![ad(json!({}))];
+        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let mut owner: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for me in ["n1", "n2", "n3"] {
+            let (owned, _) = decide(&AnnounceInputs {
+                me,
+                route_interface: &|_| Ok("eth0".into()),
+                live: &live,
+                reach: &reach,
+                services: &services,
+                pools: &pools,
+                advertisements: &ads,
+                nodes: &nodes,
+                slices: &[],
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+            });
+            for ip in owned.into_keys() {
+                owner.entry(ip).or_default().push(me.to_string());
+            }
+        }
+        assert_eq!(owner.len(), 20);
+        for (ip, o) in &owner {
+            assert_eq!(o.len(), 1, "{ip}: {o:?}");
+            let want_b = ip.to_string().starts_with("198.51.101.");
+            assert_eq!(o[0] == "n3", want_b, "{ip} won by {o:?}");
+        }
+        // Without reports every node may win anything (the old behaviour this fixes).
+        let blind = owners_with(
+            &services[..10],
+            &ads,
+            &["n1", "n2", "n3"],
+            &[],
+            &BTreeMap::new(),
+            "eth0",
+        );
+        assert!(
+            blind.values().any(|o| o == &["n3".to_string()]),
+            "{blind:?}"
         );
     }
 }
