@@ -1,7 +1,7 @@
 //! The LoadBalancer side of the agent.
 //!
 //! ```text
-//!  Stores (pools, l2ads, services, nodes, ...) ──► intake: typed, malformed ones reported
+//!  LbCaches (pools, l2ads, services, nodes, ns) ──► intake: typed, malformed ones reported
 //!         ▲ pokes                                   │
 //!     Trigger ◄── reflectors                        ▼ (leader only)
 //!                       allocation pass (palisade_loadbalancer::plan) ──► Service status, pool status,
@@ -24,11 +24,13 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::runtime::reflector::Store;
 use palisade_loadbalancer::plan::{AllocationState, Inputs};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
-use palisade_runtime::stores::{names, palisade_api_resource, typed_objects, Stores};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
 use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
 
 /// Condition reason for an object that does not parse at all.
@@ -42,6 +44,36 @@ pub struct Intake {
     pub malformed: Vec<(&'static str, String, String, String)>,
 }
 
+/// The caches the allocator reads (it is woken by nothing else).
+#[derive(Clone)]
+pub struct LbCaches {
+    pub ip_address_pools: Store<DynamicObject>,
+    pub l2_advertisements: Store<DynamicObject>,
+    pub services: Store<Service>,
+    pub namespaces: Store<Namespace>,
+    pub nodes: Store<Node>,
+    pub group: CacheGroup,
+}
+
+impl LbCaches {
+    /// Registers what allocation reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> LbCaches {
+        let mut r = caches.register(trigger);
+        LbCaches {
+            ip_address_pools: r
+                .watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools")),
+            l2_advertisements: r.watch_custom(&palisade_api_resource(
+                "L2Advertisement",
+                "l2advertisements",
+            )),
+            services: r.watch(),
+            namespaces: r.watch(),
+            nodes: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 /// Converts the custom-resource stores, remembering what was already reported.
 #[derive(Default)]
 pub struct PoolIntake {
@@ -49,9 +81,14 @@ pub struct PoolIntake {
 }
 
 impl PoolIntake {
-    pub fn take(&mut self, stores: &Stores, metrics: &Metrics) -> Intake {
-        let pool_objs = stores.ip_address_pools.state();
-        let l2_objs = stores.l2_advertisements.state();
+    pub fn take(
+        &mut self,
+        pools: &Store<DynamicObject>,
+        l2_advertisements: &Store<DynamicObject>,
+        metrics: &Metrics,
+    ) -> Intake {
+        let pool_objs = pools.state();
+        let l2_objs = l2_advertisements.state();
         let (pools, bad_pools) = typed_objects::<IPAddressPool>(&pool_objs);
         let (l2_advertisements, bad_l2) = typed_objects::<L2Advertisement>(&l2_objs);
         // Keyed by generation, which only spec changes bump: our own status writes must not
@@ -140,7 +177,7 @@ pub async fn mark_malformed(
 /// allocation pass and its writes.
 pub struct LoadBalancerReconciler {
     pub client: Client,
-    pub stores: Stores,
+    pub stores: LbCaches,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -165,13 +202,7 @@ impl LoadBalancerReconciler {
         // Leadership changes need a pass too.
         poke_on_change(this.is_leader.clone(), trigger.clone(), shutdown.clone());
         // Wait for the caches the allocator reads: never allocate from a partial view.
-        let needed = [
-            names::IP_ADDRESS_POOLS,
-            names::SERVICES,
-            names::NAMESPACES,
-            names::NODES,
-        ];
-        if !this.stores.readiness.wait_for(&needed, &shutdown).await {
+        if !this.stores.group.synced(&shutdown).await {
             return;
         }
         trigger.poke();
@@ -187,7 +218,11 @@ impl LoadBalancerReconciler {
     }
 
     async fn pass(&self, st: &mut LbState) -> Result<(), ()> {
-        let intake = st.intake.take(&self.stores, &self.metrics);
+        let intake = st.intake.take(
+            &self.stores.ip_address_pools,
+            &self.stores.l2_advertisements,
+            &self.metrics,
+        );
         let leading = *self.is_leader.borrow();
         if !leading {
             if st.was_leader {

@@ -28,6 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
 use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
@@ -35,7 +39,7 @@ use palisade_membership::Live;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{names, typed_objects, Stores};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
 use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
 use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
@@ -46,9 +50,39 @@ pub mod status;
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
 
+/// The caches the announcer reads.
+#[derive(Clone)]
+pub struct AnnouncerCaches {
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub ip_address_pools: Store<DynamicObject>,
+    pub l2_advertisements: Store<DynamicObject>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub group: CacheGroup,
+}
+
+impl AnnouncerCaches {
+    /// Registers what the announcer reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> AnnouncerCaches {
+        let mut r = caches.register(trigger);
+        AnnouncerCaches {
+            services: r.watch(),
+            nodes: r.watch(),
+            ip_address_pools: r
+                .watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools")),
+            l2_advertisements: r.watch_custom(&palisade_api_resource(
+                "L2Advertisement",
+                "l2advertisements",
+            )),
+            endpoint_slices: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 pub struct AnnouncerReconciler {
     pub node_name: String,
-    pub stores: Stores,
+    pub stores: AnnouncerCaches,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -205,14 +239,7 @@ impl AnnouncerReconciler {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         // Membership changes need a pass.
         poke_on_change(self.live.clone(), trigger.clone(), shutdown.clone());
-        let needed = [
-            names::SERVICES,
-            names::NODES,
-            names::IP_ADDRESS_POOLS,
-            names::L2_ADVERTISEMENTS,
-            names::ENDPOINT_SLICES,
-        ];
-        if !self.stores.readiness.wait_for(&needed, &shutdown).await {
+        if !self.stores.group.synced(&shutdown).await {
             return;
         }
         // Peers are known now that the Nodes are listed: the membership's warm-up starts.

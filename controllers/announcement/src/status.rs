@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::DynamicObject;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use palisade_loadbalancer::l2status::{
     fits_label_value, plan, Existing, Op, Snapshot, MIN_INTERVAL, NODE_LABEL, SERVICE_LABEL,
@@ -14,17 +16,38 @@ use palisade_loadbalancer::l2status::{
 use palisade_loadbalancer::{ServiceL2Status, ServiceL2StatusSpec, ServiceL2StatusStatus};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::metrics::{Labels, Metrics};
-use palisade_runtime::stores::{names, typed_objects, Stores};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
 use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// The cache the status writer reads: the `ServiceL2Status` objects.
+#[derive(Clone)]
+pub struct StatusCaches {
+    pub service_l2_statuses: Store<DynamicObject>,
+    pub group: CacheGroup,
+}
+
+impl StatusCaches {
+    /// Registers what the writer reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> StatusCaches {
+        let mut r = caches.register(trigger);
+        StatusCaches {
+            service_l2_statuses: r.watch_custom(&palisade_api_resource(
+                "ServiceL2Status",
+                "servicel2statuses",
+            )),
+            group: r.finish(),
+        }
+    }
+}
+
 /// Keeps this node's `ServiceL2Status` objects true (see the module docs).
 pub struct StatusWriter {
     pub client: Client,
     pub node_name: String,
-    pub stores: Stores,
+    pub stores: StatusCaches,
     pub metrics: Arc<Metrics>,
     pub settings: SyncSettings,
     pub snapshot: watch::Receiver<Option<Snapshot>>,
@@ -33,12 +56,7 @@ pub struct StatusWriter {
 impl StatusWriter {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         poke_on_change(self.snapshot.clone(), trigger.clone(), shutdown.clone());
-        if !self
-            .stores
-            .readiness
-            .wait_for(&[names::SERVICE_L2_STATUSES], &shutdown)
-            .await
-        {
+        if !self.stores.group.synced(&shutdown).await {
             return;
         }
         let mut settings = self.settings;

@@ -1,7 +1,7 @@
 //! The node-local NetworkPolicy reconciler.
 //!
 //! ```text
-//!  Stores (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
+//! NetpolCaches (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
 //!        ▲ pokes                                                     │
 //!   Trigger ◄── reflectors                                   render ─┴─► Payload
 //!                                                                        │ same as last? skip
@@ -26,10 +26,13 @@ use palisade_dataplane::Executor;
 use palisade_netpol::{ClusterState, Diagnostic, Family, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::Store;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
-use palisade_runtime::stores::{names, Stores};
+use palisade_runtime::stores::{CacheGroup, Caches};
 use palisade_runtime::sync::{run_sync_loop, Cause, Trigger};
 
 /// Event reasons of the netpol reconciler.
@@ -41,8 +44,32 @@ pub mod reasons {
 /// IPv6 executor needs the `ip6tables` tools, which an IPv4-only node may lack).
 pub type ExecutorFactory = Arc<dyn Fn(Family) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
 
+/// The caches NetworkPolicy enforcement reads.
+#[derive(Clone)]
+pub struct NetpolCaches {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub nodes: Store<Node>,
+    pub group: CacheGroup,
+}
+
+impl NetpolCaches {
+    /// Registers what enforcement reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> NetpolCaches {
+        let mut r = caches.register(trigger);
+        NetpolCaches {
+            pods: r.watch(),
+            namespaces: r.watch(),
+            network_policies: r.watch(),
+            nodes: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 pub struct NetpolReconciler {
-    pub stores: Stores,
+    pub stores: NetpolCaches,
     /// This node's settings; `family` is ignored (each family gets its own compile).
     pub node: NodeConfig,
     pub executors: ExecutorFactory,
@@ -120,25 +147,11 @@ pub fn node_families(state: &ClusterState, node: &str) -> BTreeSet<Family> {
 }
 
 impl NetpolReconciler {
-    /// Runs until `shutdown`. `trigger` must be subscribed to the stores it reads.
+    /// Runs until `shutdown`. `trigger` must be the one the caches were registered with.
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
-        let readiness = self.stores.readiness.clone();
         // Wait for the first complete list of everything we read.
-        let needed = [
-            names::PODS,
-            names::NAMESPACES,
-            names::NETWORK_POLICIES,
-            names::NODES,
-        ];
-        loop {
-            let pending = readiness.pending();
-            if !pending.iter().any(|p| needed.contains(p)) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
+        if !self.stores.group.synced(&shutdown).await {
+            return;
         }
         tracing::info!(node = %self.node.node_name, "caches synced; NetworkPolicy enforcement starts");
         let this = Arc::new(self);
