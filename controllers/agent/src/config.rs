@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub watch_backoff_max: Duration,
     /// Answer ARP/NDP for the LoadBalancer IPs this node is elected for.
     pub enable_l2: bool,
+    /// Period of the gratuitous refresh of announced IPs (zero: off).
+    pub l2_refresh_interval: Duration,
     /// UDP port of the agents' liveness heartbeats (every agent the same).
     pub memberlist_port: u16,
     /// Heartbeat interval and the silence after which a peer counts as dead.
@@ -66,6 +68,7 @@ impl AgentConfig {
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,
+            l2_refresh_interval: palisade_speaker::DEFAULT_REFRESH_INTERVAL,
             memberlist_port: 7946,
             memberlist_interval: Duration::from_millis(200),
             memberlist_timeout: Duration::from_secs(1),

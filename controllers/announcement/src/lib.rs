@@ -32,10 +32,11 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
+use palisade_loadbalancer::announce::{NodeReach, ReachInterface};
 use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
-use palisade_membership::Live;
+use palisade_membership::{Live, ServedInterface};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
@@ -90,11 +91,32 @@ pub struct AnnouncerReconciler {
     pub live: watch::Receiver<Live>,
     /// Peer addresses for the membership, refreshed from the Node cache.
     pub peers: watch::Sender<Option<palisade_membership::PeerMap>>,
+    /// Where this node can announce, refreshed every pass and reported to peers by the
+    /// membership (`MembershipSettings::reach`); the election uses everybody's reports.
+    pub reach: watch::Sender<Vec<ServedInterface>>,
     pub class: String,
     pub claim_unclassed: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
     /// `ServiceL2Status` writer ([`status`]).
     pub status: watch::Sender<Option<Snapshot>>,
+}
+
+/// The membership's reach reports as the election's input.
+fn node_reach(reports: BTreeMap<String, Vec<ServedInterface>>) -> BTreeMap<String, NodeReach> {
+    reports
+        .into_iter()
+        .map(|(node, ifaces)| {
+            let interfaces = ifaces
+                .into_iter()
+                .map(|i| ReachInterface {
+                    name: i.name,
+                    up: i.up,
+                    nets: i.nets,
+                })
+                .collect();
+            (node, NodeReach { interfaces })
+        })
+        .collect()
 }
 
 /// What the announcer last saw of one interface.
@@ -297,6 +319,32 @@ impl AnnouncerReconciler {
         let _ = tokio::task::spawn_blocking(move || speaker.set_owned(Owned::new())).await;
     }
 
+    /// Publishes this node's interfaces (those named by any L2Advertisement, and those on a
+    /// subnet) for the membership to report.
+    fn refresh_reach(&self, ads: &[L2Advertisement]) -> Vec<ServedInterface> {
+        let named: BTreeSet<String> = ads
+            .iter()
+            .flat_map(|a| a.spec.interfaces.iter().cloned())
+            .collect();
+        let local: Vec<ServedInterface> = palisade_speaker::local_interfaces(&named)
+            .into_iter()
+            .map(|i| ServedInterface {
+                name: i.name,
+                up: i.up,
+                nets: i.nets,
+            })
+            .collect();
+        self.reach.send_if_modified(|cur| {
+            if *cur != local {
+                cur.clone_from(&local);
+                true
+            } else {
+                false
+            }
+        });
+        local
+    }
+
     fn refresh_peers(&self) {
         let mut ips = palisade_membership::PeerMap::new();
         for n in self.stores.nodes.state() {
@@ -335,11 +383,15 @@ impl AnnouncerReconciler {
         recheck: &watch::Sender<Option<Instant>>,
     ) -> Result<(), ()> {
         self.refresh_peers();
+        let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
+        let own_reach = self.refresh_reach(&ads);
         let live = self.live.borrow().clone();
         let (mut owned, decisions) = if live.warmed_up {
             let services = self.stores.services.state();
             let (pools, _) = typed_objects::<IPAddressPool>(&self.stores.ip_address_pools.state());
-            let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
+            let mut reach = live.reach.clone();
+            reach.insert(self.node_name.clone(), own_reach);
+            let reach = node_reach(reach);
             let nodes = self.stores.nodes.state();
             let slices = self.stores.endpoint_slices.state();
             // Route lookups are I/O: done here, once per IP and pass, and handed to the
@@ -361,6 +413,7 @@ impl AnnouncerReconciler {
                 me: &self.node_name,
                 route_interface: &route_interface,
                 live: &live.nodes,
+                reach: &reach,
                 services: &services,
                 pools: &pools,
                 advertisements: &ads,

@@ -159,6 +159,11 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_MEMBERLIST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     memberlist_timeout: Duration,
 
+    /// Period of the gratuitous ARP / unsolicited NA refresh for every announced IP, so that
+    /// switch FDBs and client neighbour caches that age out relearn the owner; 0 = off.
+    #[arg(long, env = "PALISADE_L2_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    l2_refresh_interval: Duration,
+
     /// File holding the cluster key that authenticates membership datagrams (mounted from a
     /// Secret; re-read when it changes). Required for L2 announcement unless
     /// --memberlist-insecure.
@@ -269,6 +274,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
         ));
     }
     cfg.enable_l2 = a.enable_l2;
+    cfg.l2_refresh_interval = a.l2_refresh_interval;
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;
