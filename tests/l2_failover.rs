@@ -121,7 +121,16 @@ pub mod harness {
         pub nodes: usize,
         /// IPv6 on the LAN, an IPv6 pool and IPv6 pod CIDRs (for NDP).
         pub ipv6: bool,
+        /// Indices of the nodes that also sit on a second LAN segment ([`LAN_B`], their and
+        /// the client's `eth1`, no route between the segments), with its own pool `lan-b`.
+        pub segment_b: Vec<usize>,
     }
+
+    /// The second segment: subnet prefix, pool, REDIRECT match, client address.
+    pub const LAN_B: &str = "198.51.101";
+    pub const POOL_B: &str = "198.51.101.200-198.51.101.250";
+    pub const POOL_B_MATCH: &str = "198.51.101.192/26";
+    pub const CLIENT_B: &str = "198.51.101.100";
 
     /// A TCP backend in a node netns: accepts on [`BACKEND_PORT`], writes the node's name.
     struct Backend {
@@ -272,6 +281,31 @@ pub mod harness {
             for n in &nodes {
                 cluster.macs.insert(n.name.clone(), eth0_mac(&n.netns)?);
             }
+            if !opts.segment_b.is_empty() {
+                let lanb = cluster.lab.add_namespace("lanb")?;
+                netns::ip_in(&lanb, &["link", "add", "br0", "type", "bridge"])?;
+                netns::ip_in(&lanb, &["link", "set", "br0", "up"])?;
+                let mut ends: Vec<(String, String)> = opts
+                    .segment_b
+                    .iter()
+                    .filter_map(|i| nodes.iter().find(|n| n.index == *i))
+                    .map(|n| (n.netns.clone(), format!("{LAN_B}.{}/24", 10 + n.index)))
+                    .collect();
+                ends.push((client.netns.clone(), format!("{CLIENT_B}/24")));
+                for (k, (ns, addr)) in ends.iter().enumerate() {
+                    let port = format!("b{k}");
+                    netns::ip_in(
+                        &lanb,
+                        &[
+                            "link", "add", &port, "type", "veth", "peer", "name", "eth1", "netns",
+                            ns,
+                        ],
+                    )?;
+                    netns::ip_in(&lanb, &["link", "set", &port, "master", "br0", "up"])?;
+                    netns::ip_in(ns, &["addr", "add", addr, "dev", "eth1"])?;
+                    netns::ip_in(ns, &["link", "set", "eth1", "up"])?;
+                }
+            }
             if opts.ipv6 {
                 for n in &nodes {
                     netns::ip_in(
@@ -336,6 +370,14 @@ pub mod harness {
                            "metadata": {"name": "lan6"}, "spec": {"addresses": [POOL_V6]}}),
                 )?;
             }
+            if !opts.segment_b.is_empty() {
+                put(
+                    store,
+                    json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+                           "metadata": {"name": "lan-b"},
+                           "spec": {"addresses": [POOL_B], "autoAssign": false}}),
+                )?;
+            }
             cluster.set_advertisement(None)?;
             // The kube-proxy stand-in (see the module docs).
             for n in &nodes {
@@ -359,6 +401,28 @@ pub mod harness {
                         "8080",
                     ],
                 )?;
+                if !opts.segment_b.is_empty() {
+                    netns::exec_ok(
+                        &n.netns,
+                        &[
+                            "iptables",
+                            "-t",
+                            "nat",
+                            "-A",
+                            "PREROUTING",
+                            "-d",
+                            POOL_B_MATCH,
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            "80",
+                            "-j",
+                            "REDIRECT",
+                            "--to-ports",
+                            "8080",
+                        ],
+                    )?;
+                }
                 cluster.backends.push(Backend::start(&n.netns, &n.name)?);
             }
             let names = cluster.node_names();
@@ -441,6 +505,18 @@ pub mod harness {
                 self.store()?,
                 json!({"apiVersion": "v1", "kind": "Service",
                        "metadata": {"namespace": NS, "name": name}, "spec": spec}),
+            )
+        }
+
+        /// A `type: LoadBalancer` Service (TCP 80) with its IP from pool `pool`.
+        pub fn add_service_from(&self, name: &str, pool: &str) -> Result<()> {
+            put(
+                self.store()?,
+                json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"namespace": NS, "name": name,
+                                    "annotations": {"palisade.dev/address-pool": pool}},
+                       "spec": {"type": "LoadBalancer", "selector": {"app": name},
+                                "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP"}]}}),
             )
         }
 
@@ -1099,7 +1175,14 @@ fn start(test: &str, ipv6: bool) -> Option<L2Cluster> {
     if !palisade_e2e::lab_ready(test) {
         return None;
     }
-    Some(L2Cluster::start(Options { nodes: 3, ipv6 }).expect("lab cluster"))
+    Some(
+        L2Cluster::start(Options {
+            nodes: 3,
+            ipv6,
+            segment_b: Vec::new(),
+        })
+        .expect("lab cluster"),
+    )
 }
 
 /// No agent log mentions a panic; prints how long `test` took.
@@ -1690,5 +1773,77 @@ fn pulled_cable_fails_over_and_heals_without_stealing_ips() {
         back < Duration::from_secs(2),
         "heal hand-over took {back:?}"
     );
+    done(test, started, &c);
+}
+
+/// Two LAN segments: every node on segment A (198.51.100.0/24), nodes 2 and 3 also on
+/// segment B (198.51.101.0/24, their `eth1`), one pool per segment, no route between them.
+/// The agents report their interfaces over the membership, so a B address is won only by
+/// node 2 or 3 — the pure election over those two — and a client on B reaches it; A addresses
+/// are won among all three. Without the reports node 1 wins some B addresses and announces
+/// them where no B client hears (MetalLB #511).
+#[test]
+fn two_segments_only_nodes_on_the_ips_segment_win() {
+    let _serial = serial();
+    let test = "two_segments_only_nodes_on_the_ips_segment_win";
+    if !palisade_e2e::lab_ready(test) {
+        return;
+    }
+    let started = Instant::now();
+    let c = L2Cluster::start(Options {
+        nodes: 3,
+        ipv6: false,
+        segment_b: vec![2, 3],
+    })
+    .expect("lab cluster");
+    let all = c.node_names();
+    let on_b: Vec<String> = c
+        .lab()
+        .nodes()
+        .iter()
+        .filter(|n| n.index >= 2)
+        .map(|n| n.name.clone())
+        .collect();
+    let b_names: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    let a_names: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    for n in &b_names {
+        c.add_service_from(n, "lan-b").expect("service");
+    }
+    for n in &a_names {
+        c.add_service(n, false).expect("service");
+    }
+    let vip = |n: &String| c.wait_vip(n, Duration::from_secs(20)).expect("vip");
+    let b_vips: Vec<IpAddr> = b_names.iter().map(vip).collect();
+    let a_vips: Vec<IpAddr> = a_names.iter().map(vip).collect();
+    assert!(
+        b_vips.iter().all(|v| v.to_string().starts_with(LAN_B)),
+        "{b_vips:?}"
+    );
+    // The scenario has teeth: the election over all nodes would give node 1 some B address.
+    let node1 = &c.lab().nodes()[0].name;
+    assert!(
+        b_vips.iter().any(|v| &expected_winner(*v, &all) == node1),
+        "no B address would go to {node1} without reach: {b_vips:?}"
+    );
+    let serve = |ip: IpAddr, want: &str| {
+        poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            Ok(tcp_once(&c.client_netns, ip, Duration::from_millis(300))
+                .ok()
+                .filter(|got| got == want))
+        })
+        .ok()
+        .flatten()
+    };
+    for ip in &b_vips {
+        let want = expected_winner(*ip, &on_b);
+        assert!(
+            serve(*ip, &want).is_some(),
+            "{ip}: a client on segment B is not served by {want}"
+        );
+    }
+    for ip in &a_vips {
+        let want = expected_winner(*ip, &all);
+        assert!(serve(*ip, &want).is_some(), "{ip}: not served by {want}");
+    }
     done(test, started, &c);
 }
