@@ -20,6 +20,7 @@
 //! ```text
 //!   packet     frame parsing/building (pure, fuzzed)
 //!   route      default interface = route to the IP (procfs, pure parsers)
+//!   ipvs       kube-proxy IPVS: LB IPs on kube-ipvs0 with lax ARP sysctls, nft arp filter
 //!   reach      interfaces and subnets this node can announce on (reported to peers)
 //!   speaker    Speaker: control thread + one responder thread per (interface, family)
 //!   announcer  Announcer trait, Owned, SpeakerStats, RecordingAnnouncer
@@ -29,6 +30,7 @@
 
 pub mod announcer;
 pub mod error;
+pub mod ipvs;
 pub mod packet;
 pub mod reach;
 pub mod route;

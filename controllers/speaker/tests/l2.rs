@@ -1163,6 +1163,99 @@ fn two_nics_without_ip_and_without_ipv6() {
     );
 }
 
+/// kube-proxy IPVS mode with default sysctls: every node holds the VIPs on `kube-ipvs0` (a
+/// veth here, NOARP and down like the real dummy) and every node's kernel answers ARP for
+/// them. Detection sees it; the `arp palisade_l2` table on the non-owner drops its kernel's
+/// replies so exactly one MAC answers; the filter does not stop the speaker's own replies
+/// (raw socket), and removing it brings the second MAC back.
+#[test]
+fn ipvs_vips_on_every_node_are_answered_by_one_mac() {
+    let Some(lab) = Lab::for_test(2, false) else {
+        return;
+    };
+    if Command::new("nft").arg("--version").output().is_err() {
+        println!("skipped: needs nft");
+        return;
+    }
+    let vip = v4("198.51.100.200");
+    for short in ["n1", "n2"] {
+        let ns = lab.ns(short);
+        run_ip(&[
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "kube-ipvs0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kipvs-peer",
+        ]);
+        run_ip(&["-n", &ns, "link", "set", "kube-ipvs0", "arp", "off"]);
+        run_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "198.51.100.200/32",
+            "dev",
+            "kube-ipvs0",
+        ]);
+    }
+    let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
+    let macs = |lab: &Lab, ip: Ipv4Addr| {
+        let mut m = arp_answers(lab, "eth0", v4(CLIENT.1), &[ip])[&ip].clone();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let mut both = vec![mac1, mac2];
+    both.sort();
+    assert_eq!(
+        macs(&lab, vip),
+        both,
+        "default sysctls: every kernel answers"
+    );
+
+    let lb: BTreeSet<IpAddr> = [IpAddr::V4(vip), "198.51.100.201".parse().unwrap()].into();
+    let found = in_netns(&lab.ns("n2"), move || palisade_speaker::ipvs::detect(&lb));
+    let found = found.expect("IPVS-style VIPs detected");
+    assert_eq!(found.interfaces, ["kube-ipvs0".to_string()].into());
+    assert_eq!(found.ips, [vip].into());
+    assert_eq!((found.arp_ignore, found.arp_announce), (0, 0));
+
+    let s1 = lab.speaker("n1");
+    s1.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+        .unwrap();
+    let s2 = lab.speaker("n2");
+    s2.set_owned(owned(&[("198.51.100.201", &["eth0"])]))
+        .unwrap();
+    // n2 owns .201, not .200; put both in its filter: the speaker's .201 replies must pass.
+    let foreign: BTreeSet<Ipv4Addr> = [vip, v4("198.51.100.201")].into();
+    in_netns(&lab.ns("n2"), move || {
+        palisade_speaker::ipvs::ArpFilter::new().apply(&foreign)
+    })
+    .expect("nft table");
+    assert_eq!(macs(&lab, vip), vec![mac1], "only the owner answers");
+    assert_eq!(
+        macs(&lab, v4("198.51.100.201")),
+        vec![mac2],
+        "raw socket not filtered"
+    );
+    assert!(s2.stats().replies_sent >= 1);
+
+    in_netns(&lab.ns("n2"), || {
+        palisade_speaker::ipvs::ArpFilter::new().remove()
+    })
+    .expect("nft table removed");
+    assert_eq!(
+        macs(&lab, vip),
+        both,
+        "without the filter both answer again"
+    );
+}
+
 fn percentiles(mut v: Vec<Duration>) -> String {
     if v.is_empty() {
         return "no samples".into();
