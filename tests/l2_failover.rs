@@ -1847,3 +1847,87 @@ fn two_segments_only_nodes_on_the_ips_segment_win() {
     }
     done(test, started, &c);
 }
+
+/// kube-proxy IPVS mode with default sysctls: every node holds the VIPs on `kube-ipvs0` (a
+/// veth here, NOARP and down like the real dummy), so every node's kernel would answer ARP
+/// for them. The agents detect it (warning Event on their Node, metric) and drop their
+/// kernel's replies for the VIPs they do not own: each VIP is answered by exactly one MAC,
+/// the elected owner's.
+#[test]
+fn ipvs_vips_on_every_node_are_answered_by_the_owner_alone() {
+    let _serial = serial();
+    let test = "ipvs_vips_on_every_node_are_answered_by_the_owner_alone";
+    let Some(c) = start(test, false) else {
+        return;
+    };
+    let started = Instant::now();
+    if palisade_e2e::netns::exec(&c.lab().nodes()[0].netns, &["nft", "--version"]).is_err() {
+        println!("skipped: {test} needs nft");
+        return;
+    }
+    // What kube-proxy does: the Service IPs on kube-ipvs0 of every node, before they exist.
+    for n in c.lab().nodes() {
+        for args in [
+            &[
+                "link",
+                "add",
+                "kube-ipvs0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "kipvs-peer",
+            ][..],
+            &["link", "set", "kube-ipvs0", "arp", "off"],
+            &["addr", "add", "198.51.100.200/32", "dev", "kube-ipvs0"],
+            &["addr", "add", "198.51.100.201/32", "dev", "kube-ipvs0"],
+        ] {
+            palisade_e2e::netns::ip_in(&n.netns, args).expect("kube-ipvs0");
+        }
+    }
+    for n in ["web-a", "web-b"] {
+        c.add_service(n, false).expect("service");
+    }
+    let vips: Vec<IpAddr> = ["web-a", "web-b"]
+        .iter()
+        .map(|n| c.wait_vip(n, Duration::from_secs(20)).expect("vip"))
+        .collect();
+    let mut on_ipvs = vips.iter().map(ToString::to_string).collect::<Vec<_>>();
+    on_ipvs.sort();
+    assert_eq!(on_ipvs, ["198.51.100.200", "198.51.100.201"]);
+    let all = c.node_names();
+    let expect: BTreeMap<IpAddr, _> = vips
+        .iter()
+        .map(|v| (*v, c.mac(&expected_winner(*v, &all))))
+        .collect();
+    let wire = c.start_wire(&vips, Duration::from_secs(60)).expect("wire");
+    wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(30))
+        .expect("each VIP answered by its owner's MAC alone");
+    for n in &all {
+        assert_eq!(
+            wait_metric(&c, n, "palisade_l2_kernel_arp_conflicts", 2.0),
+            Some(2.0),
+            "{n}"
+        );
+    }
+    let store = c.store().expect("store");
+    let warned: std::collections::BTreeSet<String> = store
+        .list_objects("events.k8s.io/v1", "Event", None)
+        .into_iter()
+        .chain(store.list_objects("v1", "Event", None))
+        .filter(|e| e["reason"] == "KernelAnswersARPForLoadBalancerIPs")
+        .filter_map(|e| {
+            e["regarding"]["name"]
+                .as_str()
+                .or(e["involvedObject"]["name"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        warned,
+        all.iter().cloned().collect(),
+        "a warning on every Node"
+    );
+    drop(wire);
+    done(test, started, &c);
+}

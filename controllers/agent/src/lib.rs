@@ -316,6 +316,7 @@ async fn start_announcer(
         live,
         peers: peers_tx,
         reach: reach_tx,
+        arp_filter: cfg.l2_arp_filter,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
         status,

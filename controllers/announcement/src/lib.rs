@@ -50,6 +50,9 @@ pub mod status;
 
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
+/// Warning on this node's Node: LoadBalancer IPs on a local interface while ARP is not
+/// strict (kube-proxy IPVS without `strictARP`).
+pub const L2_KERNEL_ARP: &str = "KernelAnswersARPForLoadBalancerIPs";
 
 /// The caches the announcer reads.
 #[derive(Clone)]
@@ -96,6 +99,9 @@ pub struct AnnouncerReconciler {
     pub reach: watch::Sender<Vec<ServedInterface>>,
     pub class: String,
     pub claim_unclassed: bool,
+    /// Drop the kernel's own ARP replies for LoadBalancer IPs this node does not own when
+    /// they sit on a local interface with lax ARP sysctls (kube-proxy IPVS without strictARP).
+    pub arp_filter: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
     /// `ServiceL2Status` writer ([`status`]).
     pub status: watch::Sender<Option<Snapshot>>,
@@ -208,6 +214,10 @@ struct AnnState {
     resend: bool,
     /// Link states, see [`gate_links`].
     links: BTreeMap<String, LinkSeen>,
+    /// The kube-proxy IPVS finding of the last pass (reported on change).
+    ipvs: Option<palisade_speaker::ipvs::IpvsFinding>,
+    /// The kernel-ARP filter for foreign LoadBalancer IPs ([`palisade_speaker::ipvs`]).
+    arp_filter: palisade_speaker::ipvs::ArpFilter,
 }
 
 /// What telling the speaker achieved.
@@ -506,10 +516,82 @@ impl AnnouncerReconciler {
                     .await;
             }
         }
+        self.guard_kernel_arp(st, &owned).await;
         if applied == Applied::Failed {
             Err(())
         } else {
             Ok(())
+        }
+    }
+
+    /// kube-proxy IPVS: detects LoadBalancer IPs on local interfaces while ARP is lax
+    /// (reported on change: log, Event on our Node, `palisade_l2_kernel_arp_conflicts`) and,
+    /// with `arp_filter`, keeps the kernel from answering for the ones this node does not own.
+    async fn guard_kernel_arp(&self, st: &mut AnnState, owned: &Owned) {
+        let services = self.stores.services.state();
+        let lb_ips: BTreeSet<IpAddr> = services
+            .iter()
+            .filter(|s| palisade_loadbalancer::is_ours(s, &self.class, self.claim_unclassed))
+            .flat_map(|s| palisade_loadbalancer::status_ips(s))
+            .collect();
+        let found = palisade_speaker::ipvs::detect(&lb_ips);
+        self.metrics
+            .l2_kernel_arp_conflicts
+            .set(found.as_ref().map_or(0, |f| f.ips.len() as i64));
+        if found
+            .as_ref()
+            .map(|f| (&f.interfaces, f.arp_ignore, f.arp_announce))
+            != st
+                .ipvs
+                .as_ref()
+                .map(|f| (&f.interfaces, f.arp_ignore, f.arp_announce))
+        {
+            if let Some(f) = &found {
+                let note = format!(
+                    "LoadBalancer IPs sit on {} while arp_ignore={} arp_announce={} (kube-proxy \
+                     IPVS without strictARP?): this node's kernel answers ARP for them next to \
+                     their owner; {}",
+                    f.interfaces.iter().cloned().collect::<Vec<_>>().join(", "),
+                    f.arp_ignore,
+                    f.arp_announce,
+                    if self.arp_filter {
+                        "dropping the kernel's replies for IPs this node does not own (nft table arp palisade_l2)"
+                    } else {
+                        "--l2-arp-filter is off: set kube-proxy strictARP or turn it on"
+                    }
+                );
+                tracing::warn!(ips = f.ips.len(), "{note}");
+                let node = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(self.node_name.clone()),
+                    ..Default::default()
+                };
+                self.events
+                    .warning(&node, L2_KERNEL_ARP, "Detect", note)
+                    .await;
+            } else {
+                tracing::info!("no LoadBalancer IP on a local interface with lax ARP any more");
+            }
+        }
+        st.ipvs = found.clone();
+        if !self.arp_filter {
+            return;
+        }
+        let result = match &found {
+            Some(f) => {
+                let foreign: BTreeSet<std::net::Ipv4Addr> = f
+                    .ips
+                    .iter()
+                    .filter(|ip| !owned.contains_key(&IpAddr::V4(**ip)))
+                    .copied()
+                    .collect();
+                st.arp_filter.apply(&foreign)
+            }
+            None => st.arp_filter.remove_if_applied(),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot update the kernel-ARP filter (nft)");
         }
     }
 

@@ -140,6 +140,15 @@ impl ArpFilter {
         Ok(())
     }
 
+    /// [`ArpFilter::remove`] if this filter installed the table.
+    pub fn remove_if_applied(&mut self) -> std::io::Result<()> {
+        if self.applied.is_some() {
+            self.remove()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Removes the table (nothing is filtered afterwards).
     pub fn remove(&mut self) -> std::io::Result<()> {
         nft(&format!(
