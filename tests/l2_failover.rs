@@ -51,6 +51,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use harness::*;
+use serde_json::json;
 
 /// The harness: cluster, agents, backends, the client's wire and TCP probers.
 #[allow(dead_code)]
@@ -124,6 +125,8 @@ pub mod harness {
         /// Indices of the nodes that also sit on a second LAN segment ([`LAN_B`], their and
         /// the client's `eth1`, no route between the segments), with its own pool `lan-b`.
         pub segment_b: Vec<usize>,
+        /// More agent flags.
+        pub extra_flags: Vec<&'static str>,
     }
 
     /// The second segment: subnet prefix, pool, REDIRECT match, client address.
@@ -482,7 +485,13 @@ pub mod harness {
 
         /// Starts (or restarts) the agent of `node` inside its namespace.
         pub fn start_agent(&mut self, node: &str) -> Result<()> {
-            let flags = [AGENT_FLAGS, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS].concat();
+            let flags = [
+                AGENT_FLAGS,
+                FAST_LEASE_FLAGS,
+                FAST_SYNC_FLAGS,
+                &self.opts.extra_flags,
+            ]
+            .concat();
             self.agents.start(node, &self.kubeconfig, &flags)
         }
 
@@ -556,6 +565,19 @@ pub mod harness {
                 .get_object("v1", "Node", None, node)
                 .with_context(|| format!("no Node {node}"))?;
             n["metadata"]["labels"][L2_LABEL] = json!(value);
+            if let Some(m) = n["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            put(store, n)
+        }
+
+        /// Applies `f` to the Node object `node` and stores it.
+        pub fn edit_node(&self, node: &str, f: impl FnOnce(&mut Value)) -> Result<()> {
+            let store = self.store()?;
+            let mut n = store
+                .get_object("v1", "Node", None, node)
+                .with_context(|| format!("no Node {node}"))?;
+            f(&mut n);
             if let Some(m) = n["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
@@ -1180,6 +1202,7 @@ fn start(test: &str, ipv6: bool) -> Option<L2Cluster> {
             nodes: 3,
             ipv6,
             segment_b: Vec::new(),
+            extra_flags: Vec::new(),
         })
         .expect("lab cluster"),
     )
@@ -1794,6 +1817,7 @@ fn two_segments_only_nodes_on_the_ips_segment_win() {
         nodes: 3,
         ipv6: false,
         segment_b: vec![2, 3],
+        extra_flags: Vec::new(),
     })
     .expect("lab cluster");
     let all = c.node_names();
@@ -1928,6 +1952,106 @@ fn ipvs_vips_on_every_node_are_answered_by_the_owner_alone() {
         all.iter().cloned().collect(),
         "a warning on every Node"
     );
+    drop(wire);
+    done(test, started, &c);
+}
+
+/// Maintenance with `--l2-exclude-cordoned`: cordoning the owner (what `kubectl drain` starts
+/// with) moves its IP to the next winner, a `node.kubernetes.io/out-of-service` taint on that
+/// one moves it again, while a client connects every 20 ms: every connection succeeds and
+/// the last ones are served by the third node. Without the exclusion the IP stays put.
+#[test]
+fn cordon_and_out_of_service_taint_hand_the_ip_over_without_failures() {
+    let _serial = serial();
+    let test = "cordon_and_out_of_service_taint_hand_the_ip_over_without_failures";
+    if !palisade_e2e::lab_ready(test) {
+        return;
+    }
+    let started = Instant::now();
+    let c = L2Cluster::start(Options {
+        nodes: 3,
+        ipv6: false,
+        segment_b: Vec::new(),
+        extra_flags: vec!["--l2-exclude-cordoned=true"],
+    })
+    .expect("lab cluster");
+    c.add_service("web", false).expect("service");
+    let vip = c.wait_vip("web", Duration::from_secs(20)).expect("vip");
+    let all = c.node_names();
+    let first = expected_winner(vip, &all);
+    let second = expected_winner(vip, &without(&all, &first));
+    let third = expected_winner(vip, &without(&without(&all, &first), &second));
+    let wire = c.start_wire(&[vip], Duration::from_secs(90)).expect("wire");
+    let stable = |owner: &str| {
+        wire.wait_stable(
+            &expect_map(&[(vip, c.mac(owner))]),
+            Instant::now(),
+            5,
+            Duration::from_secs(20),
+        )
+    };
+    stable(&first).expect("first owner");
+    let tcp = c
+        .start_tcp(
+            &[vip],
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            Duration::from_secs(90),
+        )
+        .expect("tcp prober");
+    std::thread::sleep(Duration::from_millis(500));
+
+    c.edit_node(&first, |n| n["spec"]["unschedulable"] = json!(true))
+        .expect("cordon");
+    stable(&second).expect("cordoned owner hands over to the next winner");
+    std::thread::sleep(Duration::from_millis(500));
+    c.edit_node(&second, |n| {
+        n["spec"]["taints"] = json!([{"key": "node.kubernetes.io/out-of-service",
+                                      "value": "nodeshutdown", "effect": "NoExecute"}])
+    })
+    .expect("taint");
+    stable(&third).expect("out-of-service owner hands over");
+    std::thread::sleep(Duration::from_millis(1000));
+    let attempts = tcp.attempts();
+    drop(tcp);
+    // The moments the client's neighbour entry can move: the new owners' first gratuitous
+    // frames. A connection open across such a moment sends its last segments to the new
+    // owner, which knows nothing of it and resets it (inherent to moving a MAC; kube-proxy's
+    // conntrack is per node). Every other connection must succeed.
+    let moves: Vec<Instant> = [&second, &third]
+        .iter()
+        .filter_map(|n| {
+            let mac = c.mac(n);
+            wire.log()
+                .claims_for(vip, started)
+                .into_iter()
+                .find(|cl| cl.gratuitous && cl.mac == mac)
+                .map(|cl| cl.at)
+        })
+        .collect();
+    assert_eq!(moves.len(), 2, "gratuitous frames of both new owners");
+    let slack = Duration::from_millis(5);
+    let failed: Vec<&TcpAttempt> = attempts.iter().filter(|a| a.result.is_err()).collect();
+    let straddling = |a: &TcpAttempt| {
+        moves
+            .iter()
+            .any(|m| a.at <= *m + slack && *m <= a.done + slack)
+    };
+    println!(
+        "{} connections, {} failed (all open across a MAC move: {}); handed over {first} -> \
+         {second} -> {third}",
+        attempts.len(),
+        failed.len(),
+        failed.iter().all(|a| straddling(a))
+    );
+    assert!(attempts.len() > 50, "{}", attempts.len());
+    let unexplained: Vec<&&TcpAttempt> = failed.iter().filter(|a| !straddling(a)).collect();
+    assert!(
+        unexplained.is_empty(),
+        "connections failed outside the hand-over instants {moves:?}: {unexplained:?}"
+    );
+    let last = attempts.last().expect("attempts");
+    assert_eq!(last.result.as_deref(), Ok(third.as_str()));
     drop(wire);
     done(test, started, &c);
 }

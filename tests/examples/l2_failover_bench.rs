@@ -344,6 +344,7 @@ fn main() -> Result<()> {
         nodes: 3,
         ipv6: false,
         segment_b: Vec::new(),
+        extra_flags: Vec::new(),
     })?;
     for n in ["web-a", "web-b", "web-c"] {
         c.add_service(n, false)?;

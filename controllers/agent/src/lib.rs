@@ -317,6 +317,7 @@ async fn start_announcer(
         peers: peers_tx,
         reach: reach_tx,
         arp_filter: cfg.l2_arp_filter,
+        exclude_unschedulable: cfg.l2_exclude_cordoned,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
         status,

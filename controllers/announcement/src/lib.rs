@@ -102,6 +102,8 @@ pub struct AnnouncerReconciler {
     /// Drop the kernel's own ARP replies for LoadBalancer IPs this node does not own when
     /// they sit on a local interface with lax ARP sysctls (kube-proxy IPVS without strictARP).
     pub arp_filter: bool,
+    /// Cordoned Nodes hand their IPs over (out-of-service ones always do).
+    pub exclude_unschedulable: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
     /// `ServiceL2Status` writer ([`status`]).
     pub status: watch::Sender<Option<Snapshot>>,
@@ -323,10 +325,25 @@ impl AnnouncerReconciler {
             async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
         })
         .await;
-        // Stop answering on the way out: a successor takes over within the membership timeout
-        // (sooner, thanks to our "leave" message).
+        // Make-before-break on the way out: the membership's "leave" (sent as the shutdown
+        // starts) makes the peers re-elect at once and the successor announces within a pass
+        // and a gratuitous round; keep answering meanwhile — for half a membership timeout —
+        // so a client never asks into silence, then stop.
+        let hold = this.live.borrow().timeout / 2;
+        if !this.speaker_idle() {
+            tracing::info!(
+                ?hold,
+                "shutting down: still answering while peers take over"
+            );
+            tokio::time::sleep(hold).await;
+        }
         let speaker = this.speaker.clone();
         let _ = tokio::task::spawn_blocking(move || speaker.set_owned(Owned::new())).await;
+    }
+
+    /// Whether the speaker holds nothing (no hand-over to wait for).
+    fn speaker_idle(&self) -> bool {
+        self.speaker.stats().owned_ips == 0
     }
 
     /// Publishes this node's interfaces (those named by any L2Advertisement, and those on a
@@ -431,6 +448,7 @@ impl AnnouncerReconciler {
                 slices: &slices,
                 class: &self.class,
                 claim_unclassed: self.claim_unclassed,
+                exclude_unschedulable: self.exclude_unschedulable,
             })
         } else {
             (Owned::new(), Vec::new())

@@ -58,6 +58,22 @@ pub struct AnnounceInputs<'a> {
     pub slices: &'a [Arc<EndpointSlice>],
     pub class: &'a str,
     pub claim_unclassed: bool,
+    /// Cordoned (`spec.unschedulable`, what `kubectl drain` starts with) nodes may not win.
+    /// Nodes tainted [`OUT_OF_SERVICE_TAINT`] never may.
+    pub exclude_unschedulable: bool,
+}
+
+/// The taint of a node that is shut down or being taken out of service.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
+/// Whether `node` is in maintenance: tainted [`OUT_OF_SERVICE_TAINT`] (any effect), or
+/// cordoned when `exclude_unschedulable`. Its IPs move to the next winner while it still
+/// answers (every agent re-elects on the same Node update), so clients lose nothing.
+pub fn in_maintenance(node: &Node, exclude_unschedulable: bool) -> bool {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT))
+        || (exclude_unschedulable && spec.and_then(|s| s.unschedulable) == Some(true))
 }
 
 /// Pure: which IPs this node owns, and the decision for every announced IP.
@@ -76,6 +92,7 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
     let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
         .nodes
         .iter()
+        .filter(|n| !in_maintenance(n, input.exclude_unschedulable))
         .map(|n| {
             (
                 n.metadata.name.clone().unwrap_or_default(),
@@ -281,6 +298,7 @@ mod tests {
                 slices,
                 class: "palisade.dev/palisade",
                 claim_unclassed: true,
+                exclude_unschedulable: true,
             });
             for (ip, ifaces) in owned {
                 assert_eq!(ifaces, vec![route.to_string()]);
@@ -428,6 +446,7 @@ mod tests {
                 slices: &[],
                 class: "palisade.dev/palisade",
                 claim_unclassed: true,
+                exclude_unschedulable: false,
             });
             for ip in owned.into_keys() {
                 owner.entry(ip).or_default().push(me.to_string());
@@ -452,5 +471,75 @@ mod tests {
             blind.values().any(|o| o == &["n3".to_string()]),
             "{blind:?}"
         );
+    }
+
+    /// Maintenance: a cordoned node (when configured) or one tainted out-of-service wins
+    /// nothing; only its IPs move.
+    #[test]
+    fn cordoned_and_out_of_service_nodes_hand_their_ips_over() {
+        let services: Vec<_> = (0..20)
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let pools = vec![pool()];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let run = |nodes: &[Arc<Node>], exclude: bool| {
+            let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
+            for me in ["n1", "n2", "n3"] {
+                let (owned, _) = decide(&AnnounceInputs {
+                    me,
+                    route_interface: &|_| Err("none".into()),
+                    live: &live,
+                    reach: &BTreeMap::new(),
+                    services: &services,
+                    pools: &pools,
+                    advertisements: &ads,
+                    nodes,
+                    slices: &[],
+                    class: "palisade.dev/palisade",
+                    claim_unclassed: true,
+                    exclude_unschedulable: exclude,
+                });
+                for ip in owned.into_keys() {
+                    assert!(out.insert(ip, me.to_string()).is_none(), "{ip} twice");
+                }
+            }
+            out
+        };
+        let plain = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let all = run(&plain, true);
+        assert_eq!(all.len(), 20);
+        assert!(all.values().any(|n| n == "n2"));
+        let cordoned: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"unschedulable": true}
+        })));
+        let nodes = vec![node("n1", "a"), cordoned, node("n3", "b")];
+        assert_eq!(
+            run(&nodes, false),
+            all,
+            "cordon alone changes nothing by default"
+        );
+        let moved = run(&nodes, true);
+        assert_eq!(moved.len(), 20);
+        for (ip, owner) in &all {
+            if owner == "n2" {
+                assert_ne!(&moved[ip], "n2");
+            } else {
+                assert_eq!(&moved[ip], owner, "{ip} moved although its owner is fine");
+            }
+        }
+        let tainted: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"taints": [{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown", "effect": "NoExecute"}]}
+        })));
+        let nodes = vec![node("n1", "a"), tainted, node("n3", "b")];
+        assert_eq!(run(&nodes, false), moved, "out-of-service: always excluded");
     }
 }

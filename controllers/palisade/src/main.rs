@@ -171,6 +171,11 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_L2_ARP_FILTER", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     l2_arp_filter: bool,
 
+    /// Cordoned Nodes (`kubectl cordon`/`drain`) hand their LoadBalancer IPs over to other
+    /// nodes before maintenance. Nodes tainted node.kubernetes.io/out-of-service always do.
+    #[arg(long, env = "PALISADE_L2_EXCLUDE_CORDONED", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    l2_exclude_cordoned: bool,
+
     /// File holding the cluster key that authenticates membership datagrams (mounted from a
     /// Secret; re-read when it changes). Required for L2 announcement unless
     /// --memberlist-insecure.
@@ -283,6 +288,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     cfg.enable_l2 = a.enable_l2;
     cfg.l2_refresh_interval = a.l2_refresh_interval;
     cfg.l2_arp_filter = a.l2_arp_filter;
+    cfg.l2_exclude_cordoned = a.l2_exclude_cordoned;
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;
