@@ -480,6 +480,9 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--enable-l2=true",
         "--memberlist-port=7946",
         "--memberlist-timeout=1s",
+        "--l2-refresh-interval=30s",
+        "--l2-arp-filter=true",
+        "--l2-exclude-cordoned=false",
         "--memberlist-key-file=/etc/palisade/memberlist/key",
         "--memberlist-key-rotation-window=2m",
     ]

@@ -333,7 +333,11 @@ async fn start_announcer(
     trigger: Trigger,
     status: tokio::sync::watch::Sender<Option<palisade_loadbalancer::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
-    let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
+    let speaker = palisade_speaker::Speaker::with_config(palisade_speaker::SpeakerConfig {
+        refresh_interval: cfg.l2_refresh_interval,
+        ..palisade_speaker::SpeakerConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
     let keys = palisade_membership::memberlist_keyfile::start(
         &membership_key_source(cfg)?,
         cfg.memberlist_key_rotation_window,
@@ -344,6 +348,8 @@ async fn start_announcer(
     settings.rejected = metrics.memberlist_rejected.clone();
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;
+    let (reach_tx, reach_rx) = tokio::sync::watch::channel(Vec::new());
+    settings.reach = reach_rx;
     let live = palisade_membership::start(settings, peers_rx, shutdown.clone())
         .await
         .map_err(|e| {
@@ -377,6 +383,9 @@ async fn start_announcer(
         speaker: Arc::new(speaker),
         live,
         peers: peers_tx,
+        reach: reach_tx,
+        arp_filter: cfg.l2_arp_filter,
+        exclude_unschedulable: cfg.l2_exclude_cordoned,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
         status,
