@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bfd;
 pub mod session;
 pub mod wire;
 

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout};
 
+use crate::bfd::{BfdConfig, BfdHandle, BfdState, BfdStatus, Hub};
 use crate::wire::{
     code, AsSegment, Capability, Codec, DecodeError, Message, Notification, Open, PathAttribute,
     Update, AFI_IPV4, AFI_IPV6, SAFI_UNICAST,
@@ -64,6 +65,9 @@ pub struct PeerConfig {
     pub communities: Vec<u32>,
     /// First reconnect delay; doubles up to 30 s.
     pub connect_retry: Duration,
+    /// Run a BFD session with the peer; when it goes from Up to Down the BGP session closes
+    /// at once.
+    pub bfd: Option<BfdConfig>,
 }
 
 impl PeerConfig {
@@ -84,6 +88,7 @@ impl PeerConfig {
             local_pref: None,
             communities: Vec::new(),
             connect_retry: Duration::from_secs(1),
+            bfd: None,
         }
     }
 
@@ -130,6 +135,12 @@ pub struct PeerStatus {
     pub hold_time: Option<Duration>,
     /// Why the last session ended or the last connect failed.
     pub last_error: Option<String>,
+    /// Why the last established session ended (kept across reconnects).
+    pub last_down_reason: Option<String>,
+    /// State of the peer's BFD session (None without BFD).
+    pub bfd_state: Option<BfdState>,
+    /// Times the BFD session went from Up to Down.
+    pub bfd_flaps: u64,
 }
 
 impl PeerStatus {
@@ -143,6 +154,9 @@ impl PeerStatus {
             updates_sent: 0,
             hold_time: None,
             last_error: None,
+            last_down_reason: None,
+            bfd_state: None,
+            bfd_flaps: 0,
         }
     }
 
@@ -167,6 +181,8 @@ struct Peer {
     stop: watch::Sender<Option<tokio::time::Instant>>,
     status: SharedStatus,
     task: JoinHandle<()>,
+    bfd_status: Option<watch::Receiver<BfdStatus>>,
+    bfd_abort: Option<tokio::task::AbortHandle>,
 }
 
 /// The BGP speaker: one session per configured peer.
@@ -177,6 +193,8 @@ pub struct Speaker {
     retiring: Mutex<Vec<JoinHandle<()>>>,
     /// How long a dropped peer's session may take to withdraw and close.
     retire_timeout: Duration,
+    /// BFD sessions' shared receive side.
+    bfd: Hub,
 }
 
 impl Speaker {
@@ -188,6 +206,7 @@ impl Speaker {
             peers: Mutex::new(BTreeMap::new()),
             retiring: Mutex::new(Vec::new()),
             retire_timeout: Duration::from_secs(5),
+            bfd: Hub::new(),
         }
     }
 
@@ -222,11 +241,27 @@ impl Speaker {
             let (prefixes, prefixes_rx) = watch::channel(initial);
             let (stop, stop_rx) = watch::channel(None);
             let status = Arc::new(Mutex::new(PeerStatus::new(&name)));
+            let bfd = config.bfd.and_then(|b| {
+                match self
+                    .bfd
+                    .start(config.peer_address, config.source_address, b)
+                {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        tracing::warn!(peer = %name, error = %e, "BFD session not started");
+                        with_status(&status, |s| s.last_error = Some(e.to_string()));
+                        None
+                    }
+                }
+            });
+            let bfd_status = bfd.as_ref().map(BfdHandle::status);
+            let bfd_abort = bfd.as_ref().map(BfdHandle::abort_handle);
             let task = self.runtime.spawn(run_peer(
                 config.clone(),
                 prefixes_rx,
                 stop_rx,
                 status.clone(),
+                bfd,
             ));
             peers.insert(
                 name,
@@ -236,6 +271,8 @@ impl Speaker {
                     stop,
                     status,
                     task,
+                    bfd_status,
+                    bfd_abort,
                 },
             );
         }
@@ -265,7 +302,18 @@ impl Speaker {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers
             .values()
-            .map(|p| p.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .map(|p| {
+                let mut s = p.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(bfd) = &p.bfd_status {
+                    let b = bfd.borrow();
+                    s.bfd_state = Some(b.state);
+                    s.bfd_flaps = b.flaps;
+                    if let Some(e) = &b.error {
+                        s.last_error = Some(e.clone());
+                    }
+                }
+                s
+            })
             .collect()
     }
 
@@ -299,6 +347,10 @@ impl Speaker {
     pub fn abort(&self) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         for (_, peer) in std::mem::take(&mut *peers) {
+            // BFD first, silently: a crashed node sends no AdminDown.
+            if let Some(bfd) = &peer.bfd_abort {
+                bfd.abort();
+            }
             peer.task.abort();
         }
         for task in self
@@ -339,6 +391,8 @@ enum SessionError {
     Notification(Notification),
     #[error("hold timer expired")]
     HoldExpired,
+    #[error("BFD session down (diagnostic {0})")]
+    BfdDown(u8),
     #[error("{0}")]
     Protocol(String),
     #[error("encode: {0}")]
@@ -350,7 +404,9 @@ async fn run_peer(
     mut prefixes: watch::Receiver<BTreeSet<IpNetwork>>,
     mut stop: watch::Receiver<Option<tokio::time::Instant>>,
     status: SharedStatus,
+    bfd: Option<BfdHandle>,
 ) {
+    let mut bfd_status = bfd.as_ref().map(BfdHandle::status);
     let mut backoff = config.connect_retry.max(Duration::from_millis(10));
     loop {
         if stop.borrow().is_some() {
@@ -358,7 +414,15 @@ async fn run_peer(
         }
         with_status(&status, |s| s.state = SessionState::Connect);
         let mut established = false;
-        let result = session(&config, &mut prefixes, &mut stop, &status, &mut established).await;
+        let result = session(
+            &config,
+            &mut prefixes,
+            &mut stop,
+            &status,
+            &mut bfd_status,
+            &mut established,
+        )
+        .await;
         with_status(&status, |s| {
             s.state = SessionState::Idle;
             s.established_at = None;
@@ -366,6 +430,9 @@ async fn run_peer(
             s.hold_time = None;
             if let Err(e) = &result {
                 s.last_error = Some(e.to_string());
+                if established {
+                    s.last_down_reason = Some(e.to_string());
+                }
             }
         });
         match result {
@@ -383,6 +450,20 @@ async fn run_peer(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+    // After the BGP session closed: the BFD session says AdminDown and stops.
+    drop(bfd);
+}
+
+/// The next BFD state change (never, without BFD or once the session is gone).
+async fn bfd_changed(bfd: &mut Option<watch::Receiver<BfdStatus>>) -> BfdStatus {
+    if let Some(rx) = bfd {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
+        }
+        // The BFD task ended: stop watching it.
+        *bfd = None;
+    }
+    std::future::pending().await
 }
 
 async fn connect(
@@ -613,6 +694,7 @@ async fn session(
     prefixes: &mut watch::Receiver<BTreeSet<IpNetwork>>,
     stop: &mut watch::Receiver<Option<tokio::time::Instant>>,
     status: &SharedStatus,
+    bfd: &mut Option<watch::Receiver<BfdStatus>>,
     established: &mut bool,
 ) -> Result<(), SessionError> {
     let (rd, wr, local) = tokio::select! {
@@ -753,8 +835,20 @@ async fn session(
     };
     let mut next_keepalive = keepalive.map_or(far, |k| tokio::time::Instant::now() + k);
     let mut prefixes_open = true;
+    let mut bfd_up = bfd
+        .as_mut()
+        .is_some_and(|b| b.borrow_and_update().state == BfdState::Up);
     loop {
         tokio::select! {
+            b = bfd_changed(bfd) => {
+                if b.state == BfdState::Up {
+                    bfd_up = true;
+                } else if bfd_up {
+                    // RFC 5882 §4.3: the forwarding path is gone; do not wait for the hold timer.
+                    writer.notify(code::CEASE, 0).await;
+                    return Err(SessionError::BfdDown(b.diag));
+                }
+            }
             changed = stop.changed() => {
                 let deadline = match (changed, *stop.borrow()) {
                     (Ok(()), Some(d)) => d,
