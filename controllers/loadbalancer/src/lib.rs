@@ -10,6 +10,7 @@
 //!   plan       one allocation pass: API objects in, status writes and Events out
 //!   l2         the L2 announcement decision: which IPs this node answers for
 //!   l2status   the ServiceL2Status plan: which objects this node creates, updates, deletes
+//!   bgp        the BGP plan: this node's peers (BGPPeer, BFDProfile) and routes per peer
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
 //! ```
 //!
@@ -20,6 +21,7 @@
 
 pub mod allocator;
 pub mod announce;
+pub mod bgp;
 pub mod constants;
 pub mod crd;
 pub mod error;
