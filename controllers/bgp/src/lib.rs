@@ -17,4 +17,4 @@ pub mod bfd;
 pub mod session;
 pub mod wire;
 
-pub use session::{PeerConfig, PeerStatus, SessionState, Speaker};
+pub use session::{PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker};

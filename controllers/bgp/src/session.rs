@@ -40,6 +40,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const V4_PER_UPDATE: usize = 400;
 const V6_PER_UPDATE: usize = 120;
 
+/// Attributes of one announced route (beyond ORIGIN, AS_PATH and NEXT_HOP, which the session
+/// sets).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteAttrs {
+    /// LOCAL_PREF on iBGP sessions (default: the peer's `local_pref`, else 100); not sent on
+    /// eBGP.
+    pub local_pref: Option<u32>,
+    /// COMMUNITIES, added to the peer's own.
+    pub communities: Vec<u32>,
+}
+
+/// What a peer should have: prefixes with their attributes.
+pub type Routes = BTreeMap<IpNetwork, RouteAttrs>;
+
 /// One peer's configuration (MetalLB's BGPPeer fields that concern the session).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
@@ -176,7 +190,7 @@ fn with_status(status: &SharedStatus, f: impl FnOnce(&mut PeerStatus)) {
 
 struct Peer {
     config: PeerConfig,
-    prefixes: watch::Sender<BTreeSet<IpNetwork>>,
+    prefixes: watch::Sender<Routes>,
     /// `Some(deadline)`: withdraw everything, close by the deadline and stop.
     stop: watch::Sender<Option<tokio::time::Instant>>,
     status: SharedStatus,
@@ -217,7 +231,7 @@ impl Speaker {
         let wanted: BTreeMap<String, PeerConfig> =
             configs.into_iter().map(|c| (c.name.clone(), c)).collect();
         let names: Vec<String> = peers.keys().cloned().collect();
-        let mut carried: BTreeMap<String, BTreeSet<IpNetwork>> = BTreeMap::new();
+        let mut carried: BTreeMap<String, Routes> = BTreeMap::new();
         for name in names {
             let keep = wanted.get(&name).is_some_and(|c| peers[&name].config == *c);
             if keep {
@@ -278,8 +292,22 @@ impl Speaker {
         }
     }
 
-    /// Sets what `peer` announces. Returns false when there is no such peer.
+    /// Sets what `peer` announces, every prefix with the peer's default attributes. Returns
+    /// false when there is no such peer.
     pub fn set_prefixes(&self, peer: &str, prefixes: BTreeSet<IpNetwork>) -> bool {
+        self.set_routes(
+            peer,
+            prefixes
+                .into_iter()
+                .map(|p| (p, RouteAttrs::default()))
+                .collect(),
+        )
+    }
+
+    /// Sets what `peer` announces, with per-route attributes; the session sends only the
+    /// differences (a changed attribute re-announces the route). Returns false when there is
+    /// no such peer.
+    pub fn set_routes(&self, peer: &str, prefixes: Routes) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         match peers.get(peer) {
             Some(p) => {
@@ -401,7 +429,7 @@ enum SessionError {
 
 async fn run_peer(
     config: PeerConfig,
-    mut prefixes: watch::Receiver<BTreeSet<IpNetwork>>,
+    mut prefixes: watch::Receiver<Routes>,
     mut stop: watch::Receiver<Option<tokio::time::Instant>>,
     status: SharedStatus,
     bfd: Option<BfdHandle>,
@@ -549,13 +577,18 @@ impl Writer {
 
 /// Announcement state of an established session.
 struct Rib {
-    codec_attrs: Vec<PathAttribute>,
+    ibgp: bool,
+    my_asn: u32,
+    /// LOCAL_PREF of routes that do not set one (iBGP).
+    local_pref: u32,
+    /// Communities of every route.
+    communities: Vec<u32>,
     next_hop_v4: Option<Ipv4Addr>,
     next_hop_v6: Option<Ipv6Addr>,
     v4: bool,
     v6: bool,
     /// What the peer has from us.
-    advertised: BTreeSet<IpNetwork>,
+    advertised: Routes,
 }
 
 impl Rib {
@@ -566,40 +599,75 @@ impl Rib {
         }
     }
 
-    fn announce(&self, prefixes: &[IpNetwork]) -> Vec<Message> {
-        let mut out = Vec::new();
-        let v4: Vec<_> = prefixes
-            .iter()
-            .filter_map(|p| match p {
-                IpNetwork::V4(p) => Some(*p),
-                IpNetwork::V6(_) => None,
-            })
-            .collect();
-        let v6: Vec<_> = prefixes.iter().filter(|p| p.is_ipv6()).copied().collect();
-        if let Some(nh) = self.next_hop_v4 {
-            for chunk in v4.chunks(V4_PER_UPDATE) {
-                let mut attributes = self.codec_attrs.clone();
-                attributes.insert(2, PathAttribute::NextHop(nh));
-                out.push(Message::Update(Update {
-                    withdrawn: Vec::new(),
-                    attributes,
-                    nlri: chunk.to_vec(),
-                }));
-            }
+    /// ORIGIN, AS_PATH, then LOCAL_PREF (iBGP) and COMMUNITIES for routes with `route`.
+    fn attributes(&self, route: &RouteAttrs) -> Vec<PathAttribute> {
+        let mut attrs = vec![PathAttribute::Origin(0)];
+        if self.ibgp {
+            attrs.push(PathAttribute::AsPath(Vec::new()));
+            attrs.push(PathAttribute::LocalPref(
+                route.local_pref.unwrap_or(self.local_pref),
+            ));
+        } else {
+            attrs.push(PathAttribute::AsPath(vec![AsSegment::Sequence(vec![
+                self.my_asn,
+            ])]));
         }
-        if let Some(nh) = self.next_hop_v6 {
-            for chunk in v6.chunks(V6_PER_UPDATE) {
-                let mut attributes = vec![PathAttribute::MpReach {
-                    afi: AFI_IPV6,
-                    safi: SAFI_UNICAST,
-                    next_hops: vec![IpAddr::V6(nh)],
-                    nlri: chunk.to_vec(),
-                }];
-                attributes.extend(self.codec_attrs.iter().cloned());
-                out.push(Message::Update(Update {
-                    attributes,
-                    ..Update::default()
-                }));
+        let communities: BTreeSet<u32> = self
+            .communities
+            .iter()
+            .chain(&route.communities)
+            .copied()
+            .collect();
+        if !communities.is_empty() {
+            attrs.push(PathAttribute::Communities(
+                communities.into_iter().collect(),
+            ));
+        }
+        attrs
+    }
+
+    fn announce(&self, routes: &[(IpNetwork, &RouteAttrs)]) -> Vec<Message> {
+        // One group of UPDATEs per distinct attribute set.
+        let mut groups: BTreeMap<&RouteAttrs, Vec<IpNetwork>> = BTreeMap::new();
+        for (p, a) in routes {
+            groups.entry(a).or_default().push(*p);
+        }
+        let mut out = Vec::new();
+        for (route, prefixes) in groups {
+            let base = self.attributes(route);
+            let v4: Vec<_> = prefixes
+                .iter()
+                .filter_map(|p| match p {
+                    IpNetwork::V4(p) => Some(*p),
+                    IpNetwork::V6(_) => None,
+                })
+                .collect();
+            let v6: Vec<_> = prefixes.iter().filter(|p| p.is_ipv6()).copied().collect();
+            if let Some(nh) = self.next_hop_v4 {
+                for chunk in v4.chunks(V4_PER_UPDATE) {
+                    let mut attributes = base.clone();
+                    attributes.insert(2, PathAttribute::NextHop(nh));
+                    out.push(Message::Update(Update {
+                        withdrawn: Vec::new(),
+                        attributes,
+                        nlri: chunk.to_vec(),
+                    }));
+                }
+            }
+            if let Some(nh) = self.next_hop_v6 {
+                for chunk in v6.chunks(V6_PER_UPDATE) {
+                    let mut attributes = vec![PathAttribute::MpReach {
+                        afi: AFI_IPV6,
+                        safi: SAFI_UNICAST,
+                        next_hops: vec![IpAddr::V6(nh)],
+                        nlri: chunk.to_vec(),
+                    }];
+                    attributes.extend(base.iter().cloned());
+                    out.push(Message::Update(Update {
+                        attributes,
+                        ..Update::default()
+                    }));
+                }
             }
         }
         out
@@ -634,15 +702,25 @@ impl Rib {
         out
     }
 
-    /// Messages that bring the peer from `advertised` to `wanted`.
-    fn sync(&mut self, wanted: &BTreeSet<IpNetwork>) -> Vec<Message> {
-        let wanted: BTreeSet<IpNetwork> = wanted
+    /// Messages that bring the peer from `advertised` to `wanted`: withdrawals of what is
+    /// gone, announcements of what is new or has other attributes.
+    fn sync(&mut self, wanted: &Routes) -> Vec<Message> {
+        let wanted: Routes = wanted
             .iter()
-            .filter(|p| self.eligible(p))
+            .filter(|(p, _)| self.eligible(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        let gone: Vec<IpNetwork> = self
+            .advertised
+            .keys()
+            .filter(|p| !wanted.contains_key(p))
             .copied()
             .collect();
-        let gone: Vec<IpNetwork> = self.advertised.difference(&wanted).copied().collect();
-        let new: Vec<IpNetwork> = wanted.difference(&self.advertised).copied().collect();
+        let new: Vec<(IpNetwork, &RouteAttrs)> = wanted
+            .iter()
+            .filter(|(p, a)| self.advertised.get(p) != Some(a))
+            .map(|(p, a)| (*p, a))
+            .collect();
         let mut out = Rib::withdraw(&gone);
         out.extend(self.announce(&new));
         self.advertised = wanted;
@@ -691,7 +769,7 @@ pub fn keepalive_interval(hold: Duration, configured: Option<Duration>) -> Optio
 
 async fn session(
     config: &PeerConfig,
-    prefixes: &mut watch::Receiver<BTreeSet<IpNetwork>>,
+    prefixes: &mut watch::Receiver<Routes>,
     stop: &mut watch::Receiver<Option<tokio::time::Instant>>,
     status: &SharedStatus,
     bfd: &mut Option<watch::Receiver<BfdStatus>>,
@@ -775,20 +853,11 @@ async fn session(
         .any(|c| matches!(c, Capability::Multiprotocol { .. }));
     let v4 = !peer_has_mp || open.supports(AFI_IPV4, SAFI_UNICAST);
     let v6 = open.supports(AFI_IPV6, SAFI_UNICAST);
-    let mut attrs = vec![PathAttribute::Origin(0)];
-    if config.ibgp() {
-        attrs.push(PathAttribute::AsPath(Vec::new()));
-        attrs.push(PathAttribute::LocalPref(config.local_pref.unwrap_or(100)));
-    } else {
-        attrs.push(PathAttribute::AsPath(vec![AsSegment::Sequence(vec![
-            config.my_asn,
-        ])]));
-    }
-    if !config.communities.is_empty() {
-        attrs.push(PathAttribute::Communities(config.communities.clone()));
-    }
     let mut rib = Rib {
-        codec_attrs: attrs,
+        ibgp: config.ibgp(),
+        my_asn: config.my_asn,
+        local_pref: config.local_pref.unwrap_or(100),
+        communities: config.communities.clone(),
         next_hop_v4: config.next_hop_v4.or(match local.ip() {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(_) => None,
@@ -799,7 +868,7 @@ async fn session(
         }),
         v4,
         v6,
-        advertised: BTreeSet::new(),
+        advertised: Routes::new(),
     };
     *established = true;
     with_status(status, |s| {
@@ -875,11 +944,11 @@ async fn session(
                     Message::Keepalive | Message::Update(_) => {}
                     Message::RouteRefresh { afi, safi } => {
                         tracing::debug!(peer = %config.name, afi, safi, "route refresh");
-                        let family: Vec<IpNetwork> = rib
+                        let family: Vec<(IpNetwork, &RouteAttrs)> = rib
                             .advertised
                             .iter()
-                            .filter(|p| (afi == AFI_IPV4 && p.is_ipv4()) || (afi == AFI_IPV6 && p.is_ipv6()))
-                            .copied()
+                            .filter(|(p, _)| (afi == AFI_IPV4 && p.is_ipv4()) || (afi == AFI_IPV6 && p.is_ipv6()))
+                            .map(|(p, a)| (*p, a))
                             .collect();
                         if safi == SAFI_UNICAST && !family.is_empty() {
                             for m in rib.announce(&family) {
@@ -926,7 +995,7 @@ async fn graceful_close(
     rib: &mut Rib,
     deadline: tokio::time::Instant,
 ) {
-    let withdraw = rib.sync(&BTreeSet::new());
+    let withdraw = rib.sync(&Routes::new());
     let _ = tokio::time::timeout_at(deadline, async {
         for m in &withdraw {
             writer.send(m).await?;
@@ -971,16 +1040,20 @@ mod tests {
 
     fn rib() -> Rib {
         Rib {
-            codec_attrs: vec![
-                PathAttribute::Origin(0),
-                PathAttribute::AsPath(vec![AsSegment::Sequence(vec![64500])]),
-            ],
+            ibgp: false,
+            my_asn: 64500,
+            local_pref: 100,
+            communities: Vec::new(),
             next_hop_v4: Some(Ipv4Addr::new(198, 51, 100, 11)),
             next_hop_v6: None,
             v4: true,
             v6: true,
-            advertised: BTreeSet::new(),
+            advertised: Routes::new(),
         }
+    }
+
+    fn routes(list: &[IpNetwork]) -> Routes {
+        list.iter().map(|p| (*p, RouteAttrs::default())).collect()
     }
 
     #[test]
@@ -989,7 +1062,7 @@ mod tests {
         let a: IpNetwork = "203.0.113.1/32".parse().unwrap();
         let b: IpNetwork = "203.0.113.2/32".parse().unwrap();
         let v6: IpNetwork = "2001:db8::1/128".parse().unwrap();
-        let msgs = rib.sync(&[a, b, v6].into());
+        let msgs = rib.sync(&routes(&[a, b, v6]));
         assert_eq!(msgs.len(), 1);
         let Message::Update(u) = &msgs[0] else {
             panic!()
@@ -998,8 +1071,8 @@ mod tests {
         assert!(u
             .attributes
             .contains(&PathAttribute::NextHop(Ipv4Addr::new(198, 51, 100, 11))));
-        assert_eq!(rib.advertised, [a, b].into());
-        let msgs = rib.sync(&[b].into());
+        assert_eq!(rib.advertised, routes(&[a, b]));
+        let msgs = rib.sync(&routes(&[b]));
         assert_eq!(
             msgs,
             vec![Message::Update(Update {
@@ -1007,31 +1080,79 @@ mod tests {
                 ..Update::default()
             })]
         );
-        assert!(rib.sync(&[b].into()).is_empty());
+        assert!(rib.sync(&routes(&[b])).is_empty());
+    }
+
+    #[test]
+    fn attributes_per_route_group_and_changes_reannounce() {
+        let mut rib = rib();
+        rib.ibgp = true;
+        rib.communities = vec![7];
+        let a: IpNetwork = "203.0.113.1/32".parse().unwrap();
+        let b: IpNetwork = "203.0.113.2/32".parse().unwrap();
+        let pref = RouteAttrs {
+            local_pref: Some(200),
+            communities: vec![9, 7],
+        };
+        let mut wanted = routes(&[a]);
+        wanted.insert(b, pref.clone());
+        let msgs = rib.sync(&wanted);
+        assert_eq!(msgs.len(), 2, "one UPDATE per attribute set");
+        let attrs_of = |m: &Message| match m {
+            Message::Update(u) => (u.nlri.clone(), u.attributes.clone()),
+            other => panic!("{other:?}"),
+        };
+        let (nlri, attrs) = attrs_of(&msgs[0]);
+        assert_eq!(nlri, vec![a.to_string().parse().unwrap()]);
+        assert!(attrs.contains(&PathAttribute::LocalPref(100)));
+        assert!(attrs.contains(&PathAttribute::Communities(vec![7])));
+        assert!(attrs.contains(&PathAttribute::AsPath(Vec::new())));
+        let (_, attrs) = attrs_of(&msgs[1]);
+        assert!(attrs.contains(&PathAttribute::LocalPref(200)));
+        assert!(attrs.contains(&PathAttribute::Communities(vec![7, 9])));
+        // Changing a's attributes re-announces a only; nothing is withdrawn.
+        wanted.insert(a, pref);
+        let msgs = rib.sync(&wanted);
+        assert_eq!(msgs.len(), 1);
+        let Message::Update(u) = &msgs[0] else {
+            panic!()
+        };
+        assert!(u.withdrawn.is_empty());
+        assert_eq!(u.nlri, vec![a.to_string().parse().unwrap()]);
     }
 
     #[test]
     fn large_sets_fit_in_messages() {
         let mut rib = rib();
         rib.next_hop_v6 = Some("2001:db8::11".parse().unwrap());
-        let mut wanted = BTreeSet::new();
+        let mut wanted = Routes::new();
         for i in 0..3000u32 {
-            wanted.insert(IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0xcb00_0000 + i), 32).unwrap(),
-            ));
-            wanted.insert(IpNetwork::V6(
-                ipnetwork::Ipv6Network::new(
-                    Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)),
-                    128,
-                )
-                .unwrap(),
-            ));
+            let attrs = RouteAttrs {
+                local_pref: None,
+                communities: vec![i % 5],
+            };
+            wanted.insert(
+                IpNetwork::V4(
+                    ipnetwork::Ipv4Network::new(Ipv4Addr::from(0xcb00_0000 + i), 32).unwrap(),
+                ),
+                attrs.clone(),
+            );
+            wanted.insert(
+                IpNetwork::V6(
+                    ipnetwork::Ipv6Network::new(
+                        Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)),
+                        128,
+                    )
+                    .unwrap(),
+                ),
+                attrs,
+            );
         }
         let codec = Codec::default();
         for m in rib.sync(&wanted) {
             codec.encode(&m).expect("fits in 4096 bytes");
         }
-        for m in rib.sync(&BTreeSet::new()) {
+        for m in rib.sync(&Routes::new()) {
             codec.encode(&m).expect("fits in 4096 bytes");
         }
     }
