@@ -33,6 +33,10 @@ pub struct AgentConfig {
     pub watch_backoff_max: Duration,
     /// Answer ARP/NDP for the LoadBalancer IPs this node is elected for.
     pub enable_l2: bool,
+    /// Announce LoadBalancer IPs over BGP to the routers of matching BGPPeers.
+    pub enable_bgp: bool,
+    /// How long the graceful BGP withdrawal on shutdown may take.
+    pub bgp_shutdown_limit: Duration,
     /// UDP port of the agents' liveness heartbeats (every agent the same).
     pub memberlist_port: u16,
     /// Heartbeat interval and the silence after which a peer counts as dead.
@@ -66,6 +70,8 @@ impl AgentConfig {
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,
+            enable_bgp: false,
+            bgp_shutdown_limit: Duration::from_secs(5),
             memberlist_port: 7946,
             memberlist_interval: Duration::from_millis(200),
             memberlist_timeout: Duration::from_secs(1),

@@ -1,5 +1,5 @@
 //! `palisade agent`: wires the shared runtime (`palisade-runtime`) and the enabled
-//! reconcilers (enforcement, allocation, announcement, membership) together.
+//! reconcilers (enforcement, allocation, announcement, membership, BGP announcement) together.
 //!
 //! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
 //! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
+use palisade_bgp_announcement::{BgpCaches, BgpReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
 
@@ -111,6 +112,9 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             StatusCaches::register(&mut caches, &status_trigger),
         )
     });
+    let bgp_trigger = Trigger::new();
+    let bgp_caches = (cfg.enable_loadbalancer && cfg.enable_bgp)
+        .then(|| BgpCaches::register(&mut caches, &bgp_trigger));
     let readiness = caches.readiness();
     tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
@@ -198,6 +202,23 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
                 }
             }
         }
+    }
+
+    if let Some(stores) = bgp_caches {
+        let (plan_tx, _plan_rx) = tokio::sync::watch::channel(None);
+        let reconciler = BgpReconciler {
+            node_name: cfg.node_name.clone(),
+            stores,
+            metrics: metrics.clone(),
+            events: events.clone(),
+            settings: cfg.sync,
+            speaker: Arc::new(palisade_bgp::Speaker::new()),
+            class: cfg.load_balancer_class.clone(),
+            claim_unclassed: cfg.handle_classless_services,
+            shutdown_limit: cfg.bgp_shutdown_limit,
+            plan: plan_tx,
+        };
+        tasks.spawn(reconciler.run(bgp_trigger, shutdown.clone()));
     }
 
     // Log readiness once reached.
