@@ -185,6 +185,15 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "servicel2statuses",
         )
         .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BGPPeer", "bgppeers").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPAdvertisement",
+            "bgpadvertisements",
+        )
+        .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BFDProfile", "bfdprofiles").with_status(),
     ]
 }
 
