@@ -490,6 +490,26 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     lab.wait_hops(api, &["node3"], Duration::from_secs(10))?;
     assert_eq!(lab.connect(api)?, "node3");
 
+    // Metrics of a node with an established session and BFD up.
+    lab.wait_bfd_up("node3")?;
+    let m = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+        let up = lab
+            .agents
+            .metric("node3", "palisade_bgp_session_up{peer=\"tor\"}");
+        let bfd = lab
+            .agents
+            .metric("node3", "palisade_bgp_bfd_up{peer=\"tor\"}");
+        let sent = lab
+            .agents
+            .metric("node3", "palisade_bgp_prefixes_sent{peer=\"tor\"}");
+        Ok((up == Some(1.0) && bfd == Some(1.0) && sent == Some(2.0)).then_some(()))
+    })?;
+    assert!(
+        m.is_some(),
+        "node3 metrics: {:?}",
+        lab.agents.get("node3", "/metrics")
+    );
+
     // SIGTERM: withdraw, then exit 0.
     let status = lab
         .agents

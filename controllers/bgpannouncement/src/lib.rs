@@ -25,13 +25,13 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 use palisade_bgp::bfd::BfdConfig;
-use palisade_bgp::{PeerConfig, RouteAttrs, Routes, Speaker};
+use palisade_bgp::{PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker};
 use palisade_loadbalancer::bgp::{plan, BgpInputs, BgpPlan, PlannedPeer, Problem};
 use palisade_loadbalancer::crd::{BFDProfile, BGPAdvertisement, BGPPeer};
 use palisade_loadbalancer::IPAddressPool;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
-use palisade_runtime::metrics::Metrics;
+use palisade_runtime::metrics::{labels1, Metrics};
 use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
 use palisade_runtime::sync::{run_sync_loop, JobError, Trigger};
 use tokio::sync::watch;
@@ -55,6 +55,9 @@ impl JobError for PassError {
 
 /// Event reason on a BGP object whose configuration cannot be used as written.
 pub const BGP_CONFIG_PROBLEM: &str = "BGPConfigProblem";
+/// Event reasons on a BGPPeer when this node's session with it comes up / goes down.
+pub const BGP_SESSION_ESTABLISHED: &str = "BGPSessionEstablished";
+pub const BGP_SESSION_DOWN: &str = "BGPSessionDown";
 
 /// The caches the BGP reconciler reads.
 #[derive(Clone)]
@@ -172,6 +175,21 @@ impl BgpReconciler {
             return;
         }
         let this = Arc::new(self);
+        // Session states → metrics and Events, once a second.
+        {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut last = BTreeMap::new();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    last = this.observe_sessions(last).await;
+                }
+            });
+        }
         let reported = Arc::new(tokio::sync::Mutex::new(Vec::<Problem>::new()));
         trigger.poke();
         let metrics = Some(this.metrics.clone());
@@ -186,6 +204,88 @@ impl BgpReconciler {
         tracing::info!("withdrawing BGP routes before exit");
         this.speaker.shutdown(this.shutdown_limit).await;
         tracing::info!("BGP sessions closed");
+    }
+
+    /// Copies the speaker's per-peer status into the metrics, and sends an Event on the
+    /// BGPPeer when a session comes up or goes down. Returns what it saw.
+    async fn observe_sessions(
+        &self,
+        last: BTreeMap<String, PeerStatus>,
+    ) -> BTreeMap<String, PeerStatus> {
+        let now: BTreeMap<String, PeerStatus> = self
+            .speaker
+            .status()
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let m = &self.metrics.bgp;
+        for (name, s) in &now {
+            let l = labels1("peer", name.clone());
+            let before = last.get(name);
+            m.session_up
+                .get_or_create(&l)
+                .set(i64::from(s.state == SessionState::Established));
+            m.prefixes_sent
+                .get_or_create(&l)
+                .set(s.prefixes_sent as i64);
+            // Counters of a restarted session start again from 0.
+            let delta = |now: u64, then: Option<u64>| match then {
+                Some(t) if t <= now => now - t,
+                _ => now,
+            };
+            m.updates_sent
+                .get_or_create(&l)
+                .inc_by(delta(s.updates_sent, before.map(|b| b.updates_sent)));
+            m.established.get_or_create(&l).inc_by(delta(
+                s.established_count,
+                before.map(|b| b.established_count),
+            ));
+            if let Some(bfd) = s.bfd_state {
+                m.bfd_up
+                    .get_or_create(&l)
+                    .set(i64::from(bfd == palisade_bgp::bfd::BfdState::Up));
+                m.bfd_flaps
+                    .get_or_create(&l)
+                    .inc_by(delta(s.bfd_flaps, before.map(|b| b.bfd_flaps)));
+            }
+            let was_up = before.is_some_and(|b| b.state == SessionState::Established);
+            let is_up = s.state == SessionState::Established;
+            if was_up != is_up {
+                let obj = ObjectReference {
+                    api_version: Some("palisade.dev/v1alpha1".into()),
+                    kind: Some("BGPPeer".into()),
+                    name: Some(name.clone()),
+                    ..Default::default()
+                };
+                if is_up {
+                    let note = format!(
+                        "node {}: session Established (hold time {:?})",
+                        self.node_name,
+                        s.hold_time.unwrap_or_default()
+                    );
+                    self.events
+                        .normal(&obj, BGP_SESSION_ESTABLISHED, "Connect", note)
+                        .await;
+                } else {
+                    let note = format!(
+                        "node {}: session down: {}",
+                        self.node_name,
+                        s.last_down_reason.as_deref().unwrap_or("closed")
+                    );
+                    self.events
+                        .warning(&obj, BGP_SESSION_DOWN, "Disconnect", note)
+                        .await;
+                }
+            }
+        }
+        // Peers that went away: their series go too.
+        for name in last.keys().filter(|n| !now.contains_key(*n)) {
+            let l = labels1("peer", name.clone());
+            m.session_up.remove(&l);
+            m.prefixes_sent.remove(&l);
+            m.bfd_up.remove(&l);
+        }
+        now
     }
 
     /// One pass: plan from the caches, hand the result to the speaker.
