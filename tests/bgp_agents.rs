@@ -510,6 +510,43 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
         lab.agents.get("node3", "/metrics")
     );
 
+    // Status objects: node3's session and its Services.
+    let store = lab.store()?;
+    let pd = "palisade.dev/v1alpha1";
+    let sess = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(store
+            .get_object(pd, "BGPSessionStatus", None, "tor.node3")
+            .filter(|o| {
+                o.pointer("/status/state").and_then(Value::as_str) == Some("Established")
+                    && o.pointer("/status/bfdState").and_then(Value::as_str) == Some("Up")
+                    && o.pointer("/status/prefixesSent").and_then(Value::as_u64) == Some(2)
+            }))
+    })?;
+    let sess = sess.context("BGPSessionStatus tor.node3 not Established with BFD Up")?;
+    assert_eq!(sess["status"]["peerAddress"], ROUTER_IP.to_string());
+    assert!(sess.pointer("/status/establishedAt").is_some(), "{sess}");
+    for svc in ["web", "api"] {
+        let name = format!("{svc}.node3");
+        let o = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            Ok(store.get_object(pd, "ServiceBGPStatus", Some(NS), &name))
+        })?
+        .with_context(|| format!("no ServiceBGPStatus {name}"))?;
+        assert_eq!(o["status"]["peers"], json!(["tor"]), "{o}");
+        assert_eq!(
+            o["metadata"]["ownerReferences"][0]["kind"], "Service",
+            "{o}"
+        );
+    }
+    // node2 no longer has api's endpoint: no object for it.
+    let gone = poll(Duration::from_secs(10), Duration::from_millis(100), || {
+        Ok(store
+            .get_object(pd, "ServiceBGPStatus", Some(NS), "api.node2")
+            .is_none()
+            .then_some(()))
+    })?;
+    assert!(gone.is_some(), "api.node2 still there");
+    let _ = store;
+
     // SIGTERM: withdraw, then exit 0.
     let status = lab
         .agents
@@ -520,6 +557,12 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     println!("node1's next hop gone {lag:?} after its agent exited (graceful withdrawal)");
     let log = lab.agents.log("node1");
     assert!(log.contains("BGP sessions closed"), "{log}");
+    assert!(
+        lab.store()?
+            .get_object(pd, "BGPSessionStatus", None, "tor.node1")
+            .is_none(),
+        "node1's session object outlived its agent"
+    );
 
     // Crash: node2's agent SIGKILLed and its link down; BFD (100 ms x 3) at the router.
     let node2 = lab.nodes[1].clone();

@@ -579,6 +579,13 @@ def test_bgp_enabled_adds_exactly_its_read_permissions(chart: helm.Chart) -> Non
         ("palisade.dev", r, v)
         for r in ("bgppeers", "bgpadvertisements", "bfdprofiles")
         for v in ("list", "watch")
+    } | {
+        ("palisade.dev", r, v)
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
+        for v in ("list", "watch", "create", "delete")
+    } | {
+        ("palisade.dev", f"{r}/status", "patch")
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
     }
     assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES | L2_RULES | bgp
     args = args_of(docs)

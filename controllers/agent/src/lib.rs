@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
+use palisade_bgp_announcement::status::{BgpStatusCaches, BgpStatusWriter};
 use palisade_bgp_announcement::{BgpCaches, BgpReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
@@ -113,8 +114,13 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         )
     });
     let bgp_trigger = Trigger::new();
-    let bgp_caches = (cfg.enable_loadbalancer && cfg.enable_bgp)
-        .then(|| BgpCaches::register(&mut caches, &bgp_trigger));
+    let bgp_status_trigger = Trigger::new();
+    let bgp_caches = (cfg.enable_loadbalancer && cfg.enable_bgp).then(|| {
+        (
+            BgpCaches::register(&mut caches, &bgp_trigger),
+            BgpStatusCaches::register(&mut caches, &bgp_status_trigger),
+        )
+    });
     let readiness = caches.readiness();
     tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
@@ -204,15 +210,26 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         }
     }
 
-    if let Some(stores) = bgp_caches {
-        let (plan_tx, _plan_rx) = tokio::sync::watch::channel(None);
+    if let Some((stores, status_stores)) = bgp_caches {
+        let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
+        let speaker = Arc::new(palisade_bgp::Speaker::new());
+        let writer = BgpStatusWriter {
+            client: client.clone(),
+            node_name: cfg.node_name.clone(),
+            stores: status_stores,
+            metrics: metrics.clone(),
+            settings: cfg.sync,
+            speaker: speaker.clone(),
+            plan: plan_rx,
+        };
+        tasks.spawn(writer.run(bgp_status_trigger, shutdown.clone()));
         let reconciler = BgpReconciler {
             node_name: cfg.node_name.clone(),
             stores,
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,
-            speaker: Arc::new(palisade_bgp::Speaker::new()),
+            speaker,
             class: cfg.load_balancer_class.clone(),
             claim_unclassed: cfg.handle_classless_services,
             shutdown_limit: cfg.bgp_shutdown_limit,

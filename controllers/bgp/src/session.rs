@@ -140,6 +140,8 @@ pub struct PeerStatus {
     pub state: SessionState,
     /// When the session last reached Established (None while it is not).
     pub established_at: Option<Instant>,
+    /// The same on the wall clock (for status objects).
+    pub established_wall: Option<std::time::SystemTime>,
     /// How many times it reached Established.
     pub established_count: u64,
     /// Prefixes the peer currently has from us.
@@ -163,6 +165,7 @@ impl PeerStatus {
             name: name.to_string(),
             state: SessionState::Idle,
             established_at: None,
+            established_wall: None,
             established_count: 0,
             prefixes_sent: 0,
             updates_sent: 0,
@@ -454,6 +457,7 @@ async fn run_peer(
         with_status(&status, |s| {
             s.state = SessionState::Idle;
             s.established_at = None;
+            s.established_wall = None;
             s.prefixes_sent = 0;
             s.hold_time = None;
             if let Err(e) = &result {
@@ -874,6 +878,7 @@ async fn session(
     with_status(status, |s| {
         s.state = SessionState::Established;
         s.established_at = Some(Instant::now());
+        s.established_wall = Some(std::time::SystemTime::now());
         s.established_count += 1;
         s.hold_time = Some(hold);
         s.last_error = None;

@@ -37,6 +37,8 @@ use palisade_runtime::sync::{run_sync_loop, JobError, Trigger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub mod status;
+
 /// Why a pass failed (retried with backoff). Planning itself cannot fail: problems with
 /// single objects are reported and skipped.
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@
 //!   l2         the L2 announcement decision: which IPs this node answers for
 //!   l2status   the ServiceL2Status plan: which objects this node creates, updates, deletes
 //!   bgp        the BGP plan: this node's peers (BGPPeer, BFDProfile) and routes per peer
+//!   bgpstatus  the BGPSessionStatus / ServiceBGPStatus plan of one node
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
 //! ```
 //!
@@ -22,6 +23,7 @@
 pub mod allocator;
 pub mod announce;
 pub mod bgp;
+pub mod bgpstatus;
 pub mod constants;
 pub mod crd;
 pub mod error;

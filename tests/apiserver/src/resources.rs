@@ -194,6 +194,20 @@ pub fn default_resources() -> Vec<ResourceDef> {
         )
         .with_status(),
         ResourceDef::cluster("palisade.dev", "v1alpha1", "BFDProfile", "bfdprofiles").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPSessionStatus",
+            "bgpsessionstatuses",
+        )
+        .with_status(),
+        ResourceDef::namespaced(
+            "palisade.dev",
+            "v1alpha1",
+            "ServiceBGPStatus",
+            "servicebgpstatuses",
+        )
+        .with_status(),
     ]
 }
 
