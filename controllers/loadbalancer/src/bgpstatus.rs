@@ -230,7 +230,12 @@ mod tests {
             ]
         );
         // In sync: nothing to do.
-        assert!(plan("n1", &[a.clone()], &[existing(&a), existing(&other)]).is_empty());
+        assert!(plan(
+            "n1",
+            std::slice::from_ref(&a),
+            &[existing(&a), existing(&other)]
+        )
+        .is_empty());
     }
 
     #[test]
