@@ -221,6 +221,8 @@ impl BgpLab {
         // Router: forwards, sends no redirects (the client must keep using it); the client
         // reaches the pool through it.
         sysctl(&router, "net.ipv4.ip_forward=1")?;
+        // Hash on ports too, so one client's connections spread over the next hops.
+        sysctl(&router, "net.ipv4.fib_multipath_hash_policy=1")?;
         for k in ["all", "default", "eth0"] {
             sysctl(&router, &format!("net.ipv4.conf.{k}.send_redirects=0"))?;
             sysctl(&client, &format!("net.ipv4.conf.{k}.accept_redirects=0"))?;
@@ -445,6 +447,74 @@ impl BgpLab {
     }
 }
 
+/// What a prober saw.
+#[derive(Debug, Default)]
+struct Probed {
+    attempts: u64,
+    connect_failures: u64,
+    /// Connections that were accepted but then reset or closed without a banner.
+    resets: u64,
+    served: BTreeSet<String>,
+}
+
+/// Opens connection after connection from the client to `vip:80` until stopped.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<Probed>>>,
+}
+
+impl Prober {
+    fn start(client_ns: &str, vip: IpAddr) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, ns) = (stop.clone(), client_ns.to_string());
+        let thread = std::thread::spawn(move || -> Result<Probed> {
+            netns::enter(&ns)?;
+            let mut p = Probed::default();
+            let t = Duration::from_millis(500);
+            while !stop2.load(Ordering::Relaxed) {
+                p.attempts += 1;
+                match TcpStream::connect_timeout(&SocketAddr::new(vip, 80), t) {
+                    Err(_) => p.connect_failures += 1,
+                    Ok(mut s) => {
+                        s.set_read_timeout(Some(t))?;
+                        let mut buf = String::new();
+                        match s.read_to_string(&mut buf) {
+                            Ok(_) if !buf.trim().is_empty() => {
+                                p.served.insert(buf.trim().to_string());
+                            }
+                            _ => p.resets += 1,
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(p)
+        });
+        Prober {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Result<Probed> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .context("stopped twice")?
+            .join()
+            .map_err(|_| anyhow::anyhow!("prober panicked"))?
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn ready(test: &str) -> bool {
     if !palisade_e2e::lab_ready(test) {
         return false;
@@ -547,7 +617,13 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     assert!(gone.is_some(), "api.node2 still there");
     let _ = store;
 
-    // SIGTERM: withdraw, then exit 0.
+    // SIGTERM while a client opens connection after connection (spread over the nodes by the
+    // router's L4 hash): node1 withdraws, exits 0, then its link goes down — no connection
+    // attempt is lost (a SYN the router still sent to node1 would time out once the link is
+    // down). Resets of connections that were open while the router re-hashed are counted
+    // apart: that is ECMP, not the withdrawal.
+    let prober = Prober::start(&lab.client, web);
+    std::thread::sleep(Duration::from_millis(300));
     let status = lab
         .agents
         .terminate("node1", Duration::from_secs(15))?
@@ -555,6 +631,15 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     assert!(status.success(), "agent exit status {status}");
     let lag = lab.wait_hops(web, &["node2", "node3"], Duration::from_secs(1))?;
     println!("node1's next hop gone {lag:?} after its agent exited (graceful withdrawal)");
+    netns::ip_in(&lab.nodes[0].netns, &["link", "set", "eth0", "down"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let calm = prober.stop()?;
+    println!("during SIGTERM of node1: {calm:?}");
+    assert!(
+        calm.served.contains("node1"),
+        "no connection reached node1: {calm:?}"
+    );
+    assert_eq!(calm.connect_failures, 0, "{calm:?}");
     let log = lab.agents.log("node1");
     assert!(log.contains("BGP sessions closed"), "{log}");
     assert!(
@@ -567,6 +652,8 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     // Crash: node2's agent SIGKILLed and its link down; BFD (100 ms x 3) at the router.
     let node2 = lab.nodes[1].clone();
     lab.wait_bfd_up("node2")?;
+    let prober = Prober::start(&lab.client, web);
+    std::thread::sleep(Duration::from_millis(300));
     // Link first: a killed process's sockets would otherwise send FIN, and the router would
     // drop the session at once without BFD.
     netns::ip_in(&node2.netns, &["link", "set", "eth0", "down"])?;
@@ -574,6 +661,12 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     ensure!(lab.agents.kill("node2")?, "no agent on node2");
     lab.wait_hops(web, &["node3"], Duration::from_secs(9))?;
     let after = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let crash = prober.stop()?;
+    println!("during the crash of node2: {crash:?}");
+    // The contrast that makes the zero above mean something: without a withdrawal, SYNs
+    // hashed to the dead node are lost until BFD removes it.
+    assert!(crash.connect_failures >= 1, "{crash:?}");
     println!("crashed node2's next hop gone after {after:?} (BFD 100 ms x 3, hold time 9 s)");
     assert!(
         after < Duration::from_millis(4500),
