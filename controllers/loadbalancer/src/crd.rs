@@ -752,13 +752,16 @@ mod tests {
                 "servicel2statuses.palisade.dev",
                 "bgppeers.palisade.dev",
                 "bgpadvertisements.palisade.dev",
-                "bfdprofiles.palisade.dev"
+                "bfdprofiles.palisade.dev",
+                "bgpsessionstatuses.palisade.dev",
+                "servicebgpstatuses.palisade.dev"
             ]
         );
         for crd in &crds {
             let v = crd_json(crd);
             // Configuration is cluster-wide; a status lives next to its Service.
-            let scope = if v["spec"]["names"]["kind"] == "ServiceL2Status" {
+            let kind = &v["spec"]["names"]["kind"];
+            let scope = if kind == "ServiceL2Status" || kind == "ServiceBGPStatus" {
                 "Namespaced"
             } else {
                 "Cluster"
