@@ -42,6 +42,10 @@ pub struct AgentConfig {
     pub l2_arp_filter: bool,
     /// Cordoned Nodes hand their LoadBalancer IPs over to other nodes.
     pub l2_exclude_cordoned: bool,
+    /// Announce LoadBalancer IPs over BGP to the routers of matching BGPPeers.
+    pub enable_bgp: bool,
+    /// How long the graceful BGP withdrawal on shutdown may take.
+    pub bgp_shutdown_limit: Duration,
     /// UDP port of the agents' liveness heartbeats (every agent the same).
     pub memberlist_port: u16,
     /// Heartbeat interval and the silence after which a peer counts as dead.
@@ -79,6 +83,8 @@ impl AgentConfig {
             l2_refresh_interval: palisade_speaker::DEFAULT_REFRESH_INTERVAL,
             l2_arp_filter: true,
             l2_exclude_cordoned: false,
+            enable_bgp: false,
+            bgp_shutdown_limit: Duration::from_secs(5),
             memberlist_port: 7946,
             memberlist_interval: Duration::from_millis(200),
             memberlist_timeout: Duration::from_secs(1),

@@ -1,5 +1,5 @@
 //! `palisade agent`: wires the shared runtime (`palisade-runtime`) and the enabled
-//! reconcilers (enforcement, allocation, announcement, membership) together.
+//! reconcilers (enforcement, allocation, announcement, membership, BGP announcement) together.
 //!
 //! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
 //! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
@@ -13,6 +13,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
+use palisade_bgp_announcement::status::{BgpStatusCaches, BgpStatusWriter};
+use palisade_bgp_announcement::{BgpCaches, BgpReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
 
@@ -104,6 +106,9 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
         }
     }
+    if let Some(bgp) = wiring.bgp {
+        start_bgp(&cfg, &shared, bgp, &mut tasks);
+    }
     tasks.spawn(log_when_ready(readiness.clone(), shutdown.clone()));
 
     shutdown.cancelled().await;
@@ -138,6 +143,12 @@ struct Wiring {
     netpol: Option<(Trigger, NetpolCaches)>,
     allocation: Option<(Trigger, LbCaches)>,
     l2: Option<L2Wiring>,
+    bgp: Option<BgpWiring>,
+}
+
+struct BgpWiring {
+    announcer: (Trigger, BgpCaches),
+    status: (Trigger, BgpStatusCaches),
 }
 
 struct L2Wiring {
@@ -167,6 +178,10 @@ impl Wiring {
             l2: (cfg.enable_loadbalancer && cfg.enable_l2).then(|| L2Wiring {
                 announcer: with(caches, AnnouncerCaches::register),
                 status: with(caches, StatusCaches::register),
+            }),
+            bgp: (cfg.enable_loadbalancer && cfg.enable_bgp).then(|| BgpWiring {
+                announcer: with(caches, BgpCaches::register),
+                status: with(caches, BgpStatusCaches::register),
             }),
         }
     }
@@ -284,6 +299,37 @@ async fn start_l2(
     };
     tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
     Ok(())
+}
+
+/// The BGP speaker, its reconciler and the BGP status writer.
+fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tasks) {
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
+    let speaker = Arc::new(palisade_bgp::Speaker::new());
+    let (status_trigger, status_stores) = bgp.status;
+    let writer = BgpStatusWriter {
+        client: shared.client.clone(),
+        node_name: cfg.node_name.clone(),
+        stores: status_stores,
+        metrics: shared.metrics.clone(),
+        settings: cfg.sync,
+        speaker: speaker.clone(),
+        plan: plan_rx,
+    };
+    tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
+    let (trigger, stores) = bgp.announcer;
+    let reconciler = BgpReconciler {
+        node_name: cfg.node_name.clone(),
+        stores,
+        metrics: shared.metrics.clone(),
+        events: shared.events.clone(),
+        settings: cfg.sync,
+        speaker,
+        class: cfg.load_balancer_class.clone(),
+        claim_unclassed: cfg.handle_classless_services,
+        shutdown_limit: cfg.bgp_shutdown_limit,
+        plan: plan_tx,
+    };
+    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
 }
 
 /// Logs readiness once reached.

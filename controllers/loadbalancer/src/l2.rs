@@ -198,7 +198,9 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
 }
 
 /// EndpointSlices by the (namespace, name) of their Service, built once per pass.
-fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+pub(crate) fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         let ns = s.metadata.namespace.as_deref();
@@ -215,7 +217,7 @@ fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Ve
 }
 
 /// Nodes with at least one ready endpoint in the Service's slices.
-fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
+pub(crate) fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
     slices
         .iter()
         .flat_map(|s| s.endpoints.iter())

@@ -152,6 +152,15 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ENABLE_L2", default_value_t = true, action = clap::ArgAction::Set)]
     enable_l2: bool,
 
+    /// Announce LoadBalancer IPs over BGP to the routers of the BGPPeers matching this node
+    /// (TCP 179 out, BFD on UDP 3784 in / 49152-65535 out).
+    #[arg(long, env = "PALISADE_ENABLE_BGP", default_value_t = false, action = clap::ArgAction::Set)]
+    enable_bgp: bool,
+
+    /// How long the graceful BGP withdrawal on SIGTERM may take.
+    #[arg(long, env = "PALISADE_BGP_SHUTDOWN_LIMIT", default_value = "5s", value_parser = parse_duration)]
+    bgp_shutdown_limit: Duration,
+
     /// UDP port of the agents' liveness heartbeats (the same on every node).
     #[arg(long, env = "PALISADE_MEMBERLIST_PORT", default_value_t = 7946)]
     memberlist_port: u16,
@@ -295,6 +304,8 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     cfg.l2_refresh_interval = a.l2_refresh_interval;
     cfg.l2_arp_filter = a.l2_arp_filter;
     cfg.l2_exclude_cordoned = a.l2_exclude_cordoned;
+    cfg.enable_bgp = a.enable_bgp;
+    cfg.bgp_shutdown_limit = a.bgp_shutdown_limit;
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;
