@@ -70,6 +70,11 @@ struct LastState {
     reported: BTreeSet<(String, String, String, String)>,
 }
 
+/// Milliseconds since `t` (for the phase timings in the sync log).
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e4).round() / 10.0
+}
+
 /// The address families this node's pods use: the families of its `spec.podCIDRs` and of
 /// its local pods' IPs; IPv4 when nothing says otherwise.
 pub fn node_families(state: &ClusterState, node: &str) -> BTreeSet<Family> {
@@ -226,8 +231,10 @@ impl NetpolReconciler {
     async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
         let start = Instant::now();
         let state = self.snapshot();
+        let snapshot_ms = ms_since(start);
         self.ensure_families(&state, cause, last).await;
         let links = self.link_dump().await;
+        let compile_start = Instant::now();
         // Compile every enforced family; collect what must be applied.
         let mut diagnostics = Vec::new();
         let mut work = Vec::new();
@@ -251,9 +258,12 @@ impl NetpolReconciler {
                 }
             }
         }
+        let compile_ms = ms_since(compile_start);
         diagnostics.sort();
         diagnostics.dedup();
+        let diagnostics_start = Instant::now();
         self.report_diagnostics(&diagnostics, last).await;
+        let diagnostics_ms = ms_since(diagnostics_start);
         if work.is_empty() {
             self.metrics
                 .netpol_syncs
@@ -264,13 +274,19 @@ impl NetpolReconciler {
         let mut ok = true;
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
+            let apply_start = Instant::now();
             let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+            let apply_ms = ms_since(apply_start);
             match result {
                 Ok(Ok(report)) => {
                     tracing::debug!(
                         cause = cause.as_str(),
                         ?family,
                         changed = report.changed,
+                        snapshot_ms,
+                        compile_ms,
+                        diagnostics_ms,
+                        apply_ms,
                         rules = payload.stats.rules,
                         sets = payload.stats.sets,
                         "netpol sync applied"
