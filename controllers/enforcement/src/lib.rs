@@ -58,7 +58,8 @@ struct FamilyState {
     /// Keeps the previous compile, so pod churn only recomputes what it touches.
     compiler: IncrementalCompiler,
     executor: Arc<dyn Executor>,
-    payload: Option<Payload>,
+    /// Shared with the executor, which remembers what it applied.
+    payload: Option<Arc<Payload>>,
 }
 
 #[derive(Default)]
@@ -248,23 +249,27 @@ impl NetpolReconciler {
                     let found = palisade_dataplane::interfaces::resolve(dump, &ips);
                     fs.compiler.set_pod_interfaces(found);
                 }
-                let payload = fs.compiler.sync(&state).clone();
+                let payload = fs.compiler.sync(&state);
+                let unchanged = fs.payload.as_deref() == Some(payload);
+                // Copied only when it goes to the kernel (then shared with the executor).
+                let to_apply = match (&fs.payload, unchanged) {
+                    (Some(last), true) if cause == Cause::Resync => Some(last.clone()),
+                    (_, true) => None,
+                    (_, false) => Some(Arc::new(payload.clone())),
+                };
                 if let Some(c) = fs.compiler.compiled() {
                     diagnostics.extend(c.diagnostics.iter().cloned());
                 }
-                let unchanged = fs.payload.as_ref() == Some(&payload);
-                if !unchanged || cause == Cause::Resync {
-                    work.push((*family, fs.executor.clone(), payload));
+                if let Some(p) = to_apply {
+                    work.push((*family, fs.executor.clone(), p));
                 }
             }
         }
         let compile_ms = ms_since(compile_start);
         diagnostics.sort();
         diagnostics.dedup();
-        let diagnostics_start = Instant::now();
-        self.report_diagnostics(&diagnostics, last).await;
-        let diagnostics_ms = ms_since(diagnostics_start);
         if work.is_empty() {
+            self.report_diagnostics(&diagnostics, last).await;
             self.metrics
                 .netpol_syncs
                 .get_or_create(&labels1("result", "unchanged"))
@@ -275,7 +280,7 @@ impl NetpolReconciler {
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
             let apply_start = Instant::now();
-            let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+            let result = tokio::task::spawn_blocking(move || executor.apply_shared(to_apply)).await;
             let apply_ms = ms_since(apply_start);
             match result {
                 Ok(Ok(report)) => {
@@ -285,7 +290,6 @@ impl NetpolReconciler {
                         changed = report.changed,
                         snapshot_ms,
                         compile_ms,
-                        diagnostics_ms,
                         apply_ms,
                         rules = payload.stats.rules,
                         sets = payload.stats.sets,
@@ -325,6 +329,9 @@ impl NetpolReconciler {
         self.metrics
             .netpol_sync_duration
             .observe(elapsed.as_secs_f64());
+        // Events (one per new diagnostic, an API call each) go out once the kernel has the
+        // rules: they never delay enforcement.
+        self.report_diagnostics(&diagnostics, last).await;
         self.metrics
             .netpol_syncs
             .get_or_create(&labels1("result", if ok { "applied" } else { "failed" }))

@@ -25,6 +25,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use futures::{Stream, TryStreamExt};
+use kube::runtime::watcher;
 use kube::Resource;
 use serde::{Deserialize, Deserializer};
 
@@ -35,6 +37,12 @@ pub struct SlimPod(pub Pod);
 impl SlimPod {
     pub fn into_inner(self) -> Pod {
         self.0
+    }
+}
+
+impl From<SlimPod> for Pod {
+    fn from(p: SlimPod) -> Pod {
+        p.0
     }
 }
 
@@ -166,6 +174,28 @@ impl<'de> Deserialize<'de> for SlimPod {
                 ..Default::default()
             }),
         }))
+    }
+}
+
+/// The watch of every Pod in the cluster, decoded as [`SlimPod`] and handed on as `Pod`
+/// events (for a `Store<Pod>`): the full objects are never built.
+pub fn slim_pod_watcher(
+    client: kube::Client,
+    config: watcher::Config,
+) -> impl Stream<Item = watcher::Result<watcher::Event<Pod>>> + Send {
+    watcher::watcher(kube::Api::<SlimPod>::all(client), config)
+        .map_ok(|ev| map_event(ev, SlimPod::into_inner))
+}
+
+/// Converts the object of a watch event.
+pub fn map_event<A, B>(ev: watcher::Event<A>, f: impl FnOnce(A) -> B) -> watcher::Event<B> {
+    use watcher::Event;
+    match ev {
+        Event::Apply(o) => Event::Apply(f(o)),
+        Event::Delete(o) => Event::Delete(f(o)),
+        Event::InitApply(o) => Event::InitApply(f(o)),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{labels1, Metrics};
+use crate::prune::{map_event, SlimPod};
 use crate::sync::Trigger;
 
 /// Names of watched resources, as used in logs, metrics and readiness output.
@@ -225,10 +226,11 @@ impl Stores {
         let l2_ar = palisade_api_resource("L2Advertisement", "l2advertisements");
         let l2_status_ar = palisade_api_resource("ServiceL2Status", "servicel2statuses");
         Stores {
+            // Pods are decoded slim (only what reconcilers read, see `prune`).
             pods: ctx.run(
                 wanted.pods,
                 names::PODS,
-                Api::all(client.clone()),
+                Api::<SlimPod>::all(client.clone()),
                 (),
                 subs.pods,
             ),
@@ -301,17 +303,20 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn run<K>(
+    /// Watches `D` (the decoded form) into a `Store<K>` (the cached form, `K: From<D>`; for
+    /// most kinds the same type).
+    fn run<K, D>(
         &self,
         wanted: bool,
         name: &'static str,
-        api: Api<K>,
+        api: Api<D>,
         dyntype: K::DynamicType,
         triggers: Vec<Trigger>,
     ) -> Store<K>
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K: Resource + Clone + Debug + Send + Sync + 'static + From<D>,
         K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+        D: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
         let writer = reflector::store::Writer::new(dyntype);
         let reader = writer.as_reader();
@@ -336,6 +341,7 @@ impl Ctx {
             healthy: healthy.clone(),
         };
         let stream = watcher::watcher(api, watcher::Config::default())
+            .map_ok(|ev| map_event(ev, K::from))
             .backoff(backoff)
             .modify(prune)
             .reflect(writer);
