@@ -140,12 +140,24 @@ fn outside(run: usize) -> Result<Value> {
 /// the kubelet, conditions and container status. Labels, IPs, node and ports are untouched,
 /// so the compiled rules are the same as for the minimal pods.
 fn apiserver_like(pod: &mut Value, i: usize) {
-    let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_string();
-    let node = pod["spec"]["nodeName"].as_str().unwrap_or_default().to_string();
-    let ip = pod["status"]["podIP"].as_str().unwrap_or_default().to_string();
+    let name = pod["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let node = pod["spec"]["nodeName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let ports = pod["spec"]["containers"][0]["ports"].clone();
     let ts = "2026-11-30T09:12:44Z";
-    let hash = format!("{:010x}", (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24);
+    let hash = format!(
+        "{:010x}",
+        (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 24
+    );
     let meta = &mut pod["metadata"];
     meta["generateName"] = json!(format!("{name}-{hash}-"));
     meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
@@ -217,8 +229,13 @@ fn apiserver_like(pod: &mut Value, i: usize) {
     });
     let cond = |t: &str| json!({"type": t, "status": "True", "lastProbeTime": null, "lastTransitionTime": ts});
     let status = &mut pod["status"];
-    status["conditions"] = json!([cond("PodReadyToStartContainers"), cond("Initialized"),
-        cond("Ready"), cond("ContainersReady"), cond("PodScheduled")]);
+    status["conditions"] = json!([
+        cond("PodReadyToStartContainers"),
+        cond("Initialized"),
+        cond("Ready"),
+        cond("ContainersReady"),
+        cond("PodScheduled")
+    ]);
     status["hostIP"] = json!("192.0.2.10");
     status["hostIPs"] = json!([{"ip": "192.0.2.10"}]);
     status["qosClass"] = json!("Burstable");
@@ -390,7 +407,10 @@ fn parse_ts(s: &str) -> Option<f64> {
     let mut d = date.split('-').map(|p| p.parse::<i64>());
     let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
     let mut t = time.split(':');
-    let (h, min) = (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    let (h, min) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
     let sec: f64 = t.next()?.parse().ok()?;
     // Days from civil (Howard Hinnant).
     let y = if m <= 2 { y - 1 } else { y };

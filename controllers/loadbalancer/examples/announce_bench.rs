@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use palisade_loadbalancer::announce::{advertisements_for_pool, eligible_nodes, winner};
 use palisade_loadbalancer::announce::TrafficPolicy;
+use palisade_loadbalancer::announce::{advertisements_for_pool, eligible_nodes, winner};
 use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision, Owned};
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
 use serde_json::json;
@@ -80,22 +80,28 @@ fn slice(i: usize, shift: usize) -> Arc<EndpointSlice> {
 }
 
 fn pools() -> Vec<IPAddressPool> {
-    vec![obj(json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+    vec![obj(
+        json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
         "metadata": {"name": "lan", "labels": {"site": "dc1"}},
-        "spec": {"addresses": ["10.200.0.0/16"]}}))]
+        "spec": {"addresses": ["10.200.0.0/16"]}}),
+    )]
 }
 
 fn advertisements() -> Vec<L2Advertisement> {
     vec![
-        obj(json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
             "metadata": {"name": "zone-a"},
             "spec": {"ipAddressPools": ["lan"], "interfaces": ["eth0"],
-                     "nodeSelectors": [{"matchLabels": {"zone": "a"}}]}})),
-        obj(json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
+                     "nodeSelectors": [{"matchLabels": {"zone": "a"}}]}}),
+        ),
+        obj(
+            json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
             "metadata": {"name": "zone-b"},
             "spec": {"ipAddressPoolSelectors": [{"matchLabels": {"site": "dc1"}}],
                      "nodeSelectors": [{"matchExpressions": [
-                         {"key": "zone", "operator": "In", "values": ["b"]}]}]}})),
+                         {"key": "zone", "operator": "In", "values": ["b"]}]}]}}),
+        ),
     ]
 }
 
@@ -199,7 +205,11 @@ fn main() {
     let all_nodes = t.elapsed();
     assert!(owners.values().all(|c| *c == 1), "an IP with two owners");
     let unowned = base.iter().filter(|d| d.winner.is_none()).count();
-    assert_eq!(owners.len() + unowned, SERVICES, "owned + unowned = all IPs");
+    assert_eq!(
+        owners.len() + unowned,
+        SERVICES,
+        "owned + unowned = all IPs"
+    );
     rows.push((
         format!("full pass on each of the {NODES} nodes (cluster-wide CPU)"),
         ms(all_nodes),
@@ -241,7 +251,9 @@ fn main() {
         ms(elig_t),
         format!("{} eligible per IP", eligible.len()),
     ));
-    let ips: Vec<IpAddr> = (0..SERVICES).map(|i| ip_of(i).parse().expect("ip")).collect();
+    let ips: Vec<IpAddr> = (0..SERVICES)
+        .map(|i| ip_of(i).parse().expect("ip"))
+        .collect();
     let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
     let (elect_t, _) = time(RUNS, || {
         ips.iter()
@@ -249,7 +261,10 @@ fn main() {
             .count()
     });
     rows.push((
-        format!("  part: election sha256(node#ip) × {SERVICES} IPs × {} nodes", refs.len()),
+        format!(
+            "  part: election sha256(node#ip) × {SERVICES} IPs × {} nodes",
+            refs.len()
+        ),
         ms(elect_t),
         format!(
             "{:.0} ns per hash",

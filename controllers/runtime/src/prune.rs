@@ -16,7 +16,9 @@
 //! network, named container ports, phase, IPs); serde skips the rest of the JSON without
 //! building it, so neither the list pages nor the cache ever hold the full objects.
 //! [`prune_pod`] is the same projection applied to an already decoded `Pod` (tests hold
-//! both to the same result).
+//! both to the same result). Enforcement registers its Pod cache with
+//! `Registration::watch_decoded::<Pod, SlimPod>` (see `stores`); every other reader of that
+//! cache sees the same slim Pods.
 //!
 //! Decoding is more lenient than `k8s-openapi`'s where a field we drop would have failed it
 //! (a malformed probe does not matter to us), and as strict on the fields we keep.
@@ -25,7 +27,6 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use futures::{Stream, TryStreamExt};
 use kube::runtime::watcher;
 use kube::Resource;
 use serde::{Deserialize, Deserializer};
@@ -177,16 +178,6 @@ impl<'de> Deserialize<'de> for SlimPod {
     }
 }
 
-/// The watch of every Pod in the cluster, decoded as [`SlimPod`] and handed on as `Pod`
-/// events (for a `Store<Pod>`): the full objects are never built.
-pub fn slim_pod_watcher(
-    client: kube::Client,
-    config: watcher::Config,
-) -> impl Stream<Item = watcher::Result<watcher::Event<Pod>>> + Send {
-    watcher::watcher(kube::Api::<SlimPod>::all(client), config)
-        .map_ok(|ev| map_event(ev, SlimPod::into_inner))
-}
-
 /// Converts the object of a watch event.
 pub fn map_event<A, B>(ev: watcher::Event<A>, f: impl FnOnce(A) -> B) -> watcher::Event<B> {
     use watcher::Event;
@@ -334,7 +325,8 @@ mod tests {
             json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c",
                 "readinessProbe": "not an object"}]}}),
         ] {
-            let p: SlimPod = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{v}: {e}"));
+            let p: SlimPod =
+                serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{v}: {e}"));
             assert_eq!(p.0.metadata.name.as_deref(), Some("a"));
         }
         // A field we keep with the wrong type is an error, as in the full decode.
