@@ -10,6 +10,9 @@
 //! - **rules in the kernel**: agent spawn → its first successful apply (the agent's
 //!   `palisade_netpol_last_success_timestamp_seconds`, polled every 10 ms); afterwards the
 //!   kernel is checked (`iptables-save`, `ipset list`) against the agent's own counts;
+//! - **CPU**: the agent's CPU time until then (with its `ipset` / `iptables-restore` children)
+//!   and this program's meanwhile (the API server serving the lists), from `/proc/PID/stat`;
+//!   and the API server alone listing the pods as the agent pages them (500 per page);
 //! - **memory**: `VmHWM` (peak RSS) and `VmRSS` of the agent from `/proc/PID/status` at the
 //!   first apply and after `COLDSTART_STEADY_SECS` (steady state);
 //! - **where the time goes**: timestamps of the agent's own log lines (JSON format): client
@@ -272,6 +275,10 @@ fn inside() -> Result<Value> {
     }
     drop(cluster);
 
+    // The API server alone: the pod list as the agent's watcher pages it (500 per page),
+    // bodies read and dropped. What the agent cannot go below against this server.
+    let server_list_ms = list_pods_raw(&api)?;
+
     let dir = TempDir::new("coldstart");
     let kc = api.kubeconfig(&dir);
     let mut args: Vec<String> = [
@@ -295,6 +302,7 @@ fn inside() -> Result<Value> {
         "PALISADE_LOG_LEVEL",
         "info,palisade_runtime=debug,palisade_enforcement=debug",
     )];
+    let own_cpu0 = cpu_ms("self")?;
     let spawn_unix = unix_now();
     let t0 = Instant::now();
     let mut agent = AgentProc::spawn("agent", &argv, &env, dir.path());
@@ -320,6 +328,8 @@ fn inside() -> Result<Value> {
         bail!("no successful apply within 120 s:\n{}", agent.logs());
     };
     let mem_at_apply = proc_mem(pid)?;
+    let agent_cpu = cpu_ms(&pid.to_string())?;
+    let server_cpu = cpu_ms("self")? - own_cpu0;
     let steady: u64 = env_or("COLDSTART_STEADY_SECS", "5").parse()?;
     let until = t0 + Duration::from_secs(steady);
     if let Some(d) = until.checked_duration_since(Instant::now()) {
@@ -349,8 +359,11 @@ fn inside() -> Result<Value> {
     Ok(json!({
         "objects": count, "pods": pods, "json_bytes": bytes,
         "applied_ms": (applied - spawn_unix) * 1e3,
+        "agent_cpu_ms": agent_cpu, "server_cpu_ms": server_cpu,
+        "server_list_ms": server_list_ms,
         "hwm_apply_kib": mem_at_apply.0, "rss_apply_kib": mem_at_apply.1,
         "hwm_kib": mem_steady.0, "rss_kib": mem_steady.1,
+        "rss_anon_kib": mem_steady.2, "rss_file_kib": mem_steady.3,
         "kernel_rules": k_rules, "kernel_sets": k_sets, "kernel_members": k_members,
         "phases": phases,
     }))
@@ -363,8 +376,72 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// (VmHWM, VmRSS) in KiB.
-fn proc_mem(pid: u32) -> Result<(u64, u64)> {
+/// CPU time (user + system, with reaped children: the agent's `ipset` and `iptables-restore`)
+/// of a process (`self` or a pid), in ms.
+fn cpu_ms(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`: state is field 3; utime, stime, cutime, cstime are 14–17.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if f.len() != 4 {
+        bail!("unexpected /proc/{pid}/stat: {stat}");
+    }
+    let tck = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(100.0);
+    Ok(f.iter().sum::<f64>() * 1000.0 / tck)
+}
+
+/// Lists every pod from the API server in pages of 500 over plain HTTP; returns ms.
+fn list_pods_raw(api: &Api) -> Result<f64> {
+    let url = api.server.url();
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("API server address of {url}"))?;
+    let t = Instant::now();
+    let mut cont = String::new();
+    for _ in 0..1000 {
+        let path = if cont.is_empty() {
+            "/api/v1/pods?limit=500".to_string()
+        } else {
+            format!("/api/v1/pods?limit=500&continue={cont}")
+        };
+        let (code, body) =
+            palisade_e2e::http_get(addr, &path, Duration::from_secs(2), Duration::from_secs(30))?;
+        if code != 200 {
+            bail!("GET {path}: {code}");
+        }
+        // The list metadata comes before the items.
+        let head = &body[..body.len().min(512)];
+        cont = head
+            .split_once("\"continue\":\"")
+            .and_then(|(_, r)| r.split_once('"'))
+            .map(|(c, _)| c.to_string())
+            .unwrap_or_default();
+        if cont.is_empty() {
+            return Ok(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    bail!("the pod list did not end")
+}
+
+/// (VmHWM, VmRSS, RssAnon, RssFile) in KiB.
+fn proc_mem(pid: u32) -> Result<(u64, u64, u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
         s.lines()
@@ -373,7 +450,12 @@ fn proc_mem(pid: u32) -> Result<(u64, u64)> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Ok((field("VmHWM:"), field("VmRSS:")))
+    Ok((
+        field("VmHWM:"),
+        field("VmRSS:"),
+        field("RssAnon:"),
+        field("RssFile:"),
+    ))
 }
 
 /// Rules in our chains, our ipsets and their members, as the kernel of this namespace has them.
@@ -477,26 +559,35 @@ fn print_tables(results: &[Value]) {
     );
     let col = |k: &str| -> Vec<f64> { results.iter().filter_map(|r| r[k].as_f64()).collect() };
     let mib = |kib: f64| format!("{:.1} MiB", kib / 1024.0);
-    println!("| run | spawn → rules in the kernel | peak RSS at apply | RSS at apply | peak RSS (steady) | RSS (steady) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| run | spawn → rules in the kernel | agent CPU until then | API server CPU meanwhile | API server alone: list pods | peak RSS at apply | peak RSS (steady) | RSS (steady) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in results.iter().enumerate() {
         let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
         println!(
-            "| {i} | {:.0} ms | {} | {} | {} | {} |",
+            "| {i} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {} | {} | {} |",
             f("applied_ms"),
+            f("agent_cpu_ms"),
+            f("server_cpu_ms"),
+            f("server_list_ms"),
             mib(f("hwm_apply_kib")),
-            mib(f("rss_apply_kib")),
             mib(f("hwm_kib")),
             mib(f("rss_kib"))
         );
     }
     println!(
-        "| **median** | **{:.0} ms** | {} | {} | **{}** | **{}** |",
+        "| **median** | **{:.0} ms** | {:.0} ms | {:.0} ms | {:.0} ms | {} | **{}** | **{}** |",
         median(col("applied_ms")),
+        median(col("agent_cpu_ms")),
+        median(col("server_cpu_ms")),
+        median(col("server_list_ms")),
         mib(median(col("hwm_apply_kib"))),
-        mib(median(col("rss_apply_kib"))),
         mib(median(col("hwm_kib"))),
         mib(median(col("rss_kib")))
+    );
+    println!(
+        "\nsteady RSS, median: {} anonymous (heap, stacks) + {} file-backed (the binary's pages)",
+        mib(median(col("rss_anon_kib"))),
+        mib(median(col("rss_file_kib")))
     );
     println!(
         "\nkernel after the first apply: {} rules in PAL chains, {} sets, {} members\n",
