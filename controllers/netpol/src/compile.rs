@@ -22,6 +22,7 @@ use ipnetwork::IpNetwork;
 
 use crate::model::{normalize, Model, Peer, PodInfo, PolicyInfo, PortInfo, PortSel, RuleInfo};
 use crate::names::{self, hashed};
+use crate::provenance::{PolicyRef, RuleRef};
 use crate::selector::{NamespaceLabels, Selector};
 use crate::{
     reasons, ClusterState, Diagnostic, Family, NodeConfig, PodInterface, DEFAULT_MARK_BIT,
@@ -688,10 +689,12 @@ impl<'m, 'a> Compiler<'m, 'a> {
             return name;
         }
         let mut rules = vec![Rule::new(vec![], Target::ClearMark(self.mark))];
-        for (&q, key) in policies.iter().zip(keys) {
+        for &q in policies {
             if let Some(chain) = policy_chain.get(&(q, dir)) {
+                let pol = &self.model.policies[q];
+                let provenance = PolicyRef::network_policy(pol.ns, pol.name);
                 rules.push(Rule::new(
-                    vec![Match::Comment(key)],
+                    vec![Match::Comment(provenance.to_string())],
                     Target::Jump(chain.clone()),
                 ));
             }
@@ -726,7 +729,14 @@ impl<'m, 'a> Compiler<'m, 'a> {
             None => vec![vec![]],
             Some(list) => self.port_groups(pol, dir, list, selected),
         };
-        let comment = Match::Comment(format!("{} {}[{}]", pol.key(), dir.as_str(), rule.index));
+        let comment = Match::Comment(
+            RuleRef {
+                policy: PolicyRef::network_policy(pol.ns, pol.name),
+                direction: dir.as_str().into(),
+                index: rule.index,
+            }
+            .to_string(),
+        );
         for peer in &peers {
             for port in &ports {
                 let mut m = Vec::with_capacity(port.len() + 2);

@@ -50,10 +50,12 @@
 pub mod builders;
 pub mod compile;
 mod error;
+pub mod explain;
 pub mod incremental;
 pub mod manifests;
 mod model;
 pub mod names;
+pub mod provenance;
 pub mod render;
 pub mod selector;
 pub mod synthetic;
