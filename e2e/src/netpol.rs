@@ -575,7 +575,11 @@ impl Cluster {
                     "{} -> {} {protocol}/{port}: kernel {}, explain {}: {}",
                     froms[r].name,
                     tos[c].name,
-                    if observed.at(r, c) { "reachable" } else { "blocked" },
+                    if observed.at(r, c) {
+                        "reachable"
+                    } else {
+                        "blocked"
+                    },
                     v["verdict"],
                     v["reason"]
                 ));

@@ -354,7 +354,11 @@ impl Explanation {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let port = match &self.port_name {
-            Some(n) => format!("{}/{} ({n})", self.protocol.as_str().to_uppercase(), self.port),
+            Some(n) => format!(
+                "{}/{} ({n})",
+                self.protocol.as_str().to_uppercase(),
+                self.port
+            ),
             None => format!("{}/{}", self.protocol.as_str().to_uppercase(), self.port),
         };
         let _ = writeln!(
@@ -460,7 +464,10 @@ impl<'s> Explainer<'s> {
         let to = self.resolve(&flow.to, family)?;
         let (port, port_name) = match &flow.port {
             PortSpec::Number(n) => (*n, None),
-            PortSpec::Name(name) => (self.named_port(&flow.to, name, flow.protocol)?, Some(name.clone())),
+            PortSpec::Name(name) => (
+                self.named_port(&flow.to, name, flow.protocol)?,
+                Some(name.clone()),
+            ),
         };
         let mut hops = Vec::new();
         let mut traces = Vec::new();
@@ -496,7 +503,11 @@ impl<'s> Explainer<'s> {
                 };
                 if !covered {
                     pkt.src_local = self.node_has_address(&b, from.ip);
-                    let chain = if to.kind.policed() { "FORWARD" } else { "INPUT" };
+                    let chain = if to.kind.policed() {
+                        "FORWARD"
+                    } else {
+                        "INPUT"
+                    };
                     traces.push(self.trace(&b, family, chain, &pkt)?);
                 }
             }
@@ -523,9 +534,7 @@ impl<'s> Explainer<'s> {
             &to,
             to.kind.policed().then(|| find(&to.node)).flatten(),
         );
-        let dropped = traces
-            .iter()
-            .find(|(_, _, t)| t.verdict == Verdict::Drop);
+        let dropped = traces.iter().find(|(_, _, t)| t.verdict == Verdict::Drop);
         let decision = if dropped.is_some() {
             Decision::Denied
         } else {
@@ -538,7 +547,10 @@ impl<'s> Explainer<'s> {
                 (Decision::Denied, _, _) => format!("egress: {}", egress.reason),
                 (_, Decision::Denied, _) => format!("ingress: {}", ingress.reason),
                 (_, _, Some((node, _, t))) => {
-                    format!("dropped on {node} by {}", t.path.last().cloned().unwrap_or_default())
+                    format!(
+                        "dropped on {node} by {}",
+                        t.path.last().cloned().unwrap_or_default()
+                    )
                 }
                 _ => "allowed in both directions".into(),
             }
@@ -606,9 +618,7 @@ impl<'s> Explainer<'s> {
                 }
                 let ip = pod_ip(pod, family)
                     .map_err(|b| bad(format!("pod {e}: IP {b:?} does not parse")))?
-                    .ok_or_else(|| {
-                        bad(format!("pod {e} has no IPv{} address", family.tag()))
-                    })?;
+                    .ok_or_else(|| bad(format!("pod {e} has no IPv{} address", family.tag())))?;
                 let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
                 let kind = if is_active(pod) {
                     EndpointKind::Pod
@@ -638,9 +648,12 @@ impl<'s> Explainer<'s> {
         };
         // An active pod with this address (the last one listed wins, as in the compiler's
         // de-duplication of equal names; two pods with one IP are a diagnostic there).
-        let pod = self.state.pods.iter().rev().find(|p| {
-            is_active(p) && matches!(pod_ip(p, family), Ok(Some(a)) if a == ip)
-        });
+        let pod = self
+            .state
+            .pods
+            .iter()
+            .rev()
+            .find(|p| is_active(p) && matches!(pod_ip(p, family), Ok(Some(a)) if a == ip));
         if let Some(p) = pod {
             out.kind = EndpointKind::Pod;
             out.pod = Some(format!(
@@ -796,8 +809,12 @@ fn side(
     let who = ep.pod.clone().unwrap_or_else(|| ep.ip.to_string());
     let Some((node, _, t)) = trace else {
         let reason = match (ep.kind, direction) {
-            (EndpointKind::External, "egress") => "the source is outside the cluster: no egress policy applies",
-            (EndpointKind::External, _) => "the destination is outside the cluster: no ingress policy applies",
+            (EndpointKind::External, "egress") => {
+                "the source is outside the cluster: no egress policy applies"
+            }
+            (EndpointKind::External, _) => {
+                "the destination is outside the cluster: no ingress policy applies"
+            }
             (EndpointKind::Node | EndpointKind::HostNetworkPod, "egress") => {
                 "the source is on a node's network: no egress policy applies"
             }
@@ -827,7 +844,11 @@ fn side(
     let mut denied_by = None;
     let mut isolated = false;
     let mut drop: Option<&Step> = None;
-    for s in t.steps.iter().filter(|s| direction_of(s) == Some(direction)) {
+    for s in t
+        .steps
+        .iter()
+        .filter(|s| direction_of(s) == Some(direction))
+    {
         if let Action::Goto(c) | Action::Jump(c) = &s.action {
             if c.starts_with(profile_prefix) {
                 isolated = true;
@@ -896,7 +917,10 @@ fn side(
             Some(hit) => (Decision::Allowed, format!("allowed by {}", hit.describe())),
             None => (
                 Decision::Allowed,
-                format!("{who} is isolated by {} and the flow passed", policies.join(", ")),
+                format!(
+                    "{who} is isolated by {} and the flow passed",
+                    policies.join(", ")
+                ),
             ),
         },
     };
@@ -983,7 +1007,9 @@ mod tests {
         assert_eq!(hit.rule.policy.short(), "cnp/admin/block-db");
         assert_eq!(hit.rule.index, 2);
         assert_eq!(hit.action, "deny");
-        assert!(s.reason.starts_with("denied by cnp/admin/block-db ingress rule 2"));
+        assert!(s
+            .reason
+            .starts_with("denied by cnp/admin/block-db ingress rule 2"));
         // The egress side saw none of it.
         let e = side("egress", &pod(), Some(&hop));
         assert_eq!(e.decision, Decision::Allowed);

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
 use palisade_netpol::builders::*;
 use palisade_netpol::compile::Protocol;
-use palisade_netpol::explain::{
-    Decision, EndpointKind, ExplainOptions, Explainer, Flow, PortSpec,
-};
+use palisade_netpol::explain::{Decision, EndpointKind, ExplainOptions, Explainer, Flow, PortSpec};
 use palisade_netpol::ClusterState;
 use serde_json::json;
 
@@ -35,9 +33,15 @@ fn state(policies: Vec<serde_json::Value>) -> ClusterState {
         ],
         vec![mk_ns("x", &[("ns", "x")]), mk_ns("y", &[("ns", "y")])],
         vec![
-            with_ports(mk_pod("x", "a", &[("pod", "a")], "10.244.1.2", "node1"), &ports),
+            with_ports(
+                mk_pod("x", "a", &[("pod", "a")], "10.244.1.2", "node1"),
+                &ports,
+            ),
             mk_pod("y", "b", &[("pod", "b")], "10.244.1.3", "node1"),
-            with_ports(mk_pod("x", "b", &[("pod", "b")], "10.244.2.2", "node2"), &ports),
+            with_ports(
+                mk_pod("x", "b", &[("pod", "b")], "10.244.2.2", "node2"),
+                &ports,
+            ),
             mk_pod("y", "a", &[("pod", "a")], "10.244.2.3", "node2"),
             with_host_network(mk_pod("y", "h", &[], "192.168.0.2", "node2")),
         ],
@@ -70,7 +74,11 @@ fn explain(s: &ClusterState, line: &str) -> palisade_netpol::explain::Explanatio
 
 fn deny_x_allow_y_http() -> ClusterState {
     state(vec![
-        pol("x", "deny-all", json!({ "podSelector": {}, "policyTypes": ["Ingress"] })),
+        pol(
+            "x",
+            "deny-all",
+            json!({ "podSelector": {}, "policyTypes": ["Ingress"] }),
+        ),
         pol(
             "x",
             "allow-y-http",
@@ -109,7 +117,10 @@ fn allowed_by_names_policy_rule_peer_and_port() {
     assert_eq!(e.egress.reason, "no policy isolates y/b for egress");
     let text = e.to_text();
     assert!(text.starts_with("ALLOWED: y/b"), "{text}");
-    assert!(text.contains("allowed by: x/allow-y-http ingress rule 1"), "{text}");
+    assert!(
+        text.contains("allowed by: x/allow-y-http ingress rule 1"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -125,7 +136,8 @@ fn denied_names_isolating_policies() {
     assert_eq!(e.ingress.node.as_deref(), Some("node1"));
     assert!(e.ingress.allowed_by.is_empty());
     assert!(
-        e.reason.contains("x/a is isolated for ingress by x/allow-y-http, x/deny-all"),
+        e.reason
+            .contains("x/a is isolated for ingress by x/allow-y-http, x/deny-all"),
         "{}",
         e.reason
     );
@@ -161,13 +173,18 @@ fn egress_side_is_checked_on_the_source_node() {
     let e = explain(&s, "y/a 10.244.1.2 53 udp");
     assert_eq!(e.decision, Decision::Allowed, "{}", e.to_text());
     assert_eq!(e.egress.node.as_deref(), Some("node2"));
-    assert_eq!(e.egress.allowed_by[0].rule.policy.short(), "y/egress-to-x-a");
+    assert_eq!(
+        e.egress.allowed_by[0].rule.policy.short(),
+        "y/egress-to-x-a"
+    );
     assert_eq!(e.egress.allowed_by[0].port, "UDP 53");
     assert_eq!(e.to.pod.as_deref(), Some("x/a"));
     let e = explain(&s, "y/a x/a 53 TCP");
     assert_eq!(e.decision, Decision::Denied);
     assert_eq!(e.egress.decision, Decision::Denied);
-    assert!(e.reason.starts_with("egress: y/a is isolated for egress by y/egress-to-x-a"));
+    assert!(e
+        .reason
+        .starts_with("egress: y/a is isolated for egress by y/egress-to-x-a"));
     // To the outside world: only the source's node decides.
     let e = explain(&s, "y/a 8.8.8.8 53 UDP");
     assert_eq!(e.decision, Decision::Denied);
@@ -225,7 +242,10 @@ fn sctp_and_port_ranges() {
         }),
     )]);
     assert_eq!(explain(&s, "y/b x/a 85 SCTP").decision, Decision::Allowed);
-    assert_eq!(explain(&s, "y/b x/a 85 sctp").ingress.allowed_by[0].port, "SCTP 80-90");
+    assert_eq!(
+        explain(&s, "y/b x/a 85 sctp").ingress.allowed_by[0].port,
+        "SCTP 80-90"
+    );
     assert_eq!(explain(&s, "y/b x/a 91 SCTP").decision, Decision::Denied);
     assert_eq!(explain(&s, "y/b x/a 85 TCP").decision, Decision::Denied);
 }
@@ -282,5 +302,8 @@ fn ipv6_flows_use_the_ipv6_rules() {
     let e = explain(&s, "y/six x/six 80 TCP");
     assert_eq!(e.from.ip.to_string(), "fd00:2::2");
     assert_eq!(e.decision, Decision::Denied);
-    assert_eq!(explain(&s, "x/six y/six 80 TCP").decision, Decision::Allowed);
+    assert_eq!(
+        explain(&s, "x/six y/six 80 TCP").decision,
+        Decision::Allowed
+    );
 }
