@@ -12,19 +12,19 @@ use palisade_netpol::{Family, NodeConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use palisade_announcement::AnnouncerReconciler;
+use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
 
 pub use config::AgentConfig;
-use palisade_allocation::LoadBalancerReconciler;
-use palisade_announcement::status::StatusWriter;
-use palisade_enforcement::{ExecutorFactory, NetpolReconciler};
+use palisade_allocation::{LbCaches, LoadBalancerReconciler};
+use palisade_announcement::status::{StatusCaches, StatusWriter};
+use palisade_enforcement::{ExecutorFactory, NetpolCaches, NetpolReconciler};
 use palisade_membership::MembershipSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::leader::LeaderElector;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{Stores, Subscribers, Wanted};
+use palisade_runtime::stores::Caches;
 use palisade_runtime::sync::Trigger;
 use palisade_runtime::Error;
 
@@ -88,52 +88,34 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         None
     };
 
-    let netpol_trigger = Trigger::new();
-    let lb_trigger = Trigger::new();
-    let ann_trigger = Trigger::new();
-    let status_trigger = Trigger::new();
-    let mut wanted = Wanted::default();
-    let mut subs = Subscribers::default();
-    if cfg.enable_netpol {
-        wanted = wanted.union(Wanted::netpol());
-        subs.pods.push(netpol_trigger.clone());
-        subs.namespaces.push(netpol_trigger.clone());
-        subs.network_policies.push(netpol_trigger.clone());
-        subs.nodes.push(netpol_trigger.clone());
-    }
-    if cfg.enable_loadbalancer {
-        wanted = wanted.union(Wanted::loadbalancer());
-        subs.ip_address_pools.push(lb_trigger.clone());
-        subs.l2_advertisements.push(lb_trigger.clone());
-        subs.services.push(lb_trigger.clone());
-        subs.namespaces.push(lb_trigger.clone());
-        subs.nodes.push(lb_trigger.clone());
-        subs.endpoint_slices.push(lb_trigger.clone());
-        for t in [
-            &mut subs.services,
-            &mut subs.nodes,
-            &mut subs.ip_address_pools,
-            &mut subs.l2_advertisements,
-            &mut subs.endpoint_slices,
-        ] {
-            t.push(ann_trigger.clone());
-        }
-        if cfg.enable_l2 {
-            wanted = wanted.union(Wanted::l2_status());
-            subs.service_l2_statuses.push(status_trigger.clone());
-        }
-    }
-    let stores = Stores::start(
-        &client,
-        wanted,
-        subs,
+    // Each reconciler registers the caches it reads (one watch per kind, whoever reads it).
+    let mut caches = Caches::new(
+        client.clone(),
         metrics.clone(),
         cfg.watch_backoff_max,
         shutdown.clone(),
     );
+    let netpol_trigger = Trigger::new();
+    let netpol_caches = cfg
+        .enable_netpol
+        .then(|| NetpolCaches::register(&mut caches, &netpol_trigger));
+    let lb_trigger = Trigger::new();
+    let lb_caches = cfg
+        .enable_loadbalancer
+        .then(|| LbCaches::register(&mut caches, &lb_trigger));
+    let ann_trigger = Trigger::new();
+    let status_trigger = Trigger::new();
+    let l2_caches = (cfg.enable_loadbalancer && cfg.enable_l2).then(|| {
+        (
+            AnnouncerCaches::register(&mut caches, &ann_trigger),
+            StatusCaches::register(&mut caches, &status_trigger),
+        )
+    });
+    let readiness = caches.readiness();
+    tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
         cfg.listen_addr,
-        stores.readiness.clone(),
+        readiness.clone(),
         metrics.clone(),
         shutdown.clone(),
     )
@@ -143,7 +125,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     let events = EventSink::new(client.clone(), cfg.identity.clone(), metrics.clone());
     let mut tasks = JoinSet::new();
 
-    if let Some(executor) = executor {
+    if let (Some(executor), Some(stores)) = (executor, netpol_caches) {
         let mut node = NodeConfig::new(cfg.node_name.clone());
         node.block_unknown_pods = cfg.block_unknown_pods;
         node.anti_spoofing = cfg.anti_spoofing;
@@ -155,7 +137,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             }
         };
         let reconciler = NetpolReconciler {
-            stores: stores.clone(),
+            stores,
             node,
             executors: executor,
             links,
@@ -166,7 +148,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         tasks.spawn(reconciler.run(netpol_trigger, shutdown.clone()));
     }
 
-    if cfg.enable_loadbalancer {
+    if let Some(stores) = lb_caches {
         let (elector, is_leader) = LeaderElector::new(
             client.clone(),
             cfg.lease.clone(),
@@ -176,7 +158,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         tasks.spawn(elector.run(shutdown.clone()));
         let reconciler = LoadBalancerReconciler {
             client: client.clone(),
-            stores: stores.clone(),
+            stores,
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,
@@ -186,11 +168,11 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         };
         tasks.spawn(reconciler.run(lb_trigger, shutdown.clone()));
 
-        if cfg.enable_l2 {
+        if let Some((ann_caches, status_caches)) = l2_caches {
             let (status_tx, status_rx) = tokio::sync::watch::channel(None);
             match start_announcer(
                 &cfg,
-                &stores,
+                ann_caches,
                 &metrics,
                 &events,
                 &shutdown,
@@ -204,7 +186,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
                     let writer = StatusWriter {
                         client: client.clone(),
                         node_name: cfg.node_name.clone(),
-                        stores: stores.clone(),
+                        stores: status_caches,
                         metrics: metrics.clone(),
                         settings: cfg.sync,
                         snapshot: status_rx,
@@ -220,7 +202,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
 
     // Log readiness once reached.
     {
-        let readiness = stores.readiness.clone();
+        let readiness = readiness.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             while !readiness.is_ready() {
@@ -234,7 +216,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     }
 
     shutdown.cancelled().await;
-    stores.readiness.set_shutting_down();
+    readiness.set_shutting_down();
     tracing::info!("shutting down: waiting for tasks to finish");
     let drain = async {
         while tasks.join_next().await.is_some() {}
@@ -276,7 +258,7 @@ fn membership_key_source(
 /// Starts the membership and the speaker, and returns the announcer's task.
 async fn start_announcer(
     cfg: &AgentConfig,
-    stores: &Stores,
+    stores: AnnouncerCaches,
     metrics: &Arc<Metrics>,
     events: &EventSink,
     shutdown: &CancellationToken,
@@ -320,7 +302,7 @@ async fn start_announcer(
     }
     let reconciler = AnnouncerReconciler {
         node_name: cfg.node_name.clone(),
-        stores: stores.clone(),
+        stores,
         metrics: metrics.clone(),
         events: events.clone(),
         settings: cfg.sync,

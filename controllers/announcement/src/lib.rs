@@ -28,6 +28,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
 use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
@@ -35,20 +39,68 @@ use palisade_membership::Live;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{names, typed_objects, Stores};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
 use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub mod status;
 
+/// Why an announcement pass failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the speaker task died: {0}")]
+    SpeakerTask(String),
+    #[error("the speaker could not apply every announcement yet")]
+    Speaker,
+}
+
+impl JobError for PassError {
+    fn label(&self) -> &'static str {
+        match self {
+            PassError::SpeakerTask(_) => "speaker_task",
+            PassError::Speaker => "speaker",
+        }
+    }
+}
+
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
 
+/// The caches the announcer reads.
+#[derive(Clone)]
+pub struct AnnouncerCaches {
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub ip_address_pools: Store<DynamicObject>,
+    pub l2_advertisements: Store<DynamicObject>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub group: CacheGroup,
+}
+
+impl AnnouncerCaches {
+    /// Registers what the announcer reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> AnnouncerCaches {
+        let mut r = caches.register(trigger);
+        AnnouncerCaches {
+            services: r.watch(),
+            nodes: r.watch(),
+            ip_address_pools: r
+                .watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools")),
+            l2_advertisements: r.watch_custom(&palisade_api_resource(
+                "L2Advertisement",
+                "l2advertisements",
+            )),
+            endpoint_slices: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 pub struct AnnouncerReconciler {
     pub node_name: String,
-    pub stores: Stores,
+    pub stores: AnnouncerCaches,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -205,14 +257,7 @@ impl AnnouncerReconciler {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         // Membership changes need a pass.
         poke_on_change(self.live.clone(), trigger.clone(), shutdown.clone());
-        let needed = [
-            names::SERVICES,
-            names::NODES,
-            names::IP_ADDRESS_POOLS,
-            names::L2_ADVERTISEMENTS,
-            names::ENDPOINT_SLICES,
-        ];
-        if !self.stores.readiness.wait_for(&needed, &shutdown).await {
+        if !self.stores.group.synced(&shutdown).await {
             return;
         }
         // Peers are known now that the Nodes are listed: the membership's warm-up starts.
@@ -257,12 +302,20 @@ impl AnnouncerReconciler {
             });
         }
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |_| {
-            let this = this.clone();
-            let state = state.clone();
-            let recheck_tx = recheck_tx.clone();
-            async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "announcement",
+            metrics,
+            |_| {
+                let this = this.clone();
+                let state = state.clone();
+                let recheck_tx = recheck_tx.clone();
+                async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
+            },
+        )
         .await;
         // Stop answering on the way out: a successor takes over within the membership timeout
         // (sooner, thanks to our "leave" message).
@@ -306,7 +359,7 @@ impl AnnouncerReconciler {
         &self,
         st: &mut AnnState,
         recheck: &watch::Sender<Option<Instant>>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), PassError> {
         self.refresh_peers();
         let live = self.live.borrow().clone();
         let (mut owned, decisions) = if live.warmed_up {
@@ -379,7 +432,7 @@ impl AnnouncerReconciler {
                 tracing::error!(error = %e, "speaker task died");
                 // The state went down with the task: make the retry tell the speaker again.
                 st.resend = true;
-                return Err(());
+                return Err(PassError::SpeakerTask(e.to_string()));
             }
         };
         *st = state;
@@ -427,7 +480,7 @@ impl AnnouncerReconciler {
             }
         }
         if applied == Applied::Failed {
-            Err(())
+            Err(PassError::Speaker)
         } else {
             Ok(())
         }

@@ -1,7 +1,7 @@
 //! The node-local NetworkPolicy reconciler.
 //!
 //! ```text
-//!  Stores (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
+//! NetpolCaches (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
 //!        ▲ pokes                                                     │
 //!   Trigger ◄── reflectors                                   render ─┴─► Payload
 //!                                                                        │ same as last? skip
@@ -26,23 +26,71 @@ use palisade_dataplane::Executor;
 use palisade_netpol::{ClusterState, Diagnostic, Family, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::Store;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
-use palisade_runtime::stores::{names, Stores};
-use palisade_runtime::sync::{run_sync_loop, Cause, Trigger};
+use palisade_runtime::stores::{CacheGroup, Caches};
+use palisade_runtime::sync::{run_sync_loop, Cause, JobError, Trigger};
 
 /// Event reasons of the netpol reconciler.
 pub mod reasons {
     pub const APPLY_FAILED: &str = "NetworkPolicyApplyFailed";
 }
 
+/// Why a NetworkPolicy sync failed (retried with backoff; the previous rules stay in force).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the reconciler's state lock is poisoned")]
+    Poisoned,
+    #[error("applying the {family:?} rules failed: {message}")]
+    Apply { family: Family, message: String },
+    #[error("the apply task died: {0}")]
+    ApplyTask(String),
+}
+
+impl JobError for SyncError {
+    fn label(&self) -> &'static str {
+        match self {
+            SyncError::Poisoned => "poisoned",
+            SyncError::Apply { .. } => "apply",
+            SyncError::ApplyTask(_) => "apply_task",
+        }
+    }
+}
+
 /// Gives the executor of an address family (created when the family is first needed; an
 /// IPv6 executor needs the `ip6tables` tools, which an IPv4-only node may lack).
 pub type ExecutorFactory = Arc<dyn Fn(Family) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
 
+/// The caches NetworkPolicy enforcement reads.
+#[derive(Clone)]
+pub struct NetpolCaches {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub nodes: Store<Node>,
+    pub group: CacheGroup,
+}
+
+impl NetpolCaches {
+    /// Registers what enforcement reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> NetpolCaches {
+        let mut r = caches.register(trigger);
+        NetpolCaches {
+            pods: r.watch(),
+            namespaces: r.watch(),
+            network_policies: r.watch(),
+            nodes: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 pub struct NetpolReconciler {
-    pub stores: Stores,
+    pub stores: NetpolCaches,
     /// This node's settings; `family` is ignored (each family gets its own compile).
     pub node: NodeConfig,
     pub executors: ExecutorFactory,
@@ -58,7 +106,8 @@ struct FamilyState {
     /// Keeps the previous compile, so pod churn only recomputes what it touches.
     compiler: IncrementalCompiler,
     executor: Arc<dyn Executor>,
-    payload: Option<Payload>,
+    /// Shared with the apply task: a payload is copied once, when it changed.
+    payload: Option<Arc<Payload>>,
 }
 
 #[derive(Default)]
@@ -120,35 +169,29 @@ pub fn node_families(state: &ClusterState, node: &str) -> BTreeSet<Family> {
 }
 
 impl NetpolReconciler {
-    /// Runs until `shutdown`. `trigger` must be subscribed to the stores it reads.
+    /// Runs until `shutdown`. `trigger` must be the one the caches were registered with.
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
-        let readiness = self.stores.readiness.clone();
         // Wait for the first complete list of everything we read.
-        let needed = [
-            names::PODS,
-            names::NAMESPACES,
-            names::NETWORK_POLICIES,
-            names::NODES,
-        ];
-        loop {
-            let pending = readiness.pending();
-            if !pending.iter().any(|p| needed.contains(p)) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
+        if !self.stores.group.synced(&shutdown).await {
+            return;
         }
         tracing::info!(node = %self.node.node_name, "caches synced; NetworkPolicy enforcement starts");
         let this = Arc::new(self);
         let last = Arc::new(Mutex::new(LastState::default()));
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |cause| {
-            let this = this.clone();
-            let last = last.clone();
-            async move { this.sync_once(cause, &last).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "netpol",
+            metrics,
+            |cause| {
+                let this = this.clone();
+                let last = last.clone();
+                async move { this.sync_once(cause, &last).await }
+            },
+        )
         .await;
     }
 
@@ -223,7 +266,7 @@ impl NetpolReconciler {
         }
     }
 
-    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
+    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), SyncError> {
         let start = Instant::now();
         let state = self.snapshot();
         self.ensure_families(&state, cause, last).await;
@@ -233,7 +276,7 @@ impl NetpolReconciler {
         let mut work = Vec::new();
         {
             let Ok(mut l) = last.lock() else {
-                return Err(());
+                return Err(SyncError::Poisoned);
             };
             for (family, fs) in l.families.iter_mut() {
                 if let Some(dump) = &links {
@@ -241,13 +284,17 @@ impl NetpolReconciler {
                     let found = palisade_dataplane::interfaces::resolve(dump, &ips);
                     fs.compiler.set_pod_interfaces(found);
                 }
-                let payload = fs.compiler.sync(&state).clone();
+                let payload = fs.compiler.sync(&state);
+                let unchanged = fs.payload.as_deref() == Some(payload);
+                if !unchanged || cause == Cause::Resync {
+                    let payload = match (&fs.payload, unchanged) {
+                        (Some(p), true) => p.clone(),
+                        _ => Arc::new(payload.clone()),
+                    };
+                    work.push((*family, fs.executor.clone(), payload));
+                }
                 if let Some(c) = fs.compiler.compiled() {
                     diagnostics.extend(c.diagnostics.iter().cloned());
-                }
-                let unchanged = fs.payload.as_ref() == Some(&payload);
-                if !unchanged || cause == Cause::Resync {
-                    work.push((*family, fs.executor.clone(), payload));
                 }
             }
         }
@@ -261,7 +308,7 @@ impl NetpolReconciler {
                 .inc();
             return Ok(());
         }
-        let mut ok = true;
+        let mut failure = None;
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
             let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
@@ -282,7 +329,6 @@ impl NetpolReconciler {
                     }
                 }
                 Ok(Err(e)) => {
-                    ok = false;
                     tracing::error!(?family, error = %e, "applying NetworkPolicy rules failed; previous rules stay in force, retrying");
                     self.events
                         .warning(
@@ -298,13 +344,18 @@ impl NetpolReconciler {
                             fs.payload = None;
                         }
                     }
+                    failure = Some(SyncError::Apply {
+                        family,
+                        message: e.to_string(),
+                    });
                 }
                 Err(join) => {
-                    ok = false;
                     tracing::error!(error = %join, "apply task died");
+                    failure = Some(SyncError::ApplyTask(join.to_string()));
                 }
             }
         }
+        let ok = failure.is_none();
         let elapsed = start.elapsed();
         self.metrics
             .netpol_sync_duration
@@ -320,10 +371,8 @@ impl NetpolReconciler {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
             self.metrics.netpol_last_success.set(now);
-            Ok(())
-        } else {
-            Err(())
         }
+        failure.map_or(Ok(()), Err)
     }
 
     /// Rules, sets and bytes over every enforced family.
