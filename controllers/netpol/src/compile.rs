@@ -128,6 +128,15 @@ pub enum Match {
     /// `-p ipv6-icmp`: any ICMPv6 message.
     Icmp6Any,
     Comment(String),
+    /// `-m hashlimit --hashlimit-upto RATE --hashlimit-burst N --hashlimit-mode srcip|dstip
+    /// --hashlimit-name NAME`: at most RATE per source / destination address.
+    HashLimit {
+        rate: String,
+        burst: u32,
+        /// `true`: per source address (egress), else per destination (ingress).
+        by_src: bool,
+        name: &'static str,
+    },
 }
 
 /// What a matching rule does.
@@ -142,6 +151,11 @@ pub enum Target {
     SetMark(u32),
     /// `-j MARK --set-xmark 0x0/bit`.
     ClearMark(u32),
+    /// `-j NFLOG --nflog-prefix PREFIX --nflog-group N` (not terminating).
+    Nflog {
+        prefix: String,
+        group: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -371,9 +385,28 @@ pub fn compile(state: &ClusterState, cfg: &NodeConfig) -> Compiled {
         });
         DEFAULT_MARK_BIT
     };
+    let deny_log = cfg.deny_log.clone().filter(|l| {
+        let ok = crate::DenyLog::valid_rate(&l.rate) && l.burst >= 1;
+        if !ok {
+            diags.push(Diagnostic {
+                kind: "NodeConfig",
+                namespace: None,
+                name: cfg.node_name.clone(),
+                reason: reasons::INVALID_CONFIG,
+                message: format!(
+                    "denied-traffic log rate {:?} / burst {} unusable (N/sec, or N/min with \
+                     N below 60; burst at least 1); the log is off",
+                    crate::render::sanitize(&l.rate, 40),
+                    l.burst
+                ),
+            });
+        }
+        ok
+    });
     let model = Model::build(state, cfg, &mut diags);
     let mut c = Compiler {
         model: &model,
+        deny_log,
         mark,
         sets: SetBuilder::new(&model),
         diags,
@@ -383,6 +416,7 @@ pub fn compile(state: &ClusterState, cfg: &NodeConfig) -> Compiled {
 
 struct Compiler<'m, 'a> {
     model: &'m Model<'a>,
+    deny_log: Option<crate::DenyLog>,
     mark: u32,
     sets: SetBuilder<'m, 'a>,
     diags: Vec<Diagnostic>,
@@ -501,6 +535,20 @@ impl<'m, 'a> Compiler<'m, 'a> {
         if block {
             for cidr in &model.pod_cidrs {
                 let comment = Match::Comment("local pod not known yet".into());
+                if let Some(log) = &cfg.deny_log {
+                    ingress_dispatch.push(log_rule(
+                        log,
+                        vec![Match::Dst(*cidr)],
+                        false,
+                        crate::denied::PREFIX_UNKNOWN_INGRESS,
+                    ));
+                    egress_dispatch.push(log_rule(
+                        log,
+                        vec![Match::Src(*cidr)],
+                        true,
+                        crate::denied::PREFIX_UNKNOWN_EGRESS,
+                    ));
+                }
                 ingress_dispatch.push(Rule::new(
                     vec![Match::Dst(*cidr), comment.clone()],
                     Target::Drop,
@@ -699,13 +747,19 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 ));
             }
         }
-        rules.push(Rule::new(
-            vec![Match::Mark {
-                bit: self.mark,
-                negate: true,
-            }],
-            Target::Drop,
-        ));
+        let unmarked = Match::Mark {
+            bit: self.mark,
+            negate: true,
+        };
+        if let Some(log) = &self.deny_log {
+            rules.push(log_rule(
+                log,
+                vec![unmarked.clone()],
+                dir == Dir::Egress,
+                &name,
+            ));
+        }
+        rules.push(Rule::new(vec![unmarked], Target::Drop));
         rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
         generated.insert(name.clone(), rules);
         name
@@ -869,6 +923,32 @@ impl<'m, 'a> Compiler<'m, 'a> {
             });
         }
     }
+}
+
+/// Hash tables of the denied-traffic log's per-pod limits (per direction; ≤ 15 characters).
+pub const HASHLIMIT_INGRESS: &str = "pal-deny-in";
+pub const HASHLIMIT_EGRESS: &str = "pal-deny-eg";
+
+/// An NFLOG rule sending what `matches` selects to the denied-traffic log, at most
+/// `log.rate` per pod (source pod for egress, destination pod for ingress).
+fn log_rule(log: &crate::DenyLog, mut matches: Vec<Match>, egress: bool, prefix: &str) -> Rule {
+    matches.push(Match::HashLimit {
+        rate: log.rate.clone(),
+        burst: log.burst,
+        by_src: egress,
+        name: if egress {
+            HASHLIMIT_EGRESS
+        } else {
+            HASHLIMIT_INGRESS
+        },
+    });
+    Rule::new(
+        matches,
+        Target::Nflog {
+            prefix: prefix.to_string(),
+            group: log.group,
+        },
+    )
 }
 
 fn host_net(ip: IpAddr) -> IpNetwork {

@@ -734,6 +734,8 @@ impl<'s> Explainer<'s> {
             cfg.block_unknown_pods = self.options.block_unknown_pods;
             // Anti-spoofing only drops forged sources; explained flows are never forged.
             cfg.anti_spoofing = false;
+            // The agents log denied packets by default: trace through those rules too.
+            cfg.deny_log = Some(crate::DenyLog::default());
             let payload = render(&compile(self.state, &cfg));
             self.tracers.insert(key.clone(), Tracer::new(&payload)?);
         }
@@ -796,7 +798,7 @@ fn action_word(a: &Action) -> &'static str {
         Action::Drop => "deny",
         Action::Mark(true) | Action::Accept => "allow",
         Action::Return | Action::Goto(_) | Action::Jump(_) => "pass",
-        Action::Mark(false) => "none",
+        Action::Mark(false) | Action::Log(_) => "none",
     }
 }
 

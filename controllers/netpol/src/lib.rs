@@ -49,6 +49,7 @@
 
 pub mod builders;
 pub mod compile;
+pub mod denied;
 mod error;
 pub mod explain;
 pub mod incremental;
@@ -70,6 +71,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 pub use compile::{compile, Compiled};
 pub use error::{ManifestError, NetpolError};
+pub use explain::Explainer;
 pub use incremental::{IncrementalCompiler, SyncMode};
 pub use ipnetwork::IpNetwork;
 pub use k8s_openapi;
@@ -148,7 +150,46 @@ pub struct NodeConfig {
     /// dataplane adapter). A local pod missing here becomes a
     /// [`reasons::POD_INTERFACE_UNKNOWN`] diagnostic when `anti_spoofing` is on.
     pub pod_interfaces: BTreeMap<IpAddr, PodInterface>,
+    /// Denied-traffic log: packets our chains drop are first sent to this NFLOG group,
+    /// rate-limited per pod in the kernel. `None`: off.
+    pub deny_log: Option<DenyLog>,
 }
+
+/// Settings of the denied-traffic log (see `docs/observability.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DenyLog {
+    /// NFLOG group the agent listens on.
+    pub group: u16,
+    /// Per pod and direction: `N/sec` (N ≥ 1) or `N/min` (1 ≤ N ≤ 59), the forms
+    /// `iptables-save` prints back unchanged.
+    pub rate: String,
+    /// Packets logged at once before the rate applies.
+    pub burst: u32,
+}
+
+impl Default for DenyLog {
+    fn default() -> Self {
+        DenyLog {
+            group: DEFAULT_NFLOG_GROUP,
+            rate: "10/min".into(),
+            burst: 5,
+        }
+    }
+}
+
+impl DenyLog {
+    /// Checks `rate` (see [`DenyLog::rate`]).
+    pub fn valid_rate(rate: &str) -> bool {
+        match rate.split_once('/') {
+            Some((n, "sec")) => n.parse::<u32>().is_ok_and(|n| (1..=10_000).contains(&n)),
+            Some((n, "min")) => n.parse::<u32>().is_ok_and(|n| (1..=59).contains(&n)),
+            _ => false,
+        }
+    }
+}
+
+/// Default NFLOG group of the denied-traffic log.
+pub const DEFAULT_NFLOG_GROUP: u16 = 1947;
 
 /// The interface a local pod's packets enter the node from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -203,6 +244,7 @@ impl NodeConfig {
             extra_pod_cidrs: Vec::new(),
             anti_spoofing: false,
             pod_interfaces: BTreeMap::new(),
+            deny_log: None,
         }
     }
 }

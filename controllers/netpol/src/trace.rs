@@ -163,6 +163,8 @@ pub enum Action {
     Mark(bool),
     Jump(String),
     Goto(String),
+    /// `-j NFLOG`: sent to the denied-traffic log with this prefix (not terminating).
+    Log(String),
 }
 
 impl Trace {
@@ -210,6 +212,7 @@ enum T {
     Jump(String),
     Goto(String),
     Mark { value: u32, mask: u32 },
+    Nflog { prefix: String },
 }
 
 #[derive(Clone, Debug)]
@@ -357,6 +360,7 @@ impl Tracer {
                 T::Mark { value, .. } => ("MARK".to_string(), Action::Mark(*value != 0)),
                 T::Jump(c) => (c.clone(), Action::Jump(c.clone())),
                 T::Goto(c) => (format!("goto {c}"), Action::Goto(c.clone())),
+                T::Nflog { prefix } => ("NFLOG".to_string(), Action::Log(prefix.clone())),
             };
             w.path.push(format!("{chain}#{i} -> {label}"));
             let (peer, port) = self.describe(r);
@@ -377,6 +381,7 @@ impl Tracer {
                 T::Mark { value, mask } => {
                     w.mark = (w.mark & !mask) ^ value;
                 }
+                T::Nflog { .. } => {}
                 T::Jump(c) => {
                     w.via.push(chain.to_string());
                     let out = self.run(c, pkt, w, depth + 1);
@@ -651,6 +656,7 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             | "comment"
                             | "icmp6"
                             | "physdev"
+                            | "hashlimit"
                     ) {
                         return Err(err(line, format!("unsupported module {module}")));
                     }
@@ -689,6 +695,10 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                     matches.push(M::SrcLocal);
                 }
                 "--comment" => comment = Some(arg(k + 1)?),
+                // Rate limits only thin out what reaches the log: a traced packet is the
+                // first of its flow, so it always matches.
+                "--hashlimit-upto" | "--hashlimit-burst" | "--hashlimit-mode"
+                | "--hashlimit-name" => {}
                 "--icmpv6-type" => {
                     let t = arg(k + 1)?;
                     let t = t
@@ -709,6 +719,23 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             let (value, mask) = parse_mark(line, &arg(k + 3)?)?;
                             k += 4;
                             target = Some(T::Mark { value, mask });
+                            continue;
+                        }
+                        ("-j", "NFLOG") => {
+                            let mut prefix = String::new();
+                            let mut j = k + 2;
+                            while j + 1 < w.len() {
+                                match w[j].as_str() {
+                                    "--nflog-prefix" => prefix = w[j + 1].clone(),
+                                    "--nflog-group" => {}
+                                    other => {
+                                        return Err(err(line, format!("NFLOG option {other}")))
+                                    }
+                                }
+                                j += 2;
+                            }
+                            k = j;
+                            target = Some(T::Nflog { prefix });
                             continue;
                         }
                         ("-j", c) => T::Jump(c.to_string()),
