@@ -129,6 +129,18 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         let mut node = NodeConfig::new(cfg.node_name.clone());
         node.block_unknown_pods = cfg.block_unknown_pods;
         node.anti_spoofing = cfg.anti_spoofing;
+        node.deny_log = cfg.deny_log.clone();
+        let deny_index = node.deny_log.as_ref().map(|log| {
+            let index: palisade_enforcement::denied_log::SharedIndex = Default::default();
+            let logger = palisade_enforcement::denied_log::DeniedLogger {
+                group: log.group,
+                index: index.clone(),
+                metrics: metrics.clone(),
+                events: events.clone(),
+            };
+            tasks.spawn(logger.run(shutdown.clone()));
+            index
+        });
         let links = match palisade_dataplane::KernelLinks::detect() {
             Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
             Err(e) => {
@@ -144,6 +156,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,
+            deny_index,
         };
         tasks.spawn(reconciler.run(netpol_trigger, shutdown.clone()));
     }
