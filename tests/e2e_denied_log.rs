@@ -142,6 +142,69 @@ fn scenario(c: &mut LabCluster) -> Result<()> {
     Ok(())
 }
 
+/// Audit mode: x/a isolated only by an audited policy; y/b reaches it, one `would-deny`
+/// line names both pods and the policy, and the would-deny counter rises.
+fn audit_scenario(c: &mut LabCluster) -> Result<()> {
+    let model = Model::deploy(c, 2)?;
+    let xa = model.pod("x/a")?.clone();
+    let mut policy = np(
+        "x",
+        "isolate-a",
+        json!({ "podSelector": { "matchLabels": { "pod": "a" } }, "policyTypes": ["Ingress"] }),
+    );
+    policy["metadata"]["annotations"] = json!({ "palisade.dev/enforcement": "audit" });
+    c.apply(&policy)?;
+    let netns1 = c.lab().nodes()[0].netns.clone();
+    let programmed = wait_until(Duration::from_secs(20), || {
+        netns::exec_ok(&netns1, &["iptables-save"])
+            .map(|t| t.contains("--comment would-deny"))
+            .unwrap_or(false)
+    });
+    ensure!(programmed, "node1 never got the audit-mode profile");
+    let sample =
+        r#"palisade_netpol_would_deny_packets_total{direction="ingress",namespace="x",pod="a"}"#;
+    let m = c.probe_matrix(&[Peer::pod("y/b")], &[("x/a".into(), xa.ip)], 80, Tcp)?;
+    ensure!(m.at(0, 0), "an audit-mode policy must not block y/b -> x/a");
+    let needle = [
+        "would-deny traffic",
+        "src_pod=y/b",
+        "dst_pod=x/a",
+        "policies=x/isolate-a",
+    ];
+    let logged = wait_until(Duration::from_secs(10), || {
+        c.agents()
+            .log("node1")
+            .lines()
+            .any(|l| needle.iter().all(|n| l.contains(n)))
+    });
+    ensure!(
+        logged,
+        "no would-deny line; node1 log:\n{}",
+        c.agents().log("node1")
+    );
+    let counted = wait_until(Duration::from_secs(10), || {
+        c.agents().metric("node1", sample).unwrap_or(0.0) > 0.0
+    });
+    ensure!(counted, "{sample} did not rise");
+    ensure!(
+        denied_lines(c, "node1", &[]).is_empty(),
+        "audit mode logged a real denial"
+    );
+    Ok(())
+}
+
+#[test]
+fn e2e_audit_mode_would_deny() {
+    let test = "e2e_audit_mode_would_deny";
+    if !palisade_e2e::lab_ready(test) {
+        return;
+    }
+    let mut c = LabCluster::start(LabClusterSpec::new(2)).expect("lab cluster");
+    if let Err(e) = audit_scenario(&mut c) {
+        panic!("{test}: {e:#}\n{}", c.diagnostics());
+    }
+}
+
 #[test]
 fn e2e_denied_traffic_log() {
     let test = "e2e_denied_traffic_log";

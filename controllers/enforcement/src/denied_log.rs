@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Event reason of a denied flow on the pod.
 pub const REASON_DENIED: &str = "NetworkPolicyDenied";
+/// Event reason of a flow an audit-mode policy would deny.
+pub const REASON_WOULD_DENY: &str = "NetworkPolicyWouldDeny";
 
 /// The index the reconciler keeps current and the logger reads.
 pub type SharedIndex = Arc<RwLock<Arc<DenyIndex>>>;
@@ -89,8 +91,12 @@ impl DeniedLogger {
 
     fn count(&self, flow: &DeniedFlow) {
         let (ns, pod) = flow.local_pod.clone().unwrap_or_default();
-        self.metrics
-            .netpol_denied_packets
+        let family = if flow.cause == "would-deny" {
+            &self.metrics.netpol_would_deny_packets
+        } else {
+            &self.metrics.netpol_denied_packets
+        };
+        family
             .get_or_create(&vec![
                 ("direction", flow.direction.to_string()),
                 ("namespace", ns),
@@ -111,7 +117,12 @@ impl DeniedLogger {
             src_pod = %flow.src.name(),
             dst_pod = %flow.dst.name(),
             policies = %flow.policies.join(","),
-            "denied traffic"
+            "{}",
+            if flow.cause == "would-deny" {
+                "would-deny traffic (audit mode)"
+            } else {
+                "denied traffic"
+            }
         );
         if let Some((ns, name)) = &flow.local_pod {
             let pod = ObjectReference {
@@ -122,7 +133,16 @@ impl DeniedLogger {
                 ..Default::default()
             };
             self.events
-                .warning(&pod, REASON_DENIED, "Deny", flow.event_note())
+                .warning(
+                    &pod,
+                    if flow.cause == "would-deny" {
+                        REASON_WOULD_DENY
+                    } else {
+                        REASON_DENIED
+                    },
+                    "Deny",
+                    flow.event_note(),
+                )
                 .await;
         }
     }

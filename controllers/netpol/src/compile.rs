@@ -528,7 +528,18 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     }
                     continue;
                 }
-                let profile = self.profile(dir, policies, &policy_chain, &mut generated);
+                // Audit-mode policies count only where no enforced policy isolates the pod:
+                // with one, the enforced verdict stands (adding policies only allows more).
+                let enforced: Vec<usize> = policies
+                    .iter()
+                    .copied()
+                    .filter(|&q| !model.policies[q].audit)
+                    .collect();
+                let profile = if enforced.is_empty() {
+                    self.audit_profile(dir, policies, &policy_chain, &mut generated)
+                } else {
+                    self.profile(dir, &enforced, &policy_chain, &mut generated)
+                };
                 dispatch.push(Rule::new(vec![addr, comment], Target::Goto(profile)));
             }
         }
@@ -760,6 +771,64 @@ impl<'m, 'a> Compiler<'m, 'a> {
             ));
         }
         rules.push(Rule::new(vec![unmarked], Target::Drop));
+        rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
+        generated.insert(name.clone(), rules);
+        name
+    }
+
+    /// The profile chain of a pod isolated only by audit-mode policies: the same policy
+    /// chains, but "no policy allows it" logs `would-deny` (when the log is on) and lets the
+    /// packet through.
+    fn audit_profile(
+        &self,
+        dir: Dir,
+        policies: &[usize],
+        policy_chain: &HashMap<(usize, Dir), String>,
+        generated: &mut BTreeMap<String, Vec<Rule>>,
+    ) -> String {
+        let keys: Vec<String> = policies
+            .iter()
+            .map(|&q| self.model.policies[q].key())
+            .collect();
+        let prefix = match dir {
+            Dir::Ingress => names::INGRESS_PROFILE_PREFIX,
+            Dir::Egress => names::EGRESS_PROFILE_PREFIX,
+        };
+        let name = hashed(prefix, &format!("audit|{}", keys.join(",")));
+        if generated.contains_key(&name) {
+            return name;
+        }
+        let mut rules = vec![Rule::new(
+            vec![Match::Comment(crate::AUDIT_PROFILE_COMMENT.into())],
+            Target::ClearMark(self.mark),
+        )];
+        for &q in policies {
+            if let Some(chain) = policy_chain.get(&(q, dir)) {
+                let pol = &self.model.policies[q];
+                let provenance = PolicyRef::network_policy(pol.ns, pol.name);
+                rules.push(Rule::new(
+                    vec![Match::Comment(provenance.to_string())],
+                    Target::Jump(chain.clone()),
+                ));
+            }
+        }
+        let unmarked = Match::Mark {
+            bit: self.mark,
+            negate: true,
+        };
+        if let Some(log) = &self.deny_log {
+            rules.push(log_rule(
+                log,
+                vec![unmarked.clone()],
+                dir == Dir::Egress,
+                &name,
+            ));
+        }
+        // The mark is clear exactly when no policy allowed: nothing to clear, just return.
+        rules.push(Rule::new(
+            vec![unmarked, Match::Comment(crate::WOULD_DENY_COMMENT.into())],
+            Target::Return,
+        ));
         rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
         generated.insert(name.clone(), rules);
         name

@@ -149,7 +149,8 @@ pub struct DeniedFlow {
     /// The policies isolating the local pod in that direction (`ns/name`); empty for the
     /// first-instant rule.
     pub policies: Vec<String>,
-    /// `denied` (a policy isolation dropped it) or `unknown-pod` (first-instant rule).
+    /// `denied` (a policy isolation dropped it), `would-deny` (audit-mode policies would
+    /// have; it was let through) or `unknown-pod` (first-instant rule).
     pub cause: &'static str,
     /// The local pod the counter and the Event are for (the isolated side); `None` for an
     /// address no pod has.
@@ -213,8 +214,13 @@ impl DeniedFlow {
         } else {
             format!(" (isolated by {})", self.policies.join(", "))
         };
+        let what = if self.cause == "would-deny" {
+            "would be denied (audit mode, let through)"
+        } else {
+            "denied"
+        };
         format!(
-            "{} {}{port} from {} ({}) to {} ({}) denied{policies}",
+            "{} {}{port} from {} ({}) to {} ({}) {what}{policies}",
             self.direction,
             self.protocol,
             self.src.name(),
@@ -229,7 +235,8 @@ impl DeniedFlow {
 #[derive(Clone, Debug, Default)]
 pub struct DenyIndex {
     pods: HashMap<IpAddr, (String, String)>,
-    profiles: HashMap<String, Vec<String>>,
+    /// Profile chain → (isolating policies, audit mode).
+    profiles: HashMap<String, (Vec<String>, bool)>,
 }
 
 impl DenyIndex {
@@ -260,6 +267,11 @@ impl DenyIndex {
                 {
                     continue;
                 }
+                let audit = ch.rules.iter().any(|r| {
+                    r.matches.iter().any(
+                        |m| matches!(m, Match::Comment(c) if c == crate::AUDIT_PROFILE_COMMENT),
+                    )
+                });
                 let policies: Vec<String> = ch
                     .rules
                     .iter()
@@ -270,7 +282,7 @@ impl DenyIndex {
                         _ => None,
                     })
                     .collect();
-                profiles.insert(ch.name.clone(), policies);
+                profiles.insert(ch.name.clone(), (policies, audit));
             }
         }
         DenyIndex { pods, profiles }
@@ -285,10 +297,19 @@ impl DenyIndex {
 
     /// Resolves one NFLOG message; `None` when the prefix is not one of ours.
     pub fn resolve(&self, prefix: &str, pkt: &PacketInfo) -> Option<DeniedFlow> {
+        let profile = |direction: &'static str| {
+            let known = self.profiles.get(prefix);
+            let cause = if known.is_some_and(|(_, audit)| *audit) {
+                "would-deny"
+            } else {
+                "denied"
+            };
+            (direction, cause, known.map(|(p, _)| p.clone()))
+        };
         let (direction, cause, policies) = if prefix.starts_with(names::INGRESS_PROFILE_PREFIX) {
-            ("ingress", "denied", self.profiles.get(prefix).cloned())
+            profile("ingress")
         } else if prefix.starts_with(names::EGRESS_PROFILE_PREFIX) {
-            ("egress", "denied", self.profiles.get(prefix).cloned())
+            profile("egress")
         } else if prefix == PREFIX_UNKNOWN_INGRESS {
             ("ingress", "unknown-pod", Some(Vec::new()))
         } else if prefix == PREFIX_UNKNOWN_EGRESS {

@@ -281,6 +281,10 @@ pub struct Side {
     pub denied_by: Option<RuleHit>,
     /// One sentence for people.
     pub reason: String,
+    /// Isolated only by audit-mode policies (`palisade.dev/enforcement: audit`).
+    pub audit: bool,
+    /// Those audit-mode policies would deny the flow (it is let through).
+    pub would_deny: bool,
 }
 
 impl Side {
@@ -293,6 +297,8 @@ impl Side {
             "allowed_by": self.allowed_by.iter().map(RuleHit::to_json).collect::<Vec<_>>(),
             "denied_by": self.denied_by.as_ref().map(RuleHit::to_json),
             "reason": self.reason,
+            "audit": self.audit,
+            "would_deny": self.would_deny,
         })
     }
 }
@@ -318,6 +324,8 @@ pub struct Explanation {
     pub port_name: Option<String>,
     pub protocol: Protocol,
     pub decision: Decision,
+    /// The verdict if the audit-mode policies were enforced too.
+    pub audit_decision: Decision,
     pub egress: Side,
     pub ingress: Side,
     pub hops: Vec<Hop>,
@@ -335,6 +343,7 @@ impl Explanation {
             "port": self.port_name.clone().map_or_else(|| json!(self.port), Value::from),
             "protocol": self.protocol.as_str().to_uppercase(),
             "verdict": self.decision.as_str(),
+            "audit_verdict": self.audit_decision.as_str(),
             "reason": self.reason,
             "resolved_port": self.port,
             "source": self.from.to_json(),
@@ -369,6 +378,13 @@ impl Explanation {
             self.to.describe()
         );
         let _ = writeln!(out, "  {}", self.reason);
+        if self.audit_decision != self.decision {
+            let _ = writeln!(
+                out,
+                "  with the audit-mode policies enforced: {}",
+                self.audit_decision.as_str().to_uppercase()
+            );
+        }
         for side in [&self.egress, &self.ingress] {
             let node = side
                 .node
@@ -555,6 +571,12 @@ impl<'s> Explainer<'s> {
                 _ => "allowed in both directions".into(),
             }
         };
+        let audit_decision =
+            if decision == Decision::Denied || egress.would_deny || ingress.would_deny {
+                Decision::Denied
+            } else {
+                Decision::Allowed
+            };
         Ok(Explanation {
             from,
             to,
@@ -562,6 +584,7 @@ impl<'s> Explainer<'s> {
             port_name,
             protocol: flow.protocol,
             decision,
+            audit_decision,
             egress,
             ingress,
             hops,
@@ -834,6 +857,8 @@ fn side(
             allowed_by: Vec::new(),
             denied_by: None,
             reason: reason.into(),
+            audit: false,
+            would_deny: false,
         };
     };
     let profile_prefix = if direction == "egress" {
@@ -845,12 +870,19 @@ fn side(
     let mut allowed_by = Vec::new();
     let mut denied_by = None;
     let mut isolated = false;
+    let mut audit = false;
+    let mut would_deny = false;
     let mut drop: Option<&Step> = None;
     for s in t
         .steps
         .iter()
         .filter(|s| direction_of(s) == Some(direction))
     {
+        match s.comment.as_deref() {
+            Some(crate::AUDIT_PROFILE_COMMENT) => audit = true,
+            Some(crate::WOULD_DENY_COMMENT) => would_deny = true,
+            _ => {}
+        }
         if let Action::Goto(c) | Action::Jump(c) = &s.action {
             if c.starts_with(profile_prefix) {
                 isolated = true;
@@ -915,7 +947,20 @@ fn side(
             Decision::Allowed,
             format!("no policy isolates {who} for {direction}"),
         ),
+        None if would_deny => (
+            Decision::Allowed,
+            format!(
+                "{who} is isolated for {direction} only by audit-mode policies ({}); none of \
+                 them allows this flow, so it would be denied once they are enforced: \
+                 let through and logged as would-deny",
+                policies.join(", ")
+            ),
+        ),
         None => match allowed_by.first() {
+            Some(hit) if audit => (
+                Decision::Allowed,
+                format!("allowed (audit mode) by {}", hit.describe()),
+            ),
             Some(hit) => (Decision::Allowed, format!("allowed by {}", hit.describe())),
             None => (
                 Decision::Allowed,
@@ -935,6 +980,8 @@ fn side(
         allowed_by,
         denied_by,
         reason,
+        audit,
+        would_deny,
     }
 }
 

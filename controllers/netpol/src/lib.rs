@@ -188,6 +188,15 @@ impl DenyLog {
     }
 }
 
+/// Annotation of a NetworkPolicy: `audit` puts it in audit mode (not enforced; what it
+/// would deny is let through and logged `would-deny`); anything else, or none, enforces it.
+pub const ENFORCEMENT_ANNOTATION: &str = "palisade.dev/enforcement";
+
+/// Comment on the first rule of an audit-mode profile chain (read by `explain` and the log).
+pub const AUDIT_PROFILE_COMMENT: &str = "audit-mode";
+/// Comment on the rule an audit-mode profile matches when its policies would deny.
+pub const WOULD_DENY_COMMENT: &str = "would-deny";
+
 /// Default NFLOG group of the denied-traffic log.
 pub const DEFAULT_NFLOG_GROUP: u16 = 1947;
 

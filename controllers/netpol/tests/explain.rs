@@ -307,3 +307,69 @@ fn ipv6_flows_use_the_ipv6_rules() {
         Decision::Allowed
     );
 }
+
+#[test]
+fn audit_mode_policies_are_explained_not_enforced() {
+    let mut s = state(vec![
+        pol(
+            "x",
+            "deny-all",
+            json!({ "podSelector": {}, "policyTypes": ["Ingress"] }),
+        ),
+        pol(
+            "y",
+            "allow-from-x",
+            json!({ "podSelector": {}, "ingress": [{ "from": [{ "namespaceSelector": { "matchLabels": { "ns": "x" } } }] }] }),
+        ),
+    ]);
+    let audited: Vec<_> = s
+        .policies
+        .iter()
+        .map(|p| {
+            let mut p = (**p).clone();
+            p.metadata.annotations = Some(
+                [(
+                    palisade_netpol::ENFORCEMENT_ANNOTATION.to_string(),
+                    "audit".to_string(),
+                )]
+                .into(),
+            );
+            Arc::new(p)
+        })
+        .collect();
+    s.policies = audited;
+    // x/a is isolated by an audit-mode deny-all only: allowed, but would be denied.
+    let e = explain(&s, "y/b x/a 80 TCP");
+    assert_eq!(e.decision, Decision::Allowed, "{}", e.to_text());
+    assert_eq!(e.audit_decision, Decision::Denied);
+    assert!(e.ingress.audit && e.ingress.would_deny);
+    assert!(
+        e.ingress
+            .reason
+            .contains("audit-mode policies (x/deny-all)"),
+        "{}",
+        e.ingress.reason
+    );
+    assert_eq!(e.to_json()["audit_verdict"], "denied");
+    // y/b is isolated by an audit-mode policy that allows x: allowed either way.
+    let e = explain(&s, "x/a y/b 80 TCP");
+    assert_eq!(e.decision, Decision::Allowed);
+    assert_eq!(e.audit_decision, Decision::Allowed);
+    assert!(
+        e.ingress
+            .reason
+            .starts_with("allowed (audit mode) by y/allow-from-x"),
+        "{}",
+        e.ingress.reason
+    );
+    // An enforced policy next to an audited one keeps its effect.
+    s.policies.push(Arc::new(mk_policy(
+        "x",
+        "enforced-deny",
+        json!({ "podSelector": { "matchLabels": { "pod": "a" } }, "policyTypes": ["Ingress"] }),
+    )));
+    let e = explain(&s, "y/b x/a 80 TCP");
+    assert_eq!(e.decision, Decision::Denied);
+    let by: Vec<String> = e.ingress.isolated_by.iter().map(|p| p.short()).collect();
+    assert_eq!(by, vec!["x/enforced-deny"]);
+}

@@ -112,6 +112,23 @@ pub struct Args {
     #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "ipv6"])]
     pub family: String,
 
+    /// Log denied packets to NFLOG first (the agent's --denied-log; the rules are the same
+    /// whether or not anyone reads the group).
+    #[arg(long, env = "PALISADE_DENIED_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub denied_log: bool,
+
+    /// As the agent's --denied-log-rate.
+    #[arg(long, env = "PALISADE_DENIED_LOG_RATE", default_value = "10/min")]
+    pub denied_log_rate: String,
+
+    /// As the agent's --denied-log-burst.
+    #[arg(long, env = "PALISADE_DENIED_LOG_BURST", default_value_t = 5)]
+    pub denied_log_burst: u32,
+
+    /// As the agent's --denied-log-group.
+    #[arg(long, env = "PALISADE_DENIED_LOG_GROUP", default_value_t = palisade_netpol::DEFAULT_NFLOG_GROUP)]
+    pub denied_log_group: u16,
+
     /// iptables backend for `apply`: auto-detect, or force nft / legacy.
     #[arg(long, env = "PALISADE_IPTABLES_BACKEND", default_value = "auto",
           value_parser = ["auto", "nft", "legacy"])]
@@ -319,6 +336,11 @@ fn build(args: &Args) -> Result<palisade_netpol::Payload> {
     cfg.extra_pod_cidrs = args.pod_cidrs.clone();
     cfg.family = family(args);
     cfg.anti_spoofing = args.anti_spoofing;
+    cfg.deny_log = args.denied_log.then(|| palisade_netpol::DenyLog {
+        group: args.denied_log_group,
+        rate: args.denied_log_rate.clone(),
+        burst: args.denied_log_burst,
+    });
     if args.anti_spoofing {
         cfg.pod_interfaces = if args.pod_interfaces.is_empty() {
             let ips = palisade_netpol::local_pod_ips(&state, &args.node, cfg.family);
