@@ -186,7 +186,9 @@ pub struct Endpoint {
 impl Endpoint {
     fn describe(&self) -> String {
         let what = match (&self.pod, self.kind) {
+            (Some(p), EndpointKind::Pod) if *p == self.given => "pod".to_string(),
             (Some(p), EndpointKind::Pod) => format!("pod {p}"),
+            (Some(p), _) if *p == self.given => "host-network pod".to_string(),
             (Some(p), _) => format!("host-network pod {p}"),
             (None, EndpointKind::Node) => "node address".into(),
             (None, EndpointKind::UnknownPod) => "no known pod, in the node's pod CIDR".into(),
@@ -400,12 +402,6 @@ impl Explanation {
             if !side.isolated_by.is_empty() {
                 let list: Vec<String> = side.isolated_by.iter().map(PolicyRef::short).collect();
                 let _ = writeln!(out, "    isolated by: {}", list.join(", "));
-            }
-            for hit in &side.allowed_by {
-                let _ = writeln!(out, "    allowed by: {}", hit.describe());
-            }
-            if let Some(hit) = &side.denied_by {
-                let _ = writeln!(out, "    denied by: {}", hit.describe());
             }
             let _ = writeln!(out, "    {}", side.reason);
         }
