@@ -23,7 +23,8 @@ use palisade_e2e::scenarios::Model;
 use serde_json::json;
 
 const FLOOD: Duration = Duration::from_secs(10);
-const SAMPLE: &str = r#"palisade_netpol_denied_packets_total{direction="ingress",namespace="x",pod="a"}"#;
+const SAMPLE: &str =
+    r#"palisade_netpol_denied_packets_total{direction="ingress",namespace="x",pod="a"}"#;
 
 fn agent_pid(node_netns: &str) -> Result<u32> {
     let pids = std::process::Command::new("ip")
@@ -33,7 +34,9 @@ fn agent_pid(node_netns: &str) -> Result<u32> {
     for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.iter().any(|a| *a == b"agent") && args.first().is_some_and(|a| a.ends_with(b"palisade")) {
+        if args.iter().any(|a| *a == b"agent")
+            && args.first().is_some_and(|a| a.ends_with(b"palisade"))
+        {
             return pid.parse().context("pid");
         }
     }
@@ -95,7 +98,9 @@ fn run(label: &str, agent_args: &[&str]) -> Result<Row> {
         }
         Ok(sent)
     });
-    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
     let elapsed = started.elapsed().as_secs_f64();
     let t1 = cpu_ticks(pid)?;
     std::thread::sleep(Duration::from_millis(500));

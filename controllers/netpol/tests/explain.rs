@@ -118,7 +118,7 @@ fn allowed_by_names_policy_rule_peer_and_port() {
     let text = e.to_text();
     assert!(text.starts_with("ALLOWED: y/b"), "{text}");
     assert!(
-        text.contains("allowed by: x/allow-y-http ingress rule 1"),
+        text.contains("allowed by x/allow-y-http ingress rule 1"),
         "{text}"
     );
 }
