@@ -178,7 +178,6 @@ fn parse_list_parallel(chunk: &str, threads: usize) -> Option<Value> {
         // A column-0 key after the items: back to the head.
         in_items = false;
         head.push_str(l);
-        let _ = start;
     }
     if items.len() < threads * 4 {
         return None;
