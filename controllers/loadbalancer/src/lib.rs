@@ -11,6 +11,7 @@
 //!   l2         the L2 announcement decision: which IPs this node answers for
 //!   l2status   the ServiceL2Status plan: which objects this node creates, updates, deletes
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
+//!   types      shared value types (ServiceKey, Port, Protocol, Family): a leaf module
 //! ```
 //!
 //! Nothing here talks to the API server or the kernel; the reconciler crates
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod pool;
 pub mod selector;
 pub mod service;
+pub mod types;
 
 pub use allocator::{
     parse_requested_ips, Allocator, Invalidated, IpFamilyPolicy, PoolCounters, PoolsReport, Port,

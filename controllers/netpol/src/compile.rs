@@ -28,6 +28,8 @@ use crate::{
     reasons, ClusterState, Diagnostic, Family, NodeConfig, PodInterface, DEFAULT_MARK_BIT,
 };
 
+mod tiers;
+
 /// Transport protocols NetworkPolicy supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -312,6 +314,7 @@ pub(crate) enum SetSource {
         proto: Protocol,
         name: String,
     },
+    /// Not derived from pods (ipBlocks, `networks`, `nodes`): only a full compile changes it.
     Block,
 }
 
@@ -458,6 +461,11 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
             selections.push(sel);
         }
+        let cnp_selections: Vec<tiers::CnpSelection> = model
+            .local
+            .iter()
+            .map(|&pi| self.cnp_selection(pi))
+            .collect();
 
         // Named ports the used policies refer to: only those are indexed.
         let mut referenced: BTreeSet<(Protocol, &'m str)> = BTreeSet::new();
@@ -477,6 +485,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 }
             }
         }
+        self.cnp_named_ports(&cnp_selections, &mut referenced);
         self.sets
             .index_named_ports(referenced.into_iter().collect());
 
@@ -509,7 +518,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         let mut ingress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let mut egress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let block = cfg.block_unknown_pods && !model.pod_cidrs.is_empty();
-        for sel in &selections {
+        for (sel, cnp_sel) in selections.iter().zip(&cnp_selections) {
             let pod = &model.pods[sel.pod];
             let host = host_net(pod.ip);
             let in_cidr = model.pod_cidrs.iter().any(|c| c.contains(pod.ip));
@@ -522,12 +531,6 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     Dir::Egress => Match::Src(host),
                 };
                 let comment = Match::Comment(pod.key());
-                if policies.is_empty() {
-                    if block && in_cidr {
-                        dispatch.push(Rule::new(vec![addr, comment], Target::Return));
-                    }
-                    continue;
-                }
                 // Audit-mode policies count only where no enforced policy isolates the pod:
                 // with one, the enforced verdict stands (adding policies only allows more).
                 let enforced: Vec<usize> = policies
@@ -535,10 +538,20 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     .copied()
                     .filter(|&q| !model.policies[q].audit)
                     .collect();
-                let profile = if enforced.is_empty() {
-                    self.audit_profile(dir, policies, &policy_chain, &mut generated)
+                let np_profile = if policies.is_empty() {
+                    None
+                } else if enforced.is_empty() {
+                    Some(self.audit_profile(dir, policies, &policy_chain, &mut generated))
                 } else {
-                    self.profile(dir, &enforced, &policy_chain, &mut generated)
+                    Some(self.profile(dir, &enforced, &policy_chain, &mut generated))
+                };
+                let tiered =
+                    self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated);
+                let Some(profile) = tiered.or(np_profile) else {
+                    if block && in_cidr {
+                        dispatch.push(Rule::new(vec![addr, comment], Target::Return));
+                    }
+                    continue;
                 };
                 dispatch.push(Rule::new(vec![addr, comment], Target::Goto(profile)));
             }

@@ -262,6 +262,23 @@ impl DenyIndex {
         let mut profiles = HashMap::new();
         for c in compiled {
             for ch in &c.chains {
+                // A ClusterNetworkPolicy chain logs its own Deny rules: name that policy.
+                if ch.name.starts_with(names::INGRESS_CNP_PREFIX)
+                    || ch.name.starts_with(names::EGRESS_CNP_PREFIX)
+                {
+                    let cnp =
+                        ch.rules
+                            .iter()
+                            .flat_map(|r| r.matches.iter())
+                            .find_map(|m| match m {
+                                Match::Comment(c) => {
+                                    crate::provenance::RuleRef::parse(c).map(|r| r.policy.short())
+                                }
+                                _ => None,
+                            });
+                    profiles.insert(ch.name.clone(), (cnp.into_iter().collect(), false));
+                    continue;
+                }
                 if !(ch.name.starts_with(names::INGRESS_PROFILE_PREFIX)
                     || ch.name.starts_with(names::EGRESS_PROFILE_PREFIX))
                 {
@@ -306,9 +323,13 @@ impl DenyIndex {
             };
             (direction, cause, known.map(|(p, _)| p.clone()))
         };
-        let (direction, cause, policies) = if prefix.starts_with(names::INGRESS_PROFILE_PREFIX) {
+        let (direction, cause, policies) = if prefix.starts_with(names::INGRESS_PROFILE_PREFIX)
+            || prefix.starts_with(names::INGRESS_CNP_PREFIX)
+        {
             profile("ingress")
-        } else if prefix.starts_with(names::EGRESS_PROFILE_PREFIX) {
+        } else if prefix.starts_with(names::EGRESS_PROFILE_PREFIX)
+            || prefix.starts_with(names::EGRESS_CNP_PREFIX)
+        {
             profile("egress")
         } else if prefix == PREFIX_UNKNOWN_INGRESS {
             ("ingress", "unknown-pod", Some(Vec::new()))

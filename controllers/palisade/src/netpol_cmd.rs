@@ -80,7 +80,8 @@ pub struct Args {
     /// YAML or JSON files or directories (searched recursively for *.yaml, *.yml and
     /// *.json, in sorted order); `-` reads standard input. Any number of documents per file
     /// and `kind: List` dumps of any size (`kubectl get ... -o yaml|json`). Objects read: Pods, Namespaces, Nodes,
-    /// NetworkPolicies; other kinds are skipped. A later object with the same name wins.
+    /// NetworkPolicies, ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2); other
+    /// kinds are skipped. A later object with the same name wins.
     #[arg(long, required = true, num_args = 1..)]
     pub manifests: Vec<PathBuf>,
 
@@ -295,11 +296,37 @@ fn live_state(kubeconfig: &Path) -> Result<ClusterState> {
             .list(&ListParams::default())
             .await
             .context("listing namespaces")?;
+        // ClusterNetworkPolicies when the cluster has the CRD (a 404 means it has none).
+        let gvk = kube::api::GroupVersionKind::gvk(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            palisade_netpol::cnp::KIND,
+        );
+        let resource =
+            kube::api::ApiResource::from_gvk_with_plural(&gvk, palisade_netpol::cnp::PLURAL);
+        let cluster_policies =
+            match Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .filter_map(|o| serde_json::to_value(o).ok())
+                    .filter_map(|v| serde_json::from_value(v).ok())
+                    .map(Arc::new)
+                    .collect(),
+                Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context("listing clusternetworkpolicies"))
+                }
+            };
         Ok(ClusterState {
             nodes: nodes.items.into_iter().map(Arc::new).collect(),
             namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
             pods: all::<Pod>(&client).await?,
             policies: all::<NetworkPolicy>(&client).await?,
+            cluster_policies,
         })
     })
 }

@@ -185,6 +185,14 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "servicel2statuses",
         )
         .with_status(),
+        // network-policy-api's CRD (installed by the user, or by the chart on request).
+        ResourceDef::cluster(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            "ClusterNetworkPolicy",
+            "clusternetworkpolicies",
+        )
+        .with_status(),
     ]
 }
 
