@@ -62,6 +62,7 @@ scenarios!(
     policy_types_default_from_rules,
     terminated_pod_ip_is_not_selected,
     egress_to_external_ip_block,
+    audit_mode_is_not_enforced,
 );
 
 mod scenario {
@@ -71,6 +72,36 @@ mod scenario {
     use palisade_e2e::Matrix;
     use palisade_e2e::Protocol::{Sctp, Tcp, Udp};
     use serde_json::json;
+
+    /// Audit mode (`palisade.dev/enforcement: audit`): an audited deny-all into x changes
+    /// nothing; an enforced policy next to it on x/a keeps its effect (only y reaches x/a).
+    pub fn audit_mode_is_not_enforced(c: &mut Cluster) -> Result<()> {
+        let mut audited = np(
+            "x",
+            "deny-all-audit",
+            json!({ "podSelector": {}, "policyTypes": ["Ingress"] }),
+        );
+        audited["metadata"]["annotations"] = json!({ "palisade.dev/enforcement": "audit" });
+        c.set_policies(vec![audited.clone()]);
+        c.apply()?;
+        let open = c.expect(|_, _| true);
+        c.check(80, Tcp, &open)?;
+        c.check(81, Udp, &open)?;
+        c.set_policies(vec![
+            audited,
+            np(
+                "x",
+                "a-from-y",
+                json!({
+                    "podSelector": { "matchLabels": { "pod": "a" } },
+                    "ingress": [{ "from": [{ "namespaceSelector": { "matchLabels": { "ns": "y" } } }] }],
+                }),
+            ),
+        ]);
+        c.apply()?;
+        let exp = c.expect(|from, to| !to.is("x/a") || from.ns == "y");
+        c.check(80, Tcp, &exp)
+    }
 
     /// Deny all ingress into namespace x: nothing reaches x pods, everything else is open.
     pub fn deny_all_ingress(c: &mut Cluster) -> Result<()> {

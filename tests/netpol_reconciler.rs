@@ -127,6 +127,7 @@ async fn start_with(
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_millis(200),
         },
+        deny_index: None,
     };
     tokio::spawn(reconciler.run(trigger, shutdown.clone()));
     (server, shutdown)

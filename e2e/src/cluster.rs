@@ -274,6 +274,13 @@ pub trait Cluster {
 
     /// Whatever helps to understand a failure (agent logs, rules); best effort.
     fn diagnostics(&mut self) -> String;
+
+    /// Runs `palisade netpol explain --kubeconfig <the agents' kubeconfig> --probes FILE`
+    /// (live mode: it lists the cluster's objects) with `probes` as the file, where the API
+    /// server is reachable; returns its standard output. `None` where the backend cannot.
+    fn explain_probes(&mut self, _probes: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// Polls `f` every `every` until it returns `Some` or `timeout` passes.

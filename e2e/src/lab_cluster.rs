@@ -957,6 +957,32 @@ impl Cluster for LabCluster {
         "198.51.100.0/24".into()
     }
 
+    fn explain_probes(&mut self, probes: &str) -> Result<Option<String>> {
+        if self.outage != ApiOutage::Off {
+            return Ok(None); // live mode needs the API; the agents enforce their last state
+        }
+        let bin = crate::netpol::palisade_bin()?;
+        let kubeconfig = self.control_plane().agent_kubeconfig().to_path_buf();
+        let file = {
+            let lab = self.lab();
+            let n = std::fs::read_dir(lab.tmp_dir()).map_or(0, |d| d.count());
+            lab.tmp_dir().join(format!("explain-probes-{n}.tsv"))
+        };
+        std::fs::write(&file, probes).with_context(|| format!("writing {}", file.display()))?;
+        let netns = self.nodes[0].netns.clone();
+        let argv = [
+            bin.display().to_string(),
+            "netpol".into(),
+            "explain".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--probes".into(),
+            file.display().to_string(),
+        ];
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        netns::exec_ok(&netns, &argv).map(Some)
+    }
+
     fn lb_pool_addresses(&self) -> Vec<String> {
         vec!["198.51.100.200-198.51.100.250".into()]
     }

@@ -23,7 +23,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::k8s::{self, Labels, NamedPort};
@@ -264,6 +264,7 @@ pub struct Cluster {
     extra: Vec<Value>,
     manifests: PathBuf,
     applies: usize,
+    applies_explained: std::cell::Cell<usize>,
 }
 
 impl Cluster {
@@ -294,6 +295,7 @@ impl Cluster {
             extra: Vec::new(),
             manifests,
             applies: 0,
+            applies_explained: std::cell::Cell::new(0),
         })
     }
 
@@ -477,13 +479,122 @@ impl Cluster {
         expected: &Matrix,
     ) -> Result<()> {
         match self.lab.check_matrix(froms, tos, port, protocol, expected) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(anyhow!(
-                "{e:#}\npolicies:\n{}\n{}",
-                self.manifest_listing(),
-                self.dump()
-            )),
+            Ok(()) => {}
+            Err(e) => {
+                return Err(anyhow!(
+                    "{e:#}\npolicies:\n{}\n{}",
+                    self.manifest_listing(),
+                    self.dump()
+                ))
+            }
         }
+        // The kernel agreed with `expected` in every cell: `explain` must too.
+        self.check_explain(froms, tos, port, protocol, expected)
+    }
+
+    /// Runs `palisade netpol explain --probes` over the same manifests for every probed pair
+    /// (but a pod to itself, which never leaves it) and requires its verdicts to equal the
+    /// observed matrix `observed`. Sources are given by IP (as the packets carry them),
+    /// destinations as `ns/name` when the manifests hold the pod, else by IP.
+    pub fn check_explain(
+        &self,
+        froms: &[Endpoint],
+        tos: &[Endpoint],
+        port: u16,
+        protocol: Protocol,
+        observed: &Matrix,
+    ) -> Result<()> {
+        let known: BTreeSet<String> = self
+            .lab
+            .pods()
+            .iter()
+            .map(PodHandle::id)
+            .filter(|id| !self.hidden.contains(id))
+            .collect();
+        let mut probes = String::new();
+        let mut cells = Vec::new();
+        for (r, from) in froms.iter().enumerate() {
+            for (c, to) in tos.iter().enumerate() {
+                if from.ip == to.ip {
+                    continue;
+                }
+                let dst = if known.contains(&to.name) {
+                    to.name.clone()
+                } else {
+                    to.ip.to_string()
+                };
+                probes.push_str(&format!(
+                    "{}\t{dst}\t{port}\t{}\n",
+                    from.ip,
+                    protocol.to_string().to_uppercase()
+                ));
+                cells.push((r, c));
+            }
+        }
+        self.applies_explained.set(self.applies_explained.get() + 1);
+        let file = self.lab.tmp_dir().join(format!(
+            "probes-{}-{}.tsv",
+            self.applies,
+            self.applies_explained.get()
+        ));
+        std::fs::write(&file, &probes).with_context(|| format!("writing {}", file.display()))?;
+        let out = std::process::Command::new(&self.bin)
+            .args(["netpol", "explain", "--manifests"])
+            .arg(&self.manifests)
+            .arg("--probes")
+            .arg(&file)
+            .output()
+            .context("running palisade netpol explain")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "palisade netpol explain failed ({}):\n{}{}",
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let lines: Vec<&str> = stdout.lines().collect();
+        ensure!(
+            lines.len() == cells.len(),
+            "explain printed {} lines for {} probes:\n{stdout}",
+            lines.len(),
+            cells.len()
+        );
+        let mut wrong = Vec::new();
+        for (line, &(r, c)) in lines.iter().zip(&cells) {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("explain printed a line that is not JSON: {line}"))?;
+            let said = match v["verdict"].as_str() {
+                Some("allowed") => true,
+                Some("denied") => false,
+                other => bail!("explain verdict {other:?} in {line}"),
+            };
+            if said != observed.at(r, c) {
+                wrong.push(format!(
+                    "{} -> {} {protocol}/{port}: kernel {}, explain {}: {}",
+                    froms[r].name,
+                    tos[c].name,
+                    if observed.at(r, c) {
+                        "reachable"
+                    } else {
+                        "blocked"
+                    },
+                    v["verdict"],
+                    v["reason"]
+                ));
+            }
+        }
+        if !wrong.is_empty() {
+            bail!(
+                "explain disagrees with the kernel on {} of {} probes:\n{}\npolicies:\n{}",
+                wrong.len(),
+                cells.len(),
+                wrong.join("\n"),
+                self.manifest_listing()
+            );
+        }
+        Ok(())
     }
 
     /// The expectation for `froms` → all pods, cell = `f(from endpoint, to pod)`.

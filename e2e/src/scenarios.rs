@@ -200,6 +200,7 @@ impl Model {
             observed = self.observe(c, port, protocol)?;
             if &observed == expected {
                 println!("  {step}: {protocol}/{port} as expected after {took:?}");
+                self.check_explain(c, step, port, protocol, &observed)?;
                 return Ok(took);
             }
             if attempt < 2 {
@@ -211,6 +212,74 @@ impl Model {
             Matrix::report(expected, &observed),
             c.diagnostics()
         )
+    }
+}
+
+impl Model {
+    /// `palisade netpol explain` in live mode (the cluster's objects, listed through the
+    /// API) must give the verdict the kernel gave, for every probe but a pod to itself.
+    pub fn check_explain(
+        &self,
+        c: &mut dyn Cluster,
+        step: &str,
+        port: u16,
+        protocol: Protocol,
+        observed: &Matrix,
+    ) -> Result<()> {
+        let mut probes = String::new();
+        let mut cells = Vec::new();
+        for (r, from) in self.pods.iter().enumerate() {
+            for (col, to) in self.pods.iter().enumerate() {
+                if r == col {
+                    continue;
+                }
+                // Sources by name, destinations by address: both resolutions are exercised.
+                probes.push_str(&format!(
+                    "{}\t{}\t{port}\t{}\n",
+                    from.id(),
+                    to.ip,
+                    protocol.to_string().to_uppercase()
+                ));
+                cells.push((r, col));
+            }
+        }
+        let Some(out) = c.explain_probes(&probes)? else {
+            return Ok(());
+        };
+        let lines: Vec<&str> = out.lines().collect();
+        ensure!(
+            lines.len() == cells.len(),
+            "{step}: explain printed {} lines for {} probes:\n{out}",
+            lines.len(),
+            cells.len()
+        );
+        let mut wrong = Vec::new();
+        for (line, &(r, col)) in lines.iter().zip(&cells) {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("{step}: explain printed non-JSON: {line}"))?;
+            let said = v["verdict"] == "allowed";
+            if said != observed.at(r, col) {
+                wrong.push(format!(
+                    "{} -> {}: kernel {}, explain {}: {}",
+                    self.pods[r].id(),
+                    self.pods[col].id(),
+                    if observed.at(r, col) {
+                        "reachable"
+                    } else {
+                        "blocked"
+                    },
+                    v["verdict"],
+                    v["reason"]
+                ));
+            }
+        }
+        ensure!(
+            wrong.is_empty(),
+            "{step}: {protocol}/{port}: explain (live) disagrees with the kernel:\n{}",
+            wrong.join("\n")
+        );
+        println!("  {step}: explain agrees on {} probes", cells.len());
+        Ok(())
     }
 }
 

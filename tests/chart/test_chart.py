@@ -473,6 +473,10 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--iptables-backend=auto",
         "--block-unknown-pods=true",
         "--anti-spoofing=true",
+        "--denied-log=true",
+        "--denied-log-rate=10/min",
+        "--denied-log-burst=5",
+        "--denied-log-group=1947",
         "--enable-cluster-network-policy=false",
         "--lease-name=palisade-allocator",
         "--load-balancer-class=palisade.dev/palisade",
@@ -697,6 +701,22 @@ def test_netpol_and_loadbalancer_settings(chart: helm.Chart) -> None:
     for rule in only(docs, "Role")["rules"]:
         if "get" in rule["verbs"]:
             assert rule["resourceNames"] == ["my-lease"]
+
+
+def test_denied_log_settings(chart: helm.Chart) -> None:
+    args = args_of(render(chart, {}))
+    assert flag(args, "denied-log") == "true"
+    assert flag(args, "denied-log-rate") == "10/min"
+    assert flag(args, "denied-log-burst") == "5"
+    assert flag(args, "denied-log-group") == "1947"
+    values = {"netpol": {"deniedLog": {"rate": "3/sec", "burst": 20, "nflogGroup": 7}}}
+    args = args_of(render(chart, values))
+    assert flag(args, "denied-log-rate") == "3/sec"
+    assert flag(args, "denied-log-burst") == "20"
+    assert flag(args, "denied-log-group") == "7"
+    off = args_of(render(chart, {"netpol": {"deniedLog": {"enabled": False}}}))
+    assert flag(off, "denied-log") == "false"
+    assert not any(a.startswith("--denied-log-rate") for a in off)
 
 
 def test_listen_port_and_ipv6_host(chart: helm.Chart) -> None:

@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub block_unknown_pods: bool,
     /// Drop packets from a local pod's interface whose source is not the pod's address.
     pub anti_spoofing: bool,
+    /// Denied-traffic log (NFLOG group, per-pod rate); `None`: off.
+    pub deny_log: Option<palisade_netpol::DenyLog>,
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.
     pub watch_backoff_max: Duration,
@@ -77,6 +79,7 @@ impl AgentConfig {
             iptables_backend: "auto".into(),
             block_unknown_pods: true,
             anti_spoofing: true,
+            deny_log: Some(palisade_netpol::DenyLog::default()),
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,

@@ -221,6 +221,18 @@ fn start_enforcement(
     let mut node = NodeConfig::new(cfg.node_name.clone());
     node.block_unknown_pods = cfg.block_unknown_pods;
     node.anti_spoofing = cfg.anti_spoofing;
+    node.deny_log = cfg.deny_log.clone();
+    let deny_index = node.deny_log.as_ref().map(|log| {
+        let index: palisade_enforcement::denied_log::SharedIndex = Default::default();
+        let logger = palisade_enforcement::denied_log::DeniedLogger {
+            group: log.group,
+            index: index.clone(),
+            metrics: shared.metrics.clone(),
+            events: shared.events.clone(),
+        };
+        tasks.spawn(logger.run(shared.shutdown.clone()));
+        index
+    });
     let links = match palisade_dataplane::KernelLinks::detect() {
         Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
         Err(e) => {
@@ -236,6 +248,7 @@ fn start_enforcement(
         metrics: shared.metrics.clone(),
         events: shared.events.clone(),
         settings: cfg.sync,
+        deny_index,
     };
     tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
 }

@@ -22,6 +22,7 @@ mod error;
 pub mod interfaces;
 mod kernel;
 pub mod netns;
+pub mod nflog;
 mod observe;
 mod recording;
 

@@ -16,6 +16,8 @@
 //! Address families: each family the node's pods use (its `podCIDRs`, its pods' IPs) gets
 //! its own compiler and executor (`iptables` / `ip6tables`); a dual-stack node enforces
 //! both, and a family once enforced is never dropped.
+pub mod denied_log;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -118,6 +120,9 @@ pub struct NetpolReconciler {
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
+    /// Kept current for the denied-traffic log (`node.deny_log` on): IP → pod, profile →
+    /// policies, from each sync's snapshot and compiled rules.
+    pub deny_index: Option<denied_log::SharedIndex>,
 }
 
 /// One address family's compiler, executor and last applied payload.
@@ -355,6 +360,17 @@ impl NetpolReconciler {
             }
         }
         let compile_ms = ms_since(compile_start);
+        if let Some(shared) = &self.deny_index {
+            if let Ok(l) = last.lock() {
+                let index = palisade_netpol::denied::DenyIndex::new(
+                    &state,
+                    l.families.values().filter_map(|fs| fs.compiler.compiled()),
+                );
+                if let Ok(mut w) = shared.write() {
+                    *w = Arc::new(index);
+                }
+            }
+        }
         diagnostics.sort();
         diagnostics.dedup();
         if work.is_empty() {

@@ -22,6 +22,7 @@ use ipnetwork::IpNetwork;
 
 use crate::model::{normalize, Model, Peer, PodInfo, PolicyInfo, PortInfo, PortSel, RuleInfo};
 use crate::names::{self, hashed};
+use crate::provenance::{PolicyRef, RuleRef};
 use crate::selector::{NamespaceLabels, Selector};
 use crate::{
     reasons, ClusterState, Diagnostic, Family, NodeConfig, PodInterface, DEFAULT_MARK_BIT,
@@ -129,6 +130,15 @@ pub enum Match {
     /// `-p ipv6-icmp`: any ICMPv6 message.
     Icmp6Any,
     Comment(String),
+    /// `-m hashlimit --hashlimit-upto RATE --hashlimit-burst N --hashlimit-mode srcip|dstip
+    /// --hashlimit-name NAME`: at most RATE per source / destination address.
+    HashLimit {
+        rate: String,
+        burst: u32,
+        /// `true`: per source address (egress), else per destination (ingress).
+        by_src: bool,
+        name: &'static str,
+    },
 }
 
 /// What a matching rule does.
@@ -143,6 +153,11 @@ pub enum Target {
     SetMark(u32),
     /// `-j MARK --set-xmark 0x0/bit`.
     ClearMark(u32),
+    /// `-j NFLOG --nflog-prefix PREFIX --nflog-group N` (not terminating).
+    Nflog {
+        prefix: String,
+        group: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -373,9 +388,28 @@ pub fn compile(state: &ClusterState, cfg: &NodeConfig) -> Compiled {
         });
         DEFAULT_MARK_BIT
     };
+    let deny_log = cfg.deny_log.clone().filter(|l| {
+        let ok = crate::DenyLog::valid_rate(&l.rate) && l.burst >= 1;
+        if !ok {
+            diags.push(Diagnostic {
+                kind: "NodeConfig",
+                namespace: None,
+                name: cfg.node_name.clone(),
+                reason: reasons::INVALID_CONFIG,
+                message: format!(
+                    "denied-traffic log rate {:?} / burst {} unusable (N/sec, or N/min with \
+                     N below 60; burst at least 1); the log is off",
+                    crate::render::sanitize(&l.rate, 40),
+                    l.burst
+                ),
+            });
+        }
+        ok
+    });
     let model = Model::build(state, cfg, &mut diags);
     let mut c = Compiler {
         model: &model,
+        deny_log,
         mark,
         sets: SetBuilder::new(&model),
         diags,
@@ -385,6 +419,7 @@ pub fn compile(state: &ClusterState, cfg: &NodeConfig) -> Compiled {
 
 struct Compiler<'m, 'a> {
     model: &'m Model<'a>,
+    deny_log: Option<crate::DenyLog>,
     mark: u32,
     sets: SetBuilder<'m, 'a>,
     diags: Vec<Diagnostic>,
@@ -496,8 +531,20 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     Dir::Egress => Match::Src(host),
                 };
                 let comment = Match::Comment(pod.key());
-                let np_profile = (!policies.is_empty())
-                    .then(|| self.profile(dir, policies, &policy_chain, &mut generated));
+                // Audit-mode policies count only where no enforced policy isolates the pod:
+                // with one, the enforced verdict stands (adding policies only allows more).
+                let enforced: Vec<usize> = policies
+                    .iter()
+                    .copied()
+                    .filter(|&q| !model.policies[q].audit)
+                    .collect();
+                let np_profile = if policies.is_empty() {
+                    None
+                } else if enforced.is_empty() {
+                    Some(self.audit_profile(dir, policies, &policy_chain, &mut generated))
+                } else {
+                    Some(self.profile(dir, &enforced, &policy_chain, &mut generated))
+                };
                 let tiered =
                     self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated);
                 let Some(profile) = tiered.or(np_profile) else {
@@ -512,6 +559,20 @@ impl<'m, 'a> Compiler<'m, 'a> {
         if block {
             for cidr in &model.pod_cidrs {
                 let comment = Match::Comment("local pod not known yet".into());
+                if let Some(log) = &cfg.deny_log {
+                    ingress_dispatch.push(log_rule(
+                        log,
+                        vec![Match::Dst(*cidr)],
+                        false,
+                        crate::denied::PREFIX_UNKNOWN_INGRESS,
+                    ));
+                    egress_dispatch.push(log_rule(
+                        log,
+                        vec![Match::Src(*cidr)],
+                        true,
+                        crate::denied::PREFIX_UNKNOWN_EGRESS,
+                    ));
+                }
                 ingress_dispatch.push(Rule::new(
                     vec![Match::Dst(*cidr), comment.clone()],
                     Target::Drop,
@@ -700,20 +761,86 @@ impl<'m, 'a> Compiler<'m, 'a> {
             return name;
         }
         let mut rules = vec![Rule::new(vec![], Target::ClearMark(self.mark))];
-        for (&q, key) in policies.iter().zip(keys) {
+        for &q in policies {
             if let Some(chain) = policy_chain.get(&(q, dir)) {
+                let pol = &self.model.policies[q];
+                let provenance = PolicyRef::network_policy(pol.ns, pol.name);
                 rules.push(Rule::new(
-                    vec![Match::Comment(key)],
+                    vec![Match::Comment(provenance.to_string())],
                     Target::Jump(chain.clone()),
                 ));
             }
         }
+        let unmarked = Match::Mark {
+            bit: self.mark,
+            negate: true,
+        };
+        if let Some(log) = &self.deny_log {
+            rules.push(log_rule(
+                log,
+                vec![unmarked.clone()],
+                dir == Dir::Egress,
+                &name,
+            ));
+        }
+        rules.push(Rule::new(vec![unmarked], Target::Drop));
+        rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
+        generated.insert(name.clone(), rules);
+        name
+    }
+
+    /// The profile chain of a pod isolated only by audit-mode policies: the same policy
+    /// chains, but "no policy allows it" logs `would-deny` (when the log is on) and lets the
+    /// packet through.
+    fn audit_profile(
+        &self,
+        dir: Dir,
+        policies: &[usize],
+        policy_chain: &HashMap<(usize, Dir), String>,
+        generated: &mut BTreeMap<String, Vec<Rule>>,
+    ) -> String {
+        let keys: Vec<String> = policies
+            .iter()
+            .map(|&q| self.model.policies[q].key())
+            .collect();
+        let prefix = match dir {
+            Dir::Ingress => names::INGRESS_PROFILE_PREFIX,
+            Dir::Egress => names::EGRESS_PROFILE_PREFIX,
+        };
+        let name = hashed(prefix, &format!("audit|{}", keys.join(",")));
+        if generated.contains_key(&name) {
+            return name;
+        }
+        let mut rules = vec![Rule::new(
+            vec![Match::Comment(crate::AUDIT_PROFILE_COMMENT.into())],
+            Target::ClearMark(self.mark),
+        )];
+        for &q in policies {
+            if let Some(chain) = policy_chain.get(&(q, dir)) {
+                let pol = &self.model.policies[q];
+                let provenance = PolicyRef::network_policy(pol.ns, pol.name);
+                rules.push(Rule::new(
+                    vec![Match::Comment(provenance.to_string())],
+                    Target::Jump(chain.clone()),
+                ));
+            }
+        }
+        let unmarked = Match::Mark {
+            bit: self.mark,
+            negate: true,
+        };
+        if let Some(log) = &self.deny_log {
+            rules.push(log_rule(
+                log,
+                vec![unmarked.clone()],
+                dir == Dir::Egress,
+                &name,
+            ));
+        }
+        // The mark is clear exactly when no policy allowed: nothing to clear, just return.
         rules.push(Rule::new(
-            vec![Match::Mark {
-                bit: self.mark,
-                negate: true,
-            }],
-            Target::Drop,
+            vec![unmarked, Match::Comment(crate::WOULD_DENY_COMMENT.into())],
+            Target::Return,
         ));
         rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
         generated.insert(name.clone(), rules);
@@ -738,7 +865,14 @@ impl<'m, 'a> Compiler<'m, 'a> {
             None => vec![vec![]],
             Some(list) => self.port_groups(pol, dir, list, selected),
         };
-        let comment = Match::Comment(format!("{} {}[{}]", pol.key(), dir.as_str(), rule.index));
+        let comment = Match::Comment(
+            RuleRef {
+                policy: PolicyRef::network_policy(pol.ns, pol.name),
+                direction: dir.as_str().into(),
+                index: rule.index,
+            }
+            .to_string(),
+        );
         for peer in &peers {
             for port in &ports {
                 let mut m = Vec::with_capacity(port.len() + 2);
@@ -871,6 +1005,32 @@ impl<'m, 'a> Compiler<'m, 'a> {
             });
         }
     }
+}
+
+/// Hash tables of the denied-traffic log's per-pod limits (per direction; ≤ 15 characters).
+pub const HASHLIMIT_INGRESS: &str = "pal-deny-in";
+pub const HASHLIMIT_EGRESS: &str = "pal-deny-eg";
+
+/// An NFLOG rule sending what `matches` selects to the denied-traffic log, at most
+/// `log.rate` per pod (source pod for egress, destination pod for ingress).
+fn log_rule(log: &crate::DenyLog, mut matches: Vec<Match>, egress: bool, prefix: &str) -> Rule {
+    matches.push(Match::HashLimit {
+        rate: log.rate.clone(),
+        burst: log.burst,
+        by_src: egress,
+        name: if egress {
+            HASHLIMIT_EGRESS
+        } else {
+            HASHLIMIT_INGRESS
+        },
+    });
+    Rule::new(
+        matches,
+        Target::Nflog {
+            prefix: prefix.to_string(),
+            group: log.group,
+        },
+    )
 }
 
 fn host_net(ip: IpAddr) -> IpNetwork {

@@ -27,6 +27,10 @@ pub enum NetpolError {
     /// Text given to the packet tracer is not in the restore format we render.
     #[error("trace: line {line}: {message}")]
     Trace { line: usize, message: String },
+    /// A flow given to `explain` cannot be resolved (unknown pod, pod without IP, unknown
+    /// named port, mixed address families).
+    #[error("explain: {0}")]
+    Explain(String),
 }
 
 impl NetpolError {
@@ -36,6 +40,7 @@ impl NetpolError {
             NetpolError::Syntax { .. } => "syntax",
             NetpolError::Object { .. } => "object",
             NetpolError::Trace { .. } => "trace",
+            NetpolError::Explain(_) => "explain",
         }
     }
 }

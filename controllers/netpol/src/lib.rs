@@ -50,11 +50,14 @@
 pub mod builders;
 pub mod cnp;
 pub mod compile;
+pub mod denied;
 mod error;
+pub mod explain;
 pub mod incremental;
 pub mod manifests;
 mod model;
 pub mod names;
+pub mod provenance;
 pub mod render;
 pub mod selector;
 pub mod synthetic;
@@ -69,6 +72,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 pub use compile::{compile, Compiled};
 pub use error::{ManifestError, NetpolError};
+pub use explain::Explainer;
 pub use incremental::{IncrementalCompiler, SyncMode};
 pub use ipnetwork::IpNetwork;
 pub use k8s_openapi;
@@ -149,7 +153,55 @@ pub struct NodeConfig {
     /// dataplane adapter). A local pod missing here becomes a
     /// [`reasons::POD_INTERFACE_UNKNOWN`] diagnostic when `anti_spoofing` is on.
     pub pod_interfaces: BTreeMap<IpAddr, PodInterface>,
+    /// Denied-traffic log: packets our chains drop are first sent to this NFLOG group,
+    /// rate-limited per pod in the kernel. `None`: off.
+    pub deny_log: Option<DenyLog>,
 }
+
+/// Settings of the denied-traffic log (see `docs/observability.md`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DenyLog {
+    /// NFLOG group the agent listens on.
+    pub group: u16,
+    /// Per pod and direction: `N/sec` (N ≥ 1) or `N/min` (1 ≤ N ≤ 59), the forms
+    /// `iptables-save` prints back unchanged.
+    pub rate: String,
+    /// Packets logged at once before the rate applies.
+    pub burst: u32,
+}
+
+impl Default for DenyLog {
+    fn default() -> Self {
+        DenyLog {
+            group: DEFAULT_NFLOG_GROUP,
+            rate: "10/min".into(),
+            burst: 5,
+        }
+    }
+}
+
+impl DenyLog {
+    /// Checks `rate` (see [`DenyLog::rate`]).
+    pub fn valid_rate(rate: &str) -> bool {
+        match rate.split_once('/') {
+            Some((n, "sec")) => n.parse::<u32>().is_ok_and(|n| (1..=10_000).contains(&n)),
+            Some((n, "min")) => n.parse::<u32>().is_ok_and(|n| (1..=59).contains(&n)),
+            _ => false,
+        }
+    }
+}
+
+/// Annotation of a NetworkPolicy: `audit` puts it in audit mode (not enforced; what it
+/// would deny is let through and logged `would-deny`); anything else, or none, enforces it.
+pub const ENFORCEMENT_ANNOTATION: &str = "palisade.dev/enforcement";
+
+/// Comment on the first rule of an audit-mode profile chain (read by `explain` and the log).
+pub const AUDIT_PROFILE_COMMENT: &str = "audit-mode";
+/// Comment on the rule an audit-mode profile matches when its policies would deny.
+pub const WOULD_DENY_COMMENT: &str = "would-deny";
+
+/// Default NFLOG group of the denied-traffic log.
+pub const DEFAULT_NFLOG_GROUP: u16 = 1947;
 
 /// The interface a local pod's packets enter the node from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -204,6 +256,7 @@ impl NodeConfig {
             extra_pod_cidrs: Vec::new(),
             anti_spoofing: false,
             pod_interfaces: BTreeMap::new(),
+            deny_log: None,
         }
     }
 }

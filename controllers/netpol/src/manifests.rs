@@ -125,16 +125,173 @@ fn yaml_options(len: usize) -> serde_saphyr::Options {
     options
 }
 
+/// Below this size a YAML stream is parsed on the calling thread only.
+const PARALLEL_YAML_BYTES: usize = 256 * 1024;
+
+type ChunkResult = Result<Vec<Value>, serde_saphyr::Error>;
+
+fn parse_chunk(chunk: &str) -> ChunkResult {
+    serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
+        chunk,
+        yaml_options(chunk.len()),
+    )
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+}
+
+/// A large `kind: List` document (`kubectl get ... -o yaml`) is split at its items (lines
+/// `- ` at column 0 after a column-0 `items:`), the item groups parsed in parallel as block
+/// sequences and put back together in order. Anything unexpected (no such layout, a group
+/// that does not parse as a sequence) gives `None`: the caller parses the chunk whole, which
+/// also produces the exact error.
+fn parse_list_parallel(chunk: &str, threads: usize) -> Option<Value> {
+    let mut head = String::new();
+    let mut items: Vec<(usize, usize)> = Vec::new(); // byte ranges of the item lines
+    let mut in_items = false;
+    let mut pos = 0;
+    for l in chunk.split_inclusive('\n') {
+        let start = pos;
+        pos += l.len();
+        let t = l.trim_end();
+        if !in_items {
+            if t == "items:" {
+                in_items = true;
+            } else {
+                head.push_str(l);
+            }
+            continue;
+        }
+        let col0 = !l.starts_with([' ', '\t', '\r', '\n']);
+        if t.is_empty() || l.starts_with('#') || !col0 {
+            if let Some(last) = items.last_mut() {
+                last.1 = pos;
+            }
+            continue;
+        }
+        if t == "-" || l.starts_with("- ") {
+            items.push((start, pos));
+            continue;
+        }
+        // A column-0 key after the items: back to the head.
+        in_items = false;
+        head.push_str(l);
+    }
+    if items.len() < threads * 4 {
+        return None;
+    }
+    let Ok(mut heads) = parse_chunk(&head) else {
+        return None;
+    };
+    let Some(Value::Object(mut map)) = heads.pop() else {
+        return None;
+    };
+    if !heads.is_empty()
+        || !map
+            .get("kind")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k.ends_with("List"))
+    {
+        return None;
+    }
+    // Groups of consecutive items of about equal size.
+    let total = items.last()?.1 - items.first()?.0;
+    let per = total.div_ceil(threads);
+    let mut groups: Vec<&str> = Vec::new();
+    let mut g_start = items[0].0;
+    for (i, &(_, end)) in items.iter().enumerate() {
+        let last = i + 1 == items.len();
+        if last || (end - g_start >= per && groups.len() + 1 < threads) {
+            groups.push(chunk.get(g_start..end)?);
+            g_start = items.get(i + 1).map_or(end, |n| n.0);
+        }
+    }
+    let parsed: Vec<ChunkResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .iter()
+            .map(|g| scope.spawn(move || parse_chunk(g)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(items.len());
+    for r in parsed {
+        let mut docs = r.ok()?;
+        match (docs.pop(), docs.is_empty()) {
+            (Some(Value::Array(a)), true) => all.extend(a),
+            _ => return None,
+        }
+    }
+    if all.len() != items.len() {
+        return None;
+    }
+    map.insert("items".into(), Value::Array(all));
+    Some(Value::Object(map))
+}
+
+/// One chunk; a large List in parallel when there are cores to spare.
+fn parse_chunk_or_list(chunk: &str, threads: usize) -> ChunkResult {
+    if threads > 1 && chunk.len() >= PARALLEL_YAML_BYTES {
+        if let Some(list) = parse_list_parallel(chunk, threads) {
+            return Ok(vec![list]);
+        }
+    }
+    parse_chunk(chunk)
+}
+
+/// Parses the chunks, in parallel over the machine's cores for large inputs (YAML parsing
+/// is most of the CLI's time on a cluster dump); results stay in input order.
+fn parse_chunks(chunks: &[(usize, &str)], total: usize) -> Vec<ChunkResult> {
+    let cores = cores();
+    let threads = cores.min(chunks.len());
+    if threads <= 1 || total < PARALLEL_YAML_BYTES {
+        return chunks
+            .iter()
+            .map(|(_, c)| parse_chunk_or_list(c, cores))
+            .collect();
+    }
+    // Contiguous ranges of about equal bytes, one per thread.
+    let per = total.div_ceil(threads);
+    let mut ranges = Vec::with_capacity(threads);
+    let (mut start, mut acc) = (0, 0);
+    for (i, (_, c)) in chunks.iter().enumerate() {
+        acc += c.len();
+        if acc >= per && ranges.len() + 1 < threads {
+            ranges.push(start..i + 1);
+            start = i + 1;
+            acc = 0;
+        }
+    }
+    ranges.push(start..chunks.len());
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
+            .into_iter()
+            .map(|r| {
+                let part = &chunks[r];
+                scope.spawn(move || part.iter().map(|(_, c)| parse_chunk(c)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            // A parser panic is passed on as it would be on one thread.
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
+}
+
 /// Parses a (multi-document) YAML stream of any number of documents.
 pub fn parse_yaml(text: &str) -> Result<ClusterState, ManifestError> {
     let mut state = ClusterState::default();
     let mut index = 0;
-    for (line, chunk) in yaml_chunks(text) {
-        let docs: Vec<Value> = serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
-            chunk,
-            yaml_options(chunk.len()),
-        )
-        .map_err(|e| ManifestError::Syntax {
+    let chunks = yaml_chunks(text);
+    let parsed = parse_chunks(&chunks, text.len());
+    for (&(line, _), docs) in chunks.iter().zip(parsed) {
+        let docs: Vec<Value> = docs.map_err(|e| ManifestError::Syntax {
             format: "YAML",
             document: index,
             line: line
@@ -475,6 +632,65 @@ mod scale_tests {
         }
         let s = parse(&list).expect("a big List");
         assert_eq!(s.namespaces.len(), 30_000);
+    }
+
+    #[test]
+    fn large_streams_parse_in_parallel_with_the_same_order_and_errors() {
+        // Well above PARALLEL_YAML_BYTES: chunks go to several threads.
+        let docs: Vec<String> = (0..12_000).map(ns_doc).collect();
+        let text = docs.join("---\n");
+        assert!(text.len() > PARALLEL_YAML_BYTES);
+        let s = parse(&text).expect("12000 documents");
+        assert_eq!(s.namespaces.len(), 12_000);
+        let names: Vec<&str> = s
+            .namespaces
+            .iter()
+            .map(|n| n.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(names[0], "ns-0");
+        assert_eq!(names[11_999], "ns-11999");
+        // A later duplicate still wins.
+        let text2 = format!(
+            "{text}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-5, labels: {{late: yes}}}}\n"
+        );
+        let s = parse(&text2).unwrap();
+        let ns5 = s
+            .namespaces
+            .iter()
+            .rev()
+            .find(|n| n.metadata.name.as_deref() == Some("ns-5"))
+            .unwrap();
+        assert_eq!(ns5.metadata.labels.as_ref().unwrap()["late"], "yes");
+        // A syntax error deep in the stream names its document and line.
+        let mut broken = docs.clone();
+        broken[9_000] = "apiVersion: v1\nkind: [Namespace\n".into();
+        let err = parse(&broken.join("---\n")).unwrap_err().to_string();
+        assert!(err.starts_with("document 9000 (line 36002)"), "{err}");
+    }
+
+    #[test]
+    fn a_large_list_is_parsed_in_parallel_with_item_order_and_errors() {
+        let mut list = String::from("apiVersion: v1\nkind: NamespaceList\nitems:\n");
+        for i in 0..12_000 {
+            list.push_str(&format!(
+                "- metadata:\n    name: ns-{i}\n    labels:\n      note: |\n        - not an item\n        text\n"
+            ));
+        }
+        list.push_str("metadata:\n  resourceVersion: \"1\"\n");
+        assert!(list.len() > PARALLEL_YAML_BYTES);
+        let whole = parse_chunk(&list).unwrap();
+        let fast = parse_list_parallel(&list, 4).expect("split");
+        assert_eq!(whole, vec![fast]);
+        let s = parse(&list).unwrap();
+        assert_eq!(s.namespaces.len(), 12_000);
+        assert_eq!(
+            s.namespaces[11_999].metadata.name.as_deref(),
+            Some("ns-11999")
+        );
+        // An invalid item: the split gives up and the whole-chunk error is reported.
+        let broken = list.replacen("    name: ns-7000\n", "    name: [ns-7000\n", 1);
+        assert!(parse_list_parallel(&broken, 4).is_none());
+        assert!(parse(&broken).is_err());
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub(crate) struct PolicyInfo<'a> {
     pub ingress: Option<Vec<RuleInfo>>,
     /// `Some` iff the policy has policy type Egress.
     pub egress: Option<Vec<RuleInfo>>,
+    /// Annotated `palisade.dev/enforcement: audit`: evaluated and logged, never enforced.
+    pub audit: bool,
 }
 
 impl PolicyInfo<'_> {
@@ -498,12 +500,19 @@ fn policy_info<'a>(
             .filter_map(|(i, r)| ctx.rule("egress", i, r.to.as_deref(), r.ports.as_deref(), diags))
             .collect()
     });
+    let audit = np
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::ENFORCEMENT_ANNOTATION))
+        .is_some_and(|v| v == "audit");
     Some(PolicyInfo {
         ns,
         name,
         selector,
         ingress,
         egress,
+        audit,
     })
 }
 

@@ -287,6 +287,21 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
             Match::Comment(c) => {
                 let _ = write!(out, " -m comment --comment {}", quoted(c));
             }
+            Match::HashLimit {
+                rate,
+                burst,
+                by_src,
+                name,
+            } => {
+                let mode = if *by_src { "srcip" } else { "dstip" };
+                let _ = write!(
+                    out,
+                    " -m hashlimit --hashlimit-upto {} --hashlimit-burst {burst} \
+                     --hashlimit-mode {mode} --hashlimit-name {}",
+                    sanitize(rate, 20).replace(' ', "_"),
+                    sanitize(name, 15).replace(' ', "_")
+                );
+            }
         }
     }
     let _ = match &r.target {
@@ -297,6 +312,11 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
         Target::Goto(c) => write!(out, " -g {c}"),
         Target::SetMark(bit) => write!(out, " -j MARK --set-xmark {bit:#x}/{bit:#x}"),
         Target::ClearMark(bit) => write!(out, " -j MARK --set-xmark 0x0/{bit:#x}"),
+        Target::Nflog { prefix, group } => write!(
+            out,
+            " -j NFLOG --nflog-prefix {} --nflog-group {group}",
+            quoted(&sanitize(prefix, 63))
+        ),
     };
     out.push('\n');
 }

@@ -126,6 +126,45 @@ pub enum Verdict {
 pub struct Trace {
     pub verdict: Verdict,
     pub path: Vec<String>,
+    /// The same rules, structured: where they are, what they did, their comments and what
+    /// they matched on (the provenance `explain` reads).
+    pub steps: Vec<Step>,
+}
+
+/// One rule that matched on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Chain of the rule.
+    pub chain: String,
+    /// Index of the rule in its chain (0-based).
+    pub index: usize,
+    /// The chains that led here, outermost first (the hook chain at index 0).
+    pub via: Vec<String>,
+    pub action: Action,
+    /// `-m comment --comment` of the rule.
+    pub comment: Option<String>,
+    /// What the rule matched the packet's peer on: a set's identity (`pods ns:… pod:…`,
+    /// `block … except …`), `cidr 10.0.0.0/8`, or `any`.
+    pub peer: String,
+    /// What it matched the port on: `TCP 80`, `UDP 81-90`, `TCP 80,443`, `named-port
+    /// tcp/http`, `TCP (all ports)` or `any`.
+    pub port: String,
+    /// The rule as rendered (`-A CHAIN ...`).
+    pub rule: String,
+}
+
+/// What a matched rule did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    Drop,
+    Return,
+    /// `-j MARK`: `true` when it set bits.
+    Mark(bool),
+    Jump(String),
+    Goto(String),
+    /// `-j NFLOG`: sent to the denied-traffic log with this prefix (not terminating).
+    Log(String),
 }
 
 impl Trace {
@@ -173,6 +212,7 @@ enum T {
     Jump(String),
     Goto(String),
     Mark { value: u32, mask: u32 },
+    Nflog { prefix: String },
 }
 
 #[derive(Clone, Debug)]
@@ -180,12 +220,16 @@ struct TRule {
     line: usize,
     matches: Vec<M>,
     target: T,
+    comment: Option<String>,
+    text: String,
 }
 
 #[derive(Clone, Debug)]
 struct TSet {
     kind: SetKind,
     members: BTreeSet<SetMember>,
+    /// From the `# NAME identity` line the renderer writes before a set.
+    identity: Option<String>,
 }
 
 /// Parsed payloads, ready to trace packets.
@@ -263,32 +307,31 @@ impl Tracer {
     /// Traces `pkt` entering the built-in chain `builtin` (`FORWARD` or `INPUT`), whose only
     /// rule is our hook and whose policy is ACCEPT.
     pub fn trace(&self, builtin: &str, pkt: &Packet) -> Result<Trace, NetpolError> {
-        let mut path = Vec::new();
-        let mut mark = 0u32;
+        let mut w = Walk {
+            mark: 0,
+            path: Vec::new(),
+            steps: Vec::new(),
+            via: vec![builtin.to_string()],
+        };
+        let mut verdict = Verdict::Accept;
         for (b, chain) in &self.hooks {
             if b != builtin {
                 continue;
             }
-            path.push(format!("{builtin}#0 -> {chain}"));
-            match self.run(chain, pkt, &mut mark, &mut path, 0)? {
-                Outcome::Accept => {
-                    return Ok(Trace {
-                        verdict: Verdict::Accept,
-                        path,
-                    })
-                }
+            w.path.push(format!("{builtin}#0 -> {chain}"));
+            match self.run(chain, pkt, &mut w, 0)? {
+                Outcome::Accept => break,
                 Outcome::Drop => {
-                    return Ok(Trace {
-                        verdict: Verdict::Drop,
-                        path,
-                    })
+                    verdict = Verdict::Drop;
+                    break;
                 }
                 Outcome::Return => {}
             }
         }
         Ok(Trace {
-            verdict: Verdict::Accept,
-            path,
+            verdict,
+            path: w.path,
+            steps: w.steps,
         })
     }
 
@@ -296,8 +339,7 @@ impl Tracer {
         &self,
         chain: &str,
         pkt: &Packet,
-        mark: &mut u32,
-        path: &mut Vec<String>,
+        w: &mut Walk,
         depth: usize,
     ) -> Result<Outcome, NetpolError> {
         if depth > 32 {
@@ -308,41 +350,116 @@ impl Tracer {
             .get(chain)
             .ok_or_else(|| err(0, format!("unknown chain {chain}")))?;
         for (i, r) in rules.iter().enumerate() {
-            if !self.matches(r, pkt, *mark) {
+            if !self.matches(r, pkt, w.mark) {
                 continue;
             }
-            let label = |t: &str| format!("{chain}#{i} -> {t}");
+            let (label, action) = match &r.target {
+                T::Accept => ("ACCEPT".to_string(), Action::Accept),
+                T::Drop => ("DROP".to_string(), Action::Drop),
+                T::Return => ("RETURN".to_string(), Action::Return),
+                T::Mark { value, .. } => ("MARK".to_string(), Action::Mark(*value != 0)),
+                T::Jump(c) => (c.clone(), Action::Jump(c.clone())),
+                T::Goto(c) => (format!("goto {c}"), Action::Goto(c.clone())),
+                T::Nflog { prefix } => ("NFLOG".to_string(), Action::Log(prefix.clone())),
+            };
+            w.path.push(format!("{chain}#{i} -> {label}"));
+            let (peer, port) = self.describe(r);
+            w.steps.push(Step {
+                chain: chain.to_string(),
+                index: i,
+                via: w.via.clone(),
+                action,
+                comment: r.comment.clone(),
+                peer,
+                port,
+                rule: r.text.clone(),
+            });
             match &r.target {
-                T::Accept => {
-                    path.push(label("ACCEPT"));
-                    return Ok(Outcome::Accept);
-                }
-                T::Drop => {
-                    path.push(label("DROP"));
-                    return Ok(Outcome::Drop);
-                }
-                T::Return => {
-                    path.push(label("RETURN"));
-                    return Ok(Outcome::Return);
-                }
+                T::Accept => return Ok(Outcome::Accept),
+                T::Drop => return Ok(Outcome::Drop),
+                T::Return => return Ok(Outcome::Return),
                 T::Mark { value, mask } => {
-                    path.push(label("MARK"));
-                    *mark = (*mark & !mask) ^ value;
+                    w.mark = (w.mark & !mask) ^ value;
                 }
+                T::Nflog { .. } => {}
                 T::Jump(c) => {
-                    path.push(label(c));
-                    match self.run(c, pkt, mark, path, depth + 1)? {
+                    w.via.push(chain.to_string());
+                    let out = self.run(c, pkt, w, depth + 1);
+                    w.via.pop();
+                    match out? {
                         Outcome::Return => {}
                         other => return Ok(other),
                     }
                 }
                 T::Goto(c) => {
-                    path.push(label(&format!("goto {c}")));
-                    return self.run(c, pkt, mark, path, depth + 1);
+                    // A goto replaces the chain: a RETURN in `c` goes back to our caller.
+                    w.via.push(chain.to_string());
+                    let out = self.run(c, pkt, w, depth + 1);
+                    w.via.pop();
+                    return out;
                 }
             }
         }
         Ok(Outcome::Return)
+    }
+
+    /// The peer and port parts of a rule, for people (see [`Step::peer`], [`Step::port`]).
+    fn describe(&self, r: &TRule) -> (String, String) {
+        let mut peers = Vec::new();
+        let mut proto = None;
+        let mut ports = Vec::new();
+        for m in &r.matches {
+            match m {
+                M::Src(n, neg) | M::Dst(n, neg) => {
+                    peers.push(format!("{}cidr {n}", if *neg { "not " } else { "" }))
+                }
+                M::Proto(p) => proto = Some(p.as_str().to_uppercase()),
+                M::DPorts(ranges) => ports.push(
+                    ranges
+                        .iter()
+                        .map(|(lo, hi)| {
+                            if lo == hi {
+                                lo.to_string()
+                            } else {
+                                format!("{lo}-{hi}")
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                M::Set { name, negate, .. } => {
+                    let set = self.sets.get(name);
+                    let what = set
+                        .and_then(|s| s.identity.clone())
+                        .unwrap_or_else(|| name.clone());
+                    let what = if *negate { format!("not {what}") } else { what };
+                    if set.is_some_and(|s| s.kind == SetKind::HashIpPort) {
+                        ports.push(what);
+                    } else {
+                        peers.push(what);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let peer = if peers.is_empty() {
+            "any".to_string()
+        } else {
+            peers.join(" and ")
+        };
+        let port = match (proto, ports.is_empty()) {
+            (None, true) => "any".to_string(),
+            (Some(p), true) => format!("{p} (all ports)"),
+            (None, false) => ports.join(" "),
+            (Some(p), false) => {
+                if ports.iter().all(|x| x.starts_with("named-port")) {
+                    ports.join(" ")
+                } else {
+                    format!("{p} {}", ports.join(" "))
+                }
+            }
+        };
+        (peer, port)
     }
 
     fn matches(&self, r: &TRule, pkt: &Packet, mark: u32) -> bool {
@@ -379,6 +496,14 @@ enum Outcome {
     Accept,
     Drop,
     Return,
+}
+
+/// State of one trace.
+struct Walk {
+    mark: u32,
+    path: Vec<String>,
+    steps: Vec<Step>,
+    via: Vec<String>,
 }
 
 fn set_matches(s: &TSet, dirs: &[bool], pkt: &Packet) -> bool {
@@ -486,6 +611,7 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
         let chain = w[1].clone();
         let mut matches = Vec::new();
         let mut target = None;
+        let mut comment = None;
         let mut k = 2;
         let mut negate = false;
         let arg = |k: usize| {
@@ -530,6 +656,7 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             | "comment"
                             | "icmp6"
                             | "physdev"
+                            | "hashlimit"
                     ) {
                         return Err(err(line, format!("unsupported module {module}")));
                     }
@@ -567,7 +694,11 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                     }
                     matches.push(M::SrcLocal);
                 }
-                "--comment" => {}
+                "--comment" => comment = Some(arg(k + 1)?),
+                // Rate limits only thin out what reaches the log: a traced packet is the
+                // first of its flow, so it always matches.
+                "--hashlimit-upto" | "--hashlimit-burst" | "--hashlimit-mode"
+                | "--hashlimit-name" => {}
                 "--icmpv6-type" => {
                     let t = arg(k + 1)?;
                     let t = t
@@ -590,6 +721,23 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                             target = Some(T::Mark { value, mask });
                             continue;
                         }
+                        ("-j", "NFLOG") => {
+                            let mut prefix = String::new();
+                            let mut j = k + 2;
+                            while j + 1 < w.len() {
+                                match w[j].as_str() {
+                                    "--nflog-prefix" => prefix = w[j + 1].clone(),
+                                    "--nflog-group" => {}
+                                    other => {
+                                        return Err(err(line, format!("NFLOG option {other}")))
+                                    }
+                                }
+                                j += 2;
+                            }
+                            k = j;
+                            target = Some(T::Nflog { prefix });
+                            continue;
+                        }
                         ("-j", c) => T::Jump(c.to_string()),
                         (_, c) => T::Goto(c.to_string()),
                     });
@@ -604,6 +752,8 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
             line,
             matches,
             target,
+            comment,
+            text: l.to_string(),
         });
     }
     Ok(chains)
@@ -611,9 +761,16 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
 
 fn parse_ipset(text: &str) -> Result<HashMap<String, TSet>, NetpolError> {
     let mut sets: HashMap<String, TSet> = HashMap::new();
+    let mut identities: HashMap<&str, &str> = HashMap::new();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let l = raw.trim();
+        if let Some(c) = l.strip_prefix("# ") {
+            if let Some((name, identity)) = c.split_once(' ') {
+                identities.insert(name, identity);
+            }
+            continue;
+        }
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
@@ -630,9 +787,11 @@ fn parse_ipset(text: &str) -> Result<HashMap<String, TSet>, NetpolError> {
                     .get(2)
                     .and_then(|k| SetKind::from_kernel(k))
                     .ok_or_else(|| err(line, "unsupported set type"))?;
+                let identity = identities.get(n.as_str()).map(|s| s.to_string());
                 sets.entry(n).or_insert(TSet {
                     kind,
                     members: BTreeSet::new(),
+                    identity,
                 });
             }
             Some("add") => {
@@ -655,9 +814,12 @@ fn parse_ipset(text: &str) -> Result<HashMap<String, TSet>, NetpolError> {
                 let sa = sets
                     .remove(&a)
                     .ok_or_else(|| err(line, "swap: unknown set"))?;
-                let sb = sets
+                let mut sb = sets
                     .remove(&b)
                     .ok_or_else(|| err(line, "swap: unknown set"))?;
+                // Members move, names (and what they stand for) stay.
+                let mut sa = sa;
+                std::mem::swap(&mut sa.identity, &mut sb.identity);
                 sets.insert(a, sb);
                 sets.insert(b, sa);
             }
@@ -703,6 +865,7 @@ mod tests {
         let s = TSet {
             kind: SetKind::HashNet,
             members,
+            identity: None,
         };
         let p = |ip: &str| Packet::tcp(ip, "1.1.1.1", 80);
         assert!(set_matches(&s, &[true], &p("10.2.3.4")));

@@ -144,6 +144,24 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ANTI_SPOOFING", default_value_t = true, action = clap::ArgAction::Set)]
     anti_spoofing: bool,
 
+    /// Denied-traffic log: packets NetworkPolicy drops go to NFLOG first (rate-limited per
+    /// pod in the kernel); the agent logs one line per denied flow, counts them in
+    /// palisade_netpol_denied_packets_total and publishes an Event on the pod.
+    #[arg(long, env = "PALISADE_DENIED_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    denied_log: bool,
+
+    /// Per pod and direction: N/sec, or N/min with N below 60.
+    #[arg(long, env = "PALISADE_DENIED_LOG_RATE", default_value = "10/min", value_parser = parse_deny_rate)]
+    denied_log_rate: String,
+
+    /// Packets of a pod logged at once before the rate applies.
+    #[arg(long, env = "PALISADE_DENIED_LOG_BURST", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10000))]
+    denied_log_burst: u32,
+
+    /// NFLOG group of the denied-traffic log.
+    #[arg(long, env = "PALISADE_DENIED_LOG_GROUP", default_value_t = palisade_netpol::DEFAULT_NFLOG_GROUP)]
+    denied_log_group: u16,
+
     /// Minimum time between two NetworkPolicy syncs (events in between are coalesced).
     #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     sync_min_interval: Duration,
@@ -292,6 +310,11 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     .into();
     cfg.block_unknown_pods = a.block_unknown_pods;
     cfg.anti_spoofing = a.anti_spoofing;
+    cfg.deny_log = a.denied_log.then(|| palisade_netpol::DenyLog {
+        group: a.denied_log_group,
+        rate: a.denied_log_rate.clone(),
+        burst: a.denied_log_burst,
+    });
     cfg.sync.min_interval = a.sync_min_interval;
     cfg.sync.resync_interval = a.resync_interval;
     if a.memberlist_interval >= a.memberlist_timeout {
@@ -313,6 +336,14 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     cfg.memberlist_insecure = a.memberlist_insecure;
     cfg.memberlist_key_rotation_window = a.memberlist_key_rotation_window;
     Ok(cfg)
+}
+
+fn parse_deny_rate(s: &str) -> Result<String, String> {
+    if palisade_netpol::DenyLog::valid_rate(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?}: expected N/sec (1-10000) or N/min (1-59)"))
+    }
 }
 
 fn main() -> ExitCode {

@@ -27,6 +27,52 @@ pub enum NetpolCmd {
     Compile(Args),
     /// Apply the payloads once to the current network namespace, then exit.
     Apply(Args),
+    /// Why one flow is allowed or denied: the verdict, the policies isolating the source
+    /// (egress) and the destination (ingress), and the rule that allowed it or that none
+    /// did, read from the rules the agents apply (compiled for the source's and the
+    /// destination's nodes and traced). Offline from --manifests or live from --kubeconfig.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// Manifests, as for `compile` (files, directories, `-`).
+    #[arg(long, num_args = 1.., required_unless_present = "kubeconfig", conflicts_with = "kubeconfig")]
+    pub manifests: Vec<PathBuf>,
+
+    /// Read Pods, Namespaces, NetworkPolicies and Nodes from this cluster instead (list
+    /// only; needs the agent's read permissions).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Source: NAMESPACE/POD or an IP address.
+    #[arg(long, required_unless_present = "probes", requires_all = ["to", "port"])]
+    pub from: Option<String>,
+
+    /// Destination: NAMESPACE/POD or an IP address.
+    #[arg(long)]
+    pub to: Option<String>,
+
+    /// Destination port: a number, or a container port name of the destination pod.
+    #[arg(long)]
+    pub port: Option<String>,
+
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP")]
+    pub protocol: String,
+
+    /// Batch mode: a file (`-` for stdin) of lines `FROM TO PORT PROTOCOL` (tabs or spaces;
+    /// `#` comments). Prints one JSON object per line, in order.
+    #[arg(long, conflicts_with_all = ["from", "to", "port"])]
+    pub probes: Option<PathBuf>,
+
+    /// Output for a single flow: text, or json (one object).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+
+    /// As the agents' --block-unknown-pods.
+    #[arg(long, env = "PALISADE_BLOCK_UNKNOWN_PODS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub block_unknown_pods: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +113,23 @@ pub struct Args {
     #[arg(long, default_value = "ipv4", value_parser = ["ipv4", "ipv6"])]
     pub family: String,
 
+    /// Log denied packets to NFLOG first (the agent's --denied-log; the rules are the same
+    /// whether or not anyone reads the group).
+    #[arg(long, env = "PALISADE_DENIED_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub denied_log: bool,
+
+    /// As the agent's --denied-log-rate.
+    #[arg(long, env = "PALISADE_DENIED_LOG_RATE", default_value = "10/min")]
+    pub denied_log_rate: String,
+
+    /// As the agent's --denied-log-burst.
+    #[arg(long, env = "PALISADE_DENIED_LOG_BURST", default_value_t = 5)]
+    pub denied_log_burst: u32,
+
+    /// As the agent's --denied-log-group.
+    #[arg(long, env = "PALISADE_DENIED_LOG_GROUP", default_value_t = palisade_netpol::DEFAULT_NFLOG_GROUP)]
+    pub denied_log_group: u16,
+
     /// iptables backend for `apply`: auto-detect, or force nft / legacy.
     #[arg(long, env = "PALISADE_IPTABLES_BACKEND", default_value = "auto",
           value_parser = ["auto", "nft", "legacy"])]
@@ -76,6 +139,7 @@ pub struct Args {
 /// Runs a `palisade netpol` subcommand.
 pub fn run(cmd: NetpolCmd) -> Result<()> {
     match cmd {
+        NetpolCmd::Explain(args) => explain(&args),
         NetpolCmd::Compile(args) => {
             let payload = build(&args)?;
             print!(
@@ -131,6 +195,142 @@ pub fn run(cmd: NetpolCmd) -> Result<()> {
     }
 }
 
+/// `palisade netpol explain`. Exit status 0 when the flow (or every probe) could be
+/// explained, whatever the verdicts; a probe line that cannot be resolved prints an object
+/// with `"verdict": "error"` and makes the exit status 1 at the end.
+fn explain(args: &ExplainArgs) -> Result<()> {
+    use palisade_netpol::explain::{parse_protocol, ExplainOptions, Explainer, Flow};
+    let state = match &args.kubeconfig {
+        Some(path) => live_state(path)?,
+        None => load(&args.manifests)?,
+    };
+    let options = ExplainOptions {
+        block_unknown_pods: args.block_unknown_pods,
+    };
+    let mut explainer = Explainer::new(&state, options);
+    let Some(probes) = &args.probes else {
+        let flow = Flow {
+            from: args.from.as_deref().unwrap_or_default().parse()?,
+            to: args.to.as_deref().unwrap_or_default().parse()?,
+            port: args.port.as_deref().unwrap_or_default().parse()?,
+            protocol: parse_protocol(&args.protocol)?,
+        };
+        let e = explainer.explain(&flow)?;
+        if args.output == "json" {
+            println!("{}", e.to_json());
+        } else {
+            print!("{}", e.to_text());
+        }
+        return Ok(());
+    };
+    let text = if probes.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading probes from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(probes).with_context(|| format!("reading {}", probes.display()))?
+    };
+    let mut failed = 0;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let result = Flow::parse_line(line).and_then(|f| explainer.explain(&f));
+        let value = match result {
+            Ok(e) => e.to_json(),
+            Err(e) => {
+                failed += 1;
+                let w: Vec<&str> = line.split_whitespace().collect();
+                serde_json::json!({
+                    "from": w.first(), "to": w.get(1), "port": w.get(2), "protocol": w.get(3),
+                    "verdict": "error", "line": i + 1, "reason": e.to_string(),
+                })
+            }
+        };
+        use std::io::Write as _;
+        writeln!(out, "{value}")?;
+    }
+    use std::io::Write as _;
+    out.flush()?;
+    if failed > 0 {
+        bail!("{failed} probe line(s) could not be explained");
+    }
+    Ok(())
+}
+
+/// The cluster's Pods, Namespaces, NetworkPolicies and Nodes, listed once.
+fn live_state(kubeconfig: &Path) -> Result<ClusterState> {
+    use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{Api, ListParams};
+    use std::sync::Arc;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let (client, _) = palisade_runtime::client::make_client(Some(kubeconfig)).await?;
+        async fn all<K>(client: &kube::Client) -> Result<Vec<Arc<K>>>
+        where
+            K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+                + Clone
+                + serde::de::DeserializeOwned
+                + std::fmt::Debug,
+            K::DynamicType: Default,
+        {
+            let list = Api::<K>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .with_context(|| format!("listing {}", K::plural(&Default::default())))?;
+            Ok(list.items.into_iter().map(Arc::new).collect())
+        }
+        let nodes = Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .context("listing nodes")?;
+        let namespaces = Api::<Namespace>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .context("listing namespaces")?;
+        // ClusterNetworkPolicies when the cluster has the CRD (a 404 means it has none).
+        let gvk = kube::api::GroupVersionKind::gvk(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            palisade_netpol::cnp::KIND,
+        );
+        let resource =
+            kube::api::ApiResource::from_gvk_with_plural(&gvk, palisade_netpol::cnp::PLURAL);
+        let cluster_policies =
+            match Api::<kube::api::DynamicObject>::all_with(client.clone(), &resource)
+                .list(&ListParams::default())
+                .await
+            {
+                Ok(list) => list
+                    .items
+                    .into_iter()
+                    .filter_map(|o| serde_json::to_value(o).ok())
+                    .filter_map(|v| serde_json::from_value(v).ok())
+                    .map(Arc::new)
+                    .collect(),
+                Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context("listing clusternetworkpolicies"))
+                }
+            };
+        Ok(ClusterState {
+            nodes: nodes.items.into_iter().map(Arc::new).collect(),
+            namespaces: namespaces.items.into_iter().map(Arc::new).collect(),
+            pods: all::<Pod>(&client).await?,
+            policies: all::<NetworkPolicy>(&client).await?,
+            cluster_policies,
+        })
+    })
+}
+
 /// `IP=IF` or `IP=bridge:IF`.
 fn parse_pod_interface(s: &str) -> Result<(IpAddr, PodInterface), String> {
     let (ip, dev) = s
@@ -163,6 +363,11 @@ fn build(args: &Args) -> Result<palisade_netpol::Payload> {
     cfg.extra_pod_cidrs = args.pod_cidrs.clone();
     cfg.family = family(args);
     cfg.anti_spoofing = args.anti_spoofing;
+    cfg.deny_log = args.denied_log.then(|| palisade_netpol::DenyLog {
+        group: args.denied_log_group,
+        rate: args.denied_log_rate.clone(),
+        burst: args.denied_log_burst,
+    });
     if args.anti_spoofing {
         cfg.pod_interfaces = if args.pod_interfaces.is_empty() {
             let ips = palisade_netpol::local_pod_ips(&state, &args.node, cfg.family);

@@ -37,6 +37,11 @@ pub struct Metrics {
     pub netpol_diagnostics: Gauge,
     pub netpol_pods_unprotected: Gauge,
     pub netpol_last_success: Gauge<f64, AtomicU64>,
+    /// `palisade_netpol_denied_packets_total{direction,namespace,pod}`: packets of this
+    /// node's pods dropped and logged (after the kernel's per-pod rate limit).
+    pub netpol_denied_packets: Family<Labels, Counter>,
+    /// The same for audit-mode policies (`would-deny`, not dropped).
+    pub netpol_would_deny_packets: Family<Labels, Counter>,
     pub lb_addresses_total: Family<Labels, Gauge>,
     pub lb_addresses_in_use: Family<Labels, Gauge>,
     pub lb_services_allocated: Gauge,
@@ -133,6 +138,18 @@ impl Metrics {
         let netpol_diagnostics = Gauge::default();
         let netpol_pods_unprotected = Gauge::default();
         let netpol_last_success = Gauge::<f64, AtomicU64>::default();
+        let netpol_denied_packets = Family::<Labels, Counter>::default();
+        let netpol_would_deny_packets = Family::<Labels, Counter>::default();
+        registry.register(
+            "netpol_denied_packets",
+            "Packets of this node's pods dropped by NetworkPolicy and logged (rate-limited per pod), by direction and pod",
+            netpol_denied_packets.clone(),
+        );
+        registry.register(
+            "netpol_would_deny_packets",
+            "Packets of this node's pods an audit-mode NetworkPolicy would drop (let through and logged), by direction and pod",
+            netpol_would_deny_packets.clone(),
+        );
 
         let lb_addresses_total = Family::<Labels, Gauge>::default();
         let lb_addresses_in_use = Family::<Labels, Gauge>::default();
@@ -333,6 +350,8 @@ impl Metrics {
             netpol_diagnostics,
             netpol_pods_unprotected,
             netpol_last_success,
+            netpol_denied_packets,
+            netpol_would_deny_packets,
         }
     }
 

@@ -278,6 +278,10 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     let mut m = Vec::with_capacity(port.len() + 2);
                     m.extend(peer.iter().cloned());
                     m.extend(port.iter().cloned());
+                    if let (Action::Deny, Some(log)) = (rule.action, &self.deny_log) {
+                        // The denied-traffic log: the CNP chain is the prefix.
+                        out.push(super::log_rule(log, m.clone(), dir == Dir::Egress, &name));
+                    }
                     m.push(comment.clone());
                     out.push(Rule::new(m, target.clone()));
                 }
