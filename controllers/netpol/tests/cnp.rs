@@ -670,7 +670,7 @@ fn chains_stay_linear_in_policies_and_local_pods() {
             )
         })
         .collect();
-    let r = run(vec![], many);
+    let r = run(vec![], many.clone());
     let cnp_chains = r
         .payload
         .chains
@@ -691,6 +691,43 @@ fn chains_stay_linear_in_policies_and_local_pods() {
         "{}",
         r.payload.stats.rules
     );
+    // Each local pod with its own NetworkPolicy profile: three tiered profiles, but the
+    // Admin list is one shared chain, so rules do not multiply (pods × policies).
+    let nps = vec![
+        mk_policy(
+            "shop",
+            "web",
+            json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        ),
+        mk_policy(
+            "shop",
+            "api",
+            json!({"podSelector": {"matchLabels": {"app": "api"}}}),
+        ),
+        mk_policy("db", "all", json!({"podSelector": {}})),
+    ];
+    let r = run(nps, many);
+    let count = |prefix: &str| {
+        r.payload
+            .chains
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("PAL-XI-"), 3);
+    assert_eq!(
+        count("PAL-TI-"),
+        1,
+        "Baseline is skipped for NP-isolated pods"
+    );
+    let profile_rules: usize = r
+        .payload
+        .chain_rules()
+        .iter()
+        .filter(|(c, _)| c.starts_with("PAL-XI-"))
+        .map(|(_, rules)| rules.len())
+        .sum();
+    assert!(profile_rules <= 3 * 7, "{profile_rules}");
 }
 
 #[test]
