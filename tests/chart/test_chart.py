@@ -480,8 +480,12 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--enable-l2=true",
         "--memberlist-port=7946",
         "--memberlist-timeout=1s",
+        "--l2-refresh-interval=30s",
+        "--l2-arp-filter=true",
+        "--l2-exclude-cordoned=false",
         "--memberlist-key-file=/etc/palisade/memberlist/key",
         "--memberlist-key-rotation-window=2m",
+        "--enable-bgp=false",
     ]
     assert container["image"] == "palisade:0.1.0"
     assert container["resources"]["requests"]["cpu"]
@@ -606,6 +610,33 @@ def test_l2_disabled_drops_the_status_permissions(chart: helm.Chart) -> None:
     assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES
     assert not any(r.startswith("servicel2statuses") for _, r, _ in triples)
     assert flag(args_of(docs), "enable-l2") == "false"
+
+
+def test_bgp_enabled_adds_exactly_its_read_permissions(chart: helm.Chart) -> None:
+    values = {"loadbalancer": {"bgp": {"enabled": True, "shutdownLimit": "7s"}}}
+    docs = render(chart, values)
+    triples = rule_triples(only(docs, "ClusterRole"))
+    bgp = {
+        ("palisade.dev", r, v)
+        for r in ("bgppeers", "bgpadvertisements", "bfdprofiles")
+        for v in ("list", "watch")
+    } | {
+        ("palisade.dev", r, v)
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
+        for v in ("list", "watch", "create", "delete")
+    } | {
+        ("palisade.dev", f"{r}/status", "patch")
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
+    }
+    assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES | L2_RULES | bgp
+    args = args_of(docs)
+    assert flag(args, "enable-bgp") == "true"
+    assert flag(args, "bgp-shutdown-limit") == "7s"
+    # Off by default, and without the loadbalancer reconciler no BGP rules at all.
+    assert flag(args_of(render(chart)), "enable-bgp") == "false"
+    assert flag(args_of(render(chart)), "bgp-shutdown-limit") is None
+    off = render(chart, {"loadbalancer": {"enabled": False, "bgp": {"enabled": True}}})
+    assert not any(g == "palisade.dev" for g, _, _ in rule_triples(only(off, "ClusterRole")))
 
 
 def test_both_disabled_fails_to_render(chart: helm.Chart) -> None:

@@ -193,6 +193,29 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "clusternetworkpolicies",
         )
         .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BGPPeer", "bgppeers").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPAdvertisement",
+            "bgpadvertisements",
+        )
+        .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BFDProfile", "bfdprofiles").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPSessionStatus",
+            "bgpsessionstatuses",
+        )
+        .with_status(),
+        ResourceDef::namespaced(
+            "palisade.dev",
+            "v1alpha1",
+            "ServiceBGPStatus",
+            "servicebgpstatuses",
+        )
+        .with_status(),
     ]
 }
 
