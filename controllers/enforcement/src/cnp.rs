@@ -134,7 +134,7 @@ impl CnpWatch {
     ) {
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &api_resource());
-        let params = PatchParams::apply(&format!("palisade-agent-{node}")).force();
+        let params = PatchParams::apply(&field_manager(node)).force();
         for p in policies {
             let cond = cnp::node_condition(p, node, diags, apply_error, now.clone());
             if cnp::has_condition(p, &cond) {
@@ -158,5 +158,30 @@ impl CnpWatch {
                 }
             }
         }
+    }
+}
+
+/// The server-side apply field manager of this node's agent: `palisade-agent-<node>`, or a
+/// hash of the node name when that would exceed the API's 128 characters.
+pub fn field_manager(node: &str) -> String {
+    let plain = format!("palisade-agent-{node}");
+    if plain.len() <= 128 {
+        plain
+    } else {
+        palisade_netpol::names::hashed("palisade-agent-", node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_managers_fit_the_api_limit() {
+        assert_eq!(field_manager("n1"), "palisade-agent-n1");
+        let long = "a".repeat(253);
+        let m = field_manager(&long);
+        assert!(m.len() <= 128 && m.starts_with("palisade-agent-"), "{m}");
+        assert_ne!(m, field_manager(&"b".repeat(253)));
     }
 }

@@ -40,6 +40,10 @@
 //!    mark already set → RETURN; <peer match> <port match> → set mark bit
 //! ```
 //!
+//! ClusterNetworkPolicy subjects (see [`cnp`] and `compile/tiers.rs`) are dispatched to a
+//! tiered profile instead: Admin tier chain → their NetworkPolicy profile (or the Baseline
+//! tier chain) → allow, every CNP rule commented `cnp/<tier>/<name>/<direction>/<index>`.
+//!
 //! Allowed traffic is never ACCEPTed by policy chains: it leaves our chains and continues
 //! through the rest of `FORWARD`, so a pod→pod flow on one node must pass the source's egress
 //! profile *and* the destination's ingress profile, and other components' rules still apply.

@@ -16,6 +16,7 @@
 //! | `PAL-PI-…`/`PAL-PE-…` | one policy's ingress / egress rules          |
 //! | `PAL-XI-…`/`PAL-XE-…` | tiered profile (ClusterNetworkPolicy subjects) |
 //! | `PAL-CI-…`/`PAL-CE-…` | one ClusterNetworkPolicy's ingress / egress rules |
+//! | `PAL-TI-…`/`PAL-TE-…` | one tier's ordered list of ClusterNetworkPolicies |
 //! | `PALISADE-CNP-*`    | fixed ClusterNetworkPolicy verdict chains       |
 //! | `PAL-P4-…`          | hash:ip, pods matched by a peer selector        |
 //! | `PAL-B4-…`          | hash:net, an ipBlock with `except` (nomatch)    |
@@ -58,6 +59,9 @@ pub const INGRESS_TIERED_PREFIX: &str = "PAL-XI-";
 pub const EGRESS_TIERED_PREFIX: &str = "PAL-XE-";
 pub const INGRESS_CNP_PREFIX: &str = "PAL-CI-";
 pub const EGRESS_CNP_PREFIX: &str = "PAL-CE-";
+/// One chain per distinct ordered list of one tier's ClusterNetworkPolicies.
+pub const INGRESS_TIER_PREFIX: &str = "PAL-TI-";
+pub const EGRESS_TIER_PREFIX: &str = "PAL-TE-";
 /// Fixed ClusterNetworkPolicy chains (present when some local pod is a subject): set the
 /// accept bit, set the pass bit, and leave the direction allowed (clear both bits).
 pub const CNP_ACCEPT_CHAIN: &str = "PALISADE-CNP-ACCEPT";

@@ -5,27 +5,30 @@
 //! PALISADE-EGRESS  -s podIP -g PAL-XE-<tiered profile>     (instead of -g PAL-EG-<np profile>)
 //!
 //! PAL-XE-<profile>                       A = accept bit (the NetworkPolicy mark bit),
-//!   clear A|P                            P = pass bit (the next bit)
-//!   -j PAL-CE-<admin cnp 1>              priority ascending, then name
-//!   -j PAL-CE-<admin cnp 2>
+//!   clear A|D                            D = decided bit (the next bit)
+//!   -j PAL-TE-<admin list>               the pod's Admin policies (shared chain)
 //!   A set → -g PALISADE-CNP-ALLOW        an Admin Accept: the direction is allowed
-//!   clear A|P                            a Pass, or nothing matched
+//!   clear A|D                            a Pass, or nothing matched
 //!   -g PAL-EG-<np profile>               if NetworkPolicies isolate the pod: their verdict
-//!   (otherwise) -j PAL-CE-<baseline …>   the Baseline tier, then the same two rules
+//!   (otherwise) -j PAL-TE-<baseline list>, then the same two rules
 //!   (falls off: default allow)
 //!
-//! PAL-CE-<cnp>                           one per policy and direction, shared by all pods
-//!   A set → RETURN;  P set → RETURN      an earlier policy of the tier decided
-//!   <peer> <ports> comment cnp/<tier>/<name>/<dir>/<index>
-//!        → -g PALISADE-CNP-ACCEPT (sets A) | -j DROP | -g PALISADE-CNP-PASS (sets P)
+//! PAL-TE-<list>                          one per distinct list of policies of one tier
+//!   -j PAL-CE-<cnp 1>; -j PAL-CE-<cnp 2> ...   priority ascending, then name
 //!
-//! PALISADE-CNP-ALLOW: clear A|P and fall off (back to FORWARD/INPUT: next direction).
+//! PAL-CE-<cnp>                           one per policy and direction, shared by all pods
+//!   D set → RETURN                       an earlier policy of the tier decided
+//!   <peer> <ports> comment cnp/<tier>/<name>/<dir>/<index>
+//!        → -g PALISADE-CNP-ACCEPT (sets A|D) | -j DROP | -g PALISADE-CNP-PASS (sets D)
+//!
+//! PALISADE-CNP-ALLOW: clear A|D and fall off (back to FORWARD/INPUT: next direction).
 //! ```
 //!
 //! A pod's egress Accept only ends its egress evaluation: the destination's ingress (here, or
 //! on the destination's node) is still evaluated. Replies pass the conntrack rule first.
-//! Chain count stays O(local pods + policies): one CNP chain per policy and direction, one
-//! tiered profile per distinct (admin list, NetworkPolicy profile, baseline list).
+//! Rules stay O(local pods + policies): one CNP chain per policy and direction, one tier chain
+//! per distinct list of a tier's policies, and one tiered profile of at most seven rules per
+//! distinct (admin list, NetworkPolicy profile, baseline list).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -40,7 +43,7 @@ use crate::names::{self, hashed};
 use crate::selector::{NamespaceLabels, Selector};
 use crate::{reasons, Diagnostic};
 
-/// The pass bit: the bit next to the accept (mark) bit.
+/// The decided bit (set by Accept and Pass): the bit next to the accept (mark) bit.
 pub(super) fn pass_bit(mark: u32) -> u32 {
     if mark == 1 << 31 {
         mark >> 1
@@ -181,14 +184,12 @@ impl<'m, 'a> Compiler<'m, 'a> {
             ));
             rules.push(Rule::new(vec![], Target::ClearMark(both)));
         };
-        for &c in admin {
-            let chain = self.cnp_chain(c, dir, generated);
+        if !admin.is_empty() {
+            let chain = self.tier_chain(dir, admin, generated);
             rules.push(Rule::new(
-                vec![Match::Comment(self.model.cnps[c].key())],
+                vec![Match::Comment("admin tier".into())],
                 Target::Jump(chain),
             ));
-        }
-        if !admin.is_empty() {
             tier_exit(&mut rules);
         }
         match np_profile {
@@ -196,21 +197,44 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 vec![Match::Comment("networkpolicy tier".into())],
                 Target::Goto(p.to_string()),
             )),
-            None => {
-                for &c in base {
-                    let chain = self.cnp_chain(c, dir, generated);
-                    rules.push(Rule::new(
-                        vec![Match::Comment(self.model.cnps[c].key())],
-                        Target::Jump(chain),
-                    ));
-                }
-                if !base.is_empty() {
-                    tier_exit(&mut rules);
-                }
+            None if !base.is_empty() => {
+                let chain = self.tier_chain(dir, base, generated);
+                rules.push(Rule::new(
+                    vec![Match::Comment("baseline tier".into())],
+                    Target::Jump(chain),
+                ));
+                tier_exit(&mut rules);
             }
+            None => {}
         }
         generated.insert(name.clone(), rules);
         Some(name)
+    }
+
+    /// The chain jumping to each policy of one tier's list, in order (shared by every pod
+    /// with the same list).
+    fn tier_chain(
+        &mut self,
+        dir: Dir,
+        list: &[usize],
+        generated: &mut BTreeMap<String, Vec<Rule>>,
+    ) -> String {
+        let keys: Vec<String> = list.iter().map(|&c| self.model.cnps[c].key()).collect();
+        let prefix = match dir {
+            Dir::Ingress => names::INGRESS_TIER_PREFIX,
+            Dir::Egress => names::EGRESS_TIER_PREFIX,
+        };
+        let name = hashed(prefix, &keys.join(","));
+        if generated.contains_key(&name) {
+            return name;
+        }
+        let mut rules = Vec::with_capacity(list.len());
+        for (&c, key) in list.iter().zip(keys) {
+            let chain = self.cnp_chain(c, dir, generated);
+            rules.push(Rule::new(vec![Match::Comment(key)], Target::Jump(chain)));
+        }
+        generated.insert(name.clone(), rules);
+        name
     }
 
     fn cnp_fixed_chains(&self, generated: &mut BTreeMap<String, Vec<Rule>>) {
@@ -221,7 +245,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         let pass = pass_bit(accept);
         generated.insert(
             names::CNP_ACCEPT_CHAIN.into(),
-            vec![Rule::new(vec![], Target::SetMark(accept))],
+            vec![Rule::new(vec![], Target::SetMark(accept | pass))],
         );
         generated.insert(
             names::CNP_PASS_CHAIN.into(),
@@ -250,14 +274,13 @@ impl<'m, 'a> Compiler<'m, 'a> {
         if generated.contains_key(&name) {
             return name;
         }
-        let accept = self.mark;
-        let mut out = Vec::new();
-        for bit in [accept, pass_bit(accept)] {
-            out.push(Rule::new(
-                vec![Match::Mark { bit, negate: false }],
-                Target::Return,
-            ));
-        }
+        let mut out = vec![Rule::new(
+            vec![Match::Mark {
+                bit: pass_bit(self.mark),
+                negate: false,
+            }],
+            Target::Return,
+        )];
         for rule in rules_of(cnp, dir) {
             let peers: Vec<Option<Match>> = match &rule.peers {
                 None => vec![None],
