@@ -840,3 +840,80 @@ fn agents_peer_over_ipv6_and_announce_an_ipv6_vip() -> Result<()> {
     lab.wait_hops(vip, &["node2", "node3"], Duration::from_secs(1))?;
     Ok(())
 }
+
+/// The router's routes learnt from BIRD, and how many of them have `hops` next hops.
+fn router_routes(router: &str, hops: usize) -> Result<(usize, usize)> {
+    let out = netns::ip_in(router, &["-4", "route", "show", "proto", "bird"])?;
+    let (mut routes, mut full, mut current) = (0, 0, 0);
+    for line in out.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            if routes > 0 && current == hops {
+                full += 1;
+            }
+            routes += 1;
+            current = usize::from(line.contains(" via "));
+        } else if line.contains("nexthop via") {
+            current += 1;
+        }
+    }
+    if routes > 0 && current == hops {
+        full += 1;
+    }
+    Ok((routes, full))
+}
+
+/// 1,000 Services: every one gets an IP and the router ends up with 1,000 routes, each with
+/// the three nodes as next hops; the agents' BGP sessions carry 1,000 prefixes each.
+#[test]
+fn agents_announce_a_thousand_services() -> Result<()> {
+    if !ready("agents_announce_a_thousand_services") {
+        return Ok(());
+    }
+    let lab = BgpLab::start(false)?;
+    let store = lab.store()?;
+    let pd = "palisade.dev/v1alpha1";
+    put(
+        store,
+        json!({"apiVersion": pd, "kind": "IPAddressPool", "metadata": {"name": "bulk"},
+            "spec": {"addresses": ["10.200.0.0/22"]}}),
+    )?;
+    put(
+        store,
+        json!({"apiVersion": pd, "kind": "BGPAdvertisement", "metadata": {"name": "bulk"},
+            "spec": {"ipAddressPools": ["bulk"]}}),
+    )?;
+    let started = Instant::now();
+    for i in 0..1000 {
+        lab.add_service(&format!("s{i}"), "Cluster")?;
+    }
+    let mut last = (0, 0);
+    let done = poll(Duration::from_secs(120), Duration::from_millis(200), || {
+        last = router_routes(&lab.router, 3)?;
+        Ok((last.1 >= 1000).then_some(()))
+    })?;
+    assert!(
+        done.is_some(),
+        "router routes (all, with 3 next hops): {last:?}\n{}",
+        lab.agents.log_tails(10)
+    );
+    println!(
+        "1,000 Services → 1,000 ECMP routes at the router {:?} after the first was created",
+        started.elapsed()
+    );
+    // The metrics are refreshed once a second.
+    for n in ["node1", "node2", "node3"] {
+        let sent = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+            let v = lab
+                .agents
+                .metric(n, "palisade_bgp_prefixes_sent{peer=\"tor\"}");
+            Ok((v == Some(1000.0)).then_some(()))
+        })?;
+        assert!(
+            sent.is_some(),
+            "{n}: {:?}",
+            lab.agents
+                .metric(n, "palisade_bgp_prefixes_sent{peer=\"tor\"}")
+        );
+    }
+    Ok(())
+}
