@@ -552,8 +552,22 @@ impl BgpLab {
         }
     }
 
-    /// One TCP connection from the client to `vip:80`: the banner (node name).
+    /// A TCP connection from the client to `vip:80`: the banner (node name). Up to three
+    /// tries: a connection open while the router re-hashes (a BFD flap on a loaded machine)
+    /// is reset, which says nothing about reachability.
     fn connect(&self, vip: IpAddr) -> Result<String> {
+        let mut last = None;
+        for _ in 0..3 {
+            match self.connect_once(vip) {
+                Ok(b) => return Ok(b),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
+    }
+
+    fn connect_once(&self, vip: IpAddr) -> Result<String> {
         netns::run_in(&self.client, move || {
             let t = Duration::from_secs(2);
             let mut s = TcpStream::connect_timeout(&SocketAddr::new(vip, 80), t)?;
@@ -635,6 +649,13 @@ impl Drop for Prober {
     }
 }
 
+/// The labs of this file run one at a time (each has three agents, BIRD and BFD at 100 ms;
+/// together on 2 loaded cores they would measure the scheduler).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn ready(test: &str) -> bool {
     if !palisade_e2e::lab_ready(test) {
         return false;
@@ -662,6 +683,7 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     if !ready("agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash") {
         return Ok(());
     }
+    let _serial = serial();
     let mut lab = BgpLab::start(false)?;
     lab.add_service("web", "Cluster")?;
     lab.add_service("api", "Local")?;
@@ -786,7 +808,9 @@ fn agents_announce_cluster_and_local_withdraw_on_sigterm_and_bfd_on_crash() -> R
     println!("during the crash of node2: {crash:?}");
     // The contrast that makes the zero above mean something: without a withdrawal, SYNs
     // hashed to the dead node are lost until BFD removes it.
-    assert!(crash.connect_failures >= 1, "{crash:?}");
+    // (A connection open to node2 when its link went down hangs until its read times out:
+    // a loss too.)
+    assert!(crash.connect_failures + crash.resets >= 1, "{crash:?}");
     println!("crashed node2's next hop gone after {after:?} (BFD 100 ms x 3, hold time 9 s)");
     assert!(
         after < Duration::from_millis(4500),
@@ -809,6 +833,7 @@ fn agents_peer_over_ipv6_and_announce_an_ipv6_vip() -> Result<()> {
     if !ready("agents_peer_over_ipv6_and_announce_an_ipv6_vip") {
         return Ok(());
     }
+    let _serial = serial();
     let mut lab = BgpLab::start(true)?;
     lab.add_service("web6", "Cluster")?;
     let vip = lab.wait_vip("web6")?;
@@ -869,6 +894,7 @@ fn agents_announce_a_thousand_services() -> Result<()> {
     if !ready("agents_announce_a_thousand_services") {
         return Ok(());
     }
+    let _serial = serial();
     let lab = BgpLab::start(false)?;
     let store = lab.store()?;
     let pd = "palisade.dev/v1alpha1";
