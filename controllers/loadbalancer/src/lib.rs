@@ -13,6 +13,7 @@
 //!   bgp        the BGP plan: this node's peers (BGPPeer, BFDProfile) and routes per peer
 //!   bgpstatus  the BGPSessionStatus / ServiceBGPStatus plan of one node
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
+//!   types      shared value types (ServiceKey, Port, Protocol, Family): a leaf module
 //! ```
 //!
 //! Nothing here talks to the API server or the kernel; the reconciler crates
@@ -33,6 +34,7 @@ pub mod plan;
 pub mod pool;
 pub mod selector;
 pub mod service;
+pub mod types;
 
 pub use allocator::{
     parse_requested_ips, Allocator, Invalidated, IpFamilyPolicy, PoolCounters, PoolsReport, Port,

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub lb_allocation_errors: Family<Labels, Counter>,
     pub lb_status_writes: Family<Labels, Counter>,
     pub l2_owned_ips: Gauge,
+    /// LoadBalancer IPs on a local interface (kube-proxy IPVS) while ARP is not strict.
+    pub l2_kernel_arp_conflicts: Gauge,
     pub l2_requests: Counter,
     pub l2_replies: Counter,
     pub l2_gratuitous: Counter,
@@ -138,6 +140,7 @@ impl Metrics {
         let lb_allocation_errors = Family::<Labels, Counter>::default();
         let lb_status_writes = Family::<Labels, Counter>::default();
         let l2_owned_ips = Gauge::default();
+        let l2_kernel_arp_conflicts = Gauge::default();
         let l2_requests = Counter::default();
         let l2_replies = Counter::default();
         let l2_gratuitous = Counter::default();
@@ -260,6 +263,11 @@ impl Metrics {
             l2_owned_ips.clone(),
         );
         registry.register(
+            "l2_kernel_arp_conflicts",
+            "LoadBalancer IPs on a local interface (kube-proxy IPVS kube-ipvs0) while arp_ignore/arp_announce are not strict: the kernel would answer ARP for them",
+            l2_kernel_arp_conflicts.clone(),
+        );
+        registry.register(
             "l2_requests_received",
             "ARP requests and Neighbor Solicitations received",
             l2_requests.clone(),
@@ -296,6 +304,7 @@ impl Metrics {
             registry,
             bgp,
             l2_owned_ips,
+            l2_kernel_arp_conflicts,
             l2_requests,
             l2_replies,
             l2_gratuitous,

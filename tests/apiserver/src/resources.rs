@@ -208,6 +208,14 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "servicebgpstatuses",
         )
         .with_status(),
+        // network-policy-api's CRD (installed by the user, or by the chart on request).
+        ResourceDef::cluster(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            "ClusterNetworkPolicy",
+            "clusternetworkpolicies",
+        )
+        .with_status(),
     ]
 }
 
