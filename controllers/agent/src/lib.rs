@@ -147,7 +147,7 @@ struct Wiring {
 }
 
 struct BgpWiring {
-    reconciler: (Trigger, BgpCaches),
+    announcer: (Trigger, BgpCaches),
     status: (Trigger, BgpStatusCaches),
 }
 
@@ -180,7 +180,7 @@ impl Wiring {
                 status: with(caches, StatusCaches::register),
             }),
             bgp: (cfg.enable_loadbalancer && cfg.enable_bgp).then(|| BgpWiring {
-                reconciler: with(caches, BgpCaches::register),
+                announcer: with(caches, BgpCaches::register),
                 status: with(caches, BgpStatusCaches::register),
             }),
         }
@@ -301,24 +301,22 @@ async fn start_l2(
     Ok(())
 }
 
-/// The BGP speaker, the reconciler that feeds it and the writer of its status objects. On
-/// shutdown the reconciler withdraws every route and waits for the routers (bounded by
-/// `bgp_shutdown_limit`, inside the 10 s drain).
+/// The BGP speaker, its reconciler and the BGP status writer.
 fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tasks) {
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
     let speaker = Arc::new(palisade_bgp::Speaker::new());
-    let (status_trigger, status_caches) = bgp.status;
+    let (status_trigger, status_stores) = bgp.status;
     let writer = BgpStatusWriter {
         client: shared.client.clone(),
         node_name: cfg.node_name.clone(),
-        stores: status_caches,
+        stores: status_stores,
         metrics: shared.metrics.clone(),
         settings: cfg.sync,
         speaker: speaker.clone(),
         plan: plan_rx,
     };
     tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
-    let (trigger, stores) = bgp.reconciler;
+    let (trigger, stores) = bgp.announcer;
     let reconciler = BgpReconciler {
         node_name: cfg.node_name.clone(),
         stores,

@@ -25,6 +25,7 @@ pub mod netns;
 mod observe;
 mod recording;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::DataplaneError;
@@ -38,6 +39,12 @@ pub trait Executor: Send + Sync {
     /// Makes the dataplane match `p`. Idempotent: applying the same payload again changes
     /// nothing (and re-verifies the kernel state, repairing drift).
     fn apply(&self, p: &Payload) -> Result<ApplyReport, DataplaneError>;
+
+    /// [`Executor::apply`] of a shared payload: an executor that remembers what it applied
+    /// keeps the `Arc` instead of a copy (a payload is megabytes at scale).
+    fn apply_shared(&self, p: Arc<Payload>) -> Result<ApplyReport, DataplaneError> {
+        self.apply(&p)
+    }
 }
 
 /// What one [`Executor::apply`] did.

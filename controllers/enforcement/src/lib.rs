@@ -32,6 +32,7 @@ use kube::runtime::reflector::Store;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
+use palisade_runtime::prune::SlimPod;
 use palisade_runtime::stores::{CacheGroup, Caches};
 use palisade_runtime::sync::{run_sync_loop, Cause, JobError, Trigger};
 
@@ -94,7 +95,9 @@ impl NetpolCaches {
     ) -> NetpolCaches {
         let mut r = caches.register(trigger);
         NetpolCaches {
-            pods: r.watch(),
+            // Decoded slim: only the fields enforcement reads (labels, node, host network,
+            // named ports, phase, IPs) are ever built.
+            pods: r.watch_decoded::<Pod, SlimPod>(|_| {}),
             namespaces: r.watch(),
             network_policies: r.watch(),
             nodes: r.watch(),
@@ -133,6 +136,11 @@ struct LastState {
     unavailable: BTreeSet<Family>,
     /// Diagnostics already reported as Events (reported again only when they change).
     reported: BTreeSet<(String, String, String, String)>,
+}
+
+/// Milliseconds since `t` (for the phase timings in the sync log).
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// The address families this node's pods use: the families of its `spec.podCIDRs` and of
@@ -315,8 +323,10 @@ impl NetpolReconciler {
     async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), SyncError> {
         let start = Instant::now();
         let (state, cnp_full) = self.snapshot_full();
+        let snapshot_ms = ms_since(start);
         self.ensure_families(&state, cause, last).await;
         let links = self.link_dump().await;
+        let compile_start = Instant::now();
         // Compile every enforced family; collect what must be applied.
         let mut diagnostics = Vec::new();
         let mut work = Vec::new();
@@ -344,11 +354,12 @@ impl NetpolReconciler {
                 }
             }
         }
+        let compile_ms = ms_since(compile_start);
         diagnostics.sort();
         diagnostics.dedup();
-        self.report_diagnostics(&diagnostics, last).await;
         if work.is_empty() {
             self.report_cnp_status(&cnp_full, &diagnostics, None).await;
+            self.report_diagnostics(&diagnostics, last).await;
             self.metrics
                 .netpol_syncs
                 .get_or_create(&labels1("result", "unchanged"))
@@ -358,13 +369,18 @@ impl NetpolReconciler {
         let mut failure = None;
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
-            let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+            let apply_start = Instant::now();
+            let result = tokio::task::spawn_blocking(move || executor.apply_shared(to_apply)).await;
+            let apply_ms = ms_since(apply_start);
             match result {
                 Ok(Ok(report)) => {
                     tracing::debug!(
                         cause = cause.as_str(),
                         ?family,
                         changed = report.changed,
+                        snapshot_ms,
+                        compile_ms,
+                        apply_ms,
                         rules = payload.stats.rules,
                         sets = payload.stats.sets,
                         "netpol sync applied"
@@ -410,6 +426,9 @@ impl NetpolReconciler {
         self.metrics
             .netpol_sync_duration
             .observe(elapsed.as_secs_f64());
+        // Events (one per new diagnostic, an API call each) go out once the kernel has the
+        // rules: they never delay enforcement.
+        self.report_diagnostics(&diagnostics, last).await;
         self.metrics
             .netpol_syncs
             .get_or_create(&labels1("result", if ok { "applied" } else { "failed" }))

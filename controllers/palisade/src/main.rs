@@ -301,11 +301,11 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
         ));
     }
     cfg.enable_l2 = a.enable_l2;
-    cfg.enable_bgp = a.enable_bgp;
-    cfg.bgp_shutdown_limit = a.bgp_shutdown_limit;
     cfg.l2_refresh_interval = a.l2_refresh_interval;
     cfg.l2_arp_filter = a.l2_arp_filter;
     cfg.l2_exclude_cordoned = a.l2_exclude_cordoned;
+    cfg.enable_bgp = a.enable_bgp;
+    cfg.bgp_shutdown_limit = a.bgp_shutdown_limit;
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{labels1, Metrics};
+use crate::prune::map_event;
 use crate::sync::Trigger;
 
 /// Names of watched resources, as used in logs, metrics and readiness output.
@@ -179,18 +180,21 @@ impl Caches {
         n
     }
 
-    fn store<K>(
+    /// The cache of `K`, watched as `D` (the decoded form; `K` itself for most kinds).
+    #[allow(clippy::too_many_arguments)]
+    fn store<K, D>(
         &mut self,
         name: &'static str,
-        api: Api<K>,
+        api: Api<D>,
         dyntype: K::DynamicType,
         group: &str,
         trim: fn(&mut K),
         trigger: &Trigger,
     ) -> Store<K>
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K: Resource + Clone + Debug + Send + Sync + 'static + From<D>,
         K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+        D: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
         let key = (TypeId::of::<K>(), group.to_string(), name.to_string());
         if let Some(entry) = self.entries.get(&key) {
@@ -241,6 +245,23 @@ impl Registration<'_> {
         let name = static_name(K::plural(&()).as_ref());
         self.names.push(name);
         let api = Api::all(self.caches.client.clone());
+        let group = K::group(&()).to_string();
+        self.caches
+            .store(name, api, (), &group, trim, &self.trigger)
+    }
+
+    /// The cache of a cluster-wide built-in kind `K`, decoded from the API as `D` and stored
+    /// as `K` (`K: From<D>`): `D` can skip fields while decoding, so that the full objects
+    /// are never built ([`crate::prune::SlimPod`] for Pods). `trim` runs on the stored form.
+    /// As with [`Registration::watch_trimmed`], the first registration of `K` decides.
+    pub fn watch_decoded<K, D>(&mut self, trim: fn(&mut K)) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static + From<D>,
+        D: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let name = static_name(K::plural(&()).as_ref());
+        self.names.push(name);
+        let api = Api::<D>::all(self.caches.client.clone());
         let group = K::group(&()).to_string();
         self.caches
             .store(name, api, (), &group, trim, &self.trigger)
@@ -331,17 +352,18 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn run<K>(
+    fn run<K, D>(
         &self,
         name: &'static str,
-        api: Api<K>,
+        api: Api<D>,
         dyntype: K::DynamicType,
         trim: fn(&mut K),
         triggers: Arc<Mutex<Vec<Trigger>>>,
     ) -> Store<K>
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K: Resource + Clone + Debug + Send + Sync + 'static + From<D>,
         K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+        D: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
         let writer = reflector::store::Writer::new(dyntype);
         let reader = writer.as_reader();
@@ -363,6 +385,7 @@ impl Ctx {
             healthy: healthy.clone(),
         };
         let stream = watcher::watcher(api, watcher::Config::default())
+            .map_ok(|ev| map_event(ev, K::from))
             .backoff(backoff)
             .modify(trim)
             .reflect(writer);
