@@ -317,7 +317,14 @@ async fn start_l2(
 /// The BGP speaker, its reconciler and the BGP status writer.
 fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tasks) {
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
-    let speaker = Arc::new(palisade_bgp::Speaker::new());
+    // Sessions and BFD on a thread of their own: reconcile passes never delay their timers.
+    let (speaker, speaker_thread) = match palisade_bgp::Speaker::spawn_thread("bgp-speaker") {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "BGP cannot start: no thread for the speaker");
+            return;
+        }
+    };
     let (status_trigger, status_stores) = bgp.status;
     let writer = BgpStatusWriter {
         client: shared.client.clone(),
@@ -342,7 +349,12 @@ fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tas
         shutdown_limit: cfg.bgp_shutdown_limit,
         plan: plan_tx,
     };
-    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
+    let shutdown = shared.shutdown.clone();
+    tasks.spawn(async move {
+        // run() ends after the graceful withdrawal; only then does the thread go.
+        reconciler.run(trigger, shutdown).await;
+        let _ = tokio::task::spawn_blocking(move || drop(speaker_thread)).await;
+    });
 }
 
 /// Logs readiness once reached.

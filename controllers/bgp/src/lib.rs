@@ -17,4 +17,6 @@ pub mod bfd;
 pub mod session;
 pub mod wire;
 
-pub use session::{PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker};
+pub use session::{
+    PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker, SpeakerThread,
+};

@@ -395,6 +395,63 @@ impl Speaker {
     }
 }
 
+/// Keeps the thread of [`Speaker::spawn_thread`] alive; dropping it stops the thread (and
+/// every session still running on it, without a word: call [`Speaker::shutdown`] first).
+pub struct SpeakerThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for SpeakerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Speaker {
+    /// A speaker whose sessions (BGP timers, BFD at 100 ms) run on a thread of their own with
+    /// a current-thread runtime, so they never wait behind other work of the process (a
+    /// reconcile pass over 1,000 Services would otherwise delay BFD packets past the router's
+    /// detection time). The thread is in the caller's network namespace.
+    pub fn spawn_thread(name: &str) -> std::io::Result<(Arc<Speaker>, SpeakerThread)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                rt.block_on(async move {
+                    let _ = tx.send(Ok((Arc::new(Speaker::new()), stop_tx)));
+                    let _ = stop_rx.await;
+                });
+            })?;
+        let (speaker, stop) = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the speaker thread died"))??;
+        Ok((
+            speaker,
+            SpeakerThread {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+        ))
+    }
+}
+
 impl Default for Speaker {
     fn default() -> Speaker {
         Speaker::new()
