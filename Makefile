@@ -3,7 +3,7 @@
 # pip: the Helm SDK and pytest) before doing anything else.
 CARGO ?= cargo
 PYTHON ?= python3
-APT_PACKAGES := iptables ipset iproute2 conntrack kmod shellcheck bird2
+APT_PACKAGES := iptables ipset iproute2 conntrack kmod shellcheck bird2 nftables
 export CARGO_TERM_COLOR ?= never
 
 .PHONY: all build deps test test-rust test-chart lint fmt crds demo bench clean-lab
@@ -16,7 +16,7 @@ build:
 ## deps: OS and Python packages the tests and the demo need (idempotent, quiet when present)
 deps:
 	@missing=""; \
-	for b in iptables iptables-restore ipset ip conntrack shellcheck bird; do \
+	for b in iptables iptables-restore ipset ip conntrack shellcheck bird nft; do \
 	  command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; \
 	done; \
 	if [ -n "$$missing" ]; then \
