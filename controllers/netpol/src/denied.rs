@@ -503,6 +503,48 @@ mod tests {
     }
 
     #[test]
+    fn cluster_network_policy_denies_are_logged_and_named() {
+        let mut state = cluster(
+            vec![mk_node("node1", "10.244.1.0/24")],
+            vec![mk_ns("x", &[]), mk_ns("y", &[])],
+            vec![
+                mk_pod("x", "a", &[], "10.244.1.2", "node1"),
+                mk_pod("y", "b", &[], "10.244.1.3", "node1"),
+            ],
+            vec![],
+        );
+        state.cluster_policies.push(std::sync::Arc::new(mk_cnp(
+            "block-x",
+            json!({
+                "tier": "Admin", "priority": 10,
+                "subject": {"namespaces": {"matchLabels": {"kubernetes.io/metadata.name": "x"}}},
+                "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}],
+            }),
+        )));
+        let mut cfg = NodeConfig::new("node1");
+        cfg.deny_log = Some(DenyLog::default());
+        let compiled = compile(&state, &cfg);
+        let chain = compiled
+            .chains
+            .iter()
+            .find(|c| c.name.starts_with(names::INGRESS_CNP_PREFIX))
+            .expect("a CNP chain");
+        assert!(
+            chain.rules.iter().any(
+                |r| matches!(&r.target, Target::Nflog { prefix, .. } if *prefix == chain.name)
+            ),
+            "the Deny rule is logged first"
+        );
+        let index = DenyIndex::new(&state, [&compiled]);
+        let pkt = parse_packet(&ipv4_tcp([10, 244, 1, 3], [10, 244, 1, 2], 80)).unwrap();
+        let flow = index.resolve(&chain.name, &pkt).unwrap();
+        assert_eq!(flow.direction, "ingress");
+        assert_eq!(flow.cause, "denied");
+        assert_eq!(flow.policies, vec!["cnp/admin/block-x"]);
+        assert_eq!(flow.src.name(), "y/b");
+    }
+
+    #[test]
     fn dedup_folds_a_flow_within_the_window_and_stays_bounded() {
         let index = DenyIndex::default();
         let flow = |d: u16| {
