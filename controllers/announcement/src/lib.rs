@@ -32,7 +32,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
-use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
+use palisade_loadbalancer::l2::{decide_with_memo, AnnounceInputs, ElectionMemo, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
 use palisade_membership::Live;
@@ -204,6 +204,8 @@ struct AnnState {
     resend: bool,
     /// Link states, see [`gate_links`].
     links: BTreeMap<String, LinkSeen>,
+    /// The last pass's elections: a pass re-elects only the IPs whose eligible nodes changed.
+    elections: ElectionMemo,
 }
 
 /// What telling the speaker achieved.
@@ -383,18 +385,21 @@ impl AnnouncerReconciler {
                     })
                     .clone()
             };
-            decide(&AnnounceInputs {
-                me: &self.node_name,
-                route_interface: &route_interface,
-                live: &live.nodes,
-                services: &services,
-                pools: &pools,
-                advertisements: &ads,
-                nodes: &nodes,
-                slices: &slices,
-                class: &self.class,
-                claim_unclassed: self.claim_unclassed,
-            })
+            decide_with_memo(
+                &AnnounceInputs {
+                    me: &self.node_name,
+                    route_interface: &route_interface,
+                    live: &live.nodes,
+                    services: &services,
+                    pools: &pools,
+                    advertisements: &ads,
+                    nodes: &nodes,
+                    slices: &slices,
+                    class: &self.class,
+                    claim_unclassed: self.claim_unclassed,
+                },
+                &mut st.elections,
+            )
         } else {
             (Owned::new(), Vec::new())
         };
