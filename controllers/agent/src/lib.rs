@@ -1,5 +1,5 @@
 //! `palisade agent`: wires the shared runtime (`palisade-runtime`) and the enabled
-//! reconcilers (enforcement, allocation, announcement, membership) together.
+//! reconcilers (enforcement, allocation, announcement, membership, BGP announcement) together.
 //!
 //! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
 //! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
@@ -13,6 +13,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
+use palisade_bgp_announcement::status::{BgpStatusCaches, BgpStatusWriter};
+use palisade_bgp_announcement::{BgpCaches, BgpReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
 
@@ -74,7 +76,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         cfg.watch_backoff_max,
         shutdown.clone(),
     );
-    let wiring = Wiring::register(&cfg, &mut caches);
+    let wiring = Wiring::register(&cfg, &mut caches, &client);
     let readiness = caches.readiness();
     tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
@@ -103,6 +105,9 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         if let Err(e) = start_l2(&cfg, &shared, l2, &mut tasks).await {
             tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
         }
+    }
+    if let Some(bgp) = wiring.bgp {
+        start_bgp(&cfg, &shared, bgp, &mut tasks);
     }
     tasks.spawn(log_when_ready(readiness.clone(), shutdown.clone()));
 
@@ -138,6 +143,12 @@ struct Wiring {
     netpol: Option<(Trigger, NetpolCaches)>,
     allocation: Option<(Trigger, LbCaches)>,
     l2: Option<L2Wiring>,
+    bgp: Option<BgpWiring>,
+}
+
+struct BgpWiring {
+    announcer: (Trigger, BgpCaches),
+    status: (Trigger, BgpStatusCaches),
 }
 
 struct L2Wiring {
@@ -147,22 +158,30 @@ struct L2Wiring {
 
 impl Wiring {
     /// Each reconciler registers the caches it reads (one watch per kind, whoever reads it).
-    fn register(cfg: &AgentConfig, caches: &mut Caches) -> Wiring {
+    fn register(cfg: &AgentConfig, caches: &mut Caches, client: &kube::Client) -> Wiring {
         fn with<C>(caches: &mut Caches, reg: fn(&mut Caches, &Trigger) -> C) -> (Trigger, C) {
             let t = Trigger::new();
             let c = reg(caches, &t);
             (t, c)
         }
         Wiring {
-            netpol: cfg
-                .enable_netpol
-                .then(|| with(caches, NetpolCaches::register)),
+            netpol: cfg.enable_netpol.then(|| {
+                // ClusterNetworkPolicy status is written by enforcement itself.
+                let cnp_client = cfg.enable_cluster_network_policy.then(|| client.clone());
+                let t = Trigger::new();
+                let c = NetpolCaches::register_with(caches, &t, cnp_client);
+                (t, c)
+            }),
             allocation: cfg
                 .enable_loadbalancer
                 .then(|| with(caches, LbCaches::register)),
             l2: (cfg.enable_loadbalancer && cfg.enable_l2).then(|| L2Wiring {
                 announcer: with(caches, AnnouncerCaches::register),
                 status: with(caches, StatusCaches::register),
+            }),
+            bgp: (cfg.enable_loadbalancer && cfg.enable_bgp).then(|| BgpWiring {
+                announcer: with(caches, BgpCaches::register),
+                status: with(caches, BgpStatusCaches::register),
             }),
         }
     }
@@ -282,6 +301,37 @@ async fn start_l2(
     Ok(())
 }
 
+/// The BGP speaker, its reconciler and the BGP status writer.
+fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tasks) {
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
+    let speaker = Arc::new(palisade_bgp::Speaker::new());
+    let (status_trigger, status_stores) = bgp.status;
+    let writer = BgpStatusWriter {
+        client: shared.client.clone(),
+        node_name: cfg.node_name.clone(),
+        stores: status_stores,
+        metrics: shared.metrics.clone(),
+        settings: cfg.sync,
+        speaker: speaker.clone(),
+        plan: plan_rx,
+    };
+    tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
+    let (trigger, stores) = bgp.announcer;
+    let reconciler = BgpReconciler {
+        node_name: cfg.node_name.clone(),
+        stores,
+        metrics: shared.metrics.clone(),
+        events: shared.events.clone(),
+        settings: cfg.sync,
+        speaker,
+        class: cfg.load_balancer_class.clone(),
+        claim_unclassed: cfg.handle_classless_services,
+        shutdown_limit: cfg.bgp_shutdown_limit,
+        plan: plan_tx,
+    };
+    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
+}
+
 /// Logs readiness once reached.
 async fn log_when_ready(
     readiness: palisade_runtime::stores::Readiness,
@@ -329,7 +379,11 @@ async fn start_announcer(
     trigger: Trigger,
     status: tokio::sync::watch::Sender<Option<palisade_loadbalancer::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
-    let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
+    let speaker = palisade_speaker::Speaker::with_config(palisade_speaker::SpeakerConfig {
+        refresh_interval: cfg.l2_refresh_interval,
+        ..palisade_speaker::SpeakerConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
     let keys = palisade_membership::memberlist_keyfile::start(
         &membership_key_source(cfg)?,
         cfg.memberlist_key_rotation_window,
@@ -340,6 +394,8 @@ async fn start_announcer(
     settings.rejected = metrics.memberlist_rejected.clone();
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;
+    let (reach_tx, reach_rx) = tokio::sync::watch::channel(Vec::new());
+    settings.reach = reach_rx;
     let live = palisade_membership::start(settings, peers_rx, shutdown.clone())
         .await
         .map_err(|e| {
@@ -373,6 +429,9 @@ async fn start_announcer(
         speaker: Arc::new(speaker),
         live,
         peers: peers_tx,
+        reach: reach_tx,
+        arp_filter: cfg.l2_arp_filter,
+        exclude_unschedulable: cfg.l2_exclude_cordoned,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
         status,

@@ -36,6 +36,8 @@ use palisade_runtime::prune::SlimPod;
 use palisade_runtime::stores::{CacheGroup, Caches};
 use palisade_runtime::sync::{run_sync_loop, Cause, JobError, Trigger};
 
+pub mod cnp;
+
 /// Event reasons of the netpol reconciler.
 pub mod reasons {
     pub const APPLY_FAILED: &str = "NetworkPolicyApplyFailed";
@@ -73,12 +75,24 @@ pub struct NetpolCaches {
     pub namespaces: Store<Namespace>,
     pub network_policies: Store<NetworkPolicy>,
     pub nodes: Store<Node>,
+    /// ClusterNetworkPolicies, when enabled (see [`cnp`]).
+    pub cluster_policies: Option<cnp::CnpWatch>,
     pub group: CacheGroup,
 }
 
 impl NetpolCaches {
     /// Registers what enforcement reads; every change pokes `trigger`.
     pub fn register(caches: &mut Caches, trigger: &Trigger) -> NetpolCaches {
+        Self::register_with(caches, trigger, None)
+    }
+
+    /// [`NetpolCaches::register`], plus ClusterNetworkPolicies when `cluster_policies` has
+    /// the client their status is written with.
+    pub fn register_with(
+        caches: &mut Caches,
+        trigger: &Trigger,
+        cluster_policies: Option<kube::Client>,
+    ) -> NetpolCaches {
         let mut r = caches.register(trigger);
         NetpolCaches {
             // Decoded slim: only the fields enforcement reads (labels, node, host network,
@@ -87,6 +101,8 @@ impl NetpolCaches {
             namespaces: r.watch(),
             network_policies: r.watch(),
             nodes: r.watch(),
+            cluster_policies: cluster_policies
+                .map(|client| cnp::CnpWatch::new(r.watch_custom(&cnp::api_resource()), client)),
             group: r.finish(),
         }
     }
@@ -205,11 +221,41 @@ impl NetpolReconciler {
 
     /// A snapshot of the caches as the pure compiler's input.
     pub fn snapshot(&self) -> ClusterState {
-        ClusterState {
+        self.snapshot_full().0
+    }
+
+    /// The snapshot and the full ClusterNetworkPolicy objects (for status).
+    fn snapshot_full(
+        &self,
+    ) -> (
+        ClusterState,
+        Vec<Arc<palisade_netpol::cnp::ClusterNetworkPolicy>>,
+    ) {
+        let (cluster_policies, full) = self
+            .stores
+            .cluster_policies
+            .as_ref()
+            .map(cnp::CnpWatch::snapshot)
+            .unwrap_or_default();
+        let state = ClusterState {
             nodes: self.stores.nodes.state(),
             namespaces: self.stores.namespaces.state(),
             pods: self.stores.pods.state(),
             policies: self.stores.network_policies.state(),
+            cluster_policies,
+        };
+        (state, full)
+    }
+
+    async fn report_cnp_status(
+        &self,
+        full: &[Arc<palisade_netpol::cnp::ClusterNetworkPolicy>],
+        diags: &[Diagnostic],
+        apply_error: Option<&str>,
+    ) {
+        if let Some(w) = &self.stores.cluster_policies {
+            w.report_status(&self.node.node_name, full, diags, apply_error)
+                .await;
         }
     }
 
@@ -276,7 +322,7 @@ impl NetpolReconciler {
 
     async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), SyncError> {
         let start = Instant::now();
-        let state = self.snapshot();
+        let (state, cnp_full) = self.snapshot_full();
         let snapshot_ms = ms_since(start);
         self.ensure_families(&state, cause, last).await;
         let links = self.link_dump().await;
@@ -312,6 +358,7 @@ impl NetpolReconciler {
         diagnostics.sort();
         diagnostics.dedup();
         if work.is_empty() {
+            self.report_cnp_status(&cnp_full, &diagnostics, None).await;
             self.report_diagnostics(&diagnostics, last).await;
             self.metrics
                 .netpol_syncs
@@ -372,6 +419,9 @@ impl NetpolReconciler {
             }
         }
         let ok = failure.is_none();
+        let apply_error = failure.as_ref().map(ToString::to_string);
+        self.report_cnp_status(&cnp_full, &diagnostics, apply_error.as_deref())
+            .await;
         let elapsed = start.elapsed();
         self.metrics
             .netpol_sync_duration
@@ -464,6 +514,7 @@ impl NetpolReconciler {
                 api_version: Some(
                     match d.kind {
                         "NetworkPolicy" => "networking.k8s.io/v1",
+                        palisade_netpol::cnp::DIAG_KIND => palisade_netpol::cnp::API_VERSION,
                         _ => "v1",
                     }
                     .into(),

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use palisade_loadbalancer::announce::TrafficPolicy;
 use palisade_loadbalancer::announce::{advertisements_for_pool, eligible_nodes, winner};
+use palisade_loadbalancer::announce::{NodeReach, ReachInterface, TrafficPolicy};
 use palisade_loadbalancer::l2::{
     decide, decide_with_memo, AnnounceInputs, ElectionMemo, IpDecision, Owned,
 };
@@ -112,6 +112,9 @@ struct World {
     nodes: Vec<Arc<Node>>,
     slices: Vec<Arc<EndpointSlice>>,
     live: BTreeSet<String>,
+    /// What every agent reported over the membership: both NICs up on the pool's subnet (so
+    /// the reach filter runs on every IP and keeps every node).
+    reach: BTreeMap<String, NodeReach>,
     pools: Vec<IPAddressPool>,
     ads: Vec<L2Advertisement>,
 }
@@ -123,6 +126,21 @@ impl World {
             nodes: nodes(),
             slices: (0..SERVICES).step_by(10).map(|i| slice(i, 0)).collect(),
             live: (0..NODES).map(node_name).collect(),
+            reach: (0..NODES)
+                .map(|i| {
+                    let nic = |name: &str| ReachInterface {
+                        name: name.into(),
+                        up: true,
+                        nets: vec![("10.200.0.0".parse().unwrap(), 16)],
+                    };
+                    (
+                        node_name(i),
+                        NodeReach {
+                            interfaces: vec![nic("eth0"), nic("eth1")],
+                        },
+                    )
+                })
+                .collect(),
             pools: pools(),
             ads: advertisements(),
         }
@@ -133,6 +151,7 @@ impl World {
             me,
             route_interface: &route,
             live: &self.live,
+            reach: &self.reach,
             services: &self.services,
             pools: &self.pools,
             advertisements: &self.ads,
@@ -140,6 +159,7 @@ impl World {
             slices: &self.slices,
             class: CLASS,
             claim_unclassed: true,
+            exclude_unschedulable: false,
         }
     }
 

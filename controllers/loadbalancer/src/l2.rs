@@ -6,6 +6,7 @@
 //!  Nodes (labels) ∩ live agents ──────┤      (nodeSelectors, exclude label, Local policy:
 //!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
 //!                                                   │
+//!        reach (membership) ─► only nodes able to announce the IP on a selected interface
 //!                    winner = min sha256("node#ip") ─► mine? ─► owned IPs + interfaces
 //! ```
 //!
@@ -23,7 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::announce::{
     advertisements_for_pool, decision_with_winner, election_key, eligible_nodes, interfaces_for,
-    InterfaceChoice, TrafficPolicy,
+    reachable_nodes, InterfaceChoice, NodeReach, TrafficPolicy,
 };
 use crate::pool::Pool;
 use crate::service::{is_ours, service_key, status_ips};
@@ -49,6 +50,9 @@ pub struct AnnounceInputs<'a> {
     /// cache it); `Err` says why there is none.
     pub route_interface: &'a dyn Fn(IpAddr) -> Result<String, String>,
     pub live: &'a BTreeSet<String>,
+    /// Where each node can announce, as its agent reported over the membership (this node's
+    /// own entry included). Nodes missing here are not restricted.
+    pub reach: &'a BTreeMap<String, NodeReach>,
     pub services: &'a [Arc<Service>],
     pub pools: &'a [IPAddressPool],
     pub advertisements: &'a [L2Advertisement],
@@ -56,6 +60,22 @@ pub struct AnnounceInputs<'a> {
     pub slices: &'a [Arc<EndpointSlice>],
     pub class: &'a str,
     pub claim_unclassed: bool,
+    /// Cordoned (`spec.unschedulable`, what `kubectl drain` starts with) nodes may not win.
+    /// Nodes tainted [`OUT_OF_SERVICE_TAINT`] never may.
+    pub exclude_unschedulable: bool,
+}
+
+/// The taint of a node that is shut down or being taken out of service.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
+/// Whether `node` is in maintenance: tainted [`OUT_OF_SERVICE_TAINT`] (any effect), or
+/// cordoned when `exclude_unschedulable`. Its IPs move to the next winner while it still
+/// answers (every agent re-elects on the same Node update), so clients lose nothing.
+pub fn in_maintenance(node: &Node, exclude_unschedulable: bool) -> bool {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT))
+        || (exclude_unschedulable && spec.and_then(|s| s.unschedulable) == Some(true))
 }
 
 /// Pure: which IPs this node owns, and the decision for every announced IP.
@@ -180,6 +200,7 @@ pub fn decide_with_memo(
     let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
         .nodes
         .iter()
+        .filter(|n| !in_maintenance(n, input.exclude_unschedulable))
         .map(|n| {
             (
                 n.metadata.name.clone().unwrap_or_default(),
@@ -247,13 +268,25 @@ pub fn decide_with_memo(
             }
             // `Local`: the nodes eligible under `Cluster` that have a ready endpoint (the
             // same filter `eligible_nodes` applies, on an already sorted list).
-            let eligible_refs: Vec<&str> = view
+            let mut eligible_refs: Vec<&str> = view
                 .eligible
                 .iter()
                 .map(String::as_str)
                 .filter(|n| !local || ready_nodes.contains(*n))
                 .collect();
-            let fp = if local {
+            // Only nodes that reported they can announce the IP on a selected interface.
+            if !input.reach.is_empty() {
+                let ads = &view.ads;
+                let eligible: Vec<String> = eligible_refs.iter().map(|n| n.to_string()).collect();
+                let able: BTreeSet<String> = reachable_nodes(eligible, ip, input.reach, |n| {
+                    interfaces_for(ads, node_labels.get(n).unwrap_or(&empty))
+                })
+                .into_iter()
+                .collect();
+                eligible_refs.retain(|n| able.contains(*n));
+            }
+            // The pool's set is shared by its `Cluster` IPs unless reach narrowed it.
+            let fp = if local || !input.reach.is_empty() {
                 fingerprint(&eligible_refs)
             } else {
                 view.fingerprint
@@ -337,7 +370,9 @@ impl<'a> PoolView<'a> {
 }
 
 /// EndpointSlices by the (namespace, name) of their Service, built once per pass.
-fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+pub(crate) fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         let ns = s.metadata.namespace.as_deref();
@@ -354,7 +389,7 @@ fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Ve
 }
 
 /// Nodes with at least one ready endpoint in the Service's slices.
-fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
+pub(crate) fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
     slices
         .iter()
         .flat_map(|s| s.endpoints.iter())
@@ -407,6 +442,17 @@ mod tests {
         live: &[&str],
         slices: &[Arc<EndpointSlice>],
     ) -> BTreeMap<IpAddr, Vec<String>> {
+        owners_with(services, ads, live, slices, &BTreeMap::new(), "eth9")
+    }
+
+    fn owners_with(
+        services: &[Arc<Service>],
+        ads: &[L2Advertisement],
+        live: &[&str],
+        slices: &[Arc<EndpointSlice>],
+        reach: &BTreeMap<String, NodeReach>,
+        route: &'static str,
+    ) -> BTreeMap<IpAddr, Vec<String>> {
         let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
         let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
         let pools = vec![pool()];
@@ -417,8 +463,9 @@ mod tests {
             }
             let (owned, _) = decide(&AnnounceInputs {
                 me,
-                route_interface: &|_| Err("no routes in tests".into()),
+                route_interface: &|_| Ok(route.to_string()),
                 live: &live,
+                reach,
                 services,
                 pools: &pools,
                 advertisements: ads,
@@ -426,9 +473,10 @@ mod tests {
                 slices,
                 class: "palisade.dev/palisade",
                 claim_unclassed: true,
+                exclude_unschedulable: true,
             });
             for (ip, ifaces) in owned {
-                assert_eq!(ifaces, vec!["eth9".to_string()]);
+                assert_eq!(ifaces, vec![route.to_string()]);
                 out.entry(ip).or_default().push(me.to_string());
             }
         }
@@ -653,6 +701,7 @@ mod tests {
                 me: &me,
                 route_interface: &|_| Ok("eth0".to_string()),
                 live: &live,
+                reach: &BTreeMap::new(),
                 services: &services,
                 pools: &pools,
                 advertisements: &ads,
@@ -660,6 +709,7 @@ mod tests {
                 slices: &slices,
                 class: "palisade.dev/palisade",
                 claim_unclassed: true,
+                exclude_unschedulable: false,
             };
             let (owned, decisions) = decide(&input);
             let mut expected_decisions = 0;
@@ -773,10 +823,12 @@ mod tests {
         fn route(_: IpAddr) -> Result<String, String> {
             Ok("eth0".to_string())
         }
+        static NO_REACH: BTreeMap<String, NodeReach> = BTreeMap::new();
         AnnounceInputs {
             me,
             route_interface: &route,
             live,
+            reach: &NO_REACH,
             services,
             pools,
             advertisements: ads,
@@ -784,6 +836,165 @@ mod tests {
             slices,
             class: "palisade.dev/palisade",
             claim_unclassed: true,
+            exclude_unschedulable: false,
         }
+    }
+
+    /// Two LAN segments, a pool on each: only nodes with an up interface on a pool's subnet
+    /// win its IPs; every node computes the same owners from the same reports.
+    #[test]
+    fn only_nodes_on_the_ips_segment_are_elected() {
+        use crate::announce::ReachInterface;
+        let on = |net: &str| NodeReach {
+            interfaces: vec![ReachInterface {
+                name: "eth0".into(),
+                up: true,
+                nets: vec![(net.parse().unwrap(), 24)],
+            }],
+        };
+        let mut reach = BTreeMap::new();
+        reach.insert("n1".to_string(), on("198.51.100.0"));
+        reach.insert("n2".to_string(), on("198.51.100.0"));
+        reach.insert("n3".to_string(), on("198.51.101.0"));
+        let mut services: Vec<_> = (0..10)
+            .map(|i| {
+                svc(
+                    &format!("a{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        services.extend((0..10).map(|i| {
+            svc(
+                &format!("b{i}"),
+                &format!("198.51.101.{}", 200 + i),
+                "Cluster",
+            )
+        }));
+        let pools = [
+            json!({"metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
+            json!({"metadata": {"name": "lan-b"}, "spec": {"addresses": ["198.51.101.200-198.51.101.250"]}}),
+        ];
+        let pools: Vec<IPAddressPool> = pools
+            .into_iter()
+            .map(|mut p| {
+                p["apiVersion"] = json!("palisade.dev/v1alpha1");
+                p["kind"] = json!("IPAddressPool");
+                obj(p)
+            })
+            .collect();
+        let ads = vec![ad(json!({}))];
+        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let mut owner: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for me in ["n1", "n2", "n3"] {
+            let (owned, _) = decide(&AnnounceInputs {
+                me,
+                route_interface: &|_| Ok("eth0".into()),
+                live: &live,
+                reach: &reach,
+                services: &services,
+                pools: &pools,
+                advertisements: &ads,
+                nodes: &nodes,
+                slices: &[],
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+                exclude_unschedulable: false,
+            });
+            for ip in owned.into_keys() {
+                owner.entry(ip).or_default().push(me.to_string());
+            }
+        }
+        assert_eq!(owner.len(), 20);
+        for (ip, o) in &owner {
+            assert_eq!(o.len(), 1, "{ip}: {o:?}");
+            let want_b = ip.to_string().starts_with("198.51.101.");
+            assert_eq!(o[0] == "n3", want_b, "{ip} won by {o:?}");
+        }
+        // Without reports every node may win anything (the old behaviour this fixes).
+        let blind = owners_with(
+            &services[..10],
+            &ads,
+            &["n1", "n2", "n3"],
+            &[],
+            &BTreeMap::new(),
+            "eth0",
+        );
+        assert!(
+            blind.values().any(|o| o == &["n3".to_string()]),
+            "{blind:?}"
+        );
+    }
+
+    /// Maintenance: a cordoned node (when configured) or one tainted out-of-service wins
+    /// nothing; only its IPs move.
+    #[test]
+    fn cordoned_and_out_of_service_nodes_hand_their_ips_over() {
+        let services: Vec<_> = (0..20)
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let pools = vec![pool()];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let run = |nodes: &[Arc<Node>], exclude: bool| {
+            let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
+            for me in ["n1", "n2", "n3"] {
+                let (owned, _) = decide(&AnnounceInputs {
+                    me,
+                    route_interface: &|_| Err("none".into()),
+                    live: &live,
+                    reach: &BTreeMap::new(),
+                    services: &services,
+                    pools: &pools,
+                    advertisements: &ads,
+                    nodes,
+                    slices: &[],
+                    class: "palisade.dev/palisade",
+                    claim_unclassed: true,
+                    exclude_unschedulable: exclude,
+                });
+                for ip in owned.into_keys() {
+                    assert!(out.insert(ip, me.to_string()).is_none(), "{ip} twice");
+                }
+            }
+            out
+        };
+        let plain = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let all = run(&plain, true);
+        assert_eq!(all.len(), 20);
+        assert!(all.values().any(|n| n == "n2"));
+        let cordoned: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"unschedulable": true}
+        })));
+        let nodes = vec![node("n1", "a"), cordoned, node("n3", "b")];
+        assert_eq!(
+            run(&nodes, false),
+            all,
+            "cordon alone changes nothing by default"
+        );
+        let moved = run(&nodes, true);
+        assert_eq!(moved.len(), 20);
+        for (ip, owner) in &all {
+            if owner == "n2" {
+                assert_ne!(&moved[ip], "n2");
+            } else {
+                assert_eq!(&moved[ip], owner, "{ip} moved although its owner is fine");
+            }
+        }
+        let tainted: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"taints": [{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown", "effect": "NoExecute"}]}
+        })));
+        let nodes = vec![node("n1", "a"), tainted, node("n3", "b")];
+        assert_eq!(run(&nodes, false), moved, "out-of-service: always excluded");
     }
 }
