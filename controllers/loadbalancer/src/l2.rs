@@ -276,10 +276,10 @@ pub fn decide_with_memo(
                 .collect();
             // Only nodes that reported they can announce the IP on a selected interface.
             if !input.reach.is_empty() {
-                let ads = &view.ads;
+                let choices = &view.choices;
                 let eligible: Vec<String> = eligible_refs.iter().map(|n| n.to_string()).collect();
                 let able: BTreeSet<String> = reachable_nodes(eligible, ip, input.reach, |n| {
-                    interfaces_for(ads, node_labels.get(n).unwrap_or(&empty))
+                    choices.get(n).cloned().flatten()
                 })
                 .into_iter()
                 .collect();
@@ -348,6 +348,8 @@ struct PoolView<'a> {
     interfaces: Option<InterfaceChoice>,
     /// Of `eligible`, for the election memo.
     fingerprint: u64,
+    /// Where each eligible node would answer (for the reach filter), matched once per pass.
+    choices: BTreeMap<String, Option<InterfaceChoice>>,
 }
 
 impl<'a> PoolView<'a> {
@@ -360,11 +362,17 @@ impl<'a> PoolView<'a> {
         let interfaces = interfaces_for(&ads, my_labels);
         let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
         let fingerprint = fingerprint(&refs);
+        let choices = live_nodes
+            .iter()
+            .filter(|(n, _)| refs.binary_search(n).is_ok())
+            .map(|(n, l)| (n.to_string(), interfaces_for(&ads, l)))
+            .collect();
         PoolView {
             ads,
             eligible,
             interfaces,
             fingerprint,
+            choices,
         }
     }
 }
