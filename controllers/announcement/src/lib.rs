@@ -33,7 +33,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
 use palisade_loadbalancer::announce::{NodeReach, ReachInterface};
-use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
+use palisade_loadbalancer::l2::{decide_with_memo, AnnounceInputs, ElectionMemo, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
 use palisade_membership::{Live, ServedInterface};
@@ -238,6 +238,8 @@ struct AnnState {
     ipvs: Option<palisade_speaker::ipvs::IpvsFinding>,
     /// The kernel-ARP filter for foreign LoadBalancer IPs ([`palisade_speaker::ipvs`]).
     arp_filter: palisade_speaker::ipvs::ArpFilter,
+    /// The last pass's elections: a pass re-elects only the IPs whose eligible nodes changed.
+    elections: ElectionMemo,
 }
 
 /// What telling the speaker achieved.
@@ -462,20 +464,23 @@ impl AnnouncerReconciler {
                     })
                     .clone()
             };
-            decide(&AnnounceInputs {
-                me: &self.node_name,
-                route_interface: &route_interface,
-                live: &live.nodes,
-                reach: &reach,
-                services: &services,
-                pools: &pools,
-                advertisements: &ads,
-                nodes: &nodes,
-                slices: &slices,
-                class: &self.class,
-                claim_unclassed: self.claim_unclassed,
-                exclude_unschedulable: self.exclude_unschedulable,
-            })
+            decide_with_memo(
+                &AnnounceInputs {
+                    me: &self.node_name,
+                    route_interface: &route_interface,
+                    live: &live.nodes,
+                    reach: &reach,
+                    services: &services,
+                    pools: &pools,
+                    advertisements: &ads,
+                    nodes: &nodes,
+                    slices: &slices,
+                    class: &self.class,
+                    claim_unclassed: self.claim_unclassed,
+                    exclude_unschedulable: self.exclude_unschedulable,
+                },
+                &mut st.elections,
+            )
         } else {
             (Owned::new(), Vec::new())
         };

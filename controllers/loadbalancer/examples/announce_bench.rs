@@ -23,7 +23,9 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use palisade_loadbalancer::announce::{advertisements_for_pool, eligible_nodes, winner};
 use palisade_loadbalancer::announce::{NodeReach, ReachInterface, TrafficPolicy};
-use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision, Owned};
+use palisade_loadbalancer::l2::{
+    decide, decide_with_memo, AnnounceInputs, ElectionMemo, IpDecision, Owned,
+};
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
 use serde_json::json;
 
@@ -144,10 +146,10 @@ impl World {
         }
     }
 
-    fn decide(&self, me: &str) -> (Owned, Vec<IpDecision>) {
-        decide(&AnnounceInputs {
+    fn inputs<'a>(&'a self, me: &'a str) -> AnnounceInputs<'a> {
+        AnnounceInputs {
             me,
-            route_interface: &|_| Ok("eth1".to_string()),
+            route_interface: &route,
             live: &self.live,
             reach: &self.reach,
             services: &self.services,
@@ -158,7 +160,37 @@ impl World {
             class: CLASS,
             claim_unclassed: true,
             exclude_unschedulable: false,
-        })
+        }
+    }
+
+    fn decide(&self, me: &str) -> (Owned, Vec<IpDecision>) {
+        decide(&self.inputs(me))
+    }
+
+    /// A pass that starts from `memo` (a copy: every timed run starts from the same memory).
+    fn remembered(&self, me: &str, memo: &ElectionMemo) -> (Owned, Vec<IpDecision>) {
+        let mut m = memo.clone();
+        decide_with_memo(&self.inputs(me), &mut m)
+    }
+}
+
+fn route(_: IpAddr) -> Result<String, String> {
+    Ok("eth1".to_string())
+}
+
+impl World {
+    /// Times the pass after a change, from the memory of the pass before it (what the
+    /// announcer runs); checks it against a fresh pass.
+    fn time_remembered(&self, me: &str, memo: &ElectionMemo) -> Duration {
+        let mut times = Vec::with_capacity(RUNS);
+        for _ in 0..RUNS {
+            let mut m = memo.clone();
+            let t = Instant::now();
+            let out = decide_with_memo(&self.inputs(me), &mut m);
+            times.push(t.elapsed());
+            assert_eq!(out, self.decide(me), "remembered pass = fresh pass");
+        }
+        median(times)
     }
 }
 
@@ -292,13 +324,28 @@ fn main() {
         ),
     ));
 
-    // One change, then the pass that follows it.
+    // The announcer keeps the last pass's elections.
+    let mut memo = ElectionMemo::default();
+    let _ = decide_with_memo(&w.inputs(&me), &mut memo);
+    let (steady, _) = time(RUNS, || w.remembered(&me, &memo));
+    rows.push((
+        "steady pass, nothing changed, last pass remembered".into(),
+        ms(steady),
+        format!("{} elections remembered", memo.len()),
+    ));
+
+    // One change, then the pass that follows it: from scratch, and remembered.
     w.services.push(service(SERVICES));
     let (t_add, (_, after)) = time(RUNS, || w.decide(&me));
     rows.push((
         "one change: Service added, next pass".into(),
         ms(t_add),
         format!("{} IP(s) changed owner or appeared", moved(&base, &after)),
+    ));
+    rows.push((
+        "  the same, last pass remembered".into(),
+        ms(w.time_remembered(&me, &memo)),
+        "re-elects the new IP only".into(),
     ));
     w.services.pop();
 
@@ -314,7 +361,28 @@ fn main() {
         ms(t_dead),
         format!("{} IP(s) changed owner", moved(&base, &after)),
     ));
-    w.live.insert(dead);
+    rows.push((
+        "  the same, last pass remembered".into(),
+        ms(w.time_remembered(&me, &memo)),
+        "re-elects the dead node's IPs only".into(),
+    ));
+    w.live.insert(dead.clone());
+    // And back: the node returns (joined nodes are hashed for every IP of the pool).
+    let mut without = memo.clone();
+    w.live.remove(&dead);
+    let _ = decide_with_memo(&w.inputs(&me), &mut without);
+    w.live.insert(dead.clone());
+    let (t_back, _) = time(RUNS, || w.decide(&me));
+    rows.push((
+        format!("one change: node {dead} back, next pass"),
+        ms(t_back),
+        "its IPs move back".into(),
+    ));
+    rows.push((
+        "  the same, last pass remembered".into(),
+        ms(w.time_remembered(&me, &without)),
+        "one hash per IP (the joined node)".into(),
+    ));
 
     let pos = w.slices.len() / 2;
     let i = pos * 10;
@@ -324,6 +392,11 @@ fn main() {
         "one change: EndpointSlice moved (Local Service), next pass".into(),
         ms(t_slice),
         format!("{} IP(s) changed owner", moved(&base, &after)),
+    ));
+    rows.push((
+        "  the same, last pass remembered".into(),
+        ms(w.time_remembered(&me, &memo)),
+        "re-elects that Service's IP only".into(),
     ));
 
     println!("| measurement | median of {RUNS} | notes |");

@@ -50,7 +50,7 @@ type Labels = BTreeMap<String, String>;
 
 /// The election key of `node` for an IP in its canonical text form (`198.51.100.200`,
 /// `fd00:51:100::200`): `sha256("<node>#<ip>")`.
-fn election_key(node: &str, ip_text: &str) -> [u8; 32] {
+pub(crate) fn election_key(node: &str, ip_text: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(node.as_bytes());
     h.update(b"#");
@@ -83,7 +83,13 @@ pub struct Decision {
 
 /// Should `node` announce `ip`, given the eligible nodes (all agents compute the same list)?
 pub fn should_announce(node: &str, ip: IpAddr, eligible: &[&str]) -> Decision {
-    let Some(w) = winner(ip, eligible.iter().copied()) else {
+    decision_with_winner(node, eligible, winner(ip, eligible.iter().copied()))
+}
+
+/// [`should_announce`] when the winner among `eligible` is already known (remembered from an
+/// earlier election over the same set).
+pub fn decision_with_winner(node: &str, eligible: &[&str], winner: Option<&str>) -> Decision {
+    let Some(w) = winner else {
         return Decision {
             announce: false,
             reason: REASON_NO_ELIGIBLE_NODE,

@@ -15,7 +15,7 @@
 //! EndpointSlices are indexed by Service once, and each pool's advertisements, eligible nodes
 //! and this node's interfaces are worked out once: selectors are matched per pool × node, so a
 //! pass costs O(IPs × eligible nodes) hashes plus O(pools × nodes × advertisements) matches.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::announce::{
-    advertisements_for_pool, eligible_nodes, interfaces_for, reachable_nodes, should_announce,
-    InterfaceChoice, NodeReach, TrafficPolicy,
+    advertisements_for_pool, decision_with_winner, election_key, eligible_nodes, interfaces_for,
+    reachable_nodes, InterfaceChoice, NodeReach, TrafficPolicy,
 };
 use crate::pool::Pool;
 use crate::service::{is_ours, service_key, status_ips};
@@ -80,6 +80,112 @@ pub fn in_maintenance(node: &Node, exclude_unschedulable: bool) -> bool {
 
 /// Pure: which IPs this node owns, and the decision for every announced IP.
 pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
+    decide_with_memo(input, &mut ElectionMemo::default())
+}
+
+/// The election key of a winner, and its name.
+type Elected = Option<([u8; 32], String)>;
+
+/// The elections of the last pass, so that the next one hashes only what changed.
+///
+/// The winner of an IP is the eligible node with the smallest `sha256("node#ip")`: when the
+/// eligible set is the same as last time, so is the winner; when nodes left it but not the
+/// winner, the winner stays; when nodes joined, only their keys are computed. Everything
+/// else (the winner left, an IP not seen before) is elected from scratch. The result is
+/// always what [`crate::announce::winner`] would say (a test checks this step by step).
+#[derive(Clone, Default)]
+pub struct ElectionMemo {
+    ips: HashMap<IpAddr, (u64, Elected)>,
+    sets: HashMap<u64, Arc<[String]>>,
+}
+
+impl ElectionMemo {
+    /// IPs remembered.
+    pub fn len(&self) -> usize {
+        self.ips.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ips.is_empty()
+    }
+}
+
+fn fingerprint(names: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    names.hash(&mut h);
+    h.finish()
+}
+
+fn elect_all(ip_text: &str, eligible: &[&str]) -> Elected {
+    eligible
+        .iter()
+        .map(|n| (election_key(n, ip_text), *n))
+        .min()
+        .map(|(k, n)| (k, n.to_string()))
+}
+
+/// One pass's view of the last pass's memo: which remembered sets equal the current ones,
+/// and what joined a set since.
+struct Recall<'m> {
+    old: &'m ElectionMemo,
+    same: HashMap<u64, bool>,
+    joined: HashMap<(u64, u64), Vec<String>>,
+}
+
+impl Recall<'_> {
+    fn elect(&mut self, ip: IpAddr, fp: u64, eligible: &[&str]) -> Elected {
+        let fresh = || elect_all(&ip.to_string(), eligible);
+        let Some((old_fp, old_winner)) = self.old.ips.get(&ip) else {
+            return fresh();
+        };
+        let Some(old_set) = self.old.sets.get(old_fp) else {
+            return fresh();
+        };
+        if *old_fp == fp {
+            let same = *self.same.entry(fp).or_insert_with(|| {
+                old_set
+                    .iter()
+                    .map(String::as_str)
+                    .eq(eligible.iter().copied())
+            });
+            if same {
+                return old_winner.clone();
+            }
+        }
+        let Some((key, w)) = old_winner else {
+            return fresh();
+        };
+        if eligible.binary_search(&w.as_str()).is_err() {
+            return fresh();
+        }
+        // The old winner is still eligible: it beats every node that stayed, so only the
+        // nodes that joined can beat it.
+        let joined = self.joined.entry((*old_fp, fp)).or_insert_with(|| {
+            eligible
+                .iter()
+                .filter(|n| old_set.binary_search_by(|o| o.as_str().cmp(n)).is_err())
+                .map(|n| n.to_string())
+                .collect()
+        });
+        let ip_text = ip.to_string();
+        let mut best = (*key, w.clone());
+        for n in joined.iter() {
+            let k = election_key(n, &ip_text);
+            if (k, n.as_str()) < (best.0, best.1.as_str()) {
+                best = (k, n.clone());
+            }
+        }
+        Some(best)
+    }
+}
+
+/// [`decide`], remembering this pass's elections in `memo` and reusing the last pass's:
+/// a pass after a small change hashes only for the IPs it touched.
+pub fn decide_with_memo(
+    input: &AnnounceInputs,
+    memo: &mut ElectionMemo,
+) -> (Owned, Vec<IpDecision>) {
     let mut pools: Vec<Pool> = input
         .pools
         .iter()
@@ -116,6 +222,12 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
     // node's interfaces are worked out once: selectors are matched per pool × node, not per
     // IP × node.
     let mut views: BTreeMap<&str, PoolView> = BTreeMap::new();
+    let old = std::mem::take(memo);
+    let mut recall = Recall {
+        old: &old,
+        same: HashMap::new(),
+        joined: HashMap::new(),
+    };
     let mut owned = Owned::new();
     let mut decisions = Vec::new();
     for svc in input.services {
@@ -164,16 +276,31 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
                 .collect();
             // Only nodes that reported they can announce the IP on a selected interface.
             if !input.reach.is_empty() {
-                let ads = &view.ads;
+                let choices = &view.choices;
                 let eligible: Vec<String> = eligible_refs.iter().map(|n| n.to_string()).collect();
                 let able: BTreeSet<String> = reachable_nodes(eligible, ip, input.reach, |n| {
-                    interfaces_for(ads, node_labels.get(n).unwrap_or(&empty))
+                    choices.get(n).cloned().flatten()
                 })
                 .into_iter()
                 .collect();
                 eligible_refs.retain(|n| able.contains(*n));
             }
-            let decision = should_announce(input.me, ip, &eligible_refs);
+            // The pool's set is shared by its `Cluster` IPs unless reach narrowed it.
+            let fp = if local || !input.reach.is_empty() {
+                fingerprint(&eligible_refs)
+            } else {
+                view.fingerprint
+            };
+            memo.sets
+                .entry(fp)
+                .or_insert_with(|| eligible_refs.iter().map(|n| n.to_string()).collect());
+            let elected = recall.elect(ip, fp, &eligible_refs);
+            let decision = decision_with_winner(
+                input.me,
+                &eligible_refs,
+                elected.as_ref().map(|(_, w)| w.as_str()),
+            );
+            memo.ips.insert(ip, (fp, elected));
             let mut interfaces = Vec::new();
             if decision.announce {
                 if let Some(choice) = &view.interfaces {
@@ -219,6 +346,10 @@ struct PoolView<'a> {
     eligible: Vec<String>,
     /// Where this node answers for the pool's IPs (`None`: no advertisement matches it).
     interfaces: Option<InterfaceChoice>,
+    /// Of `eligible`, for the election memo.
+    fingerprint: u64,
+    /// Where each eligible node would answer (for the reach filter), matched once per pass.
+    choices: BTreeMap<String, Option<InterfaceChoice>>,
 }
 
 impl<'a> PoolView<'a> {
@@ -229,10 +360,19 @@ impl<'a> PoolView<'a> {
     ) -> Self {
         let eligible = eligible_nodes(&ads, live_nodes.iter().copied(), TrafficPolicy::Cluster);
         let interfaces = interfaces_for(&ads, my_labels);
+        let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+        let fingerprint = fingerprint(&refs);
+        let choices = live_nodes
+            .iter()
+            .filter(|(n, _)| refs.binary_search(n).is_ok())
+            .map(|(n, l)| (n.to_string(), interfaces_for(&ads, l)))
+            .collect();
         PoolView {
             ads,
             eligible,
             interfaces,
+            fingerprint,
+            choices,
         }
     }
 }
@@ -269,6 +409,7 @@ pub(crate) fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::announce::should_announce;
     use serde_json::json;
 
     fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -596,6 +737,115 @@ mod tests {
             assert_eq!(decisions.len(), expected_decisions, "{me}");
         }
         assert!(announced_somewhere > 10, "the fixture announces something");
+    }
+
+    #[test]
+    fn a_remembered_election_equals_a_fresh_one_after_every_change() {
+        let pools = vec![pool()];
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let mut nodes: Vec<Arc<Node>> = (0..12).map(|i| node(&format!("n{i}"), "a")).collect();
+        let mut live: BTreeSet<String> = (0..10).map(|i| format!("n{i}")).collect();
+        let mut services: Vec<Arc<Service>> = (0..40)
+            .map(|i| {
+                let policy = if i % 5 == 0 { "Local" } else { "Cluster" };
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i % 50),
+                    policy,
+                )
+            })
+            .collect();
+        let slice = |i: usize, nodes: &[usize]| -> Arc<EndpointSlice> {
+            let eps: Vec<_> = nodes
+                .iter()
+                .map(|n| json!({"addresses": ["10.0.0.1"], "nodeName": format!("n{n}")}))
+                .collect();
+            Arc::new(obj(json!({
+                "metadata": {"namespace": "shop", "name": format!("s{i}-1"),
+                             "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+                "addressType": "IPv4", "endpoints": eps})))
+        };
+        let mut slices: Vec<Arc<EndpointSlice>> = (0..40)
+            .step_by(5)
+            .map(|i| slice(i, &[i % 10, (i + 3) % 10]))
+            .collect();
+        let mut memos: BTreeMap<String, ElectionMemo> = BTreeMap::new();
+        let mut reused = 0;
+        for step in 0..14 {
+            match step {
+                0 => {}
+                1 => {
+                    live.remove("n3");
+                }
+                2 => {
+                    live.insert("n10".into());
+                }
+                3 => services.push(svc("late", "198.51.100.249", "Cluster")),
+                4 => slices[2] = slice(10, &[1, 2, 10]),
+                5 => {
+                    // Every node's winner: remove the winner of s1 (from a fresh pass).
+                    let input = inputs("n0", &live, &services, &pools, &ads, &nodes, &slices);
+                    let (_, d) = decide(&input);
+                    let w = d[1].winner.clone().unwrap();
+                    live.remove(&w);
+                }
+                6 => {
+                    live.insert("n3".into());
+                    live.insert("n11".into());
+                }
+                7 => nodes.push(node("n12", "a")),
+                8 => {
+                    live.insert("n12".into());
+                }
+                9 => {
+                    services.remove(0);
+                }
+                10 => slices[0] = slice(5, &[]),
+                11 => live.retain(|n| n != "n1" && n != "n2"),
+                12 => {
+                    live.clear();
+                }
+                _ => live = (0..13).map(|i| format!("n{i}")).collect(),
+            }
+            for me in (0..13).map(|i| format!("n{i}")) {
+                let input = inputs(&me, &live, &services, &pools, &ads, &nodes, &slices);
+                let memo = memos.entry(me.clone()).or_default();
+                reused += memo.len();
+                let remembered = decide_with_memo(&input, memo);
+                let fresh = decide(&input);
+                assert_eq!(remembered, fresh, "step {step}, node {me}");
+            }
+        }
+        assert!(reused > 1000, "the memo was used ({reused})");
+    }
+
+    fn inputs<'a>(
+        me: &'a str,
+        live: &'a BTreeSet<String>,
+        services: &'a [Arc<Service>],
+        pools: &'a [IPAddressPool],
+        ads: &'a [L2Advertisement],
+        nodes: &'a [Arc<Node>],
+        slices: &'a [Arc<EndpointSlice>],
+    ) -> AnnounceInputs<'a> {
+        fn route(_: IpAddr) -> Result<String, String> {
+            Ok("eth0".to_string())
+        }
+        static NO_REACH: BTreeMap<String, NodeReach> = BTreeMap::new();
+        AnnounceInputs {
+            me,
+            route_interface: &route,
+            live,
+            reach: &NO_REACH,
+            services,
+            pools,
+            advertisements: ads,
+            nodes,
+            slices,
+            class: "palisade.dev/palisade",
+            claim_unclassed: true,
+            exclude_unschedulable: false,
+        }
     }
 
     /// Two LAN segments, a pool on each: only nodes with an up interface on a pool's subnet
