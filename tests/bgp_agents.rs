@@ -96,14 +96,18 @@ fn bird_config_v6(nodes: &[String]) -> String {
     c
 }
 
-fn bird_config(nodes: &[Ipv4Addr]) -> String {
+/// BIRD for IPv4 sessions; with `password`, every neighbour needs that TCP MD5 key.
+fn bird_config(nodes: &[Ipv4Addr], password: Option<&str>) -> String {
+    let md5 = password
+        .map(|p| format!("  password \"{p}\";\n"))
+        .unwrap_or_default();
     let mut c = format!(
         "log stderr all;\nrouter id {ROUTER_IP};\n\
          protocol device {{ scan time 1; }}\n\
          protocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\n\
          protocol bfd {{\n  interface \"*\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};\n}}\n\
          template bgp nodes {{\n  local {ROUTER_IP} as 64501;\n  passive on;\n  hold time 9;\n  \
-         bfd on;\n  error wait time 1, 2;\n  ipv4 {{ import all; export none; }};\n}}\n"
+         bfd on;\n  error wait time 1, 2;\n  ipv4 {{ import all; export none; }};\n{md5}}}\n"
     );
     for (i, ip) in nodes.iter().enumerate() {
         c.push_str(&format!(
@@ -205,6 +209,28 @@ impl Drop for BgpLab {
     }
 }
 
+/// Standard base64 with padding (Secret data), without a dependency for it.
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn put(store: &Store, obj: Value) -> Result<()> {
     store
         .put_object(obj)
@@ -219,6 +245,12 @@ fn sysctl(netns_name: &str, kv: &str) -> Result<()> {
 impl BgpLab {
     /// `ipv6`: the sessions, the pool and the client's route are IPv6.
     fn start(ipv6: bool) -> Result<BgpLab> {
+        BgpLab::start_with(ipv6, None)
+    }
+
+    /// With `md5`: BIRD requires that TCP MD5 password, the BGPPeer names a Secret holding
+    /// it (IPv4 only).
+    fn start_with(ipv6: bool, md5: Option<&str>) -> Result<BgpLab> {
         let bin = palisade_tests::palisade_bin();
         let mut spec = LabSpec::new(3);
         spec.serve_pods = false;
@@ -297,7 +329,7 @@ impl BgpLab {
         let text = if ipv6 {
             bird_config_v6(&nodes.iter().map(|n| node_ip6(n.index)).collect::<Vec<_>>())
         } else {
-            bird_config(&nodes.iter().map(|n| n.ip).collect::<Vec<_>>())
+            bird_config(&nodes.iter().map(|n| n.ip).collect::<Vec<_>>(), md5)
         };
         std::fs::write(&conf, text)?;
         let conf_s = conf.display().to_string();
@@ -346,12 +378,21 @@ impl BgpLab {
                 "spec": {"addresses": [pool]}}),
         )?;
         // The README's worked example, with the lab router's address.
-        put(
-            store,
-            json!({"apiVersion": pd, "kind": "BGPPeer", "metadata": {"name": "tor"},
-                "spec": {"myASN": 64500, "peerASN": 64501, "peerAddress": peer_address,
-                    "holdTime": "9s", "keepaliveTime": "3s", "bfdProfile": "fast"}}),
-        )?;
+        let mut peer = json!({"apiVersion": pd, "kind": "BGPPeer", "metadata": {"name": "tor"},
+            "spec": {"myASN": 64500, "peerASN": 64501, "peerAddress": peer_address,
+                "holdTime": "9s", "keepaliveTime": "3s", "bfdProfile": "fast"}});
+        if let Some(password) = md5 {
+            peer["spec"]["passwordSecret"] = json!({"name": "tor-auth", "namespace": SYSTEM_NS});
+            let b64 = base64_encode(password.as_bytes());
+            put(
+                store,
+                json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": "tor-auth", "namespace": SYSTEM_NS},
+                    "type": "kubernetes.io/basic-auth",
+                    "data": {"username": "", "password": b64}}),
+            )?;
+        }
+        put(store, peer)?;
         put(
             store,
             json!({"apiVersion": pd, "kind": "BFDProfile", "metadata": {"name": "fast"},
@@ -863,6 +904,25 @@ fn agents_peer_over_ipv6_and_announce_an_ipv6_vip() -> Result<()> {
         .context("node1's agent did not exit")?;
     assert!(status.success(), "{status}");
     lab.wait_hops(vip, &["node2", "node3"], Duration::from_secs(1))?;
+    Ok(())
+}
+
+/// TCP MD5 end to end: BIRD requires a password on every neighbour; the BGPPeer's
+/// passwordSecret names a basic-auth Secret in the agents' namespace holding it. All three
+/// agents read it, sign their sessions, and the Service's VIP gets its three next hops (an
+/// agent without the key could not establish: BIRD's kernel drops its unsigned SYNs).
+#[test]
+fn agents_sign_sessions_with_the_password_secret() -> Result<()> {
+    if !ready("agents_sign_sessions_with_the_password_secret") {
+        return Ok(());
+    }
+    let _serial = serial();
+    let lab = BgpLab::start_with(false, Some("t0r-md5-key"))?;
+    lab.add_service("web", "Cluster")?;
+    let web = lab.wait_vip("web")?;
+    let took = lab.wait_hops(web, &["node1", "node2", "node3"], Duration::from_secs(30))?;
+    println!("MD5-signed sessions: ECMP over three nodes {took:?} after the IP was assigned");
+    assert!(lab.connect(web)?.starts_with("node"));
     Ok(())
 }
 

@@ -633,6 +633,12 @@ def test_bgp_enabled_adds_exactly_its_read_permissions(chart: helm.Chart) -> Non
         for r in ("bgpsessionstatuses", "servicebgpstatuses")
     }
     assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES | L2_RULES | bgp
+    # passwordSecret: `get` of Secrets in the release namespace only, never list/watch.
+    role = only(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert rule_triples(role) == LEASE_RULES | {("", "secrets", "get")}
+    assert not any(r == "secrets" for _, r, _ in triples)
+    assert not any(r == "secrets" for _, r, _ in rule_triples(only(render(chart), "Role")))
     args = args_of(docs)
     assert flag(args, "enable-bgp") == "true"
     assert flag(args, "bgp-shutdown-limit") == "7s"

@@ -348,6 +348,11 @@ fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tas
         claim_unclassed: cfg.handle_classless_services,
         shutdown_limit: cfg.bgp_shutdown_limit,
         plan: plan_tx,
+        passwords: palisade_bgp_announcement::password::PasswordSecrets::new(
+            shared.client.clone(),
+            &cfg.lease.namespace,
+        ),
+        uses_passwords: Default::default(),
     };
     let shutdown = shared.shutdown.clone();
     tasks.spawn(async move {

@@ -11,12 +11,13 @@
 //! The speaker only announces: it implements the subset of RFC 4271 an announcer needs
 //! (active open only, no RIB of received routes, no collision detection since it never listens).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: md5sig::set_tcp_md5sig (docs/security.md)
 
 pub mod bfd;
+pub mod md5sig;
 pub mod session;
 pub mod wire;
 
 pub use session::{
-    PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker, SpeakerThread,
+    Md5Key, PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker, SpeakerThread,
 };

@@ -82,6 +82,19 @@ pub struct PeerConfig {
     /// Run a BFD session with the peer; when it goes from Up to Down the BGP session closes
     /// at once.
     pub bfd: Option<BfdConfig>,
+    /// TCP MD5 (RFC 2385) key for the session's segments (at most 80 bytes; a longer key makes
+    /// every connect fail with an error).
+    pub password: Option<Md5Key>,
+}
+
+/// A TCP MD5 key; its `Debug` does not show the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Md5Key(pub Vec<u8>);
+
+impl std::fmt::Debug for Md5Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Md5Key(<{} bytes>)", self.0.len())
+    }
 }
 
 impl PeerConfig {
@@ -103,6 +116,7 @@ impl PeerConfig {
             communities: Vec::new(),
             connect_retry: Duration::from_secs(1),
             bfd: None,
+            password: None,
         }
     }
 
@@ -564,6 +578,10 @@ async fn connect(
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(SessionError::Connect)?;
+    if let Some(key) = &config.password {
+        // Before connect: the SYN must already be signed.
+        crate::md5sig::set_tcp_md5sig(&socket, peer, &key.0).map_err(SessionError::Connect)?;
+    }
     if let Some(src) = config.source_address {
         socket
             .bind(SocketAddr::new(src, 0))

@@ -37,7 +37,10 @@ use palisade_runtime::sync::{run_sync_loop, JobError, Trigger};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub mod password;
 pub mod status;
+
+use password::{PasswordError, PasswordSecrets, PASSWORD_TTL};
 
 /// Why a pass failed (retried with backoff). Planning itself cannot fail: problems with
 /// single objects are reported and skipped.
@@ -45,18 +48,24 @@ pub mod status;
 pub enum PassError {
     #[error("the BGP speaker has no session for peer {0} after set_peers")]
     MissingPeer(String),
+    #[error("reading passwordSecret of BGPPeer {0}: {1}")]
+    Secret(String, kube::Error),
 }
 
 impl JobError for PassError {
     fn label(&self) -> &'static str {
         match self {
             PassError::MissingPeer(_) => "bgp_speaker",
+            PassError::Secret(..) => "bgp_password_secret",
         }
     }
 }
 
 /// Event reason on a BGP object whose configuration cannot be used as written.
 pub const BGP_CONFIG_PROBLEM: &str = "BGPConfigProblem";
+/// Event reason on a BGPPeer whose `passwordSecret` cannot be read or used (the peer is not
+/// started: a router that expects a password would refuse the session anyway).
+pub const BGP_PASSWORD_PROBLEM: &str = "InvalidPasswordSecret";
 /// Event reasons on a BGPPeer when this node's session with it comes up / goes down.
 pub const BGP_SESSION_ESTABLISHED: &str = "BGPSessionEstablished";
 pub const BGP_SESSION_DOWN: &str = "BGPSessionDown";
@@ -169,6 +178,11 @@ pub struct BgpReconciler {
     pub shutdown_limit: Duration,
     /// After every pass: the plan, for the status writer and tests.
     pub plan: watch::Sender<Option<BgpPlan>>,
+    /// TCP MD5 passwords (`passwordSecret`).
+    pub passwords: PasswordSecrets,
+    /// Set by a pass when a planned peer has a `passwordSecret` (then passes run at least
+    /// every [`PASSWORD_TTL`], to pick up a rotated password).
+    pub uses_passwords: std::sync::atomic::AtomicBool,
 }
 
 impl BgpReconciler {
@@ -189,6 +203,25 @@ impl BgpReconciler {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     last = this.observe_sessions(last).await;
+                }
+            });
+        }
+        {
+            let this = this.clone();
+            let shutdown = shutdown.clone();
+            let trigger = trigger.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(PASSWORD_TTL) => {}
+                    }
+                    if this
+                        .uses_passwords
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        trigger.poke();
+                    }
                 }
             });
         }
@@ -327,11 +360,40 @@ impl BgpReconciler {
                 });
             }
         }
-        let configs: Vec<PeerConfig> = planned
-            .peers
-            .values()
-            .map(|p| peer_config(p, v4, v6))
-            .collect();
+        let mut configs: Vec<PeerConfig> = Vec::with_capacity(planned.peers.len());
+        let mut no_password = Vec::new();
+        for p in planned.peers.values() {
+            let mut c = peer_config(p, v4, v6);
+            if let Some(r) = &p.password_secret {
+                match self.passwords.get(r).await {
+                    Ok(key) => c.password = Some(key),
+                    Err(PasswordError::Config(message)) => {
+                        planned.problems.push(Problem {
+                            kind: "BGPPeer",
+                            name: p.name.clone(),
+                            reason: BGP_PASSWORD_PROBLEM,
+                            message,
+                        });
+                        no_password.push(p.name.clone());
+                        continue;
+                    }
+                    Err(PasswordError::Api(e)) => return Err(PassError::Secret(p.name.clone(), e)),
+                }
+            }
+            configs.push(c);
+        }
+        self.uses_passwords.store(
+            planned.peers.values().any(|p| p.password_secret.is_some()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        // A peer without its password is not started, nor reported as announcing anything.
+        for name in &no_password {
+            planned.peers.remove(name);
+        }
+        for peers in planned.services.values_mut() {
+            peers.retain(|n| !no_password.contains(n));
+        }
+        planned.services.retain(|_, peers| !peers.is_empty());
         self.speaker.set_peers(configs);
         for p in planned.peers.values() {
             if !self.speaker.set_routes(&p.name, speaker_routes(p)) {
@@ -398,6 +460,7 @@ mod tests {
                 minimum_ttl: 255,
             }),
             ebgp_multi_hop: false,
+            password_secret: None,
             routes: [(
                 "203.0.113.10/32".parse().unwrap(),
                 palisade_loadbalancer::bgp::RouteAttrs {

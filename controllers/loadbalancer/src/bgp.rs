@@ -67,6 +67,8 @@ pub struct PlannedPeer {
     pub router_id: Ipv4Addr,
     pub bfd: Option<BfdTimers>,
     pub ebgp_multi_hop: bool,
+    /// The Secret holding the TCP MD5 password (read by the reconciler, not by the plan).
+    pub password_secret: Option<crate::crd::SecretReference>,
     /// What to announce, with each prefix's attributes.
     pub routes: BTreeMap<IpNetwork, RouteAttrs>,
 }
@@ -112,7 +114,6 @@ pub struct BgpInputs<'a> {
 pub mod reason {
     pub const INVALID_PEER: &str = "InvalidPeer";
     pub const UNKNOWN_BFD_PROFILE: &str = "UnknownBFDProfile";
-    pub const UNSUPPORTED: &str = "Unsupported";
     pub const INVALID_ADVERTISEMENT: &str = "InvalidAdvertisement";
     pub const NO_ROUTER_ID: &str = "NoRouterID";
 }
@@ -203,16 +204,13 @@ fn plan_peer(
         );
         return None;
     }
-    if s.password_secret.is_some() {
-        // TCP MD5 needs the TCP_MD5SIG socket option, which no crate we depend on exposes
-        // without unsafe code (docs/bgp.md). A router that expects a password would refuse
-        // the session anyway; say why instead of trying.
-        problem(
-            reason::UNSUPPORTED,
-            "passwordSecret (TCP MD5) is not supported yet".into(),
-        );
-        return None;
-    }
+    let password_secret = match &s.password_secret {
+        Some(r) if r.name.trim().is_empty() => {
+            problem(reason::INVALID_PEER, "passwordSecret has no name".into());
+            return None;
+        }
+        r => r.clone(),
+    };
     let source_address = match s.source_address.as_deref().map(|a| a.trim().parse()) {
         None => None,
         Some(Ok(a)) => Some(a),
@@ -305,6 +303,7 @@ fn plan_peer(
         router_id,
         bfd,
         ebgp_multi_hop: s.ebgp_multi_hop,
+        password_secret,
         routes: BTreeMap::new(),
     })
 }
@@ -716,7 +715,12 @@ mod tests {
             peer(
                 "md5",
                 json!({"myASN": 1, "peerASN": 2, "peerAddress": "192.0.2.1",
-                    "passwordSecret": {"name": "s"}}),
+                    "passwordSecret": {"name": " "}}),
+            ),
+            peer(
+                "md5ok",
+                json!({"myASN": 1, "peerASN": 2, "peerAddress": "192.0.2.4",
+                    "passwordSecret": {"name": "bgp-auth"}}),
             ),
             peer(
                 "hold",
@@ -740,7 +744,7 @@ mod tests {
             reasons,
             vec![
                 ("bad-addr", reason::INVALID_PEER),
-                ("md5", reason::UNSUPPORTED),
+                ("md5", reason::INVALID_PEER),
                 ("hold", reason::INVALID_PEER),
                 ("nobfd", reason::UNKNOWN_BFD_PROFILE),
                 ("bad-comm", reason::INVALID_ADVERTISEMENT),
@@ -748,7 +752,16 @@ mod tests {
             ]
         );
         // The peer with the unknown profile still runs (without BFD) and gets the routes.
-        assert_eq!(p.peers.keys().collect::<Vec<_>>(), vec!["nobfd"]);
+        assert_eq!(p.peers.keys().collect::<Vec<_>>(), vec!["md5ok", "nobfd"]);
+        // The Secret is carried to the reconciler, which reads it.
+        let r = p.peers["md5ok"]
+            .password_secret
+            .as_ref()
+            .expect("secret ref");
+        assert_eq!(
+            (r.name.as_str(), r.namespace.as_deref()),
+            ("bgp-auth", None)
+        );
         assert_eq!(p.peers["nobfd"].bfd, None);
         assert_eq!(p.peers["nobfd"].routes.len(), 3);
     }

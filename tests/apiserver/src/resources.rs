@@ -154,6 +154,7 @@ pub fn default_resources() -> Vec<ResourceDef> {
                 "type",
             ]),
         ResourceDef::namespaced("", "v1", "ConfigMap", "configmaps"),
+        ResourceDef::namespaced("", "v1", "Secret", "secrets"),
         ResourceDef::namespaced(
             "networking.k8s.io",
             "v1",
