@@ -27,6 +27,8 @@
 //!                      │     -i VETH | -m physdev --physdev-in PORT  ! -s podIP → DROP
 //!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
 //!                      ├ ctstate INVALID             → DROP
+//!                      ├ → PALISADE-MIDSTREAM (if revoke_denied_connections): TCP NEW ! SYN
+//!                      │     -s/-d isolated local pod → DROP
 //!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
 //!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
 //! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
@@ -55,6 +57,7 @@ pub mod manifests;
 mod model;
 pub mod names;
 pub mod render;
+pub mod revoke;
 pub mod selector;
 pub mod synthetic;
 pub mod trace;
@@ -146,6 +149,11 @@ pub struct NodeConfig {
     /// dataplane adapter). A local pod missing here becomes a
     /// [`reasons::POD_INTERFACE_UNKNOWN`] diagnostic when `anti_spoofing` is on.
     pub pod_interfaces: BTreeMap<IpAddr, PodInterface>,
+    /// Revocation, rule side: TCP packets in conntrack state NEW that are not a SYN (a flow
+    /// picked up mid-stream, e.g. after its entry was deleted) to or from a local pod that
+    /// any policy isolates are dropped (`PALISADE-MIDSTREAM`, see [`revoke`]). Off in
+    /// [`NodeConfig::new`]; the agent turns it on with `--revoke-denied-connections`.
+    pub revoke_denied_connections: bool,
 }
 
 /// The interface a local pod's packets enter the node from.
@@ -201,6 +209,7 @@ impl NodeConfig {
             extra_pod_cidrs: Vec::new(),
             anti_spoofing: false,
             pod_interfaces: BTreeMap::new(),
+            revoke_denied_connections: false,
         }
     }
 }
