@@ -378,7 +378,7 @@ impl Tracer {
             } => ((mark & mask) == *value) != *negate,
             M::SrcLocal => pkt.src_local,
             M::TcpSyn(neg) => {
-                pkt.icmp6_type.is_none() && pkt.proto == Protocol::Tcp && (!pkt.mid_stream != *neg)
+                pkt.icmp6_type.is_none() && pkt.proto == Protocol::Tcp && (pkt.mid_stream == *neg)
             }
             M::Set { name, negate, dirs } => {
                 let hit = self
