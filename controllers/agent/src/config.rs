@@ -28,6 +28,9 @@ pub struct AgentConfig {
     pub block_unknown_pods: bool,
     /// Drop packets from a local pod's interface whose source is not the pod's address.
     pub anti_spoofing: bool,
+    /// After a policy change, delete conntrack entries of local pods' flows the new rules
+    /// deny, and drop TCP picked up mid-stream to/from isolated pods.
+    pub revoke_denied_connections: bool,
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.
     pub watch_backoff_max: Duration,
@@ -63,6 +66,7 @@ impl AgentConfig {
             iptables_backend: "auto".into(),
             block_unknown_pods: true,
             anti_spoofing: true,
+            revoke_denied_connections: true,
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,

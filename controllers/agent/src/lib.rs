@@ -147,6 +147,18 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         let mut node = NodeConfig::new(cfg.node_name.clone());
         node.block_unknown_pods = cfg.block_unknown_pods;
         node.anti_spoofing = cfg.anti_spoofing;
+        node.revoke_denied_connections = cfg.revoke_denied_connections;
+        let conntrack = if cfg.revoke_denied_connections {
+            match palisade_dataplane::KernelConntrack::detect() {
+                Ok(c) => Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>),
+                Err(e) => {
+                    tracing::error!(error = %e, "revocation of denied connections cannot run (install conntrack)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let links = match palisade_dataplane::KernelLinks::detect() {
             Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
             Err(e) => {
@@ -159,6 +171,7 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
             node,
             executors: executor,
             links,
+            conntrack,
             metrics: metrics.clone(),
             events: events.clone(),
             settings: cfg.sync,

@@ -139,6 +139,12 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ANTI_SPOOFING", default_value_t = true, action = clap::ArgAction::Set)]
     anti_spoofing: bool,
 
+    /// After a policy change, cut this node's pods' established connections that the new
+    /// rules deny (conntrack entries deleted; TCP picked up mid-stream to/from isolated pods
+    /// dropped).
+    #[arg(long, env = "PALISADE_REVOKE_DENIED_CONNECTIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    revoke_denied_connections: bool,
+
     /// Minimum time between two NetworkPolicy syncs (events in between are coalesced).
     #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
     sync_min_interval: Duration,
@@ -260,6 +266,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     .into();
     cfg.block_unknown_pods = a.block_unknown_pods;
     cfg.anti_spoofing = a.anti_spoofing;
+    cfg.revoke_denied_connections = a.revoke_denied_connections;
     cfg.sync.min_interval = a.sync_min_interval;
     cfg.sync.resync_interval = a.resync_interval;
     if a.memberlist_interval >= a.memberlist_timeout {

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub netpol_payload_bytes: Gauge,
     pub netpol_diagnostics: Gauge,
     pub netpol_pods_unprotected: Gauge,
+    /// Conntrack entries deleted because the rules now deny their flow (revocation).
+    pub netpol_revoked_connections: Counter,
     pub netpol_last_success: Gauge<f64, AtomicU64>,
     pub lb_addresses_total: Family<Labels, Gauge>,
     pub lb_addresses_in_use: Family<Labels, Gauge>,
@@ -76,6 +78,7 @@ impl Metrics {
         let netpol_payload_bytes = Gauge::default();
         let netpol_diagnostics = Gauge::default();
         let netpol_pods_unprotected = Gauge::default();
+        let netpol_revoked_connections = Counter::default();
         let netpol_last_success = Gauge::<f64, AtomicU64>::default();
 
         let lb_addresses_total = Family::<Labels, Gauge>::default();
@@ -169,6 +172,11 @@ impl Metrics {
             "netpol_pods_unprotected",
             "Local pods whose source addresses anti-spoofing cannot check (interface unknown)",
             netpol_pods_unprotected.clone(),
+        );
+        registry.register(
+            "netpol_revoked_connections",
+            "Connections cut after a policy change denied them (conntrack entries deleted)",
+            netpol_revoked_connections.clone(),
         );
         registry.register(
             "netpol_last_success_timestamp_seconds",
@@ -266,6 +274,7 @@ impl Metrics {
             netpol_payload_bytes,
             netpol_diagnostics,
             netpol_pods_unprotected,
+            netpol_revoked_connections,
             netpol_last_success,
         }
     }
