@@ -205,7 +205,7 @@ fn rules(rs: &[RuleIn], v6: bool, dir: &str) -> Value {
     Value::Array(out)
 }
 
-fn policies(input: &Input, list: &[PolicyIn]) -> Vec<k8s_openapi::api::networking::v1::NetworkPolicy> {
+fn policies(input: &Input, list: &[PolicyIn]) -> Vec<palisade_netpol::k8s_openapi::api::networking::v1::NetworkPolicy> {
     list.iter()
         .take(6)
         .enumerate()
