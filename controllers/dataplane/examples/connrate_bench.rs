@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p palisade-dataplane --example connrate_bench
+//! CONNRATE_ROUNDS=15 cargo run --release -p palisade-dataplane --example connrate_bench
 //! ```
 //!
 //! Lab: a node netns with two real pods (routed: veth + /32 route), client x/client and
@@ -31,6 +32,7 @@ use serde_json::json;
 
 const ROLE: &str = "PALISADE_CONNRATE_ROLE";
 const ROUND: Duration = Duration::from_secs(2);
+/// Rounds per configuration (`CONNRATE_ROUNDS` overrides).
 const ROUNDS: usize = 5;
 const SERVER: &str = "10.40.0.20";
 const CLIENT: &str = "10.40.0.10";
@@ -266,9 +268,14 @@ fn main() {
         ),
         ("anti-spoofing + revocation, 1,000 policies", Some(&full)),
     ];
+    let rounds: usize = std::env::var("CONNRATE_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(ROUNDS);
     let mut rates: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     let mut failures = 0u64;
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         for (i, (_, payload)) in configs.iter().enumerate() {
             match payload {
                 Some(p) => {
@@ -292,7 +299,7 @@ fn main() {
     let _ = server.kill();
     let _ = server.wait();
     let base = median(rates[&0].clone());
-    println!("## New TCP connections/s (median of {ROUNDS} alternating rounds of {ROUND:?})\n");
+    println!("## New TCP connections/s (median of {rounds} alternating rounds of {ROUND:?})\n");
     println!("| configuration | rules | connections/s | relative |");
     println!("|---|---:|---:|---:|");
     for (i, (name, payload)) in configs.iter().enumerate() {
