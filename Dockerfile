@@ -30,6 +30,7 @@ RUN apt-get update \
         iproute2 \
         ipset \
         iptables \
+        nftables \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=builder /out/palisade /usr/local/bin/palisade

@@ -36,8 +36,10 @@ fn committed_crds_match_the_rust_types() {
             "palisade.dev_bfdprofiles.yaml",
             "palisade.dev_bgpadvertisements.yaml",
             "palisade.dev_bgppeers.yaml",
+            "palisade.dev_bgpsessionstatuses.yaml",
             "palisade.dev_ipaddresspools.yaml",
             "palisade.dev_l2advertisements.yaml",
+            "palisade.dev_servicebgpstatuses.yaml",
             "palisade.dev_servicel2statuses.yaml"
         ]
     );
@@ -67,8 +69,12 @@ fn crds_parse_as_kubernetes_objects() {
         let crd: CustomResourceDefinition =
             serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(crd.spec.group, "palisade.dev");
-        // Configuration is cluster-wide; a ServiceL2Status lives next to its Service.
-        let scope = if crd.spec.names.kind == "ServiceL2Status" {
+        // Configuration is cluster-wide; a ServiceL2Status / ServiceBGPStatus lives next to
+        // its Service.
+        let scope = if matches!(
+            crd.spec.names.kind.as_str(),
+            "ServiceL2Status" | "ServiceBGPStatus"
+        ) {
             "Namespaced"
         } else {
             "Cluster"

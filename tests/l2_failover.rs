@@ -51,6 +51,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use harness::*;
+use serde_json::json;
 
 /// The harness: cluster, agents, backends, the client's wire and TCP probers.
 #[allow(dead_code)]
@@ -121,7 +122,18 @@ pub mod harness {
         pub nodes: usize,
         /// IPv6 on the LAN, an IPv6 pool and IPv6 pod CIDRs (for NDP).
         pub ipv6: bool,
+        /// Indices of the nodes that also sit on a second LAN segment ([`LAN_B`], their and
+        /// the client's `eth1`, no route between the segments), with its own pool `lan-b`.
+        pub segment_b: Vec<usize>,
+        /// More agent flags.
+        pub extra_flags: Vec<&'static str>,
     }
+
+    /// The second segment: subnet prefix, pool, REDIRECT match, client address.
+    pub const LAN_B: &str = "198.51.101";
+    pub const POOL_B: &str = "198.51.101.200-198.51.101.250";
+    pub const POOL_B_MATCH: &str = "198.51.101.192/26";
+    pub const CLIENT_B: &str = "198.51.101.100";
 
     /// A TCP backend in a node netns: accepts on [`BACKEND_PORT`], writes the node's name.
     struct Backend {
@@ -272,6 +284,31 @@ pub mod harness {
             for n in &nodes {
                 cluster.macs.insert(n.name.clone(), eth0_mac(&n.netns)?);
             }
+            if !opts.segment_b.is_empty() {
+                let lanb = cluster.lab.add_namespace("lanb")?;
+                netns::ip_in(&lanb, &["link", "add", "br0", "type", "bridge"])?;
+                netns::ip_in(&lanb, &["link", "set", "br0", "up"])?;
+                let mut ends: Vec<(String, String)> = opts
+                    .segment_b
+                    .iter()
+                    .filter_map(|i| nodes.iter().find(|n| n.index == *i))
+                    .map(|n| (n.netns.clone(), format!("{LAN_B}.{}/24", 10 + n.index)))
+                    .collect();
+                ends.push((client.netns.clone(), format!("{CLIENT_B}/24")));
+                for (k, (ns, addr)) in ends.iter().enumerate() {
+                    let port = format!("b{k}");
+                    netns::ip_in(
+                        &lanb,
+                        &[
+                            "link", "add", &port, "type", "veth", "peer", "name", "eth1", "netns",
+                            ns,
+                        ],
+                    )?;
+                    netns::ip_in(&lanb, &["link", "set", &port, "master", "br0", "up"])?;
+                    netns::ip_in(ns, &["addr", "add", addr, "dev", "eth1"])?;
+                    netns::ip_in(ns, &["link", "set", "eth1", "up"])?;
+                }
+            }
             if opts.ipv6 {
                 for n in &nodes {
                     netns::ip_in(
@@ -336,6 +373,14 @@ pub mod harness {
                            "metadata": {"name": "lan6"}, "spec": {"addresses": [POOL_V6]}}),
                 )?;
             }
+            if !opts.segment_b.is_empty() {
+                put(
+                    store,
+                    json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+                           "metadata": {"name": "lan-b"},
+                           "spec": {"addresses": [POOL_B], "autoAssign": false}}),
+                )?;
+            }
             cluster.set_advertisement(None)?;
             // The kube-proxy stand-in (see the module docs).
             for n in &nodes {
@@ -359,6 +404,28 @@ pub mod harness {
                         "8080",
                     ],
                 )?;
+                if !opts.segment_b.is_empty() {
+                    netns::exec_ok(
+                        &n.netns,
+                        &[
+                            "iptables",
+                            "-t",
+                            "nat",
+                            "-A",
+                            "PREROUTING",
+                            "-d",
+                            POOL_B_MATCH,
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            "80",
+                            "-j",
+                            "REDIRECT",
+                            "--to-ports",
+                            "8080",
+                        ],
+                    )?;
+                }
                 cluster.backends.push(Backend::start(&n.netns, &n.name)?);
             }
             let names = cluster.node_names();
@@ -418,7 +485,13 @@ pub mod harness {
 
         /// Starts (or restarts) the agent of `node` inside its namespace.
         pub fn start_agent(&mut self, node: &str) -> Result<()> {
-            let flags = [AGENT_FLAGS, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS].concat();
+            let flags = [
+                AGENT_FLAGS,
+                FAST_LEASE_FLAGS,
+                FAST_SYNC_FLAGS,
+                &self.opts.extra_flags,
+            ]
+            .concat();
             self.agents.start(node, &self.kubeconfig, &flags)
         }
 
@@ -441,6 +514,18 @@ pub mod harness {
                 self.store()?,
                 json!({"apiVersion": "v1", "kind": "Service",
                        "metadata": {"namespace": NS, "name": name}, "spec": spec}),
+            )
+        }
+
+        /// A `type: LoadBalancer` Service (TCP 80) with its IP from pool `pool`.
+        pub fn add_service_from(&self, name: &str, pool: &str) -> Result<()> {
+            put(
+                self.store()?,
+                json!({"apiVersion": "v1", "kind": "Service",
+                       "metadata": {"namespace": NS, "name": name,
+                                    "annotations": {"palisade.dev/address-pool": pool}},
+                       "spec": {"type": "LoadBalancer", "selector": {"app": name},
+                                "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP"}]}}),
             )
         }
 
@@ -480,6 +565,19 @@ pub mod harness {
                 .get_object("v1", "Node", None, node)
                 .with_context(|| format!("no Node {node}"))?;
             n["metadata"]["labels"][L2_LABEL] = json!(value);
+            if let Some(m) = n["metadata"].as_object_mut() {
+                m.remove("resourceVersion");
+            }
+            put(store, n)
+        }
+
+        /// Applies `f` to the Node object `node` and stores it.
+        pub fn edit_node(&self, node: &str, f: impl FnOnce(&mut Value)) -> Result<()> {
+            let store = self.store()?;
+            let mut n = store
+                .get_object("v1", "Node", None, node)
+                .with_context(|| format!("no Node {node}"))?;
+            f(&mut n);
             if let Some(m) = n["metadata"].as_object_mut() {
                 m.remove("resourceVersion");
             }
@@ -1099,7 +1197,15 @@ fn start(test: &str, ipv6: bool) -> Option<L2Cluster> {
     if !palisade_e2e::lab_ready(test) {
         return None;
     }
-    Some(L2Cluster::start(Options { nodes: 3, ipv6 }).expect("lab cluster"))
+    Some(
+        L2Cluster::start(Options {
+            nodes: 3,
+            ipv6,
+            segment_b: Vec::new(),
+            extra_flags: Vec::new(),
+        })
+        .expect("lab cluster"),
+    )
 }
 
 /// No agent log mentions a panic; prints how long `test` took.
@@ -1690,5 +1796,262 @@ fn pulled_cable_fails_over_and_heals_without_stealing_ips() {
         back < Duration::from_secs(2),
         "heal hand-over took {back:?}"
     );
+    done(test, started, &c);
+}
+
+/// Two LAN segments: every node on segment A (198.51.100.0/24), nodes 2 and 3 also on
+/// segment B (198.51.101.0/24, their `eth1`), one pool per segment, no route between them.
+/// The agents report their interfaces over the membership, so a B address is won only by
+/// node 2 or 3 — the pure election over those two — and a client on B reaches it; A addresses
+/// are won among all three. Without the reports node 1 wins some B addresses and announces
+/// them where no B client hears (MetalLB #511).
+#[test]
+fn two_segments_only_nodes_on_the_ips_segment_win() {
+    let _serial = serial();
+    let test = "two_segments_only_nodes_on_the_ips_segment_win";
+    if !palisade_e2e::lab_ready(test) {
+        return;
+    }
+    let started = Instant::now();
+    let c = L2Cluster::start(Options {
+        nodes: 3,
+        ipv6: false,
+        segment_b: vec![2, 3],
+        extra_flags: Vec::new(),
+    })
+    .expect("lab cluster");
+    let all = c.node_names();
+    let on_b: Vec<String> = c
+        .lab()
+        .nodes()
+        .iter()
+        .filter(|n| n.index >= 2)
+        .map(|n| n.name.clone())
+        .collect();
+    let b_names: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    let a_names: Vec<String> = (0..3).map(|i| format!("a{i}")).collect();
+    for n in &b_names {
+        c.add_service_from(n, "lan-b").expect("service");
+    }
+    for n in &a_names {
+        c.add_service(n, false).expect("service");
+    }
+    let vip = |n: &String| c.wait_vip(n, Duration::from_secs(20)).expect("vip");
+    let b_vips: Vec<IpAddr> = b_names.iter().map(vip).collect();
+    let a_vips: Vec<IpAddr> = a_names.iter().map(vip).collect();
+    assert!(
+        b_vips.iter().all(|v| v.to_string().starts_with(LAN_B)),
+        "{b_vips:?}"
+    );
+    // The scenario has teeth: the election over all nodes would give node 1 some B address.
+    let node1 = &c.lab().nodes()[0].name;
+    assert!(
+        b_vips.iter().any(|v| &expected_winner(*v, &all) == node1),
+        "no B address would go to {node1} without reach: {b_vips:?}"
+    );
+    let serve = |ip: IpAddr, want: &str| {
+        poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            Ok(tcp_once(&c.client_netns, ip, Duration::from_millis(300))
+                .ok()
+                .filter(|got| got == want))
+        })
+        .ok()
+        .flatten()
+    };
+    for ip in &b_vips {
+        let want = expected_winner(*ip, &on_b);
+        assert!(
+            serve(*ip, &want).is_some(),
+            "{ip}: a client on segment B is not served by {want}"
+        );
+    }
+    for ip in &a_vips {
+        let want = expected_winner(*ip, &all);
+        assert!(serve(*ip, &want).is_some(), "{ip}: not served by {want}");
+    }
+    done(test, started, &c);
+}
+
+/// kube-proxy IPVS mode with default sysctls: every node holds the VIPs on `kube-ipvs0` (a
+/// veth here, NOARP and down like the real dummy), so every node's kernel would answer ARP
+/// for them. The agents detect it (warning Event on their Node, metric) and drop their
+/// kernel's replies for the VIPs they do not own: each VIP is answered by exactly one MAC,
+/// the elected owner's.
+#[test]
+fn ipvs_vips_on_every_node_are_answered_by_the_owner_alone() {
+    let _serial = serial();
+    let test = "ipvs_vips_on_every_node_are_answered_by_the_owner_alone";
+    let Some(c) = start(test, false) else {
+        return;
+    };
+    let started = Instant::now();
+    if palisade_e2e::netns::exec(&c.lab().nodes()[0].netns, &["nft", "--version"]).is_err() {
+        println!("skipped: {test} needs nft");
+        return;
+    }
+    // What kube-proxy does: the Service IPs on kube-ipvs0 of every node, before they exist.
+    for n in c.lab().nodes() {
+        for args in [
+            &[
+                "link",
+                "add",
+                "kube-ipvs0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "kipvs-peer",
+            ][..],
+            &["link", "set", "kube-ipvs0", "arp", "off"],
+            &["addr", "add", "198.51.100.200/32", "dev", "kube-ipvs0"],
+            &["addr", "add", "198.51.100.201/32", "dev", "kube-ipvs0"],
+        ] {
+            palisade_e2e::netns::ip_in(&n.netns, args).expect("kube-ipvs0");
+        }
+    }
+    for n in ["web-a", "web-b"] {
+        c.add_service(n, false).expect("service");
+    }
+    let vips: Vec<IpAddr> = ["web-a", "web-b"]
+        .iter()
+        .map(|n| c.wait_vip(n, Duration::from_secs(20)).expect("vip"))
+        .collect();
+    let mut on_ipvs = vips.iter().map(ToString::to_string).collect::<Vec<_>>();
+    on_ipvs.sort();
+    assert_eq!(on_ipvs, ["198.51.100.200", "198.51.100.201"]);
+    let all = c.node_names();
+    let expect: BTreeMap<IpAddr, _> = vips
+        .iter()
+        .map(|v| (*v, c.mac(&expected_winner(*v, &all))))
+        .collect();
+    let wire = c.start_wire(&vips, Duration::from_secs(60)).expect("wire");
+    wire.wait_stable(&expect, Instant::now(), 10, Duration::from_secs(30))
+        .expect("each VIP answered by its owner's MAC alone");
+    for n in &all {
+        assert_eq!(
+            wait_metric(&c, n, "palisade_l2_kernel_arp_conflicts", 2.0),
+            Some(2.0),
+            "{n}"
+        );
+    }
+    let store = c.store().expect("store");
+    let warned: std::collections::BTreeSet<String> = store
+        .list_objects("events.k8s.io/v1", "Event", None)
+        .into_iter()
+        .chain(store.list_objects("v1", "Event", None))
+        .filter(|e| e["reason"] == "KernelAnswersARPForLoadBalancerIPs")
+        .filter_map(|e| {
+            e["regarding"]["name"]
+                .as_str()
+                .or(e["involvedObject"]["name"].as_str())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        warned,
+        all.iter().cloned().collect(),
+        "a warning on every Node"
+    );
+    drop(wire);
+    done(test, started, &c);
+}
+
+/// Maintenance with `--l2-exclude-cordoned`: cordoning the owner (what `kubectl drain` starts
+/// with) moves its IP to the next winner, a `node.kubernetes.io/out-of-service` taint on that
+/// one moves it again, while a client connects every 20 ms: every connection succeeds and
+/// the last ones are served by the third node. Without the exclusion the IP stays put.
+#[test]
+fn cordon_and_out_of_service_taint_hand_the_ip_over_without_failures() {
+    let _serial = serial();
+    let test = "cordon_and_out_of_service_taint_hand_the_ip_over_without_failures";
+    if !palisade_e2e::lab_ready(test) {
+        return;
+    }
+    let started = Instant::now();
+    let c = L2Cluster::start(Options {
+        nodes: 3,
+        ipv6: false,
+        segment_b: Vec::new(),
+        extra_flags: vec!["--l2-exclude-cordoned=true"],
+    })
+    .expect("lab cluster");
+    c.add_service("web", false).expect("service");
+    let vip = c.wait_vip("web", Duration::from_secs(20)).expect("vip");
+    let all = c.node_names();
+    let first = expected_winner(vip, &all);
+    let second = expected_winner(vip, &without(&all, &first));
+    let third = expected_winner(vip, &without(&without(&all, &first), &second));
+    let wire = c.start_wire(&[vip], Duration::from_secs(90)).expect("wire");
+    let stable = |owner: &str| {
+        wire.wait_stable(
+            &expect_map(&[(vip, c.mac(owner))]),
+            Instant::now(),
+            5,
+            Duration::from_secs(20),
+        )
+    };
+    stable(&first).expect("first owner");
+    let tcp = c
+        .start_tcp(
+            &[vip],
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            Duration::from_secs(90),
+        )
+        .expect("tcp prober");
+    std::thread::sleep(Duration::from_millis(500));
+
+    c.edit_node(&first, |n| n["spec"]["unschedulable"] = json!(true))
+        .expect("cordon");
+    stable(&second).expect("cordoned owner hands over to the next winner");
+    std::thread::sleep(Duration::from_millis(500));
+    c.edit_node(&second, |n| {
+        n["spec"]["taints"] = json!([{"key": "node.kubernetes.io/out-of-service",
+                                      "value": "nodeshutdown", "effect": "NoExecute"}])
+    })
+    .expect("taint");
+    stable(&third).expect("out-of-service owner hands over");
+    std::thread::sleep(Duration::from_millis(1000));
+    let attempts = tcp.attempts();
+    drop(tcp);
+    // The moments the client's neighbour entry can move: the new owners' first gratuitous
+    // frames. A connection open across such a moment sends its last segments to the new
+    // owner, which knows nothing of it and resets it (inherent to moving a MAC; kube-proxy's
+    // conntrack is per node). Every other connection must succeed.
+    let moves: Vec<Instant> = [&second, &third]
+        .iter()
+        .filter_map(|n| {
+            let mac = c.mac(n);
+            wire.log()
+                .claims_for(vip, started)
+                .into_iter()
+                .find(|cl| cl.gratuitous && cl.mac == mac)
+                .map(|cl| cl.at)
+        })
+        .collect();
+    assert_eq!(moves.len(), 2, "gratuitous frames of both new owners");
+    let slack = Duration::from_millis(5);
+    let failed: Vec<&TcpAttempt> = attempts.iter().filter(|a| a.result.is_err()).collect();
+    let straddling = |a: &TcpAttempt| {
+        moves
+            .iter()
+            .any(|m| a.at <= *m + slack && *m <= a.done + slack)
+    };
+    println!(
+        "{} connections, {} failed (all open across a MAC move: {}); handed over {first} -> \
+         {second} -> {third}",
+        attempts.len(),
+        failed.len(),
+        failed.iter().all(|a| straddling(a))
+    );
+    assert!(attempts.len() > 50, "{}", attempts.len());
+    let unexplained: Vec<&&TcpAttempt> = failed.iter().filter(|a| !straddling(a)).collect();
+    assert!(
+        unexplained.is_empty(),
+        "connections failed outside the hand-over instants {moves:?}: {unexplained:?}"
+    );
+    let last = attempts.last().expect("attempts");
+    assert_eq!(last.result.as_deref(), Ok(third.as_str()));
+    drop(wire);
     done(test, started, &c);
 }

@@ -337,6 +337,7 @@ fn forgeries(nodes: &[String]) -> Vec<Vec<u8>> {
                         incarnation,
                         seq: u64::MAX,
                         timestamp_ms: now_ms,
+                        reach: Vec::new(),
                     },
                     &wrong,
                 ));

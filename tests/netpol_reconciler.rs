@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_dataplane::RecordingExecutor;
-use palisade_enforcement::{ExecutorFactory, NetpolReconciler};
+use palisade_enforcement::{ExecutorFactory, NetpolCaches, NetpolReconciler};
 use palisade_netpol::builders::{mk_node, mk_node_cidrs, mk_ns, mk_pod, mk_policy, with_pod_ips};
 use palisade_netpol::{Family, NodeConfig};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{Stores, Subscribers, Wanted};
+use palisade_runtime::stores::Caches;
 use palisade_runtime::sync::Trigger;
 use palisade_testapi::{Outage, TestApiServer};
 use serde_json::json;
@@ -107,21 +107,13 @@ async fn start_with(
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let trigger = Trigger::new();
-    let subs = Subscribers {
-        pods: vec![trigger.clone()],
-        namespaces: vec![trigger.clone()],
-        network_policies: vec![trigger.clone()],
-        nodes: vec![trigger.clone()],
-        ..Default::default()
-    };
-    let stores = Stores::start(
-        &client,
-        Wanted::netpol(),
-        subs,
+    let mut caches = Caches::new(
+        client,
         metrics.clone(),
         Duration::from_millis(500),
         shutdown.clone(),
     );
+    let stores = NetpolCaches::register(&mut caches, &trigger);
     let reconciler = NetpolReconciler {
         stores,
         node: NodeConfig::new("n1"),

@@ -171,7 +171,8 @@ up() {
   k apply --server-side -f "${REPO}/charts/palisade/crds/"
   k wait --for=condition=Established --timeout=60s \
     crd/ipaddresspools.palisade.dev crd/l2advertisements.palisade.dev crd/servicel2statuses.palisade.dev \
-    crd/bgppeers.palisade.dev crd/bgpadvertisements.palisade.dev crd/bfdprofiles.palisade.dev
+    crd/bgppeers.palisade.dev crd/bgpadvertisements.palisade.dev crd/bfdprofiles.palisade.dev \
+    crd/bgpsessionstatuses.palisade.dev crd/servicebgpstatuses.palisade.dev
   helm upgrade --install "${RELEASE}" "${REPO}/charts/palisade" \
     --kube-context "${CONTEXT}" --namespace "${NAMESPACE}" --create-namespace \
     --set image.repository="${repo}" --set image.tag="${tag}" --set image.pullPolicy=Never \

@@ -303,6 +303,27 @@ impl LabAgents {
         }
     }
 
+    /// SIGTERMs the agent of `node` and waits (at most `timeout`) for it to exit; `None`
+    /// when it was still running then (it is left running).
+    pub fn terminate(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<Option<std::process::ExitStatus>> {
+        let p = self
+            .running
+            .get_mut(node)
+            .with_context(|| format!("no agent on {node}"))?;
+        let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("SIGTERM to the agent of {node}"))?;
+        let status = p.wait_timeout(timeout)?;
+        if status.is_some() {
+            self.running.remove(node);
+        }
+        Ok(status)
+    }
+
     /// SIGKILLs every agent.
     pub fn kill_all(&mut self) {
         for (_, mut p) in std::mem::take(&mut self.running) {

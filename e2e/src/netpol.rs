@@ -439,7 +439,7 @@ impl Cluster {
     fn manifest_listing(&self) -> String {
         self.objects()
             .iter()
-            .filter(|o| o["kind"] == "NetworkPolicy")
+            .filter(|o| o["kind"] == "NetworkPolicy" || o["kind"] == "ClusterNetworkPolicy")
             .map(|o| serde_json::to_string(o).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n")

@@ -474,14 +474,19 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--block-unknown-pods=true",
         "--anti-spoofing=true",
         "--revoke-denied-connections=true",
+        "--enable-cluster-network-policy=false",
         "--lease-name=palisade-allocator",
         "--load-balancer-class=palisade.dev/palisade",
         "--handle-classless-services=true",
         "--enable-l2=true",
         "--memberlist-port=7946",
         "--memberlist-timeout=1s",
+        "--l2-refresh-interval=30s",
+        "--l2-arp-filter=true",
+        "--l2-exclude-cordoned=false",
         "--memberlist-key-file=/etc/palisade/memberlist/key",
         "--memberlist-key-rotation-window=2m",
+        "--enable-bgp=false",
     ]
     assert container["image"] == "palisade:0.1.0"
     assert container["resources"]["requests"]["cpu"]
@@ -564,12 +569,76 @@ def test_netpol_disabled(chart: helm.Chart) -> None:
     assert flag(args, "lease-name") == "palisade-allocator"
 
 
+CNP_RULES = _triples("policy.networking.k8s.io", ("clusternetworkpolicies",), LIST_WATCH) | _triples(
+    "policy.networking.k8s.io", ("clusternetworkpolicies/status",), ("patch",)
+)
+
+
+def test_cluster_network_policy(chart: helm.Chart) -> None:
+    # Off by default: no flag value true, no rules, no CRD.
+    docs = render(chart)
+    assert flag(args_of(docs), "enable-cluster-network-policy") == "false"
+    assert not rule_triples(only(docs, "ClusterRole")) & CNP_RULES
+    assert "CustomResourceDefinition" not in kinds(docs)
+    on = {"netpol": {"clusterNetworkPolicy": {"enabled": True, "installCRD": False}}}
+    docs = render(chart, on)
+    assert flag(args_of(docs), "enable-cluster-network-policy") == "true"
+    assert rule_triples(only(docs, "ClusterRole")) == (
+        COMMON_RULES | NETPOL_RULES | CNP_RULES | LB_RULES | L2_RULES
+    )
+    assert "CustomResourceDefinition" not in kinds(docs)
+    crd_values = {"netpol": {"clusterNetworkPolicy": {"enabled": True, "installCRD": True}}}
+    crd = only(render(chart, crd_values), "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "clusternetworkpolicies.policy.networking.k8s.io"
+    assert crd["spec"]["scope"] == "Cluster"
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == "v1alpha2" and version["subresources"] == {"status": {}}
+    conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
+        "conditions"
+    ]
+    # Per-node conditions merge by type under server-side apply.
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    # Without netpol nothing ClusterNetworkPolicy-related is granted or passed.
+    off = {"netpol": {"enabled": False, "clusterNetworkPolicy": {"enabled": True, "installCRD": False}}}
+    docs = render(chart, off)
+    assert not rule_triples(only(docs, "ClusterRole")) & CNP_RULES
+    assert flag(args_of(docs), "enable-cluster-network-policy") is None
+
+
 def test_l2_disabled_drops_the_status_permissions(chart: helm.Chart) -> None:
     docs = render(chart, {"loadbalancer": {"l2": {"enabled": False}}})
     triples = rule_triples(only(docs, "ClusterRole"))
     assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES
     assert not any(r.startswith("servicel2statuses") for _, r, _ in triples)
     assert flag(args_of(docs), "enable-l2") == "false"
+
+
+def test_bgp_enabled_adds_exactly_its_read_permissions(chart: helm.Chart) -> None:
+    values = {"loadbalancer": {"bgp": {"enabled": True, "shutdownLimit": "7s"}}}
+    docs = render(chart, values)
+    triples = rule_triples(only(docs, "ClusterRole"))
+    bgp = {
+        ("palisade.dev", r, v)
+        for r in ("bgppeers", "bgpadvertisements", "bfdprofiles")
+        for v in ("list", "watch")
+    } | {
+        ("palisade.dev", r, v)
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
+        for v in ("list", "watch", "create", "delete")
+    } | {
+        ("palisade.dev", f"{r}/status", "patch")
+        for r in ("bgpsessionstatuses", "servicebgpstatuses")
+    }
+    assert triples == COMMON_RULES | NETPOL_RULES | LB_RULES | L2_RULES | bgp
+    args = args_of(docs)
+    assert flag(args, "enable-bgp") == "true"
+    assert flag(args, "bgp-shutdown-limit") == "7s"
+    # Off by default, and without the loadbalancer reconciler no BGP rules at all.
+    assert flag(args_of(render(chart)), "enable-bgp") == "false"
+    assert flag(args_of(render(chart)), "bgp-shutdown-limit") is None
+    off = render(chart, {"loadbalancer": {"enabled": False, "bgp": {"enabled": True}}})
+    assert not any(g == "palisade.dev" for g, _, _ in rule_triples(only(off, "ClusterRole")))
 
 
 def test_both_disabled_fails_to_render(chart: helm.Chart) -> None:

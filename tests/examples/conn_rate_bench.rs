@@ -29,6 +29,8 @@ const ROUND: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 5;
 const POLICIES: usize = 1000;
 const NAMESPACES: usize = 100;
+/// ClusterNetworkPolicies added in the third configuration (half Admin, half Baseline).
+const CLUSTER_POLICIES: usize = 200;
 
 fn main() -> Result<()> {
     if !palisade_tests::is_root() {
@@ -79,15 +81,24 @@ fn main() -> Result<()> {
         v.extend(policies(POLICIES));
         v
     };
+    let with_cnps = {
+        let mut v = with_policies.clone();
+        v.extend(cluster_policies(CLUSTER_POLICIES));
+        v
+    };
     let dir_none = lab.tmp_dir().join("none");
     let dir_many = lab.tmp_dir().join("many");
+    let dir_cnp = lab.tmp_dir().join("cnp");
     k8s::write_manifests(&dir_none, &base)?;
     k8s::write_manifests(&dir_many, &with_policies)?;
+    k8s::write_manifests(&dir_cnp, &with_cnps)?;
 
     let target = SocketAddr::from((server.ip, PORT));
     let mut none = Vec::new();
     let mut many = Vec::new();
+    let mut cnp = Vec::new();
     let mut stats = String::new();
+    let mut cnp_stats = String::new();
     for round in 0..ROUNDS {
         run_apply(&lab, &bin, &node.netns, &dir_none, &node.name, "apply-none")?;
         none.push(measure(&client.netns, target)?);
@@ -96,6 +107,11 @@ fn main() -> Result<()> {
             stats = out.lines().last().unwrap_or_default().to_string();
         }
         many.push(measure(&client.netns, target)?);
+        let out = run_apply(&lab, &bin, &node.netns, &dir_cnp, &node.name, "apply-cnp")?;
+        if round == 0 {
+            cnp_stats = out.lines().last().unwrap_or_default().to_string();
+        }
+        cnp.push(measure(&client.netns, target)?);
     }
     stop.store(true, Ordering::Relaxed);
     let _ = server_thread.join();
@@ -104,14 +120,19 @@ fn main() -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let (m0, m1) = (med(&mut none), med(&mut many));
+    let (m0, m1, m2) = (med(&mut none), med(&mut many), med(&mut cnp));
     println!("new TCP connections per second, pod → pod on one node ({ROUNDS} rounds of {ROUND:?}, median)");
     println!("| policies on the node | connections/s | relative |");
     println!("|---:|---:|---:|");
     println!("| 0 | {m0:.0} | 100% |");
     println!("| {POLICIES} | {m1:.0} | {:.1}% |", 100.0 * m1 / m0);
+    println!(
+        "| {POLICIES} + {CLUSTER_POLICIES} ClusterNetworkPolicies | {m2:.0} | {:.1}% |",
+        100.0 * m2 / m0
+    );
     println!("rules with {POLICIES} policies: {stats}");
-    println!("all rounds: none {none:.0?}, {POLICIES} policies {many:.0?}");
+    println!("rules with {POLICIES} policies + {CLUSTER_POLICIES} CNPs: {cnp_stats}");
+    println!("all rounds: none {none:.0?}, {POLICIES} policies {many:.0?}, with CNPs {cnp:.0?}");
     Ok(())
 }
 
@@ -242,4 +263,31 @@ fn policies(count: usize) -> Vec<Value> {
         i += 1;
     }
     v
+}
+
+/// `count` ClusterNetworkPolicies whose subjects include both real pods (every namespace), so
+/// a new connection's first packet walks every one of their chains in both directions
+/// without matching (the flow is decided by the NetworkPolicies): half Admin (Deny from
+/// other teams on high ports, egress Deny to documentation networks), half Baseline (Deny
+/// from other teams on other ports).
+fn cluster_policies(count: usize) -> Vec<Value> {
+    (0..count)
+        .map(|i| {
+            let team = format!("t{}", i % 10);
+            let spec = if i % 2 == 0 {
+                json!({"tier": "Admin", "priority": i / 2,
+                       "subject": {"namespaces": {}},
+                       "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchLabels": {"team": team}}}],
+                                    "protocols": [{"tcp": {"destinationPort": {"range": {"start": 9000 + i, "end": 9100 + i}}}}]}],
+                       "egress": [{"action": "Deny", "to": [{"networks": [format!("203.0.113.{}/32", i % 256)]}]}]})
+            } else {
+                json!({"tier": "Baseline", "priority": i / 2,
+                       "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}},
+                       "ingress": [{"action": "Deny", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": team}}, "podSelector": {}}}],
+                                    "protocols": [{"udp": {"destinationPort": {"number": 5000 + i}}}]}]})
+            };
+            json!({"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+                   "metadata": {"name": format!("cnp-{i:03}")}, "spec": spec})
+        })
+        .collect()
 }

@@ -343,6 +343,8 @@ fn main() -> Result<()> {
     let c = L2Cluster::start(Options {
         nodes: 3,
         ipv6: false,
+        segment_b: Vec::new(),
+        extra_flags: Vec::new(),
     })?;
     for n in ["web-a", "web-b", "web-c"] {
         c.add_service(n, false)?;

@@ -14,6 +14,8 @@ pub struct AgentConfig {
     /// Explicit kubeconfig; `None` means in-cluster config or `$KUBECONFIG`/`~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
     pub enable_netpol: bool,
+    /// Watch and enforce ClusterNetworkPolicies too (needs their CRD).
+    pub enable_cluster_network_policy: bool,
     pub enable_loadbalancer: bool,
     /// Address of the `/healthz`, `/readyz` and `/metrics` endpoints.
     pub listen_addr: SocketAddr,
@@ -36,6 +38,17 @@ pub struct AgentConfig {
     pub watch_backoff_max: Duration,
     /// Answer ARP/NDP for the LoadBalancer IPs this node is elected for.
     pub enable_l2: bool,
+    /// Period of the gratuitous refresh of announced IPs (zero: off).
+    pub l2_refresh_interval: Duration,
+    /// Drop the kernel's ARP replies for LoadBalancer IPs this node does not own when they sit
+    /// on a local interface with lax ARP sysctls (kube-proxy IPVS).
+    pub l2_arp_filter: bool,
+    /// Cordoned Nodes hand their LoadBalancer IPs over to other nodes.
+    pub l2_exclude_cordoned: bool,
+    /// Announce LoadBalancer IPs over BGP to the routers of matching BGPPeers.
+    pub enable_bgp: bool,
+    /// How long the graceful BGP withdrawal on shutdown may take.
+    pub bgp_shutdown_limit: Duration,
     /// UDP port of the agents' liveness heartbeats (every agent the same).
     pub memberlist_port: u16,
     /// Heartbeat interval and the silence after which a peer counts as dead.
@@ -58,6 +71,7 @@ impl AgentConfig {
             node_name,
             kubeconfig: None,
             enable_netpol: true,
+            enable_cluster_network_policy: false,
             enable_loadbalancer: true,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 9476)),
             lease: LeaseSettings::default(),
@@ -70,6 +84,11 @@ impl AgentConfig {
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,
+            l2_refresh_interval: palisade_speaker::DEFAULT_REFRESH_INTERVAL,
+            l2_arp_filter: true,
+            l2_exclude_cordoned: false,
+            enable_bgp: false,
+            bgp_shutdown_limit: Duration::from_secs(5),
             memberlist_port: 7946,
             memberlist_interval: Duration::from_millis(200),
             memberlist_timeout: Duration::from_secs(1),

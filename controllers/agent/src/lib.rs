@@ -1,5 +1,5 @@
 //! `palisade agent`: wires the shared runtime (`palisade-runtime`) and the enabled
-//! reconcilers (enforcement, allocation, announcement, membership) together.
+//! reconcilers (enforcement, allocation, announcement, membership, BGP announcement) together.
 //!
 //! Start-up order: client → metrics/health listener → caches → reconcilers (netpol waits
 //! for its caches; the allocator waits for the Lease). Shutdown (SIGTERM/SIGINT): readiness
@@ -12,19 +12,21 @@ use palisade_netpol::{Family, NodeConfig};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use palisade_announcement::AnnouncerReconciler;
+use palisade_announcement::{AnnouncerCaches, AnnouncerReconciler};
+use palisade_bgp_announcement::status::{BgpStatusCaches, BgpStatusWriter};
+use palisade_bgp_announcement::{BgpCaches, BgpReconciler};
 use palisade_runtime::client::make_client;
 pub mod config;
 
 pub use config::AgentConfig;
-use palisade_allocation::LoadBalancerReconciler;
-use palisade_announcement::status::StatusWriter;
-use palisade_enforcement::{ExecutorFactory, NetpolReconciler};
+use palisade_allocation::{LbCaches, LoadBalancerReconciler};
+use palisade_announcement::status::{StatusCaches, StatusWriter};
+use palisade_enforcement::{ExecutorFactory, NetpolCaches, NetpolReconciler};
 use palisade_membership::MembershipSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::leader::LeaderElector;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{Stores, Subscribers, Wanted};
+use palisade_runtime::stores::Caches;
 use palisade_runtime::sync::Trigger;
 use palisade_runtime::Error;
 
@@ -63,191 +65,54 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         tracing::warn!("both reconcilers are disabled; the agent only serves health and metrics");
     }
     let metrics = Arc::new(Metrics::new());
-
-    // Kernel executor first: a missing iptables binary is reported at once, loudly. The
-    // IPv6 executor is made when the node turns out to need it, on the IPv4 one's backend.
-    let executor: Option<ExecutorFactory> = if cfg.enable_netpol {
-        match KernelExecutor::detect_with(&cfg.iptables_backend) {
-            Ok(x) => {
-                let backend = x.backend().as_flag();
-                let v4: Arc<dyn Executor> = Arc::new(x);
-                let factory: ExecutorFactory = Arc::new(move |family| match family {
-                    Family::V4 => Ok(v4.clone()),
-                    Family::V6 => KernelExecutor::for_family(Family::V6, backend, None)
-                        .map(|x| Arc::new(x) as Arc<dyn Executor>)
-                        .map_err(|e| e.to_string()),
-                });
-                Some(factory)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "NetworkPolicy enforcement cannot start: the iptables/ipset tools are missing or unusable; rules already in the kernel stay in force");
-                None
-            }
-        }
-    } else {
-        None
-    };
-
-    let netpol_trigger = Trigger::new();
-    let lb_trigger = Trigger::new();
-    let ann_trigger = Trigger::new();
-    let status_trigger = Trigger::new();
-    let mut wanted = Wanted::default();
-    let mut subs = Subscribers::default();
-    if cfg.enable_netpol {
-        wanted = wanted.union(Wanted::netpol());
-        subs.pods.push(netpol_trigger.clone());
-        subs.namespaces.push(netpol_trigger.clone());
-        subs.network_policies.push(netpol_trigger.clone());
-        subs.nodes.push(netpol_trigger.clone());
-    }
-    if cfg.enable_loadbalancer {
-        wanted = wanted.union(Wanted::loadbalancer());
-        subs.ip_address_pools.push(lb_trigger.clone());
-        subs.l2_advertisements.push(lb_trigger.clone());
-        subs.services.push(lb_trigger.clone());
-        subs.namespaces.push(lb_trigger.clone());
-        subs.nodes.push(lb_trigger.clone());
-        subs.endpoint_slices.push(lb_trigger.clone());
-        for t in [
-            &mut subs.services,
-            &mut subs.nodes,
-            &mut subs.ip_address_pools,
-            &mut subs.l2_advertisements,
-            &mut subs.endpoint_slices,
-        ] {
-            t.push(ann_trigger.clone());
-        }
-        if cfg.enable_l2 {
-            wanted = wanted.union(Wanted::l2_status());
-            subs.service_l2_statuses.push(status_trigger.clone());
-        }
-    }
-    let stores = Stores::start(
-        &client,
-        wanted,
-        subs,
+    // Kernel executor first: a missing iptables binary is reported at once, loudly.
+    let executors = cfg
+        .enable_netpol
+        .then(|| netpol_executors_with(&cfg.iptables_backend))
+        .flatten();
+    let mut caches = Caches::new(
+        client.clone(),
         metrics.clone(),
         cfg.watch_backoff_max,
         shutdown.clone(),
     );
+    let wiring = Wiring::register(&cfg, &mut caches, &client);
+    let readiness = caches.readiness();
+    tracing::debug!(caches = ?caches.names(), "caches registered");
     let (bound, http_task) = palisade_runtime::http::serve(
         cfg.listen_addr,
-        stores.readiness.clone(),
+        readiness.clone(),
         metrics.clone(),
         shutdown.clone(),
     )
     .await?;
     tracing::info!(addr = %bound, "serving /healthz, /readyz and /metrics");
 
-    let events = EventSink::new(client.clone(), cfg.identity.clone(), metrics.clone());
+    let shared = Shared {
+        events: EventSink::new(client.clone(), cfg.identity.clone(), metrics.clone()),
+        client,
+        metrics,
+        shutdown: shutdown.clone(),
+    };
     let mut tasks = JoinSet::new();
-
-    if let Some(executor) = executor {
-        let mut node = NodeConfig::new(cfg.node_name.clone());
-        node.block_unknown_pods = cfg.block_unknown_pods;
-        node.anti_spoofing = cfg.anti_spoofing;
-        node.revoke_denied_connections = cfg.revoke_denied_connections;
-        let conntrack = if cfg.revoke_denied_connections {
-            match palisade_dataplane::KernelConntrack::detect() {
-                Ok(c) => Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>),
-                Err(e) => {
-                    tracing::error!(error = %e, "revocation of denied connections cannot run (install conntrack)");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let links = match palisade_dataplane::KernelLinks::detect() {
-            Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
-            Err(e) => {
-                tracing::error!(error = %e, "anti-spoofing cannot read pod interfaces");
-                None
-            }
-        };
-        let reconciler = NetpolReconciler {
-            stores: stores.clone(),
-            node,
-            executors: executor,
-            links,
-            conntrack,
-            metrics: metrics.clone(),
-            events: events.clone(),
-            settings: cfg.sync,
-        };
-        tasks.spawn(reconciler.run(netpol_trigger, shutdown.clone()));
+    if let (Some(executors), Some((trigger, stores))) = (executors, wiring.netpol) {
+        start_enforcement(&cfg, &shared, stores, executors, trigger, &mut tasks);
     }
-
-    if cfg.enable_loadbalancer {
-        let (elector, is_leader) = LeaderElector::new(
-            client.clone(),
-            cfg.lease.clone(),
-            cfg.identity.clone(),
-            metrics.clone(),
-        );
-        tasks.spawn(elector.run(shutdown.clone()));
-        let reconciler = LoadBalancerReconciler {
-            client: client.clone(),
-            stores: stores.clone(),
-            metrics: metrics.clone(),
-            events: events.clone(),
-            settings: cfg.sync,
-            is_leader,
-            class: cfg.load_balancer_class.clone(),
-            claim_unclassed: cfg.handle_classless_services,
-        };
-        tasks.spawn(reconciler.run(lb_trigger, shutdown.clone()));
-
-        if cfg.enable_l2 {
-            let (status_tx, status_rx) = tokio::sync::watch::channel(None);
-            match start_announcer(
-                &cfg,
-                &stores,
-                &metrics,
-                &events,
-                &shutdown,
-                ann_trigger,
-                status_tx,
-            )
-            .await
-            {
-                Ok(fut) => {
-                    tasks.spawn(fut);
-                    let writer = StatusWriter {
-                        client: client.clone(),
-                        node_name: cfg.node_name.clone(),
-                        stores: stores.clone(),
-                        metrics: metrics.clone(),
-                        settings: cfg.sync,
-                        snapshot: status_rx,
-                    };
-                    tasks.spawn(writer.run(status_trigger, shutdown.clone()));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
-                }
-            }
+    if let Some((trigger, stores)) = wiring.allocation {
+        start_allocation(&cfg, &shared, stores, trigger, &mut tasks);
+    }
+    if let Some(l2) = wiring.l2 {
+        if let Err(e) = start_l2(&cfg, &shared, l2, &mut tasks).await {
+            tracing::error!(error = %e, "L2 announcement cannot start; LoadBalancer IPs are allocated but not announced")
         }
     }
-
-    // Log readiness once reached.
-    {
-        let readiness = stores.readiness.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            while !readiness.is_ready() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
-            }
-            tracing::info!("all caches synced; agent ready");
-        });
+    if let Some(bgp) = wiring.bgp {
+        start_bgp(&cfg, &shared, bgp, &mut tasks);
     }
+    tasks.spawn(log_when_ready(readiness.clone(), shutdown.clone()));
 
     shutdown.cancelled().await;
-    stores.readiness.set_shutting_down();
+    readiness.set_shutting_down();
     tracing::info!("shutting down: waiting for tasks to finish");
     let drain = async {
         while tasks.join_next().await.is_some() {}
@@ -261,6 +126,237 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
     }
     tracing::info!("palisade agent stopped");
     Ok(())
+}
+
+/// What every reconciler is handed.
+struct Shared {
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    events: EventSink,
+    shutdown: CancellationToken,
+}
+
+type Tasks = JoinSet<()>;
+
+/// The enabled reconcilers' caches, each with the trigger its caches poke.
+struct Wiring {
+    netpol: Option<(Trigger, NetpolCaches)>,
+    allocation: Option<(Trigger, LbCaches)>,
+    l2: Option<L2Wiring>,
+    bgp: Option<BgpWiring>,
+}
+
+struct BgpWiring {
+    announcer: (Trigger, BgpCaches),
+    status: (Trigger, BgpStatusCaches),
+}
+
+struct L2Wiring {
+    announcer: (Trigger, AnnouncerCaches),
+    status: (Trigger, StatusCaches),
+}
+
+impl Wiring {
+    /// Each reconciler registers the caches it reads (one watch per kind, whoever reads it).
+    fn register(cfg: &AgentConfig, caches: &mut Caches, client: &kube::Client) -> Wiring {
+        fn with<C>(caches: &mut Caches, reg: fn(&mut Caches, &Trigger) -> C) -> (Trigger, C) {
+            let t = Trigger::new();
+            let c = reg(caches, &t);
+            (t, c)
+        }
+        Wiring {
+            netpol: cfg.enable_netpol.then(|| {
+                // ClusterNetworkPolicy status is written by enforcement itself.
+                let cnp_client = cfg.enable_cluster_network_policy.then(|| client.clone());
+                let t = Trigger::new();
+                let c = NetpolCaches::register_with(caches, &t, cnp_client);
+                (t, c)
+            }),
+            allocation: cfg
+                .enable_loadbalancer
+                .then(|| with(caches, LbCaches::register)),
+            l2: (cfg.enable_loadbalancer && cfg.enable_l2).then(|| L2Wiring {
+                announcer: with(caches, AnnouncerCaches::register),
+                status: with(caches, StatusCaches::register),
+            }),
+            bgp: (cfg.enable_loadbalancer && cfg.enable_bgp).then(|| BgpWiring {
+                announcer: with(caches, BgpCaches::register),
+                status: with(caches, BgpStatusCaches::register),
+            }),
+        }
+    }
+}
+
+/// The kernel executors of NetworkPolicy enforcement; `None` (logged) when the iptables/ipset
+/// tools are unusable. The IPv6 executor is made when the node turns out to need it, on the
+/// IPv4 one's backend.
+fn netpol_executors_with(backend_flag: &str) -> Option<ExecutorFactory> {
+    match KernelExecutor::detect_with(backend_flag) {
+        Ok(x) => {
+            let backend = x.backend().as_flag();
+            let v4: Arc<dyn Executor> = Arc::new(x);
+            let factory: ExecutorFactory = Arc::new(move |family| match family {
+                Family::V4 => Ok(v4.clone()),
+                Family::V6 => KernelExecutor::for_family(Family::V6, backend, None)
+                    .map(|x| Arc::new(x) as Arc<dyn Executor>)
+                    .map_err(|e| e.to_string()),
+            });
+            Some(factory)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "NetworkPolicy enforcement cannot start: the iptables/ipset tools are missing or unusable; rules already in the kernel stay in force");
+            None
+        }
+    }
+}
+
+fn start_enforcement(
+    cfg: &AgentConfig,
+    shared: &Shared,
+    stores: NetpolCaches,
+    executors: ExecutorFactory,
+    trigger: Trigger,
+    tasks: &mut Tasks,
+) {
+    let mut node = NodeConfig::new(cfg.node_name.clone());
+    node.block_unknown_pods = cfg.block_unknown_pods;
+    node.anti_spoofing = cfg.anti_spoofing;
+    node.revoke_denied_connections = cfg.revoke_denied_connections;
+    let conntrack = if cfg.revoke_denied_connections {
+        match palisade_dataplane::KernelConntrack::detect() {
+            Ok(c) => Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>),
+            Err(e) => {
+                tracing::error!(error = %e, "revocation of denied connections cannot run (install conntrack)");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let links = match palisade_dataplane::KernelLinks::detect() {
+        Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
+        Err(e) => {
+            tracing::error!(error = %e, "anti-spoofing cannot read pod interfaces");
+            None
+        }
+    };
+    let reconciler = NetpolReconciler {
+        stores,
+        node,
+        executors,
+        links,
+        conntrack,
+        metrics: shared.metrics.clone(),
+        events: shared.events.clone(),
+        settings: cfg.sync,
+    };
+    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
+}
+
+/// The Lease elector and the allocator (which writes only while it leads).
+fn start_allocation(
+    cfg: &AgentConfig,
+    shared: &Shared,
+    stores: LbCaches,
+    trigger: Trigger,
+    tasks: &mut Tasks,
+) {
+    let (elector, is_leader) = LeaderElector::new(
+        shared.client.clone(),
+        cfg.lease.clone(),
+        cfg.identity.clone(),
+        shared.metrics.clone(),
+    );
+    tasks.spawn(elector.run(shared.shutdown.clone()));
+    let reconciler = LoadBalancerReconciler {
+        client: shared.client.clone(),
+        stores,
+        metrics: shared.metrics.clone(),
+        events: shared.events.clone(),
+        settings: cfg.sync,
+        is_leader,
+        class: cfg.load_balancer_class.clone(),
+        claim_unclassed: cfg.handle_classless_services,
+    };
+    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
+}
+
+/// The membership, the speaker, the announcer and its `ServiceL2Status` writer.
+async fn start_l2(
+    cfg: &AgentConfig,
+    shared: &Shared,
+    l2: L2Wiring,
+    tasks: &mut Tasks,
+) -> Result<(), String> {
+    let (status_tx, status_rx) = tokio::sync::watch::channel(None);
+    let (ann_trigger, ann_caches) = l2.announcer;
+    let fut = start_announcer(
+        cfg,
+        ann_caches,
+        &shared.metrics,
+        &shared.events,
+        &shared.shutdown,
+        ann_trigger,
+        status_tx,
+    )
+    .await?;
+    tasks.spawn(fut);
+    let (status_trigger, status_caches) = l2.status;
+    let writer = StatusWriter {
+        client: shared.client.clone(),
+        node_name: cfg.node_name.clone(),
+        stores: status_caches,
+        metrics: shared.metrics.clone(),
+        settings: cfg.sync,
+        snapshot: status_rx,
+    };
+    tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
+    Ok(())
+}
+
+/// The BGP speaker, its reconciler and the BGP status writer.
+fn start_bgp(cfg: &AgentConfig, shared: &Shared, bgp: BgpWiring, tasks: &mut Tasks) {
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(None);
+    let speaker = Arc::new(palisade_bgp::Speaker::new());
+    let (status_trigger, status_stores) = bgp.status;
+    let writer = BgpStatusWriter {
+        client: shared.client.clone(),
+        node_name: cfg.node_name.clone(),
+        stores: status_stores,
+        metrics: shared.metrics.clone(),
+        settings: cfg.sync,
+        speaker: speaker.clone(),
+        plan: plan_rx,
+    };
+    tasks.spawn(writer.run(status_trigger, shared.shutdown.clone()));
+    let (trigger, stores) = bgp.announcer;
+    let reconciler = BgpReconciler {
+        node_name: cfg.node_name.clone(),
+        stores,
+        metrics: shared.metrics.clone(),
+        events: shared.events.clone(),
+        settings: cfg.sync,
+        speaker,
+        class: cfg.load_balancer_class.clone(),
+        claim_unclassed: cfg.handle_classless_services,
+        shutdown_limit: cfg.bgp_shutdown_limit,
+        plan: plan_tx,
+    };
+    tasks.spawn(reconciler.run(trigger, shared.shutdown.clone()));
+}
+
+/// Logs readiness once reached.
+async fn log_when_ready(
+    readiness: palisade_runtime::stores::Readiness,
+    shutdown: CancellationToken,
+) {
+    while !readiness.is_ready() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    tracing::info!("all caches synced; agent ready");
 }
 
 /// Where the membership key comes from; an error when none was configured.
@@ -289,14 +385,18 @@ fn membership_key_source(
 /// Starts the membership and the speaker, and returns the announcer's task.
 async fn start_announcer(
     cfg: &AgentConfig,
-    stores: &Stores,
+    stores: AnnouncerCaches,
     metrics: &Arc<Metrics>,
     events: &EventSink,
     shutdown: &CancellationToken,
     trigger: Trigger,
     status: tokio::sync::watch::Sender<Option<palisade_loadbalancer::l2status::Snapshot>>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, String> {
-    let speaker = palisade_speaker::Speaker::new().map_err(|e| e.to_string())?;
+    let speaker = palisade_speaker::Speaker::with_config(palisade_speaker::SpeakerConfig {
+        refresh_interval: cfg.l2_refresh_interval,
+        ..palisade_speaker::SpeakerConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
     let keys = palisade_membership::memberlist_keyfile::start(
         &membership_key_source(cfg)?,
         cfg.memberlist_key_rotation_window,
@@ -307,6 +407,8 @@ async fn start_announcer(
     settings.rejected = metrics.memberlist_rejected.clone();
     settings.interval = cfg.memberlist_interval;
     settings.timeout = cfg.memberlist_timeout;
+    let (reach_tx, reach_rx) = tokio::sync::watch::channel(Vec::new());
+    settings.reach = reach_rx;
     let live = palisade_membership::start(settings, peers_rx, shutdown.clone())
         .await
         .map_err(|e| {
@@ -333,13 +435,16 @@ async fn start_announcer(
     }
     let reconciler = AnnouncerReconciler {
         node_name: cfg.node_name.clone(),
-        stores: stores.clone(),
+        stores,
         metrics: metrics.clone(),
         events: events.clone(),
         settings: cfg.sync,
         speaker: Arc::new(speaker),
         live,
         peers: peers_tx,
+        reach: reach_tx,
+        arp_filter: cfg.l2_arp_filter,
+        exclude_unschedulable: cfg.l2_exclude_cordoned,
         class: cfg.load_balancer_class.clone(),
         claim_unclassed: cfg.handle_classless_services,
         status,

@@ -1,7 +1,7 @@
 //! The LoadBalancer side of the agent.
 //!
 //! ```text
-//!  Stores (pools, l2ads, services, nodes, ...) ──► intake: typed, malformed ones reported
+//!  LbCaches (pools, l2ads, services, nodes, ns) ──► intake: typed, malformed ones reported
 //!         ▲ pokes                                   │
 //!     Trigger ◄── reflectors                        ▼ (leader only)
 //!                       allocation pass (palisade_loadbalancer::plan) ──► Service status, pool status,
@@ -24,12 +24,32 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::runtime::reflector::Store;
 use palisade_loadbalancer::plan::{AllocationState, Inputs};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
-use palisade_runtime::stores::{names, palisade_api_resource, typed_objects, Stores};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
+
+/// Why an allocation pass failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("leadership was lost during the pass; the new leader takes over")]
+    LostLeadership,
+    #[error("some status writes failed")]
+    Writes,
+}
+
+impl JobError for PassError {
+    fn label(&self) -> &'static str {
+        match self {
+            PassError::LostLeadership => "lost_leadership",
+            PassError::Writes => "status_write",
+        }
+    }
+}
 
 /// Condition reason for an object that does not parse at all.
 pub const MALFORMED_OBJECT: &str = "MalformedObject";
@@ -42,6 +62,36 @@ pub struct Intake {
     pub malformed: Vec<(&'static str, String, String, String)>,
 }
 
+/// The caches the allocator reads (it is woken by nothing else).
+#[derive(Clone)]
+pub struct LbCaches {
+    pub ip_address_pools: Store<DynamicObject>,
+    pub l2_advertisements: Store<DynamicObject>,
+    pub services: Store<Service>,
+    pub namespaces: Store<Namespace>,
+    pub nodes: Store<Node>,
+    pub group: CacheGroup,
+}
+
+impl LbCaches {
+    /// Registers what allocation reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> LbCaches {
+        let mut r = caches.register(trigger);
+        LbCaches {
+            ip_address_pools: r
+                .watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools")),
+            l2_advertisements: r.watch_custom(&palisade_api_resource(
+                "L2Advertisement",
+                "l2advertisements",
+            )),
+            services: r.watch(),
+            namespaces: r.watch(),
+            nodes: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
+
 /// Converts the custom-resource stores, remembering what was already reported.
 #[derive(Default)]
 pub struct PoolIntake {
@@ -49,9 +99,14 @@ pub struct PoolIntake {
 }
 
 impl PoolIntake {
-    pub fn take(&mut self, stores: &Stores, metrics: &Metrics) -> Intake {
-        let pool_objs = stores.ip_address_pools.state();
-        let l2_objs = stores.l2_advertisements.state();
+    pub fn take(
+        &mut self,
+        pools: &Store<DynamicObject>,
+        l2_advertisements: &Store<DynamicObject>,
+        metrics: &Metrics,
+    ) -> Intake {
+        let pool_objs = pools.state();
+        let l2_objs = l2_advertisements.state();
         let (pools, bad_pools) = typed_objects::<IPAddressPool>(&pool_objs);
         let (l2_advertisements, bad_l2) = typed_objects::<L2Advertisement>(&l2_objs);
         // Keyed by generation, which only spec changes bump: our own status writes must not
@@ -140,7 +195,7 @@ pub async fn mark_malformed(
 /// allocation pass and its writes.
 pub struct LoadBalancerReconciler {
     pub client: Client,
-    pub stores: Stores,
+    pub stores: LbCaches,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -165,29 +220,35 @@ impl LoadBalancerReconciler {
         // Leadership changes need a pass too.
         poke_on_change(this.is_leader.clone(), trigger.clone(), shutdown.clone());
         // Wait for the caches the allocator reads: never allocate from a partial view.
-        let needed = [
-            names::IP_ADDRESS_POOLS,
-            names::SERVICES,
-            names::NAMESPACES,
-            names::NODES,
-        ];
-        if !this.stores.readiness.wait_for(&needed, &shutdown).await {
+        if !this.stores.group.synced(&shutdown).await {
             return;
         }
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |_| {
-            let this = this.clone();
-            let state = state.clone();
-            async move {
-                let mut st = state.lock().await;
-                this.pass(&mut st).await
-            }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "allocation",
+            metrics,
+            |_| {
+                let this = this.clone();
+                let state = state.clone();
+                async move {
+                    let mut st = state.lock().await;
+                    this.pass(&mut st).await
+                }
+            },
+        )
         .await;
     }
 
-    async fn pass(&self, st: &mut LbState) -> Result<(), ()> {
-        let intake = st.intake.take(&self.stores, &self.metrics);
+    async fn pass(&self, st: &mut LbState) -> Result<(), PassError> {
+        let intake = st.intake.take(
+            &self.stores.ip_address_pools,
+            &self.stores.l2_advertisements,
+            &self.metrics,
+        );
         let leading = *self.is_leader.borrow();
         if !leading {
             if st.was_leader {
@@ -240,7 +301,7 @@ impl LoadBalancerReconciler {
         // Writes: only while still leading (checked before each one).
         for (key, ips) in &plan.service_status {
             if !*self.is_leader.borrow() {
-                return Err(());
+                return Err(PassError::LostLeadership);
             }
             let ingress: Vec<serde_json::Value> = ips
                 .iter()
@@ -274,7 +335,7 @@ impl LoadBalancerReconciler {
         }
         for (name, status) in &plan.pool_status {
             if !*self.is_leader.borrow() {
-                return Err(());
+                return Err(PassError::LostLeadership);
             }
             let api: Api<IPAddressPool> = Api::all(self.client.clone());
             let patch = json!({ "status": status });
@@ -335,7 +396,7 @@ impl LoadBalancerReconciler {
             .lb_services_allocated
             .set(plan.services_allocated as i64);
         if failed {
-            Err(())
+            Err(PassError::Writes)
         } else {
             Ok(())
         }

@@ -28,27 +28,83 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
+use palisade_loadbalancer::announce::{NodeReach, ReachInterface};
 use palisade_loadbalancer::l2::{decide, AnnounceInputs, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
-use palisade_membership::Live;
+use palisade_membership::{Live, ServedInterface};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
-use palisade_runtime::stores::{names, typed_objects, Stores};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
 use palisade_speaker::{Announcer, Owned, SpeakerError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub mod status;
 
+/// Why an announcement pass failed (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the speaker task died: {0}")]
+    SpeakerTask(String),
+    #[error("the speaker could not apply every announcement yet")]
+    Speaker,
+}
+
+impl JobError for PassError {
+    fn label(&self) -> &'static str {
+        match self {
+            PassError::SpeakerTask(_) => "speaker_task",
+            PassError::Speaker => "speaker",
+        }
+    }
+}
+
 /// Event reason on a Service when this node starts announcing one of its IPs.
 pub const L2_ANNOUNCED: &str = "L2Announced";
+/// Warning on this node's Node: LoadBalancer IPs on a local interface while ARP is not
+/// strict (kube-proxy IPVS without `strictARP`).
+pub const L2_KERNEL_ARP: &str = "KernelAnswersARPForLoadBalancerIPs";
+
+/// The caches the announcer reads.
+#[derive(Clone)]
+pub struct AnnouncerCaches {
+    pub services: Store<Service>,
+    pub nodes: Store<Node>,
+    pub ip_address_pools: Store<DynamicObject>,
+    pub l2_advertisements: Store<DynamicObject>,
+    pub endpoint_slices: Store<EndpointSlice>,
+    pub group: CacheGroup,
+}
+
+impl AnnouncerCaches {
+    /// Registers what the announcer reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> AnnouncerCaches {
+        let mut r = caches.register(trigger);
+        AnnouncerCaches {
+            services: r.watch(),
+            nodes: r.watch(),
+            ip_address_pools: r
+                .watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools")),
+            l2_advertisements: r.watch_custom(&palisade_api_resource(
+                "L2Advertisement",
+                "l2advertisements",
+            )),
+            endpoint_slices: r.watch(),
+            group: r.finish(),
+        }
+    }
+}
 
 pub struct AnnouncerReconciler {
     pub node_name: String,
-    pub stores: Stores,
+    pub stores: AnnouncerCaches,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -56,11 +112,37 @@ pub struct AnnouncerReconciler {
     pub live: watch::Receiver<Live>,
     /// Peer addresses for the membership, refreshed from the Node cache.
     pub peers: watch::Sender<Option<palisade_membership::PeerMap>>,
+    /// Where this node can announce, refreshed every pass and reported to peers by the
+    /// membership (`MembershipSettings::reach`); the election uses everybody's reports.
+    pub reach: watch::Sender<Vec<ServedInterface>>,
     pub class: String,
     pub claim_unclassed: bool,
+    /// Drop the kernel's own ARP replies for LoadBalancer IPs this node does not own when
+    /// they sit on a local interface with lax ARP sysctls (kube-proxy IPVS without strictARP).
+    pub arp_filter: bool,
+    /// Cordoned Nodes hand their IPs over (out-of-service ones always do).
+    pub exclude_unschedulable: bool,
     /// After every pass: what the speaker holds and every IP's winner, for the
     /// `ServiceL2Status` writer ([`status`]).
     pub status: watch::Sender<Option<Snapshot>>,
+}
+
+/// The membership's reach reports as the election's input.
+fn node_reach(reports: BTreeMap<String, Vec<ServedInterface>>) -> BTreeMap<String, NodeReach> {
+    reports
+        .into_iter()
+        .map(|(node, ifaces)| {
+            let interfaces = ifaces
+                .into_iter()
+                .map(|i| ReachInterface {
+                    name: i.name,
+                    up: i.up,
+                    nets: i.nets,
+                })
+                .collect();
+            (node, NodeReach { interfaces })
+        })
+        .collect()
 }
 
 /// What the announcer last saw of one interface.
@@ -152,6 +234,10 @@ struct AnnState {
     resend: bool,
     /// Link states, see [`gate_links`].
     links: BTreeMap<String, LinkSeen>,
+    /// The kube-proxy IPVS finding of the last pass (reported on change).
+    ipvs: Option<palisade_speaker::ipvs::IpvsFinding>,
+    /// The kernel-ARP filter for foreign LoadBalancer IPs ([`palisade_speaker::ipvs`]).
+    arp_filter: palisade_speaker::ipvs::ArpFilter,
 }
 
 /// What telling the speaker achieved.
@@ -205,14 +291,7 @@ impl AnnouncerReconciler {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         // Membership changes need a pass.
         poke_on_change(self.live.clone(), trigger.clone(), shutdown.clone());
-        let needed = [
-            names::SERVICES,
-            names::NODES,
-            names::IP_ADDRESS_POOLS,
-            names::L2_ADVERTISEMENTS,
-            names::ENDPOINT_SLICES,
-        ];
-        if !self.stores.readiness.wait_for(&needed, &shutdown).await {
+        if !self.stores.group.synced(&shutdown).await {
             return;
         }
         // Peers are known now that the Nodes are listed: the membership's warm-up starts.
@@ -257,17 +336,66 @@ impl AnnouncerReconciler {
             });
         }
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |_| {
-            let this = this.clone();
-            let state = state.clone();
-            let recheck_tx = recheck_tx.clone();
-            async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "announcement",
+            metrics,
+            |_| {
+                let this = this.clone();
+                let state = state.clone();
+                let recheck_tx = recheck_tx.clone();
+                async move { this.pass(&mut *state.lock().await, &recheck_tx).await }
+            },
+        )
         .await;
-        // Stop answering on the way out: a successor takes over within the membership timeout
-        // (sooner, thanks to our "leave" message).
+        // Make-before-break on the way out: the membership's "leave" (sent as the shutdown
+        // starts) makes the peers re-elect at once and the successor announces within a pass
+        // and a gratuitous round; keep answering meanwhile — for half a membership timeout —
+        // so a client never asks into silence, then stop.
+        let hold = this.live.borrow().timeout / 2;
+        if !this.speaker_idle() {
+            tracing::info!(
+                ?hold,
+                "shutting down: still answering while peers take over"
+            );
+            tokio::time::sleep(hold).await;
+        }
         let speaker = this.speaker.clone();
         let _ = tokio::task::spawn_blocking(move || speaker.set_owned(Owned::new())).await;
+    }
+
+    /// Whether the speaker holds nothing (no hand-over to wait for).
+    fn speaker_idle(&self) -> bool {
+        self.speaker.stats().owned_ips == 0
+    }
+
+    /// Publishes this node's interfaces (those named by any L2Advertisement, and those on a
+    /// subnet) for the membership to report.
+    fn refresh_reach(&self, ads: &[L2Advertisement]) -> Vec<ServedInterface> {
+        let named: BTreeSet<String> = ads
+            .iter()
+            .flat_map(|a| a.spec.interfaces.iter().cloned())
+            .collect();
+        let local: Vec<ServedInterface> = palisade_speaker::local_interfaces(&named)
+            .into_iter()
+            .map(|i| ServedInterface {
+                name: i.name,
+                up: i.up,
+                nets: i.nets,
+            })
+            .collect();
+        self.reach.send_if_modified(|cur| {
+            if *cur != local {
+                cur.clone_from(&local);
+                true
+            } else {
+                false
+            }
+        });
+        local
     }
 
     fn refresh_peers(&self) {
@@ -306,13 +434,17 @@ impl AnnouncerReconciler {
         &self,
         st: &mut AnnState,
         recheck: &watch::Sender<Option<Instant>>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), PassError> {
         self.refresh_peers();
+        let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
+        let own_reach = self.refresh_reach(&ads);
         let live = self.live.borrow().clone();
         let (mut owned, decisions) = if live.warmed_up {
             let services = self.stores.services.state();
             let (pools, _) = typed_objects::<IPAddressPool>(&self.stores.ip_address_pools.state());
-            let (ads, _) = typed_objects::<L2Advertisement>(&self.stores.l2_advertisements.state());
+            let mut reach = live.reach.clone();
+            reach.insert(self.node_name.clone(), own_reach);
+            let reach = node_reach(reach);
             let nodes = self.stores.nodes.state();
             let slices = self.stores.endpoint_slices.state();
             // Route lookups are I/O: done here, once per IP and pass, and handed to the
@@ -334,6 +466,7 @@ impl AnnouncerReconciler {
                 me: &self.node_name,
                 route_interface: &route_interface,
                 live: &live.nodes,
+                reach: &reach,
                 services: &services,
                 pools: &pools,
                 advertisements: &ads,
@@ -341,6 +474,7 @@ impl AnnouncerReconciler {
                 slices: &slices,
                 class: &self.class,
                 claim_unclassed: self.claim_unclassed,
+                exclude_unschedulable: self.exclude_unschedulable,
             })
         } else {
             (Owned::new(), Vec::new())
@@ -379,7 +513,7 @@ impl AnnouncerReconciler {
                 tracing::error!(error = %e, "speaker task died");
                 // The state went down with the task: make the retry tell the speaker again.
                 st.resend = true;
-                return Err(());
+                return Err(PassError::SpeakerTask(e.to_string()));
             }
         };
         *st = state;
@@ -426,10 +560,82 @@ impl AnnouncerReconciler {
                     .await;
             }
         }
+        self.guard_kernel_arp(st, &owned).await;
         if applied == Applied::Failed {
-            Err(())
+            Err(PassError::Speaker)
         } else {
             Ok(())
+        }
+    }
+
+    /// kube-proxy IPVS: detects LoadBalancer IPs on local interfaces while ARP is lax
+    /// (reported on change: log, Event on our Node, `palisade_l2_kernel_arp_conflicts`) and,
+    /// with `arp_filter`, keeps the kernel from answering for the ones this node does not own.
+    async fn guard_kernel_arp(&self, st: &mut AnnState, owned: &Owned) {
+        let services = self.stores.services.state();
+        let lb_ips: BTreeSet<IpAddr> = services
+            .iter()
+            .filter(|s| palisade_loadbalancer::is_ours(s, &self.class, self.claim_unclassed))
+            .flat_map(|s| palisade_loadbalancer::status_ips(s))
+            .collect();
+        let found = palisade_speaker::ipvs::detect(&lb_ips);
+        self.metrics
+            .l2_kernel_arp_conflicts
+            .set(found.as_ref().map_or(0, |f| f.ips.len() as i64));
+        if found
+            .as_ref()
+            .map(|f| (&f.interfaces, f.arp_ignore, f.arp_announce))
+            != st
+                .ipvs
+                .as_ref()
+                .map(|f| (&f.interfaces, f.arp_ignore, f.arp_announce))
+        {
+            if let Some(f) = &found {
+                let note = format!(
+                    "LoadBalancer IPs sit on {} while arp_ignore={} arp_announce={} (kube-proxy \
+                     IPVS without strictARP?): this node's kernel answers ARP for them next to \
+                     their owner; {}",
+                    f.interfaces.iter().cloned().collect::<Vec<_>>().join(", "),
+                    f.arp_ignore,
+                    f.arp_announce,
+                    if self.arp_filter {
+                        "dropping the kernel's replies for IPs this node does not own (nft table arp palisade_l2)"
+                    } else {
+                        "--l2-arp-filter is off: set kube-proxy strictARP or turn it on"
+                    }
+                );
+                tracing::warn!(ips = f.ips.len(), "{note}");
+                let node = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(self.node_name.clone()),
+                    ..Default::default()
+                };
+                self.events
+                    .warning(&node, L2_KERNEL_ARP, "Detect", note)
+                    .await;
+            } else {
+                tracing::info!("no LoadBalancer IP on a local interface with lax ARP any more");
+            }
+        }
+        st.ipvs = found.clone();
+        if !self.arp_filter {
+            return;
+        }
+        let result = match &found {
+            Some(f) => {
+                let foreign: BTreeSet<std::net::Ipv4Addr> = f
+                    .ips
+                    .iter()
+                    .filter(|ip| !owned.contains_key(&IpAddr::V4(**ip)))
+                    .copied()
+                    .collect();
+                st.arp_filter.apply(&foreign)
+            }
+            None => st.arp_filter.remove_if_applied(),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot update the kernel-ARP filter (nft)");
         }
     }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::DynamicObject;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client};
 use palisade_loadbalancer::l2status::{
     fits_label_value, plan, Existing, Op, Snapshot, MIN_INTERVAL, NODE_LABEL, SERVICE_LABEL,
@@ -14,17 +16,49 @@ use palisade_loadbalancer::l2status::{
 use palisade_loadbalancer::{ServiceL2Status, ServiceL2StatusSpec, ServiceL2StatusStatus};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::metrics::{Labels, Metrics};
-use palisade_runtime::stores::{names, typed_objects, Stores};
-use palisade_runtime::sync::{poke_on_change, run_sync_loop, Trigger};
+use palisade_runtime::stores::{palisade_api_resource, typed_objects, CacheGroup, Caches};
+use palisade_runtime::sync::{poke_on_change, run_sync_loop, JobError, Trigger};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+/// Why a status pass failed: some writes did not go through (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} ServiceL2Status writes failed")]
+pub struct WriteError(usize);
+
+impl JobError for WriteError {
+    fn label(&self) -> &'static str {
+        "status_write"
+    }
+}
+
+/// The cache the status writer reads: the `ServiceL2Status` objects.
+#[derive(Clone)]
+pub struct StatusCaches {
+    pub service_l2_statuses: Store<DynamicObject>,
+    pub group: CacheGroup,
+}
+
+impl StatusCaches {
+    /// Registers what the writer reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> StatusCaches {
+        let mut r = caches.register(trigger);
+        StatusCaches {
+            service_l2_statuses: r.watch_custom(&palisade_api_resource(
+                "ServiceL2Status",
+                "servicel2statuses",
+            )),
+            group: r.finish(),
+        }
+    }
+}
 
 /// Keeps this node's `ServiceL2Status` objects true (see the module docs).
 pub struct StatusWriter {
     pub client: Client,
     pub node_name: String,
-    pub stores: Stores,
+    pub stores: StatusCaches,
     pub metrics: Arc<Metrics>,
     pub settings: SyncSettings,
     pub snapshot: watch::Receiver<Option<Snapshot>>,
@@ -33,12 +67,7 @@ pub struct StatusWriter {
 impl StatusWriter {
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
         poke_on_change(self.snapshot.clone(), trigger.clone(), shutdown.clone());
-        if !self
-            .stores
-            .readiness
-            .wait_for(&[names::SERVICE_L2_STATUSES], &shutdown)
-            .await
-        {
+        if !self.stores.group.synced(&shutdown).await {
             return;
         }
         let mut settings = self.settings;
@@ -47,10 +76,18 @@ impl StatusWriter {
         trigger.poke();
         {
             let this = this.clone();
-            run_sync_loop(settings, trigger, shutdown, move |_| {
-                let this = this.clone();
-                async move { this.pass().await }
-            })
+            let metrics = Some(this.metrics.clone());
+            run_sync_loop(
+                settings,
+                trigger,
+                shutdown,
+                "l2status",
+                metrics,
+                move |_| {
+                    let this = this.clone();
+                    async move { this.pass().await }
+                },
+            )
             .await;
         }
         // On the way out the speaker stops answering: say so, within a short bound (the new
@@ -67,19 +104,21 @@ impl StatusWriter {
         objs.iter().filter_map(Existing::from_object).collect()
     }
 
-    async fn pass(&self) -> Result<(), ()> {
+    async fn pass(&self) -> Result<(), WriteError> {
         let Some(snap) = self.snapshot.borrow().clone() else {
             return Ok(());
         };
         let ops = plan(&self.node_name, &snap, &self.existing());
-        let mut ok = true;
+        let mut failed = 0;
         for op in ops {
-            ok &= self.execute(op).await;
+            if !self.execute(op).await {
+                failed += 1;
+            }
         }
-        if ok {
+        if failed == 0 {
             Ok(())
         } else {
-            Err(())
+            Err(WriteError(failed))
         }
     }
 

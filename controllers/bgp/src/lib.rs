@@ -13,7 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bfd;
 pub mod session;
 pub mod wire;
 
-pub use session::{PeerConfig, PeerStatus, SessionState, Speaker};
+pub use session::{PeerConfig, PeerStatus, RouteAttrs, Routes, SessionState, Speaker};

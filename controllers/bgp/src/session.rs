@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout};
 
+use crate::bfd::{BfdConfig, BfdHandle, BfdState, BfdStatus, Hub};
 use crate::wire::{
     code, AsSegment, Capability, Codec, DecodeError, Message, Notification, Open, PathAttribute,
     Update, AFI_IPV4, AFI_IPV6, SAFI_UNICAST,
@@ -38,6 +39,20 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Prefixes per UPDATE (well under 4096 bytes for /32 and /128 routes).
 const V4_PER_UPDATE: usize = 400;
 const V6_PER_UPDATE: usize = 120;
+
+/// Attributes of one announced route (beyond ORIGIN, AS_PATH and NEXT_HOP, which the session
+/// sets).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteAttrs {
+    /// LOCAL_PREF on iBGP sessions (default: the peer's `local_pref`, else 100); not sent on
+    /// eBGP.
+    pub local_pref: Option<u32>,
+    /// COMMUNITIES, added to the peer's own.
+    pub communities: Vec<u32>,
+}
+
+/// What a peer should have: prefixes with their attributes.
+pub type Routes = BTreeMap<IpNetwork, RouteAttrs>;
 
 /// One peer's configuration (MetalLB's BGPPeer fields that concern the session).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +79,9 @@ pub struct PeerConfig {
     pub communities: Vec<u32>,
     /// First reconnect delay; doubles up to 30 s.
     pub connect_retry: Duration,
+    /// Run a BFD session with the peer; when it goes from Up to Down the BGP session closes
+    /// at once.
+    pub bfd: Option<BfdConfig>,
 }
 
 impl PeerConfig {
@@ -84,6 +102,7 @@ impl PeerConfig {
             local_pref: None,
             communities: Vec::new(),
             connect_retry: Duration::from_secs(1),
+            bfd: None,
         }
     }
 
@@ -121,6 +140,8 @@ pub struct PeerStatus {
     pub state: SessionState,
     /// When the session last reached Established (None while it is not).
     pub established_at: Option<Instant>,
+    /// The same on the wall clock (for status objects).
+    pub established_wall: Option<std::time::SystemTime>,
     /// How many times it reached Established.
     pub established_count: u64,
     /// Prefixes the peer currently has from us.
@@ -130,6 +151,12 @@ pub struct PeerStatus {
     pub hold_time: Option<Duration>,
     /// Why the last session ended or the last connect failed.
     pub last_error: Option<String>,
+    /// Why the last established session ended (kept across reconnects).
+    pub last_down_reason: Option<String>,
+    /// State of the peer's BFD session (None without BFD).
+    pub bfd_state: Option<BfdState>,
+    /// Times the BFD session went from Up to Down.
+    pub bfd_flaps: u64,
 }
 
 impl PeerStatus {
@@ -138,11 +165,15 @@ impl PeerStatus {
             name: name.to_string(),
             state: SessionState::Idle,
             established_at: None,
+            established_wall: None,
             established_count: 0,
             prefixes_sent: 0,
             updates_sent: 0,
             hold_time: None,
             last_error: None,
+            last_down_reason: None,
+            bfd_state: None,
+            bfd_flaps: 0,
         }
     }
 
@@ -162,11 +193,13 @@ fn with_status(status: &SharedStatus, f: impl FnOnce(&mut PeerStatus)) {
 
 struct Peer {
     config: PeerConfig,
-    prefixes: watch::Sender<BTreeSet<IpNetwork>>,
+    prefixes: watch::Sender<Routes>,
     /// `Some(deadline)`: withdraw everything, close by the deadline and stop.
     stop: watch::Sender<Option<tokio::time::Instant>>,
     status: SharedStatus,
     task: JoinHandle<()>,
+    bfd_status: Option<watch::Receiver<BfdStatus>>,
+    bfd_abort: Option<tokio::task::AbortHandle>,
 }
 
 /// The BGP speaker: one session per configured peer.
@@ -177,6 +210,8 @@ pub struct Speaker {
     retiring: Mutex<Vec<JoinHandle<()>>>,
     /// How long a dropped peer's session may take to withdraw and close.
     retire_timeout: Duration,
+    /// BFD sessions' shared receive side.
+    bfd: Hub,
 }
 
 impl Speaker {
@@ -188,6 +223,7 @@ impl Speaker {
             peers: Mutex::new(BTreeMap::new()),
             retiring: Mutex::new(Vec::new()),
             retire_timeout: Duration::from_secs(5),
+            bfd: Hub::new(),
         }
     }
 
@@ -198,7 +234,7 @@ impl Speaker {
         let wanted: BTreeMap<String, PeerConfig> =
             configs.into_iter().map(|c| (c.name.clone(), c)).collect();
         let names: Vec<String> = peers.keys().cloned().collect();
-        let mut carried: BTreeMap<String, BTreeSet<IpNetwork>> = BTreeMap::new();
+        let mut carried: BTreeMap<String, Routes> = BTreeMap::new();
         for name in names {
             let keep = wanted.get(&name).is_some_and(|c| peers[&name].config == *c);
             if keep {
@@ -222,11 +258,27 @@ impl Speaker {
             let (prefixes, prefixes_rx) = watch::channel(initial);
             let (stop, stop_rx) = watch::channel(None);
             let status = Arc::new(Mutex::new(PeerStatus::new(&name)));
+            let bfd = config.bfd.and_then(|b| {
+                match self
+                    .bfd
+                    .start(config.peer_address, config.source_address, b)
+                {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        tracing::warn!(peer = %name, error = %e, "BFD session not started");
+                        with_status(&status, |s| s.last_error = Some(e.to_string()));
+                        None
+                    }
+                }
+            });
+            let bfd_status = bfd.as_ref().map(BfdHandle::status);
+            let bfd_abort = bfd.as_ref().map(BfdHandle::abort_handle);
             let task = self.runtime.spawn(run_peer(
                 config.clone(),
                 prefixes_rx,
                 stop_rx,
                 status.clone(),
+                bfd,
             ));
             peers.insert(
                 name,
@@ -236,13 +288,29 @@ impl Speaker {
                     stop,
                     status,
                     task,
+                    bfd_status,
+                    bfd_abort,
                 },
             );
         }
     }
 
-    /// Sets what `peer` announces. Returns false when there is no such peer.
+    /// Sets what `peer` announces, every prefix with the peer's default attributes. Returns
+    /// false when there is no such peer.
     pub fn set_prefixes(&self, peer: &str, prefixes: BTreeSet<IpNetwork>) -> bool {
+        self.set_routes(
+            peer,
+            prefixes
+                .into_iter()
+                .map(|p| (p, RouteAttrs::default()))
+                .collect(),
+        )
+    }
+
+    /// Sets what `peer` announces, with per-route attributes; the session sends only the
+    /// differences (a changed attribute re-announces the route). Returns false when there is
+    /// no such peer.
+    pub fn set_routes(&self, peer: &str, prefixes: Routes) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         match peers.get(peer) {
             Some(p) => {
@@ -265,7 +333,18 @@ impl Speaker {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         peers
             .values()
-            .map(|p| p.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .map(|p| {
+                let mut s = p.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(bfd) = &p.bfd_status {
+                    let b = bfd.borrow();
+                    s.bfd_state = Some(b.state);
+                    s.bfd_flaps = b.flaps;
+                    if let Some(e) = &b.error {
+                        s.last_error = Some(e.clone());
+                    }
+                }
+                s
+            })
             .collect()
     }
 
@@ -299,6 +378,10 @@ impl Speaker {
     pub fn abort(&self) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         for (_, peer) in std::mem::take(&mut *peers) {
+            // BFD first, silently: a crashed node sends no AdminDown.
+            if let Some(bfd) = &peer.bfd_abort {
+                bfd.abort();
+            }
             peer.task.abort();
         }
         for task in self
@@ -339,6 +422,8 @@ enum SessionError {
     Notification(Notification),
     #[error("hold timer expired")]
     HoldExpired,
+    #[error("BFD session down (diagnostic {0})")]
+    BfdDown(u8),
     #[error("{0}")]
     Protocol(String),
     #[error("encode: {0}")]
@@ -347,10 +432,12 @@ enum SessionError {
 
 async fn run_peer(
     config: PeerConfig,
-    mut prefixes: watch::Receiver<BTreeSet<IpNetwork>>,
+    mut prefixes: watch::Receiver<Routes>,
     mut stop: watch::Receiver<Option<tokio::time::Instant>>,
     status: SharedStatus,
+    bfd: Option<BfdHandle>,
 ) {
+    let mut bfd_status = bfd.as_ref().map(BfdHandle::status);
     let mut backoff = config.connect_retry.max(Duration::from_millis(10));
     loop {
         if stop.borrow().is_some() {
@@ -358,14 +445,26 @@ async fn run_peer(
         }
         with_status(&status, |s| s.state = SessionState::Connect);
         let mut established = false;
-        let result = session(&config, &mut prefixes, &mut stop, &status, &mut established).await;
+        let result = session(
+            &config,
+            &mut prefixes,
+            &mut stop,
+            &status,
+            &mut bfd_status,
+            &mut established,
+        )
+        .await;
         with_status(&status, |s| {
             s.state = SessionState::Idle;
             s.established_at = None;
+            s.established_wall = None;
             s.prefixes_sent = 0;
             s.hold_time = None;
             if let Err(e) = &result {
                 s.last_error = Some(e.to_string());
+                if established {
+                    s.last_down_reason = Some(e.to_string());
+                }
             }
         });
         match result {
@@ -383,6 +482,20 @@ async fn run_peer(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+    // After the BGP session closed: the BFD session says AdminDown and stops.
+    drop(bfd);
+}
+
+/// The next BFD state change (never, without BFD or once the session is gone).
+async fn bfd_changed(bfd: &mut Option<watch::Receiver<BfdStatus>>) -> BfdStatus {
+    if let Some(rx) = bfd {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
+        }
+        // The BFD task ended: stop watching it.
+        *bfd = None;
+    }
+    std::future::pending().await
 }
 
 async fn connect(
@@ -468,13 +581,18 @@ impl Writer {
 
 /// Announcement state of an established session.
 struct Rib {
-    codec_attrs: Vec<PathAttribute>,
+    ibgp: bool,
+    my_asn: u32,
+    /// LOCAL_PREF of routes that do not set one (iBGP).
+    local_pref: u32,
+    /// Communities of every route.
+    communities: Vec<u32>,
     next_hop_v4: Option<Ipv4Addr>,
     next_hop_v6: Option<Ipv6Addr>,
     v4: bool,
     v6: bool,
     /// What the peer has from us.
-    advertised: BTreeSet<IpNetwork>,
+    advertised: Routes,
 }
 
 impl Rib {
@@ -485,40 +603,75 @@ impl Rib {
         }
     }
 
-    fn announce(&self, prefixes: &[IpNetwork]) -> Vec<Message> {
-        let mut out = Vec::new();
-        let v4: Vec<_> = prefixes
-            .iter()
-            .filter_map(|p| match p {
-                IpNetwork::V4(p) => Some(*p),
-                IpNetwork::V6(_) => None,
-            })
-            .collect();
-        let v6: Vec<_> = prefixes.iter().filter(|p| p.is_ipv6()).copied().collect();
-        if let Some(nh) = self.next_hop_v4 {
-            for chunk in v4.chunks(V4_PER_UPDATE) {
-                let mut attributes = self.codec_attrs.clone();
-                attributes.insert(2, PathAttribute::NextHop(nh));
-                out.push(Message::Update(Update {
-                    withdrawn: Vec::new(),
-                    attributes,
-                    nlri: chunk.to_vec(),
-                }));
-            }
+    /// ORIGIN, AS_PATH, then LOCAL_PREF (iBGP) and COMMUNITIES for routes with `route`.
+    fn attributes(&self, route: &RouteAttrs) -> Vec<PathAttribute> {
+        let mut attrs = vec![PathAttribute::Origin(0)];
+        if self.ibgp {
+            attrs.push(PathAttribute::AsPath(Vec::new()));
+            attrs.push(PathAttribute::LocalPref(
+                route.local_pref.unwrap_or(self.local_pref),
+            ));
+        } else {
+            attrs.push(PathAttribute::AsPath(vec![AsSegment::Sequence(vec![
+                self.my_asn,
+            ])]));
         }
-        if let Some(nh) = self.next_hop_v6 {
-            for chunk in v6.chunks(V6_PER_UPDATE) {
-                let mut attributes = vec![PathAttribute::MpReach {
-                    afi: AFI_IPV6,
-                    safi: SAFI_UNICAST,
-                    next_hops: vec![IpAddr::V6(nh)],
-                    nlri: chunk.to_vec(),
-                }];
-                attributes.extend(self.codec_attrs.iter().cloned());
-                out.push(Message::Update(Update {
-                    attributes,
-                    ..Update::default()
-                }));
+        let communities: BTreeSet<u32> = self
+            .communities
+            .iter()
+            .chain(&route.communities)
+            .copied()
+            .collect();
+        if !communities.is_empty() {
+            attrs.push(PathAttribute::Communities(
+                communities.into_iter().collect(),
+            ));
+        }
+        attrs
+    }
+
+    fn announce(&self, routes: &[(IpNetwork, &RouteAttrs)]) -> Vec<Message> {
+        // One group of UPDATEs per distinct attribute set.
+        let mut groups: BTreeMap<&RouteAttrs, Vec<IpNetwork>> = BTreeMap::new();
+        for (p, a) in routes {
+            groups.entry(a).or_default().push(*p);
+        }
+        let mut out = Vec::new();
+        for (route, prefixes) in groups {
+            let base = self.attributes(route);
+            let v4: Vec<_> = prefixes
+                .iter()
+                .filter_map(|p| match p {
+                    IpNetwork::V4(p) => Some(*p),
+                    IpNetwork::V6(_) => None,
+                })
+                .collect();
+            let v6: Vec<_> = prefixes.iter().filter(|p| p.is_ipv6()).copied().collect();
+            if let Some(nh) = self.next_hop_v4 {
+                for chunk in v4.chunks(V4_PER_UPDATE) {
+                    let mut attributes = base.clone();
+                    attributes.insert(2, PathAttribute::NextHop(nh));
+                    out.push(Message::Update(Update {
+                        withdrawn: Vec::new(),
+                        attributes,
+                        nlri: chunk.to_vec(),
+                    }));
+                }
+            }
+            if let Some(nh) = self.next_hop_v6 {
+                for chunk in v6.chunks(V6_PER_UPDATE) {
+                    let mut attributes = vec![PathAttribute::MpReach {
+                        afi: AFI_IPV6,
+                        safi: SAFI_UNICAST,
+                        next_hops: vec![IpAddr::V6(nh)],
+                        nlri: chunk.to_vec(),
+                    }];
+                    attributes.extend(base.iter().cloned());
+                    out.push(Message::Update(Update {
+                        attributes,
+                        ..Update::default()
+                    }));
+                }
             }
         }
         out
@@ -553,15 +706,25 @@ impl Rib {
         out
     }
 
-    /// Messages that bring the peer from `advertised` to `wanted`.
-    fn sync(&mut self, wanted: &BTreeSet<IpNetwork>) -> Vec<Message> {
-        let wanted: BTreeSet<IpNetwork> = wanted
+    /// Messages that bring the peer from `advertised` to `wanted`: withdrawals of what is
+    /// gone, announcements of what is new or has other attributes.
+    fn sync(&mut self, wanted: &Routes) -> Vec<Message> {
+        let wanted: Routes = wanted
             .iter()
-            .filter(|p| self.eligible(p))
+            .filter(|(p, _)| self.eligible(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        let gone: Vec<IpNetwork> = self
+            .advertised
+            .keys()
+            .filter(|p| !wanted.contains_key(p))
             .copied()
             .collect();
-        let gone: Vec<IpNetwork> = self.advertised.difference(&wanted).copied().collect();
-        let new: Vec<IpNetwork> = wanted.difference(&self.advertised).copied().collect();
+        let new: Vec<(IpNetwork, &RouteAttrs)> = wanted
+            .iter()
+            .filter(|(p, a)| self.advertised.get(p) != Some(a))
+            .map(|(p, a)| (*p, a))
+            .collect();
         let mut out = Rib::withdraw(&gone);
         out.extend(self.announce(&new));
         self.advertised = wanted;
@@ -610,9 +773,10 @@ pub fn keepalive_interval(hold: Duration, configured: Option<Duration>) -> Optio
 
 async fn session(
     config: &PeerConfig,
-    prefixes: &mut watch::Receiver<BTreeSet<IpNetwork>>,
+    prefixes: &mut watch::Receiver<Routes>,
     stop: &mut watch::Receiver<Option<tokio::time::Instant>>,
     status: &SharedStatus,
+    bfd: &mut Option<watch::Receiver<BfdStatus>>,
     established: &mut bool,
 ) -> Result<(), SessionError> {
     let (rd, wr, local) = tokio::select! {
@@ -693,20 +857,11 @@ async fn session(
         .any(|c| matches!(c, Capability::Multiprotocol { .. }));
     let v4 = !peer_has_mp || open.supports(AFI_IPV4, SAFI_UNICAST);
     let v6 = open.supports(AFI_IPV6, SAFI_UNICAST);
-    let mut attrs = vec![PathAttribute::Origin(0)];
-    if config.ibgp() {
-        attrs.push(PathAttribute::AsPath(Vec::new()));
-        attrs.push(PathAttribute::LocalPref(config.local_pref.unwrap_or(100)));
-    } else {
-        attrs.push(PathAttribute::AsPath(vec![AsSegment::Sequence(vec![
-            config.my_asn,
-        ])]));
-    }
-    if !config.communities.is_empty() {
-        attrs.push(PathAttribute::Communities(config.communities.clone()));
-    }
     let mut rib = Rib {
-        codec_attrs: attrs,
+        ibgp: config.ibgp(),
+        my_asn: config.my_asn,
+        local_pref: config.local_pref.unwrap_or(100),
+        communities: config.communities.clone(),
         next_hop_v4: config.next_hop_v4.or(match local.ip() {
             IpAddr::V4(a) => Some(a),
             IpAddr::V6(_) => None,
@@ -717,12 +872,13 @@ async fn session(
         }),
         v4,
         v6,
-        advertised: BTreeSet::new(),
+        advertised: Routes::new(),
     };
     *established = true;
     with_status(status, |s| {
         s.state = SessionState::Established;
         s.established_at = Some(Instant::now());
+        s.established_wall = Some(std::time::SystemTime::now());
         s.established_count += 1;
         s.hold_time = Some(hold);
         s.last_error = None;
@@ -753,8 +909,20 @@ async fn session(
     };
     let mut next_keepalive = keepalive.map_or(far, |k| tokio::time::Instant::now() + k);
     let mut prefixes_open = true;
+    let mut bfd_up = bfd
+        .as_mut()
+        .is_some_and(|b| b.borrow_and_update().state == BfdState::Up);
     loop {
         tokio::select! {
+            b = bfd_changed(bfd) => {
+                if b.state == BfdState::Up {
+                    bfd_up = true;
+                } else if bfd_up {
+                    // RFC 5882 §4.3: the forwarding path is gone; do not wait for the hold timer.
+                    writer.notify(code::CEASE, 0).await;
+                    return Err(SessionError::BfdDown(b.diag));
+                }
+            }
             changed = stop.changed() => {
                 let deadline = match (changed, *stop.borrow()) {
                     (Ok(()), Some(d)) => d,
@@ -781,11 +949,11 @@ async fn session(
                     Message::Keepalive | Message::Update(_) => {}
                     Message::RouteRefresh { afi, safi } => {
                         tracing::debug!(peer = %config.name, afi, safi, "route refresh");
-                        let family: Vec<IpNetwork> = rib
+                        let family: Vec<(IpNetwork, &RouteAttrs)> = rib
                             .advertised
                             .iter()
-                            .filter(|p| (afi == AFI_IPV4 && p.is_ipv4()) || (afi == AFI_IPV6 && p.is_ipv6()))
-                            .copied()
+                            .filter(|(p, _)| (afi == AFI_IPV4 && p.is_ipv4()) || (afi == AFI_IPV6 && p.is_ipv6()))
+                            .map(|(p, a)| (*p, a))
                             .collect();
                         if safi == SAFI_UNICAST && !family.is_empty() {
                             for m in rib.announce(&family) {
@@ -832,7 +1000,7 @@ async fn graceful_close(
     rib: &mut Rib,
     deadline: tokio::time::Instant,
 ) {
-    let withdraw = rib.sync(&BTreeSet::new());
+    let withdraw = rib.sync(&Routes::new());
     let _ = tokio::time::timeout_at(deadline, async {
         for m in &withdraw {
             writer.send(m).await?;
@@ -877,16 +1045,20 @@ mod tests {
 
     fn rib() -> Rib {
         Rib {
-            codec_attrs: vec![
-                PathAttribute::Origin(0),
-                PathAttribute::AsPath(vec![AsSegment::Sequence(vec![64500])]),
-            ],
+            ibgp: false,
+            my_asn: 64500,
+            local_pref: 100,
+            communities: Vec::new(),
             next_hop_v4: Some(Ipv4Addr::new(198, 51, 100, 11)),
             next_hop_v6: None,
             v4: true,
             v6: true,
-            advertised: BTreeSet::new(),
+            advertised: Routes::new(),
         }
+    }
+
+    fn routes(list: &[IpNetwork]) -> Routes {
+        list.iter().map(|p| (*p, RouteAttrs::default())).collect()
     }
 
     #[test]
@@ -895,7 +1067,7 @@ mod tests {
         let a: IpNetwork = "203.0.113.1/32".parse().unwrap();
         let b: IpNetwork = "203.0.113.2/32".parse().unwrap();
         let v6: IpNetwork = "2001:db8::1/128".parse().unwrap();
-        let msgs = rib.sync(&[a, b, v6].into());
+        let msgs = rib.sync(&routes(&[a, b, v6]));
         assert_eq!(msgs.len(), 1);
         let Message::Update(u) = &msgs[0] else {
             panic!()
@@ -904,8 +1076,8 @@ mod tests {
         assert!(u
             .attributes
             .contains(&PathAttribute::NextHop(Ipv4Addr::new(198, 51, 100, 11))));
-        assert_eq!(rib.advertised, [a, b].into());
-        let msgs = rib.sync(&[b].into());
+        assert_eq!(rib.advertised, routes(&[a, b]));
+        let msgs = rib.sync(&routes(&[b]));
         assert_eq!(
             msgs,
             vec![Message::Update(Update {
@@ -913,31 +1085,79 @@ mod tests {
                 ..Update::default()
             })]
         );
-        assert!(rib.sync(&[b].into()).is_empty());
+        assert!(rib.sync(&routes(&[b])).is_empty());
+    }
+
+    #[test]
+    fn attributes_per_route_group_and_changes_reannounce() {
+        let mut rib = rib();
+        rib.ibgp = true;
+        rib.communities = vec![7];
+        let a: IpNetwork = "203.0.113.1/32".parse().unwrap();
+        let b: IpNetwork = "203.0.113.2/32".parse().unwrap();
+        let pref = RouteAttrs {
+            local_pref: Some(200),
+            communities: vec![9, 7],
+        };
+        let mut wanted = routes(&[a]);
+        wanted.insert(b, pref.clone());
+        let msgs = rib.sync(&wanted);
+        assert_eq!(msgs.len(), 2, "one UPDATE per attribute set");
+        let attrs_of = |m: &Message| match m {
+            Message::Update(u) => (u.nlri.clone(), u.attributes.clone()),
+            other => panic!("{other:?}"),
+        };
+        let (nlri, attrs) = attrs_of(&msgs[0]);
+        assert_eq!(nlri, vec![a.to_string().parse().unwrap()]);
+        assert!(attrs.contains(&PathAttribute::LocalPref(100)));
+        assert!(attrs.contains(&PathAttribute::Communities(vec![7])));
+        assert!(attrs.contains(&PathAttribute::AsPath(Vec::new())));
+        let (_, attrs) = attrs_of(&msgs[1]);
+        assert!(attrs.contains(&PathAttribute::LocalPref(200)));
+        assert!(attrs.contains(&PathAttribute::Communities(vec![7, 9])));
+        // Changing a's attributes re-announces a only; nothing is withdrawn.
+        wanted.insert(a, pref);
+        let msgs = rib.sync(&wanted);
+        assert_eq!(msgs.len(), 1);
+        let Message::Update(u) = &msgs[0] else {
+            panic!()
+        };
+        assert!(u.withdrawn.is_empty());
+        assert_eq!(u.nlri, vec![a.to_string().parse().unwrap()]);
     }
 
     #[test]
     fn large_sets_fit_in_messages() {
         let mut rib = rib();
         rib.next_hop_v6 = Some("2001:db8::11".parse().unwrap());
-        let mut wanted = BTreeSet::new();
+        let mut wanted = Routes::new();
         for i in 0..3000u32 {
-            wanted.insert(IpNetwork::V4(
-                ipnetwork::Ipv4Network::new(Ipv4Addr::from(0xcb00_0000 + i), 32).unwrap(),
-            ));
-            wanted.insert(IpNetwork::V6(
-                ipnetwork::Ipv6Network::new(
-                    Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)),
-                    128,
-                )
-                .unwrap(),
-            ));
+            let attrs = RouteAttrs {
+                local_pref: None,
+                communities: vec![i % 5],
+            };
+            wanted.insert(
+                IpNetwork::V4(
+                    ipnetwork::Ipv4Network::new(Ipv4Addr::from(0xcb00_0000 + i), 32).unwrap(),
+                ),
+                attrs.clone(),
+            );
+            wanted.insert(
+                IpNetwork::V6(
+                    ipnetwork::Ipv6Network::new(
+                        Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)),
+                        128,
+                    )
+                    .unwrap(),
+                ),
+                attrs,
+            );
         }
         let codec = Codec::default();
         for m in rib.sync(&wanted) {
             codec.encode(&m).expect("fits in 4096 bytes");
         }
-        for m in rib.sync(&BTreeSet::new()) {
+        for m in rib.sync(&Routes::new()) {
             codec.encode(&m).expect("fits in 4096 bytes");
         }
     }

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipnetwork::IpNetwork;
-use palisade_bgp::{PeerConfig, SessionState, Speaker};
+use palisade_bgp::bfd::{BfdConfig, BfdState};
+use palisade_bgp::{PeerConfig, PeerStatus, SessionState, Speaker};
 use palisade_e2e::lab::{Lab, LabSpec};
 use palisade_e2e::netns;
 
@@ -107,14 +108,19 @@ impl Drop for NodeSpeaker {
 }
 
 fn bird_config(nodes: &[Ipv4Addr]) -> String {
+    bird_config_with(nodes, HOLD, "")
+}
+
+/// BIRD's configuration for the nodes: `extra` goes into the BGP template (e.g. `bfd on;`).
+fn bird_config_with(nodes: &[Ipv4Addr], hold: Duration, extra: &str) -> String {
     let mut c = format!(
         "log stderr all;\n\
          router id {ROUTER_IP};\n\
          protocol device {{ scan time 1; }}\n\
          protocol kernel {{\n  ipv4 {{ import none; export all; }};\n  merge paths on;\n}}\n\
          template bgp nodes {{\n  local {ROUTER_IP} as {ROUTER_ASN};\n  passive on;\n  \
-         hold time {};\n  ipv4 {{ import all; export none; }};\n}}\n",
-        HOLD.as_secs()
+         hold time {};\n  ipv4 {{ import all; export none; }};\n  {extra}\n}}\n",
+        hold.as_secs()
     );
     for (i, ip) in nodes.iter().enumerate() {
         c.push_str(&format!(
@@ -387,6 +393,180 @@ fn bird_ipv6_ecmp_and_shutdown() -> Result<()> {
     left.remove(&IpAddr::V6(nodes[0].1));
     let gone = wait_for(&router, VIP6, &left, Duration::from_secs(1))?;
     println!("IPv6 next hop gone {gone:?} after shutdown() returned");
+    drop(speakers);
+    drop(bird);
+    lab.teardown()?;
+    Ok(())
+}
+
+/// BFD 100 ms x 3 on both sides (BIRD's `protocol bfd` + `bfd on` per neighbour).
+const BFD_BIRD: &str = "protocol bfd {\n  interface \"*\" {\n    min rx interval 100 ms;\n    \
+                        min tx interval 100 ms;\n    multiplier 3;\n  };\n}\n";
+/// Hold time of the BFD test: long, so that only BFD can explain a fast failover.
+const BFD_HOLD: Duration = Duration::from_secs(9);
+
+fn fast_bfd() -> BfdConfig {
+    BfdConfig {
+        desired_min_tx: Duration::from_millis(100),
+        required_min_rx: Duration::from_millis(100),
+        detect_mult: 3,
+        passive: false,
+        minimum_ttl: 255,
+    }
+}
+
+fn wait_status(
+    speaker: &Speaker,
+    what: &str,
+    limit: Duration,
+    ok: impl Fn(&PeerStatus) -> bool,
+) -> Result<PeerStatus> {
+    let started = Instant::now();
+    loop {
+        let status = speaker.status();
+        if let Some(s) = status.first() {
+            if ok(s) {
+                return Ok(s.clone());
+            }
+        }
+        if started.elapsed() > limit {
+            bail!("{what}: not within {limit:?}: {status:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// BFD against BIRD's BFD: sessions come Up; a node crash (link down, speaker aborted without a
+/// word) removes its next hop long before the 9 s hold time; BFD packets dropped on a node make
+/// its BFD session go Down, which closes that node's BGP session (reason recorded) while TCP is
+/// still fine; once they flow again BFD and BGP come back.
+#[test]
+fn bird_bfd_failover() -> Result<()> {
+    if !bird_ready("bird_bfd_failover") {
+        return Ok(());
+    }
+    if !palisade_e2e::on_path("iptables") {
+        println!("skipped: bird_bfd_failover needs iptables");
+        return Ok(());
+    }
+    let mut lab = Lab::new(LabSpec {
+        nodes: 3,
+        ports: Vec::new(),
+        client: false,
+        serve_pods: false,
+    })?;
+    let router = lab.add_lan_host("router", ROUTER_IP)?.netns;
+    let nodes: Vec<(String, Ipv4Addr)> = lab
+        .nodes()
+        .iter()
+        .map(|n| (n.netns.clone(), n.ip))
+        .collect();
+    let conf = lab.tmp_dir().join("bird-bfd.conf");
+    let mut text = bird_config_with(
+        &nodes.iter().map(|n| n.1).collect::<Vec<_>>(),
+        BFD_HOLD,
+        "bfd on;\n  error wait time 1, 2;",
+    );
+    text.push_str(BFD_BIRD);
+    std::fs::write(&conf, text)?;
+    let sock = lab.tmp_dir().join("bird-bfd.ctl");
+    let conf_s = conf.to_string_lossy().into_owned();
+    let sock_s = sock.to_string_lossy().into_owned();
+    let bird = lab.spawn_in(
+        &router,
+        "bird-bfd",
+        &["bird", "-f", "-c", &conf_s, "-s", &sock_s],
+    )?;
+    let bird_log = || std::fs::read_to_string(bird.log_path()).unwrap_or_default();
+
+    let speakers: Vec<NodeSpeaker> = nodes
+        .iter()
+        .map(|(ns, _)| NodeSpeaker::start(ns))
+        .collect::<Result<_>>()?;
+    let vip: IpNetwork = format!("{VIP}/32").parse()?;
+    for (speaker, (_, ip)) in speakers.iter().zip(&nodes) {
+        let mut peer = PeerConfig::new("router", NODE_ASN, ROUTER_ASN, IpAddr::V4(ROUTER_IP));
+        peer.hold_time = BFD_HOLD;
+        peer.router_id = *ip;
+        peer.source_address = Some(IpAddr::V4(*ip));
+        peer.connect_retry = Duration::from_millis(200);
+        peer.bfd = Some(fast_bfd());
+        speaker.speaker.set_peers(vec![peer]);
+        assert!(speaker.speaker.set_prefixes("router", [vip].into()));
+    }
+    let all: BTreeSet<Ipv4Addr> = nodes.iter().map(|n| n.1).collect();
+    wait_for_hops(&router, &all, Duration::from_secs(20))
+        .map_err(|e| e.context(format!("bird log:\n{}", bird_log())))?;
+    for s in &speakers {
+        wait_status(&s.speaker, "BFD Up", Duration::from_secs(20), |s| {
+            s.bfd_state == Some(BfdState::Up) && s.state == SessionState::Established
+        })
+        .map_err(|e| e.context(format!("bird log:\n{}", bird_log())))?;
+    }
+    let bfd_show = lab.exec_in(
+        &router,
+        &["birdc", "-s", &sock_s, "show", "bfd", "sessions"],
+    )?;
+    let shown = String::from_utf8_lossy(&bfd_show.stdout).into_owned();
+    println!("{shown}");
+    assert_eq!(
+        shown.matches(" Up ").count(),
+        3,
+        "BIRD's BFD sessions: {shown}"
+    );
+
+    // Crash: node3's link down and its speaker gone without a word.
+    netns::ip_in(&nodes[2].0, &["link", "set", "eth0", "down"])?;
+    let crashed = Instant::now();
+    speakers[2].speaker.abort();
+    let mut left = all.clone();
+    left.remove(&nodes[2].1);
+    wait_for_hops(&router, &left, BFD_HOLD).map_err(|e| {
+        let status: Vec<_> = speakers[..2].iter().map(|s| s.speaker.status()).collect();
+        e.context(format!("status {status:?}\nbird log:\n{}", bird_log()))
+    })?;
+    let after = crashed.elapsed();
+    println!(
+        "crashed node's next hop gone after {after:?} (BFD 100 ms x 3, hold time {BFD_HOLD:?})"
+    );
+    assert!(
+        after < BFD_HOLD / 2,
+        "removed after {after:?}: the hold timer, not BFD"
+    );
+
+    // BFD packets to node1 dropped: its BFD session expires and the BGP session closes at
+    // once although TCP still works.
+    let drop_bfd = [
+        "iptables", "-w", "-I", "INPUT", "-p", "udp", "--dport", "3784", "-j", "DROP",
+    ];
+    let out = lab.exec_in(&nodes[0].0, &drop_bfd)?;
+    assert!(out.status.success(), "iptables: {out:?}");
+    let down = wait_status(
+        &speakers[0].speaker,
+        "BGP closed by BFD",
+        BFD_HOLD / 2,
+        |s| {
+            s.last_down_reason
+                .as_deref()
+                .is_some_and(|r| r.contains("BFD"))
+        },
+    )?;
+    assert!(down.bfd_flaps >= 1, "{down:?}");
+    assert_ne!(down.bfd_state, Some(BfdState::Up), "{down:?}");
+    let mut undo = drop_bfd.to_vec();
+    undo[2] = "-D";
+    let out = lab.exec_in(&nodes[0].0, &undo)?;
+    assert!(out.status.success(), "iptables: {out:?}");
+    wait_status(
+        &speakers[0].speaker,
+        "BFD and BGP back",
+        Duration::from_secs(30),
+        |s| s.bfd_state == Some(BfdState::Up) && s.state == SessionState::Established,
+    )?;
+    wait_for_hops(&router, &left, Duration::from_secs(20))?;
+    // Node2 never noticed anything.
+    let s1 = &speakers[1].speaker.status()[0];
+    assert_eq!((s1.established_count, s1.bfd_flaps), (1, 0), "{s1:?}");
     drop(speakers);
     drop(bird);
     lab.teardown()?;

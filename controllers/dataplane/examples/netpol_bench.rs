@@ -337,7 +337,107 @@ fn run() {
         stats(&v),
         String::new(),
     ));
+    cluster_policy_rows(&mut rows, &exec, &cfg, base);
     print_rows(&rows);
+}
+
+/// The same cluster plus [`CLUSTER_POLICIES`] ClusterNetworkPolicies (Admin and Baseline):
+/// compile, the apply that adds them, and one of them changing priority.
+fn cluster_policy_rows(
+    rows: &mut Vec<Row>,
+    exec: &KernelExecutor,
+    cfg: &NodeConfig,
+    base: &ClusterState,
+) {
+    let with = |variant: i32| {
+        let mut s = base.clone();
+        s.cluster_policies = cluster_network_policies()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        s.cluster_policies[0] = Arc::new(cluster_network_policy(0, variant));
+        s
+    };
+    let s = with(0);
+    let mut compile_t = Vec::new();
+    let mut payload = None;
+    for _ in 0..COMPILE_RUNS {
+        let t = Instant::now();
+        let p = render(&compile(&s, cfg));
+        compile_t.push(t.elapsed());
+        payload = Some(p);
+    }
+    let Some(p) = payload else { return };
+    let cnp_chains = p
+        .chains
+        .iter()
+        .filter(|n| n.starts_with("PAL-CI-") || n.starts_with("PAL-CE-"))
+        .count();
+    let tiered = p
+        .chains
+        .iter()
+        .filter(|n| n.starts_with("PAL-XI-") || n.starts_with("PAL-XE-"))
+        .count();
+    rows.push(Row(
+        format!("+{CLUSTER_POLICIES} CNPs: model + compile + render"),
+        stats(&compile_t),
+        format!("median of {COMPILE_RUNS}"),
+    ));
+    rows.push(Row(
+        format!("+{CLUSTER_POLICIES} CNPs: rules / ipsets / members"),
+        format!("{} / {} / {}", p.stats.rules, p.stats.sets, p.stats.members),
+        format!(
+            "{cnp_chains} CNP chains, {tiered} tiered profiles, {} chains in all",
+            p.stats.chains
+        ),
+    ));
+    exec.apply(&render(&compile(base, cfg))).expect("base");
+    let t = Instant::now();
+    let r = exec.apply(&p).expect("adding CNPs");
+    rows.push(Row(
+        format!("(c) {CLUSTER_POLICIES} CNPs added (apply only)"),
+        ms(t.elapsed()),
+        format!(
+            "ipset {} + iptables-restore {} ({} chains written)",
+            ms(r.ipset_duration),
+            ms(r.iptables_duration),
+            r.chains_written
+        ),
+    ));
+    // cnp-000 moves from first to last in its tier and back: the profiles holding it change.
+    let variants = [with(997), with(1)];
+    let mut inc = IncrementalCompiler::new(cfg.clone());
+    exec.apply(inc.sync(&s)).expect("with CNPs");
+    let mut v = Vec::new();
+    let mut sync_t = Vec::new();
+    let mut last = None;
+    for k in 0..RUNS {
+        let t = Instant::now();
+        inc.sync(&variants[k % 2]);
+        sync_t.push(t.elapsed());
+        let p = inc.payload().expect("synced");
+        let r = exec.apply(p).expect("CNP change");
+        v.push(t.elapsed());
+        if std::env::var_os("PALISADE_BENCH_DEBUG").is_some() {
+            eprintln!("{r:?}");
+        }
+        last = Some(r);
+    }
+    rows.push(Row(
+        "(d) one CNP changed (priority)".into(),
+        stats(&v),
+        last.map(|r| {
+            format!(
+                "compile+render {}, then ipset {} ({} sets updated) + iptables-restore {} ({} chain(s) rewritten)",
+                stats(&sync_t),
+                ms(r.ipset_duration),
+                r.sets_updated,
+                ms(r.iptables_duration),
+                r.chains_written
+            )
+        })
+        .unwrap_or_default(),
+    ));
 }
 
 fn print_rows(rows: &[Row]) {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use palisade_netpol::compile::{IpSet, SetKind, SetMember};
@@ -78,7 +78,7 @@ pub struct KernelExecutor {
     family: Family,
     netns: Option<String>,
     /// The last payload applied successfully.
-    last: Mutex<Option<Payload>>,
+    last: Mutex<Option<Arc<Payload>>>,
 }
 
 const SEARCH_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"];
@@ -472,6 +472,22 @@ impl KernelExecutor {
 
 impl Executor for KernelExecutor {
     fn apply(&self, p: &Payload) -> Result<ApplyReport, DataplaneError> {
+        self.apply_inner(p, || Arc::new(p.clone()))
+    }
+
+    fn apply_shared(&self, p: Arc<Payload>) -> Result<ApplyReport, DataplaneError> {
+        let keep = p.clone();
+        self.apply_inner(&p, move || keep)
+    }
+}
+
+impl KernelExecutor {
+    /// Applies `p`; on success remembers it as `keep()` (the caller's `Arc`, or a copy).
+    fn apply_inner(
+        &self,
+        p: &Payload,
+        keep: impl FnOnce() -> Arc<Payload>,
+    ) -> Result<ApplyReport, DataplaneError> {
         if p.family != self.family {
             return Err(DataplaneError::WrongFamily {
                 executor: self.family,
@@ -483,7 +499,7 @@ impl Executor for KernelExecutor {
         // Forget first: if anything below fails, the next apply re-reads the kernel.
         let last = guard.take();
         let mut report = ApplyReport::default();
-        let clean = self.apply_locked(p, last.as_ref(), &mut report)?;
+        let clean = self.apply_locked(p, last.as_deref(), &mut report)?;
         report.changed = report.sets_created + report.sets_updated + report.sets_destroyed > 0
             || report.iptables_applied;
         report.total_duration = start.elapsed();
@@ -491,7 +507,7 @@ impl Executor for KernelExecutor {
             tracing::warn!("{w}");
         }
         if clean {
-            *guard = Some(p.clone());
+            *guard = Some(keep());
         }
         Ok(report)
     }

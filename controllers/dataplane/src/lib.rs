@@ -26,6 +26,7 @@ pub mod netns;
 mod observe;
 mod recording;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use conntrack::{revoke_denied, Conntrack, KernelConntrack, RevokeReport};
@@ -40,6 +41,12 @@ pub trait Executor: Send + Sync {
     /// Makes the dataplane match `p`. Idempotent: applying the same payload again changes
     /// nothing (and re-verifies the kernel state, repairing drift).
     fn apply(&self, p: &Payload) -> Result<ApplyReport, DataplaneError>;
+
+    /// [`Executor::apply`] of a shared payload: an executor that remembers what it applied
+    /// keeps the `Arc` instead of a copy (a payload is megabytes at scale).
+    fn apply_shared(&self, p: Arc<Payload>) -> Result<ApplyReport, DataplaneError> {
+        self.apply(&p)
+    }
 }
 
 /// What one [`Executor::apply`] did.

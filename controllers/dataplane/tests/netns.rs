@@ -766,3 +766,162 @@ fn dual_stack_real_packets_follow_the_policy_in_both_families() {
     );
     drop(servers);
 }
+
+/// ClusterNetworkPolicies on real packets in both families, and the kernel's round trip of
+/// their rules (tiered profiles, CNP chains, the pass bit): a resync of the same payloads
+/// rewrites nothing.
+///
+/// NetworkPolicy: the server accepts nothing. Admin: the server accepts the client on 9090
+/// (beats the NetworkPolicy deny); the client may not reach the server's IPv6 address
+/// (networks peer, IPv6 only) and passes everything else to the Baseline, which denies the
+/// client's egress to the third pod.
+#[test]
+fn cluster_network_policies_dual_stack_real_packets() {
+    skip_unless_root!();
+    let Some(py) = python() else {
+        eprintln!("skipped: no python3 for the probe servers");
+        return;
+    };
+    if Command::new("ip6tables-save")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: ip6tables not installed");
+        return;
+    }
+    let node = Netns::create("pal-cnp6-node").expect("netns");
+    let addrs = [
+        ("10.244.1.10", "fd00:10:1::10"),
+        ("10.244.1.11", "fd00:10:1::11"),
+        ("10.244.1.12", "fd00:10:1::12"),
+    ];
+    let pods: Vec<Netns> = addrs
+        .iter()
+        .map(|_| Netns::create("pal-cnp6-pod").expect("netns"))
+        .collect();
+    let no_dad = "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0";
+    node.sh(&format!(
+        "{no_dad} && ip link set lo up && sysctl -qw net.ipv4.ip_forward=1 \
+         net.ipv6.conf.all.forwarding=1"
+    ))
+    .expect("node setup");
+    for (i, (pod, (v4, v6))) in pods.iter().zip(addrs).enumerate() {
+        pod.sh(no_dad).expect("pod sysctl");
+        node.sh(&format!(
+            "ip link add h{i} type veth peer name eth0 netns {pod} && ip link set h{i} up \
+             && ip addr add 169.254.1.1/32 dev h{i} && ip route add {v4}/32 dev h{i} \
+             && ip -6 addr add fe80::1/64 dev h{i} nodad && ip -6 route add {v6}/128 dev h{i}",
+            pod = pod.name()
+        ))
+        .expect("veth");
+        pod.sh(&format!(
+            "ip link set lo up && ip link set eth0 up && ip addr add {v4}/32 dev eth0 \
+             && ip route add 169.254.1.1 dev eth0 && ip route add default via 169.254.1.1 dev eth0 \
+             && ip -6 addr add {v6}/128 dev eth0 nodad && ip -6 route add default via fe80::1 dev eth0"
+        ))
+        .expect("pod setup");
+    }
+    let servers: Vec<Server> = pods.iter().map(|p| serve_script(p, py, SERVER6)).collect();
+    let (client, server, third) = (&pods[0], &pods[1], &pods[2]);
+
+    let mut st = cluster(
+        vec![mk_node_cidrs("n1", &["10.244.1.0/24", "fd00:10:1::/64"])],
+        vec![mk_ns("x", &[])],
+        ["client", "server", "third"]
+            .iter()
+            .zip(addrs)
+            .map(|(name, (v4, v6))| {
+                with_pod_ips(mk_pod("x", name, &[("app", name)], "", "n1"), &[v4, v6])
+            })
+            .collect(),
+        vec![mk_policy(
+            "x",
+            "server-deny",
+            json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
+        )],
+    );
+    let app = |a: &str| json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": a}}}});
+    st.cluster_policies = vec![
+        std::sync::Arc::new(mk_cnp(
+            "server-from-client",
+            json!({"tier": "Admin", "priority": 1,
+                   "subject": {"pods": app("server")["pods"].clone()},
+                   "ingress": [{"action": "Accept", "from": [app("client")],
+                                "protocols": [{"tcp": {"destinationPort": {"number": 9090}}}]}]}),
+        )),
+        std::sync::Arc::new(mk_cnp(
+            "client-out",
+            json!({"tier": "Admin", "priority": 2,
+            "subject": {"pods": app("client")["pods"].clone()},
+            "egress": [
+                {"action": "Deny", "to": [{"networks": [format!("{}/128", addrs[1].1)]}]},
+                {"action": "Pass", "to": [{"networks": ["0.0.0.0/0", "::/0"]}]},
+            ]}),
+        )),
+        std::sync::Arc::new(mk_cnp(
+            "baseline-client",
+            json!({"tier": "Baseline", "priority": 1,
+                   "subject": {"pods": app("client")["pods"].clone()},
+                   "egress": [{"action": "Deny", "to": [app("third")]}]}),
+        )),
+    ];
+    let cfg = |family| {
+        let mut c = NodeConfig::new("n1");
+        c.family = family;
+        c
+    };
+    let c4 = compile(&st, &cfg(Family::V4));
+    assert!(c4.diagnostics.is_empty(), "{:?}", c4.diagnostics);
+    let p4 = render(&c4);
+    let p6 = render(&compile(&st, &cfg(Family::V6)));
+    assert!(p4.iptables_restore.contains(names::CNP_PASS_CHAIN));
+    let exec4 = KernelExecutor::for_family(Family::V4, "auto", Some(node.name())).expect("v4");
+    let exec6 =
+        KernelExecutor::for_family(Family::V6, exec4.backend().as_flag(), Some(node.name()))
+            .expect("v6");
+    exec4.apply(&p4).expect("apply v4");
+    exec6.apply(&p6).expect("apply v6");
+    for (exec, p) in [(&exec4, &p4), (&exec6, &p6)] {
+        let r = exec.apply(p).expect("resync");
+        assert!(
+            r.verified && !r.iptables_applied && !r.changed,
+            "the kernel prints the CNP rules back as rendered: {r:?}"
+        );
+    }
+    for ns in std::iter::once(&node).chain(&pods) {
+        ns.sh("ip -6 neigh flush all; ip -4 neigh flush all")
+            .expect("neigh flush");
+    }
+    let (v4, v6) = (|k: usize| addrs[k].0, |k: usize| addrs[k].1);
+    assert!(
+        connects(client, py, v4(1), 9090),
+        "Admin Accept beats the NP deny"
+    );
+    assert!(
+        !connects(client, py, v4(1), 8080),
+        "not on 8080: the NP deny"
+    );
+    assert!(!connects(third, py, v4(1), 9090), "only the client");
+    assert!(
+        !connects(client, py, v6(1), 9090),
+        "IPv6 networks Deny (egress)"
+    );
+    assert!(
+        !connects(client, py, v4(2), 8080),
+        "Pass → Baseline Deny (IPv4)"
+    );
+    assert!(
+        !connects(client, py, v6(2), 8080),
+        "Pass → Baseline Deny (IPv6)"
+    );
+    assert!(
+        connects(third, py, v4(0), 8080),
+        "the client's ingress is open"
+    );
+    assert!(
+        connects(server, py, v6(0), 8080),
+        "... from the server over IPv6 too"
+    );
+    drop(servers);
+}

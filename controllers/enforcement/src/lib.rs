@@ -1,7 +1,7 @@
 //! The node-local NetworkPolicy reconciler.
 //!
 //! ```text
-//!  Stores (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
+//! NetpolCaches (pods, namespaces, policies, nodes) ── snapshot ──► IncrementalCompiler::sync
 //!        ▲ pokes                                                     │
 //!   Trigger ◄── reflectors                                   render ─┴─► Payload
 //!                                                                        │ same as last? skip
@@ -26,23 +26,90 @@ use palisade_dataplane::Executor;
 use palisade_netpol::{ClusterState, Diagnostic, Family, IncrementalCompiler, NodeConfig, Payload};
 use tokio_util::sync::CancellationToken;
 
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::Store;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
-use palisade_runtime::stores::{names, Stores};
-use palisade_runtime::sync::{run_sync_loop, Cause, Trigger};
+use palisade_runtime::prune::SlimPod;
+use palisade_runtime::stores::{CacheGroup, Caches};
+use palisade_runtime::sync::{run_sync_loop, Cause, JobError, Trigger};
+
+pub mod cnp;
 
 /// Event reasons of the netpol reconciler.
 pub mod reasons {
     pub const APPLY_FAILED: &str = "NetworkPolicyApplyFailed";
 }
 
+/// Why a NetworkPolicy sync failed (retried with backoff; the previous rules stay in force).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the reconciler's state lock is poisoned")]
+    Poisoned,
+    #[error("applying the {family:?} rules failed: {message}")]
+    Apply { family: Family, message: String },
+    #[error("the apply task died: {0}")]
+    ApplyTask(String),
+}
+
+impl JobError for SyncError {
+    fn label(&self) -> &'static str {
+        match self {
+            SyncError::Poisoned => "poisoned",
+            SyncError::Apply { .. } => "apply",
+            SyncError::ApplyTask(_) => "apply_task",
+        }
+    }
+}
+
 /// Gives the executor of an address family (created when the family is first needed; an
 /// IPv6 executor needs the `ip6tables` tools, which an IPv4-only node may lack).
 pub type ExecutorFactory = Arc<dyn Fn(Family) -> Result<Arc<dyn Executor>, String> + Send + Sync>;
 
+/// The caches NetworkPolicy enforcement reads.
+#[derive(Clone)]
+pub struct NetpolCaches {
+    pub pods: Store<Pod>,
+    pub namespaces: Store<Namespace>,
+    pub network_policies: Store<NetworkPolicy>,
+    pub nodes: Store<Node>,
+    /// ClusterNetworkPolicies, when enabled (see [`cnp`]).
+    pub cluster_policies: Option<cnp::CnpWatch>,
+    pub group: CacheGroup,
+}
+
+impl NetpolCaches {
+    /// Registers what enforcement reads; every change pokes `trigger`.
+    pub fn register(caches: &mut Caches, trigger: &Trigger) -> NetpolCaches {
+        Self::register_with(caches, trigger, None)
+    }
+
+    /// [`NetpolCaches::register`], plus ClusterNetworkPolicies when `cluster_policies` has
+    /// the client their status is written with.
+    pub fn register_with(
+        caches: &mut Caches,
+        trigger: &Trigger,
+        cluster_policies: Option<kube::Client>,
+    ) -> NetpolCaches {
+        let mut r = caches.register(trigger);
+        NetpolCaches {
+            // Decoded slim: only the fields enforcement reads (labels, node, host network,
+            // named ports, phase, IPs) are ever built.
+            pods: r.watch_decoded::<Pod, SlimPod>(|_| {}),
+            namespaces: r.watch(),
+            network_policies: r.watch(),
+            nodes: r.watch(),
+            cluster_policies: cluster_policies
+                .map(|client| cnp::CnpWatch::new(r.watch_custom(&cnp::api_resource()), client)),
+            group: r.finish(),
+        }
+    }
+}
+
 pub struct NetpolReconciler {
-    pub stores: Stores,
+    pub stores: NetpolCaches,
     /// This node's settings; `family` is ignored (each family gets its own compile).
     pub node: NodeConfig,
     pub executors: ExecutorFactory,
@@ -62,7 +129,8 @@ struct FamilyState {
     /// Keeps the previous compile, so pod churn only recomputes what it touches.
     compiler: IncrementalCompiler,
     executor: Arc<dyn Executor>,
-    payload: Option<Payload>,
+    /// Shared with the apply task: a payload is copied once, when it changed.
+    payload: Option<Arc<Payload>>,
 }
 
 #[derive(Default)]
@@ -72,6 +140,11 @@ struct LastState {
     unavailable: BTreeSet<Family>,
     /// Diagnostics already reported as Events (reported again only when they change).
     reported: BTreeSet<(String, String, String, String)>,
+}
+
+/// Milliseconds since `t` (for the phase timings in the sync log).
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// The address families this node's pods use: the families of its `spec.podCIDRs` and of
@@ -124,45 +197,69 @@ pub fn node_families(state: &ClusterState, node: &str) -> BTreeSet<Family> {
 }
 
 impl NetpolReconciler {
-    /// Runs until `shutdown`. `trigger` must be subscribed to the stores it reads.
+    /// Runs until `shutdown`. `trigger` must be the one the caches were registered with.
     pub async fn run(self, trigger: Trigger, shutdown: CancellationToken) {
-        let readiness = self.stores.readiness.clone();
         // Wait for the first complete list of everything we read.
-        let needed = [
-            names::PODS,
-            names::NAMESPACES,
-            names::NETWORK_POLICIES,
-            names::NODES,
-        ];
-        loop {
-            let pending = readiness.pending();
-            if !pending.iter().any(|p| needed.contains(p)) {
-                break;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
-            }
+        if !self.stores.group.synced(&shutdown).await {
+            return;
         }
         tracing::info!(node = %self.node.node_name, "caches synced; NetworkPolicy enforcement starts");
         let this = Arc::new(self);
         let last = Arc::new(Mutex::new(LastState::default()));
         trigger.poke();
-        run_sync_loop(this.settings, trigger, shutdown, |cause| {
-            let this = this.clone();
-            let last = last.clone();
-            async move { this.sync_once(cause, &last).await }
-        })
+        let metrics = Some(this.metrics.clone());
+        run_sync_loop(
+            this.settings,
+            trigger,
+            shutdown,
+            "netpol",
+            metrics,
+            |cause| {
+                let this = this.clone();
+                let last = last.clone();
+                async move { this.sync_once(cause, &last).await }
+            },
+        )
         .await;
     }
 
     /// A snapshot of the caches as the pure compiler's input.
     pub fn snapshot(&self) -> ClusterState {
-        ClusterState {
+        self.snapshot_full().0
+    }
+
+    /// The snapshot and the full ClusterNetworkPolicy objects (for status).
+    fn snapshot_full(
+        &self,
+    ) -> (
+        ClusterState,
+        Vec<Arc<palisade_netpol::cnp::ClusterNetworkPolicy>>,
+    ) {
+        let (cluster_policies, full) = self
+            .stores
+            .cluster_policies
+            .as_ref()
+            .map(cnp::CnpWatch::snapshot)
+            .unwrap_or_default();
+        let state = ClusterState {
             nodes: self.stores.nodes.state(),
             namespaces: self.stores.namespaces.state(),
             pods: self.stores.pods.state(),
             policies: self.stores.network_policies.state(),
+            cluster_policies,
+        };
+        (state, full)
+    }
+
+    async fn report_cnp_status(
+        &self,
+        full: &[Arc<palisade_netpol::cnp::ClusterNetworkPolicy>],
+        diags: &[Diagnostic],
+        apply_error: Option<&str>,
+    ) {
+        if let Some(w) = &self.stores.cluster_policies {
+            w.report_status(&self.node.node_name, full, diags, apply_error)
+                .await;
         }
     }
 
@@ -227,17 +324,19 @@ impl NetpolReconciler {
         }
     }
 
-    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), ()> {
+    async fn sync_once(&self, cause: Cause, last: &Mutex<LastState>) -> Result<(), SyncError> {
         let start = Instant::now();
-        let state = self.snapshot();
+        let (state, cnp_full) = self.snapshot_full();
+        let snapshot_ms = ms_since(start);
         self.ensure_families(&state, cause, last).await;
         let links = self.link_dump().await;
+        let compile_start = Instant::now();
         // Compile every enforced family; collect what must be applied.
         let mut diagnostics = Vec::new();
         let mut work = Vec::new();
         {
             let Ok(mut l) = last.lock() else {
-                return Err(());
+                return Err(SyncError::Poisoned);
             };
             for (family, fs) in l.families.iter_mut() {
                 if let Some(dump) = &links {
@@ -245,30 +344,38 @@ impl NetpolReconciler {
                     let found = palisade_dataplane::interfaces::resolve(dump, &ips);
                     fs.compiler.set_pod_interfaces(found);
                 }
-                let payload = fs.compiler.sync(&state).clone();
+                let payload = fs.compiler.sync(&state);
+                let unchanged = fs.payload.as_deref() == Some(payload);
+                if !unchanged || cause == Cause::Resync {
+                    let payload = match (&fs.payload, unchanged) {
+                        (Some(p), true) => p.clone(),
+                        _ => Arc::new(payload.clone()),
+                    };
+                    work.push((*family, fs.executor.clone(), payload));
+                }
                 if let Some(c) = fs.compiler.compiled() {
                     diagnostics.extend(c.diagnostics.iter().cloned());
                 }
-                let unchanged = fs.payload.as_ref() == Some(&payload);
-                if !unchanged || cause == Cause::Resync {
-                    work.push((*family, fs.executor.clone(), payload));
-                }
             }
         }
+        let compile_ms = ms_since(compile_start);
         diagnostics.sort();
         diagnostics.dedup();
-        self.report_diagnostics(&diagnostics, last).await;
         if work.is_empty() {
+            self.report_cnp_status(&cnp_full, &diagnostics, None).await;
+            self.report_diagnostics(&diagnostics, last).await;
             self.metrics
                 .netpol_syncs
                 .get_or_create(&labels1("result", "unchanged"))
                 .inc();
             return Ok(());
         }
-        let mut ok = true;
+        let mut failure = None;
         for (family, executor, payload) in work {
             let to_apply = payload.clone();
-            let result = tokio::task::spawn_blocking(move || executor.apply(&to_apply)).await;
+            let apply_start = Instant::now();
+            let result = tokio::task::spawn_blocking(move || executor.apply_shared(to_apply)).await;
+            let apply_ms = ms_since(apply_start);
             match result {
                 Ok(Ok(report)) => {
                     let first = last
@@ -283,6 +390,9 @@ impl NetpolReconciler {
                         cause = cause.as_str(),
                         ?family,
                         changed = report.changed,
+                        snapshot_ms,
+                        compile_ms,
+                        apply_ms,
                         rules = payload.stats.rules,
                         sets = payload.stats.sets,
                         "netpol sync applied"
@@ -294,7 +404,6 @@ impl NetpolReconciler {
                     }
                 }
                 Ok(Err(e)) => {
-                    ok = false;
                     tracing::error!(?family, error = %e, "applying NetworkPolicy rules failed; previous rules stay in force, retrying");
                     self.events
                         .warning(
@@ -310,17 +419,28 @@ impl NetpolReconciler {
                             fs.payload = None;
                         }
                     }
+                    failure = Some(SyncError::Apply {
+                        family,
+                        message: e.to_string(),
+                    });
                 }
                 Err(join) => {
-                    ok = false;
                     tracing::error!(error = %join, "apply task died");
+                    failure = Some(SyncError::ApplyTask(join.to_string()));
                 }
             }
         }
+        let ok = failure.is_none();
+        let apply_error = failure.as_ref().map(ToString::to_string);
+        self.report_cnp_status(&cnp_full, &diagnostics, apply_error.as_deref())
+            .await;
         let elapsed = start.elapsed();
         self.metrics
             .netpol_sync_duration
             .observe(elapsed.as_secs_f64());
+        // Events (one per new diagnostic, an API call each) go out once the kernel has the
+        // rules: they never delay enforcement.
+        self.report_diagnostics(&diagnostics, last).await;
         self.metrics
             .netpol_syncs
             .get_or_create(&labels1("result", if ok { "applied" } else { "failed" }))
@@ -332,10 +452,8 @@ impl NetpolReconciler {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
             self.metrics.netpol_last_success.set(now);
-            Ok(())
-        } else {
-            Err(())
         }
+        failure.map_or(Ok(()), Err)
     }
 
     /// Revocation after an apply: deletes the conntrack entries of this node's pods' flows
@@ -463,6 +581,7 @@ impl NetpolReconciler {
                 api_version: Some(
                     match d.kind {
                         "NetworkPolicy" => "networking.k8s.io/v1",
+                        palisade_netpol::cnp::DIAG_KIND => palisade_netpol::cnp::API_VERSION,
                         _ => "v1",
                     }
                     .into(),

@@ -37,107 +37,13 @@
 //! lowest free address is found in amortised O(1); releasing an address lowers the cursor.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use crate::crd::IPAddressPoolStatus;
 use crate::error::{Error, SharingProblem};
-use crate::pool::{find_overlaps, ip_to_num, is_buggy, num_to_ip, Family, Pool};
-
-/// Identity of a Service (`namespace/name`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    /// `metadata.namespace`.
-    pub namespace: String,
-    /// `metadata.name`.
-    pub name: String,
-}
-
-impl ServiceKey {
-    /// A key from namespace and name.
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        ServiceKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-}
-
-impl fmt::Display for ServiceKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// A Service port protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// TCP (the Kubernetes default).
-    Tcp,
-    /// UDP.
-    Udp,
-    /// SCTP.
-    Sctp,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
-    }
-}
-
-impl FromStr for Protocol {
-    type Err = String;
-    /// `TCP`, `UDP`, `SCTP` (as in `Service.spec.ports[].protocol`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "TCP" => Ok(Protocol::Tcp),
-            "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Ok(Protocol::Sctp),
-            other => Err(format!(
-                "unknown protocol {other:?} (want TCP, UDP or SCTP)"
-            )),
-        }
-    }
-}
-
-/// One Service port as it matters for sharing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Port {
-    /// Protocol.
-    pub protocol: Protocol,
-    /// `spec.ports[].port`.
-    pub port: u16,
-}
-
-impl Port {
-    /// A TCP port.
-    pub fn tcp(port: u16) -> Port {
-        Port {
-            protocol: Protocol::Tcp,
-            port,
-        }
-    }
-
-    /// A UDP port.
-    pub fn udp(port: u16) -> Port {
-        Port {
-            protocol: Protocol::Udp,
-            port,
-        }
-    }
-}
-
-impl fmt::Display for Port {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.protocol, self.port)
-    }
-}
+use crate::pool::{find_overlaps, ip_to_num, is_buggy, num_to_ip, Pool};
+pub use crate::types::{Family, Port, Protocol, ServiceKey};
 
 /// `Service.spec.ipFamilyPolicy`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

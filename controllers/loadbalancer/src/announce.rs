@@ -213,6 +213,85 @@ pub fn interfaces_for(
     any.then_some(choice)
 }
 
+/// One interface a node's agent can announce on, as it reports it over the membership.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReachInterface {
+    pub name: String,
+    /// Up and running (carrier).
+    pub up: bool,
+    /// The interface's subnets: (network address, prefix length).
+    pub nets: Vec<(IpAddr, u8)>,
+}
+
+/// Where a node can announce at layer 2: its interfaces (what its agent reported).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeReach {
+    pub interfaces: Vec<ReachInterface>,
+}
+
+/// Whether `ip` lies in `net`/`len` (same family only; lengths beyond the family are no match).
+pub fn net_contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    let mask = |bits: u32, len: u8| -> Option<u128> {
+        let len = u32::from(len);
+        (len <= bits).then(|| {
+            if len == 0 {
+                0
+            } else {
+                (u128::MAX << (128 - len)) >> (128 - bits)
+            }
+        })
+    };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => mask(32, len)
+            .is_some_and(|m| (u128::from(u32::from(n)) & m) == (u128::from(u32::from(i)) & m)),
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            mask(128, len).is_some_and(|m| (u128::from(n) & m) == (u128::from(i) & m))
+        }
+        _ => false,
+    }
+}
+
+impl NodeReach {
+    /// Whether a node with this reach can announce `ip` on what `choice` selects: a named
+    /// interface that is up (explicitly listed: no subnet needed, e.g. a VLAN without an
+    /// address), or — when the advertisement leaves the interface to the route — an up
+    /// interface on the IP's subnet. A node whose only way to the IP is its default route
+    /// would answer where no client can hear it (MetalLB #511).
+    pub fn can_announce(&self, ip: IpAddr, choice: &InterfaceChoice) -> bool {
+        self.interfaces.iter().filter(|i| i.up).any(|i| {
+            choice.named.contains(&i.name)
+                || (choice.route_interface
+                    && i.nets.iter().any(|(net, len)| net_contains(*net, *len, ip)))
+        })
+    }
+}
+
+/// Narrows `eligible` to the nodes that can announce `ip` ([`NodeReach::can_announce`] with
+/// each node's own [`InterfaceChoice`]). A node that reported nothing (an agent of an older
+/// version, or not heard yet) is kept. When no node can, `eligible` is returned unchanged, so
+/// a pool that is on no node's subnet keeps being announced as before. Pure and the same on
+/// every agent given the same reports, so the election stays coordination-free.
+pub fn reachable_nodes(
+    eligible: Vec<String>,
+    ip: IpAddr,
+    reach: &BTreeMap<String, NodeReach>,
+    choice_of: impl Fn(&str) -> Option<InterfaceChoice>,
+) -> Vec<String> {
+    let able: Vec<String> = eligible
+        .iter()
+        .filter(|n| match reach.get(n.as_str()) {
+            None => true,
+            Some(r) => choice_of(n).is_some_and(|c| r.can_announce(ip, &c)),
+        })
+        .cloned()
+        .collect();
+    if able.is_empty() {
+        eligible
+    } else {
+        able
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +587,114 @@ mod tests {
                 named: vec![]
             })
         );
+    }
+
+    fn reach(ifaces: &[(&str, bool, &[&str])]) -> NodeReach {
+        NodeReach {
+            interfaces: ifaces
+                .iter()
+                .map(|(name, up, nets)| ReachInterface {
+                    name: name.to_string(),
+                    up: *up,
+                    nets: nets
+                        .iter()
+                        .map(|n| {
+                            let (a, l) = n.split_once('/').unwrap();
+                            (a.parse().unwrap(), l.parse().unwrap())
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn net_contains_checks_family_and_prefix() {
+        assert!(net_contains(ip("198.51.100.0"), 24, ip("198.51.100.200")));
+        assert!(!net_contains(ip("198.51.100.0"), 24, ip("198.51.101.200")));
+        assert!(net_contains(ip("0.0.0.0"), 0, ip("203.0.113.1")));
+        assert!(net_contains(ip("198.51.100.7"), 32, ip("198.51.100.7")));
+        assert!(!net_contains(ip("198.51.100.0"), 33, ip("198.51.100.0")));
+        assert!(net_contains(
+            ip("fd00:51:100::"),
+            64,
+            ip("fd00:51:100::200")
+        ));
+        assert!(!net_contains(
+            ip("fd00:51:100::"),
+            64,
+            ip("fd00:51:101::200")
+        ));
+        assert!(!net_contains(ip("fd00::"), 129, ip("fd00::")));
+        assert!(!net_contains(
+            ip("198.51.100.0"),
+            24,
+            ip("fd00:51:100::200")
+        ));
+        assert!(net_contains(ip("::"), 0, ip("fd00::1")));
+    }
+
+    #[test]
+    fn reach_needs_an_up_interface_on_the_subnet_or_named() {
+        let route = InterfaceChoice {
+            route_interface: true,
+            named: vec![],
+        };
+        let named = InterfaceChoice {
+            route_interface: false,
+            named: vec!["eth0.100".into()],
+        };
+        let lan_a = reach(&[("eth0", true, &["198.51.100.0/24"])]);
+        let lan_b = reach(&[("eth0", true, &["198.51.101.0/24"])]);
+        let down = reach(&[("eth0", false, &["198.51.100.0/24"])]);
+        let vlan = reach(&[
+            ("eth0", true, &["198.51.101.0/24"]),
+            ("eth0.100", true, &[]),
+        ]);
+        let vip = ip("198.51.100.200");
+        assert!(lan_a.can_announce(vip, &route));
+        assert!(!lan_b.can_announce(vip, &route));
+        assert!(!down.can_announce(vip, &route));
+        assert!(vlan.can_announce(vip, &named), "listed, no address needed");
+        assert!(!lan_a.can_announce(vip, &named), "no such interface");
+        let vlan_down = reach(&[("eth0.100", false, &[])]);
+        assert!(!vlan_down.can_announce(vip, &named));
+    }
+
+    #[test]
+    fn reachable_nodes_filters_keeps_unknown_and_falls_back() {
+        let all = || vec!["a1".to_string(), "a2".into(), "b1".into(), "old".into()];
+        let route = || {
+            Some(InterfaceChoice {
+                route_interface: true,
+                named: vec![],
+            })
+        };
+        let mut map = BTreeMap::new();
+        map.insert(
+            "a1".to_string(),
+            reach(&[("eth0", true, &["198.51.100.0/24"])]),
+        );
+        map.insert(
+            "a2".to_string(),
+            reach(&[("eth0", true, &["198.51.100.0/24"])]),
+        );
+        map.insert(
+            "b1".to_string(),
+            reach(&[("eth0", true, &["198.51.101.0/24"])]),
+        );
+        let got = reachable_nodes(all(), ip("198.51.100.200"), &map, |_| route());
+        assert_eq!(got, ["a1", "a2", "old"]);
+        let got = reachable_nodes(all(), ip("198.51.101.200"), &map, |_| route());
+        assert_eq!(got, ["b1", "old"]);
+        // Nobody reports the subnet and nobody is unknown: unchanged (pre-reach behaviour).
+        let known: Vec<String> = all().into_iter().filter(|n| n != "old").collect();
+        let got = reachable_nodes(known.clone(), ip("203.0.113.9"), &map, |_| route());
+        assert_eq!(got, known);
+        // A node no advertisement matches cannot announce.
+        let got = reachable_nodes(known, ip("198.51.100.200"), &map, |n| {
+            (n != "a1").then(route).flatten()
+        });
+        assert_eq!(got, ["a2"]);
     }
 }

@@ -513,6 +513,123 @@ pub struct BFDProfileSpec {
     pub minimum_ttl: Option<u32>,
 }
 
+// One node's session with one BGPPeer, written by that node's agent (cluster-scoped, named
+// `<peer>.<node>`, labels `palisade.dev/node`, `palisade.dev/peer`). The agent creates it with
+// the session, keeps it true every few seconds and deletes it when the peer no longer applies
+// to the node or the agent stops.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "BGPSessionStatus",
+    plural = "bgpsessionstatuses",
+    singular = "bgpsessionstatus",
+    shortname = "bgpsess",
+    category = "palisade",
+    status = "BGPSessionStatusStatus",
+    derive = "PartialEq",
+    doc = "One node's BGP session with one BGPPeer (written by Palisade).",
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+    printcolumn(name = "Peer", type_ = "string", json_path = ".status.peer"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Prefixes",
+        type_ = "integer",
+        json_path = ".status.prefixesSent"
+    ),
+    printcolumn(name = "BFD", type_ = "string", json_path = ".status.bfdState"),
+    printcolumn(
+        name = "Established",
+        type_ = "date",
+        json_path = ".status.establishedAt"
+    ),
+    printcolumn(
+        name = "Last Down",
+        type_ = "string",
+        json_path = ".status.lastDownReason",
+        priority = 1
+    )
+)]
+/// Empty: Palisade writes these objects and everything they say is in `status`.
+pub struct BGPSessionStatusSpec {}
+
+/// The state of one node's session with one peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BGPSessionStatusStatus {
+    #[serde(default)]
+    pub node: String,
+    /// The BGPPeer's name.
+    #[serde(default)]
+    pub peer: String,
+    #[serde(default)]
+    pub peer_address: String,
+    /// `Idle`, `Connect`, `OpenSent`, `OpenConfirm` or `Established`.
+    #[serde(default)]
+    pub state: String,
+    /// When the session reached Established (RFC 3339); absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub established_at: Option<String>,
+    /// Prefixes the router has from this node.
+    #[serde(default)]
+    pub prefixes_sent: u64,
+    /// Negotiated hold time in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_time_seconds: Option<u64>,
+    /// `Up`, `Down`, `Init` or `AdminDown`; absent without a BFD profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bfd_state: Option<String>,
+    /// Times BFD went from Up to Down.
+    #[serde(default)]
+    pub bfd_flaps: u64,
+    /// Why the last established session ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_down_reason: Option<String>,
+}
+
+// Which node announces a Service's IPs over BGP, written by that node's agent (like MetalLB's
+// ServiceBGPStatus): one object per (Service, announcing node) in the Service's namespace,
+// named `<service>.<node>`, owned by the Service.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "palisade.dev",
+    version = "v1alpha1",
+    kind = "ServiceBGPStatus",
+    plural = "servicebgpstatuses",
+    singular = "servicebgpstatus",
+    shortname = "bgpstatus",
+    category = "palisade",
+    namespaced,
+    status = "ServiceBGPStatusStatus",
+    derive = "PartialEq",
+    doc = "A node announcing a LoadBalancer Service's IPs over BGP (written by Palisade).",
+    printcolumn(name = "Service", type_ = "string", json_path = ".status.serviceName"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
+    printcolumn(name = "Peers", type_ = "string", json_path = ".status.peers"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+/// Empty: Palisade writes these objects and everything they say is in `status`.
+pub struct ServiceBGPStatusSpec {}
+
+/// What one node announces for one Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceBGPStatusStatus {
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub service_name: String,
+    /// The BGPPeers this node announces the Service's IPs to.
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
 /// Parses a duration as MetalLB (Go's `time.ParseDuration`) writes them: one or more
 /// `<number><unit>` with units `h`, `m`, `s`, `ms` (e.g. `90s`, `1m30s`, `500ms`); `0` alone is
 /// zero. Fractions and negative values are rejected.
@@ -567,7 +684,8 @@ fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Sch
 }
 
 /// The CRDs of this crate, in a stable order: `ipaddresspools`, `l2advertisements`,
-/// `servicel2statuses`, `bgppeers`, `bgpadvertisements`, `bfdprofiles`.
+/// `servicel2statuses`, `bgppeers`, `bgpadvertisements`, `bfdprofiles`,
+/// `bgpsessionstatuses`, `servicebgpstatuses`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         IPAddressPool::crd(),
@@ -576,6 +694,8 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         BGPPeer::crd(),
         BGPAdvertisement::crd(),
         BFDProfile::crd(),
+        BGPSessionStatus::crd(),
+        ServiceBGPStatus::crd(),
     ]
 }
 
@@ -632,13 +752,16 @@ mod tests {
                 "servicel2statuses.palisade.dev",
                 "bgppeers.palisade.dev",
                 "bgpadvertisements.palisade.dev",
-                "bfdprofiles.palisade.dev"
+                "bfdprofiles.palisade.dev",
+                "bgpsessionstatuses.palisade.dev",
+                "servicebgpstatuses.palisade.dev"
             ]
         );
         for crd in &crds {
             let v = crd_json(crd);
             // Configuration is cluster-wide; a status lives next to its Service.
-            let scope = if v["spec"]["names"]["kind"] == "ServiceL2Status" {
+            let kind = &v["spec"]["names"]["kind"];
+            let scope = if kind == "ServiceL2Status" || kind == "ServiceBGPStatus" {
                 "Namespaced"
             } else {
                 "Cluster"
@@ -654,7 +777,8 @@ mod tests {
             let mut bad = Vec::new();
             forbidden_keys(schema, "", &mut bad);
             assert!(bad.is_empty(), "non-structural schema parts: {bad:#?}");
-            if scope == "Namespaced" {
+            // Objects Palisade writes itself carry their state in plain fields, not conditions.
+            if scope == "Namespaced" || kind == "BGPSessionStatus" {
                 continue;
             }
             let conditions = &schema["properties"]["status"]["properties"]["conditions"];

@@ -7,9 +7,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::allocator::{Port, ServiceKey};
 use crate::constants::reasons;
-use crate::pool::Family;
+use crate::types::{Family, Port, ServiceKey};
 
 /// Alias under the name the allocator API uses.
 pub type AllocError = Error;

@@ -6,12 +6,15 @@
 //!  Nodes (labels) ∩ live agents ──────┤      (nodeSelectors, exclude label, Local policy:
 //!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
 //!                                                   │
+//!        reach (membership) ─► only nodes able to announce the IP on a selected interface
 //!                    winner = min sha256("node#ip") ─► mine? ─► owned IPs + interfaces
 //! ```
 //!
 //! No I/O: the interface routing to an IP is looked up by the caller (the announcement
 //! reconciler) and handed in as a function, so this module only decides. Per pass the
-//! EndpointSlices are indexed by Service once and each pool's advertisements selected once.
+//! EndpointSlices are indexed by Service once, and each pool's advertisements, eligible nodes
+//! and this node's interfaces are worked out once: selectors are matched per pool × node, so a
+//! pass costs O(IPs × eligible nodes) hashes plus O(pools × nodes × advertisements) matches.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,7 +23,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::announce::{
-    advertisements_for_pool, eligible_nodes, interfaces_for, should_announce, TrafficPolicy,
+    advertisements_for_pool, eligible_nodes, interfaces_for, reachable_nodes, should_announce,
+    InterfaceChoice, NodeReach, TrafficPolicy,
 };
 use crate::pool::Pool;
 use crate::service::{is_ours, service_key, status_ips};
@@ -46,6 +50,9 @@ pub struct AnnounceInputs<'a> {
     /// cache it); `Err` says why there is none.
     pub route_interface: &'a dyn Fn(IpAddr) -> Result<String, String>,
     pub live: &'a BTreeSet<String>,
+    /// Where each node can announce, as its agent reported over the membership (this node's
+    /// own entry included). Nodes missing here are not restricted.
+    pub reach: &'a BTreeMap<String, NodeReach>,
     pub services: &'a [Arc<Service>],
     pub pools: &'a [IPAddressPool],
     pub advertisements: &'a [L2Advertisement],
@@ -53,6 +60,22 @@ pub struct AnnounceInputs<'a> {
     pub slices: &'a [Arc<EndpointSlice>],
     pub class: &'a str,
     pub claim_unclassed: bool,
+    /// Cordoned (`spec.unschedulable`, what `kubectl drain` starts with) nodes may not win.
+    /// Nodes tainted [`OUT_OF_SERVICE_TAINT`] never may.
+    pub exclude_unschedulable: bool,
+}
+
+/// The taint of a node that is shut down or being taken out of service.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
+/// Whether `node` is in maintenance: tainted [`OUT_OF_SERVICE_TAINT`] (any effect), or
+/// cordoned when `exclude_unschedulable`. Its IPs move to the next winner while it still
+/// answers (every agent re-elects on the same Node update), so clients lose nothing.
+pub fn in_maintenance(node: &Node, exclude_unschedulable: bool) -> bool {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT))
+        || (exclude_unschedulable && spec.and_then(|s| s.unschedulable) == Some(true))
 }
 
 /// Pure: which IPs this node owns, and the decision for every announced IP.
@@ -71,6 +94,7 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
     let node_labels: BTreeMap<String, BTreeMap<String, String>> = input
         .nodes
         .iter()
+        .filter(|n| !in_maintenance(n, input.exclude_unschedulable))
         .map(|n| {
             (
                 n.metadata.name.clone().unwrap_or_default(),
@@ -88,8 +112,10 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
     let my_labels = node_labels.get(input.me).unwrap_or(&empty);
 
     let slices = slices_by_service(input.slices);
-    // Per pass, each pool's advertisements are selected once.
-    let mut ads_of_pool: BTreeMap<&str, Vec<&L2AdvertisementSpec>> = BTreeMap::new();
+    // Per pass, each pool's advertisements, eligible nodes (under `Cluster` policy) and this
+    // node's interfaces are worked out once: selectors are matched per pool × node, not per
+    // IP × node.
+    let mut views: BTreeMap<&str, PoolView> = BTreeMap::new();
     let mut owned = Owned::new();
     let mut decisions = Vec::new();
     for svc in input.services {
@@ -114,27 +140,43 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
         } else {
             BTreeSet::new()
         };
-        let policy = if local {
-            TrafficPolicy::Local(&ready_nodes)
-        } else {
-            TrafficPolicy::Cluster
-        };
         for ip in ips {
             let Some(pool) = pools.iter().find(|p| p.contains(ip)) else {
                 continue;
             };
-            let pool_ads = ads_of_pool.entry(pool.name.as_str()).or_insert_with(|| {
-                advertisements_for_pool(ads.iter().copied(), &pool.name, &pool.labels)
+            let view = views.entry(pool.name.as_str()).or_insert_with(|| {
+                PoolView::new(
+                    advertisements_for_pool(ads.iter().copied(), &pool.name, &pool.labels),
+                    &live_nodes,
+                    my_labels,
+                )
             });
-            if pool_ads.is_empty() {
+            if view.ads.is_empty() {
                 continue;
             }
-            let eligible = eligible_nodes(pool_ads, live_nodes.iter().copied(), policy);
-            let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+            // `Local`: the nodes eligible under `Cluster` that have a ready endpoint (the
+            // same filter `eligible_nodes` applies, on an already sorted list).
+            let mut eligible_refs: Vec<&str> = view
+                .eligible
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !local || ready_nodes.contains(*n))
+                .collect();
+            // Only nodes that reported they can announce the IP on a selected interface.
+            if !input.reach.is_empty() {
+                let ads = &view.ads;
+                let eligible: Vec<String> = eligible_refs.iter().map(|n| n.to_string()).collect();
+                let able: BTreeSet<String> = reachable_nodes(eligible, ip, input.reach, |n| {
+                    interfaces_for(ads, node_labels.get(n).unwrap_or(&empty))
+                })
+                .into_iter()
+                .collect();
+                eligible_refs.retain(|n| able.contains(*n));
+            }
             let decision = should_announce(input.me, ip, &eligible_refs);
             let mut interfaces = Vec::new();
             if decision.announce {
-                if let Some(choice) = interfaces_for(pool_ads, my_labels) {
+                if let Some(choice) = &view.interfaces {
                     interfaces = choice.named.clone();
                     if choice.route_interface {
                         match (input.route_interface)(ip) {
@@ -168,8 +210,37 @@ pub fn decide(input: &AnnounceInputs) -> (Owned, Vec<IpDecision>) {
     (owned, decisions)
 }
 
+/// What a pass works out once per pool.
+struct PoolView<'a> {
+    /// The advertisements that announce the pool.
+    ads: Vec<&'a L2AdvertisementSpec>,
+    /// Live nodes allowed by those advertisements under `externalTrafficPolicy: Cluster`,
+    /// sorted (see [`eligible_nodes`]).
+    eligible: Vec<String>,
+    /// Where this node answers for the pool's IPs (`None`: no advertisement matches it).
+    interfaces: Option<InterfaceChoice>,
+}
+
+impl<'a> PoolView<'a> {
+    fn new(
+        ads: Vec<&'a L2AdvertisementSpec>,
+        live_nodes: &[(&str, &BTreeMap<String, String>)],
+        my_labels: &BTreeMap<String, String>,
+    ) -> Self {
+        let eligible = eligible_nodes(&ads, live_nodes.iter().copied(), TrafficPolicy::Cluster);
+        let interfaces = interfaces_for(&ads, my_labels);
+        PoolView {
+            ads,
+            eligible,
+            interfaces,
+        }
+    }
+}
+
 /// EndpointSlices by the (namespace, name) of their Service, built once per pass.
-fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+pub(crate) fn slices_by_service(
+    slices: &[Arc<EndpointSlice>],
+) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
     let mut out: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         let ns = s.metadata.namespace.as_deref();
@@ -186,7 +257,7 @@ fn slices_by_service(slices: &[Arc<EndpointSlice>]) -> BTreeMap<(&str, &str), Ve
 }
 
 /// Nodes with at least one ready endpoint in the Service's slices.
-fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
+pub(crate) fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String> {
     slices
         .iter()
         .flat_map(|s| s.endpoints.iter())
@@ -238,6 +309,17 @@ mod tests {
         live: &[&str],
         slices: &[Arc<EndpointSlice>],
     ) -> BTreeMap<IpAddr, Vec<String>> {
+        owners_with(services, ads, live, slices, &BTreeMap::new(), "eth9")
+    }
+
+    fn owners_with(
+        services: &[Arc<Service>],
+        ads: &[L2Advertisement],
+        live: &[&str],
+        slices: &[Arc<EndpointSlice>],
+        reach: &BTreeMap<String, NodeReach>,
+        route: &'static str,
+    ) -> BTreeMap<IpAddr, Vec<String>> {
         let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
         let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
         let pools = vec![pool()];
@@ -248,8 +330,9 @@ mod tests {
             }
             let (owned, _) = decide(&AnnounceInputs {
                 me,
-                route_interface: &|_| Err("no routes in tests".into()),
+                route_interface: &|_| Ok(route.to_string()),
                 live: &live,
+                reach,
                 services,
                 pools: &pools,
                 advertisements: ads,
@@ -257,9 +340,10 @@ mod tests {
                 slices,
                 class: "palisade.dev/palisade",
                 claim_unclassed: true,
+                exclude_unschedulable: true,
             });
             for (ip, ifaces) in owned {
-                assert_eq!(ifaces, vec!["eth9".to_string()]);
+                assert_eq!(ifaces, vec![route.to_string()]);
                 out.entry(ip).or_default().push(me.to_string());
             }
         }
@@ -341,5 +425,334 @@ mod tests {
             o.keys().map(ToString::to_string).collect::<Vec<_>>(),
             ["198.51.100.201"]
         );
+    }
+
+    /// The decision for one IP worked out from scratch with the building blocks (what a pass
+    /// did per IP before pools were viewed once per pass).
+    fn reference(
+        input: &AnnounceInputs,
+        svc: &Service,
+        ip: IpAddr,
+    ) -> Option<(Option<String>, bool)> {
+        let pools: Vec<Pool> = input
+            .pools
+            .iter()
+            .filter_map(|p| {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                Pool::from_spec(&name, &labels, &p.spec).ok()
+            })
+            .collect();
+        let mut pools = pools;
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        let pool = pools.iter().find(|p| p.contains(ip))?;
+        let ads = advertisements_for_pool(
+            input.advertisements.iter().map(|a| &a.spec),
+            &pool.name,
+            &pool.labels,
+        );
+        if ads.is_empty() {
+            return None;
+        }
+        let nodes: Vec<(String, BTreeMap<String, String>)> = input
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    n.metadata.labels.clone().unwrap_or_default(),
+                )
+            })
+            .filter(|(n, _)| input.live.contains(n))
+            .collect();
+        let key = service_key(svc);
+        let local = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.external_traffic_policy.as_deref())
+            == Some("Local");
+        let ready: BTreeSet<String> = input
+            .slices
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(key.namespace.as_str())
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        == Some(&key.name)
+            })
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .filter_map(|e| e.node_name.clone())
+            .collect();
+        let policy = if local {
+            TrafficPolicy::Local(&ready)
+        } else {
+            TrafficPolicy::Cluster
+        };
+        let eligible = eligible_nodes(&ads, nodes.iter().map(|(n, l)| (n.as_str(), l)), policy);
+        let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+        let d = should_announce(input.me, ip, &refs);
+        let empty = BTreeMap::new();
+        let mine = nodes
+            .iter()
+            .find(|(n, _)| n == input.me)
+            .map(|(_, l)| l)
+            .unwrap_or(&empty);
+        let announced = d.announce && interfaces_for(&ads, mine).is_some_and(|c| !c.is_empty());
+        Some((d.winner, announced))
+    }
+
+    #[test]
+    fn a_pass_decides_every_ip_as_the_per_ip_reference_does() {
+        // Two pools, advertisements with pool names, pool selectors and node selectors, an
+        // excluded node, a dead node, Local Services with and without ready endpoints.
+        let pools: Vec<IPAddressPool> = vec![
+            obj(
+                json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+                "metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.0/24"]}}),
+            ),
+            obj(
+                json!({"apiVersion": "palisade.dev/v1alpha1", "kind": "IPAddressPool",
+                "metadata": {"name": "dmz", "labels": {"site": "x"}},
+                "spec": {"addresses": ["203.0.113.0/24"]}}),
+            ),
+        ];
+        let ads = vec![
+            ad(json!({"ipAddressPools": ["lan"], "interfaces": ["eth9"],
+                      "nodeSelectors": [{"matchLabels": {"zone": "a"}}]})),
+            ad(
+                json!({"ipAddressPoolSelectors": [{"matchLabels": {"site": "x"}}],
+                      "nodeSelectors": [{"matchExpressions": [
+                          {"key": "zone", "operator": "In", "values": ["b", "c"]}]}]}),
+            ),
+        ];
+        let mut nodes: Vec<Arc<Node>> = (0..8)
+            .map(|i| node(&format!("n{i}"), ["a", "b", "c"][i % 3]))
+            .collect();
+        nodes.push(Arc::new(obj(
+            json!({"metadata": {"name": "nx", "labels": {"zone": "a",
+            "node.kubernetes.io/exclude-from-external-load-balancers": ""}}}),
+        )));
+        let live: BTreeSet<String> = (0..7)
+            .map(|i| format!("n{i}"))
+            .chain(["nx".to_string()])
+            .collect();
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for i in 0..60 {
+            let ip = if i % 2 == 0 {
+                format!("198.51.100.{}", 10 + i)
+            } else {
+                format!("203.0.113.{}", 10 + i)
+            };
+            let policy = if i % 3 == 0 { "Local" } else { "Cluster" };
+            services.push(svc(&format!("s{i}"), &ip, policy));
+            if i % 6 == 0 {
+                slices.push(Arc::new(obj::<EndpointSlice>(json!({
+                    "metadata": {"namespace": "shop", "name": format!("s{i}-1"),
+                                 "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+                    "addressType": "IPv4",
+                    "endpoints": [
+                        {"addresses": ["10.0.0.1"], "nodeName": format!("n{}", i % 8), "conditions": {"ready": true}},
+                        {"addresses": ["10.0.0.2"], "nodeName": format!("n{}", (i + 1) % 8), "conditions": {"ready": i % 4 == 0}},
+                        {"addresses": ["10.0.0.3"], "nodeName": "nx"}
+                    ]
+                }))));
+            }
+        }
+        let mut announced_somewhere = 0;
+        for me in (0..8).map(|i| format!("n{i}")).chain(["nx".to_string()]) {
+            let input = AnnounceInputs {
+                me: &me,
+                route_interface: &|_| Ok("eth0".to_string()),
+                live: &live,
+                reach: &BTreeMap::new(),
+                services: &services,
+                pools: &pools,
+                advertisements: &ads,
+                nodes: &nodes,
+                slices: &slices,
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+                exclude_unschedulable: false,
+            };
+            let (owned, decisions) = decide(&input);
+            let mut expected_decisions = 0;
+            for s in &services {
+                for ip in status_ips(s) {
+                    let Some((winner, announced)) = reference(&input, s, ip) else {
+                        assert!(decisions.iter().all(|d| d.ip != ip), "{me}: {ip} decided");
+                        continue;
+                    };
+                    expected_decisions += 1;
+                    let d = decisions.iter().find(|d| d.ip == ip).expect("decided");
+                    assert_eq!(d.winner, winner, "{me}: winner of {ip}");
+                    assert_eq!(owned.contains_key(&ip), announced, "{me}: owns {ip}?");
+                    announced_somewhere += usize::from(announced);
+                }
+            }
+            assert_eq!(decisions.len(), expected_decisions, "{me}");
+        }
+        assert!(announced_somewhere > 10, "the fixture announces something");
+    }
+
+    /// Two LAN segments, a pool on each: only nodes with an up interface on a pool's subnet
+    /// win its IPs; every node computes the same owners from the same reports.
+    #[test]
+    fn only_nodes_on_the_ips_segment_are_elected() {
+        use crate::announce::ReachInterface;
+        let on = |net: &str| NodeReach {
+            interfaces: vec![ReachInterface {
+                name: "eth0".into(),
+                up: true,
+                nets: vec![(net.parse().unwrap(), 24)],
+            }],
+        };
+        let mut reach = BTreeMap::new();
+        reach.insert("n1".to_string(), on("198.51.100.0"));
+        reach.insert("n2".to_string(), on("198.51.100.0"));
+        reach.insert("n3".to_string(), on("198.51.101.0"));
+        let mut services: Vec<_> = (0..10)
+            .map(|i| {
+                svc(
+                    &format!("a{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        services.extend((0..10).map(|i| {
+            svc(
+                &format!("b{i}"),
+                &format!("198.51.101.{}", 200 + i),
+                "Cluster",
+            )
+        }));
+        let pools = [
+            json!({"metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
+            json!({"metadata": {"name": "lan-b"}, "spec": {"addresses": ["198.51.101.200-198.51.101.250"]}}),
+        ];
+        let pools: Vec<IPAddressPool> = pools
+            .into_iter()
+            .map(|mut p| {
+                p["apiVersion"] = json!("palisade.dev/v1alpha1");
+                p["kind"] = json!("IPAddressPool");
+                obj(p)
+            })
+            .collect();
+        let ads = vec![ad(json!({}))];
+        let nodes = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let mut owner: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+        for me in ["n1", "n2", "n3"] {
+            let (owned, _) = decide(&AnnounceInputs {
+                me,
+                route_interface: &|_| Ok("eth0".into()),
+                live: &live,
+                reach: &reach,
+                services: &services,
+                pools: &pools,
+                advertisements: &ads,
+                nodes: &nodes,
+                slices: &[],
+                class: "palisade.dev/palisade",
+                claim_unclassed: true,
+                exclude_unschedulable: false,
+            });
+            for ip in owned.into_keys() {
+                owner.entry(ip).or_default().push(me.to_string());
+            }
+        }
+        assert_eq!(owner.len(), 20);
+        for (ip, o) in &owner {
+            assert_eq!(o.len(), 1, "{ip}: {o:?}");
+            let want_b = ip.to_string().starts_with("198.51.101.");
+            assert_eq!(o[0] == "n3", want_b, "{ip} won by {o:?}");
+        }
+        // Without reports every node may win anything (the old behaviour this fixes).
+        let blind = owners_with(
+            &services[..10],
+            &ads,
+            &["n1", "n2", "n3"],
+            &[],
+            &BTreeMap::new(),
+            "eth0",
+        );
+        assert!(
+            blind.values().any(|o| o == &["n3".to_string()]),
+            "{blind:?}"
+        );
+    }
+
+    /// Maintenance: a cordoned node (when configured) or one tainted out-of-service wins
+    /// nothing; only its IPs move.
+    #[test]
+    fn cordoned_and_out_of_service_nodes_hand_their_ips_over() {
+        let services: Vec<_> = (0..20)
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("198.51.100.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect();
+        let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
+        let pools = vec![pool()];
+        let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        let run = |nodes: &[Arc<Node>], exclude: bool| {
+            let mut out: BTreeMap<IpAddr, String> = BTreeMap::new();
+            for me in ["n1", "n2", "n3"] {
+                let (owned, _) = decide(&AnnounceInputs {
+                    me,
+                    route_interface: &|_| Err("none".into()),
+                    live: &live,
+                    reach: &BTreeMap::new(),
+                    services: &services,
+                    pools: &pools,
+                    advertisements: &ads,
+                    nodes,
+                    slices: &[],
+                    class: "palisade.dev/palisade",
+                    claim_unclassed: true,
+                    exclude_unschedulable: exclude,
+                });
+                for ip in owned.into_keys() {
+                    assert!(out.insert(ip, me.to_string()).is_none(), "{ip} twice");
+                }
+            }
+            out
+        };
+        let plain = vec![node("n1", "a"), node("n2", "a"), node("n3", "b")];
+        let all = run(&plain, true);
+        assert_eq!(all.len(), 20);
+        assert!(all.values().any(|n| n == "n2"));
+        let cordoned: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"unschedulable": true}
+        })));
+        let nodes = vec![node("n1", "a"), cordoned, node("n3", "b")];
+        assert_eq!(
+            run(&nodes, false),
+            all,
+            "cordon alone changes nothing by default"
+        );
+        let moved = run(&nodes, true);
+        assert_eq!(moved.len(), 20);
+        for (ip, owner) in &all {
+            if owner == "n2" {
+                assert_ne!(&moved[ip], "n2");
+            } else {
+                assert_eq!(&moved[ip], owner, "{ip} moved although its owner is fine");
+            }
+        }
+        let tainted: Arc<Node> = Arc::new(obj(json!({
+            "metadata": {"name": "n2", "labels": {"zone": "a"}},
+            "spec": {"taints": [{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown", "effect": "NoExecute"}]}
+        })));
+        let nodes = vec![node("n1", "a"), tainted, node("n3", "b")];
+        assert_eq!(run(&nodes, false), moved, "out-of-service: always excluded");
     }
 }

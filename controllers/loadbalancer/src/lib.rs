@@ -10,7 +10,10 @@
 //!   plan       one allocation pass: API objects in, status writes and Events out
 //!   l2         the L2 announcement decision: which IPs this node answers for
 //!   l2status   the ServiceL2Status plan: which objects this node creates, updates, deletes
+//!   bgp        the BGP plan: this node's peers (BGPPeer, BFDProfile) and routes per peer
+//!   bgpstatus  the BGPSessionStatus / ServiceBGPStatus plan of one node
 //!   error      the crate's one error enum; Error::reason() gives the constant reason
+//!   types      shared value types (ServiceKey, Port, Protocol, Family): a leaf module
 //! ```
 //!
 //! Nothing here talks to the API server or the kernel; the reconciler crates
@@ -20,6 +23,8 @@
 
 pub mod allocator;
 pub mod announce;
+pub mod bgp;
+pub mod bgpstatus;
 pub mod constants;
 pub mod crd;
 pub mod error;
@@ -29,6 +34,7 @@ pub mod plan;
 pub mod pool;
 pub mod selector;
 pub mod service;
+pub mod types;
 
 pub use allocator::{
     parse_requested_ips, Allocator, Invalidated, IpFamilyPolicy, PoolCounters, PoolsReport, Port,

@@ -143,8 +143,41 @@ impl AllocationState {
         self.epoch = None;
     }
 
+    /// One pass, in named phases: allocator epoch, pools, our Services, release, restore,
+    /// assign, pool statuses.
     pub fn pass(&mut self, input: &Inputs) -> Plan {
         let mut plan = Plan::default();
+        let rebuilding = self.start_epoch(input);
+        let full = self.full;
+        let confirmed = &mut self.confirmed;
+        let Some(alloc) = self.allocator.as_mut() else {
+            return plan;
+        };
+        let pools = validate_pools(input.pools);
+        let report = alloc.set_pools(pools.valid);
+        let pools = PoolCheck {
+            invalid: pools.invalid,
+            overlaps: pools.overlaps,
+            report,
+        };
+        let services = ServiceIndex::build(input);
+        release_stale(alloc, confirmed, &services, &pools.report, &mut plan);
+        let restore_failed = restore_claims(alloc, &services, rebuilding);
+        let ctx = AssignCtx {
+            services: &services,
+            report: &pools.report,
+            restore_failed: &restore_failed,
+            full,
+        };
+        assign_all(alloc, confirmed, &ctx, &mut plan);
+        pool_statuses(alloc, input, &pools, &mut plan);
+        plan.services_allocated = alloc.service_count();
+        plan
+    }
+
+    /// Checks the families and the pools' epoch: a family change rebuilds the allocator, an
+    /// epoch change forgets every confirmation. True when the allocator is (re)built now.
+    fn start_epoch(&mut self, input: &Inputs) -> bool {
         let families = cluster_families(input.nodes);
         if self
             .allocator
@@ -180,27 +213,62 @@ impl AllocationState {
             self.confirmed.clear();
         }
         self.epoch = Some(epoch);
-        let confirmed = &mut self.confirmed;
-        let alloc = self
-            .allocator
+        self.allocator
             .get_or_insert_with(|| Allocator::with_families(&families));
+        rebuilding
+    }
+}
 
-        // Pools: validate each; an invalid one is left out (its condition says why).
-        let mut valid = Vec::new();
-        let mut invalid: BTreeMap<String, String> = BTreeMap::new();
-        for p in input.pools {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let labels = p.metadata.labels.clone().unwrap_or_default();
-            match Pool::from_spec(&name, &labels, &p.spec) {
-                Ok(pool) => valid.push(pool),
-                Err(e) => {
-                    invalid.insert(name, e.to_string());
-                }
+/// The pools of a pass: the valid ones, and why the others are left out.
+struct ValidatedPools {
+    valid: Vec<Pool>,
+    invalid: BTreeMap<String, String>,
+    overlaps: Vec<crate::pool::Overlap>,
+}
+
+/// Validates each pool; an invalid one is left out (its condition says why).
+fn validate_pools(pools: &[IPAddressPool]) -> ValidatedPools {
+    let mut valid = Vec::new();
+    let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+    for p in pools {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        match Pool::from_spec(&name, &labels, &p.spec) {
+            Ok(pool) => valid.push(pool),
+            Err(e) => {
+                invalid.insert(name, e.to_string());
             }
         }
-        let overlaps = find_overlaps(&valid);
-        let report = alloc.set_pools(valid);
+    }
+    let overlaps = find_overlaps(&valid);
+    ValidatedPools {
+        valid,
+        invalid,
+        overlaps,
+    }
+}
 
+/// What the pool phase found, for the pool statuses.
+struct PoolCheck {
+    invalid: BTreeMap<String, String>,
+    overlaps: Vec<crate::pool::Overlap>,
+    report: crate::allocator::PoolsReport,
+}
+
+/// The Services and Namespaces of a pass, keyed once.
+struct ServiceIndex<'a> {
+    ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    ns_hashes: HashMap<String, u64>,
+    /// Every Service with its key (computed once: a pass looks at each Service several
+    /// times, and with thousands of Services building keys in a sort comparator dominated).
+    keyed: Vec<(ServiceKey, &'a Arc<Service>)>,
+    /// Indexes into `keyed` of our Services, oldest first (the first claim on an IP wins on
+    /// restore).
+    ours: Vec<usize>,
+}
+
+impl<'a> ServiceIndex<'a> {
+    fn build(input: &Inputs<'a>) -> Self {
         let ns_labels: BTreeMap<String, BTreeMap<String, String>> = input
             .namespaces
             .iter()
@@ -211,285 +279,331 @@ impl AllocationState {
                 )
             })
             .collect();
-        let ns_hashes: HashMap<&str, u64> = ns_labels
+        let ns_hashes = ns_labels
             .iter()
-            .map(|(n, l)| (n.as_str(), hash_of(l)))
+            .map(|(n, l)| (n.clone(), hash_of(l)))
             .collect();
-        // Every Service's key, computed once: a pass looks at each Service several times, and
-        // with thousands of Services building keys in the sort comparator dominated the pass.
         let keyed: Vec<(ServiceKey, &Arc<Service>)> =
             input.services.iter().map(|s| (service_key(s), s)).collect();
-        // Our Services, oldest first (the first claim on an IP wins on restore).
-        let mut ours: Vec<(&ServiceKey, &Arc<Service>)> = keyed
-            .iter()
-            .filter(|(_, s)| is_ours(s, input.class, input.claim_unclassed))
-            .map(|(k, s)| (k, *s))
+        let mut ours: Vec<usize> = (0..keyed.len())
+            .filter(|&i| is_ours(keyed[i].1, input.class, input.claim_unclassed))
             .collect();
-        ours.sort_by(|(ka, a), (kb, b)| {
+        ours.sort_by(|&i, &j| {
+            let (ka, a) = &keyed[i];
+            let (kb, b) = &keyed[j];
             let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
             ta.cmp(&tb).then_with(|| ka.cmp(kb))
         });
-        let our_keys: HashSet<&ServiceKey> = ours.iter().map(|(k, _)| *k).collect();
+        ServiceIndex {
+            ns_labels,
+            ns_hashes,
+            keyed,
+            ours,
+        }
+    }
 
-        // Release what no longer belongs to one of our Services.
-        let all: HashMap<&ServiceKey, &Arc<Service>> = keyed.iter().map(|(k, s)| (k, *s)).collect();
-        let stale_keys: BTreeSet<ServiceKey> = keyed
+    fn ours(&self) -> impl Iterator<Item = (&ServiceKey, &'a Arc<Service>)> + '_ {
+        self.ours
             .iter()
-            .map(|(k, _)| k)
-            .chain(report.invalidated.iter().map(|i| &i.service))
-            // Deleted Services are not in the store at all: find them through the allocator.
-            .chain(alloc.service_keys())
-            .filter(|k| !our_keys.contains(k) && alloc.assigned(k).is_some())
-            .cloned()
-            .collect();
-        for key in stale_keys {
-            confirmed.remove(&key);
-            let released = alloc.unassign(&key);
-            if let Some(svc) = all.get(&key) {
-                // Still exists but is not ours any more (type or class changed): take back
-                // only the addresses we gave it.
-                let shown = status_ips(svc);
-                if !shown.is_empty() && shown.iter().all(|ip| released.contains(ip)) {
-                    plan.service_status.push((key.clone(), Vec::new()));
-                }
-                plan.events.push(ServiceEvent {
-                    key: key.clone(),
-                    uid: svc.metadata.uid.clone(),
-                    warning: false,
-                    reason: reasons::IP_RELEASED,
-                    note: format!(
-                        "released {} (the Service is no longer a LoadBalancer handled by Palisade)",
-                        join_ips(&released)
-                    ),
-                });
-            }
-        }
+            .map(|&i| (&self.keyed[i].0, self.keyed[i].1))
+    }
+}
 
-        // Restore pass: claims in status first, before anything new is assigned.
-        let mut restore_failed: BTreeMap<ServiceKey, String> = BTreeMap::new();
-        for &(key, svc) in &ours {
-            if alloc.assigned(key).is_some() {
-                continue;
-            }
+/// Releases what no longer belongs to one of our Services.
+fn release_stale(
+    alloc: &mut Allocator,
+    confirmed: &mut HashMap<ServiceKey, Fingerprint>,
+    services: &ServiceIndex,
+    report: &crate::allocator::PoolsReport,
+    plan: &mut Plan,
+) {
+    let our_keys: HashSet<&ServiceKey> = services.ours().map(|(k, _)| k).collect();
+    let all: HashMap<&ServiceKey, &Arc<Service>> =
+        services.keyed.iter().map(|(k, s)| (k, *s)).collect();
+    let stale_keys: BTreeSet<ServiceKey> = services
+        .keyed
+        .iter()
+        .map(|(k, _)| k)
+        .chain(report.invalidated.iter().map(|i| &i.service))
+        // Deleted Services are not in the store at all: find them through the allocator.
+        .chain(alloc.service_keys())
+        .filter(|k| !our_keys.contains(k) && alloc.assigned(k).is_some())
+        .cloned()
+        .collect();
+    for key in stale_keys {
+        confirmed.remove(&key);
+        let released = alloc.unassign(&key);
+        if let Some(svc) = all.get(&key) {
+            // Still exists but is not ours any more (type or class changed): take back
+            // only the addresses we gave it.
             let shown = status_ips(svc);
-            if shown.is_empty() {
-                continue;
+            if !shown.is_empty() && shown.iter().all(|ip| released.contains(ip)) {
+                plan.service_status.push((key.clone(), Vec::new()));
             }
-            let labels = labels_of(&ns_labels, &key.namespace);
-            let Ok(req) = service_request(svc, &labels) else {
-                continue;
-            };
-            if let Err(e) = alloc.restore(&req, &shown) {
-                if !rebuilding {
-                    tracing::debug!(service = %key, error = %e, "status claim not restorable");
-                }
-                restore_failed.insert(key.clone(), e.to_string());
-            }
-        }
-
-        // Assign pass.
-        for &(key, svc) in &ours {
-            let shown = status_ips(svc);
-            let fingerprint = object_version(svc).map(|object| Fingerprint {
-                object,
-                namespace_labels: ns_hashes.get(key.namespace.as_str()).copied().unwrap_or(0),
+            plan.events.push(ServiceEvent {
+                key: key.clone(),
+                uid: svc.metadata.uid.clone(),
+                warning: false,
+                reason: reasons::IP_RELEASED,
+                note: format!(
+                    "released {} (the Service is no longer a LoadBalancer handled by Palisade)",
+                    join_ips(&released)
+                ),
             });
-            let fingerprint = fingerprint.filter(|_| !self.full);
-            if fingerprint.is_some()
-                && confirmed.get(key) == fingerprint.as_ref()
-                && alloc.assigned(key) == Some(shown.as_slice())
-            {
-                continue;
+        }
+    }
+}
+
+/// Restore: claims shown in status first, before anything new is assigned. Returns why each
+/// claim that could not be kept failed.
+fn restore_claims(
+    alloc: &mut Allocator,
+    services: &ServiceIndex,
+    rebuilding: bool,
+) -> BTreeMap<ServiceKey, String> {
+    let mut restore_failed = BTreeMap::new();
+    for (key, svc) in services.ours() {
+        if alloc.assigned(key).is_some() {
+            continue;
+        }
+        let shown = status_ips(svc);
+        if shown.is_empty() {
+            continue;
+        }
+        let labels = labels_of(&services.ns_labels, &key.namespace);
+        let Ok(req) = service_request(svc, &labels) else {
+            continue;
+        };
+        if let Err(e) = alloc.restore(&req, &shown) {
+            if !rebuilding {
+                tracing::debug!(service = %key, error = %e, "status claim not restorable");
             }
-            let labels = labels_of(&ns_labels, &key.namespace);
-            let before: Vec<IpAddr> = alloc
-                .assigned(key)
-                .map(<[IpAddr]>::to_vec)
-                .unwrap_or_default();
-            let result = service_request(svc, &labels).and_then(|req| alloc.assign(&req));
-            match (&result, fingerprint) {
-                // Confirmed as shown: skipped until something it depends on changes. (A
-                // status write bumps the resourceVersion, so a written Service is confirmed
-                // by the pass that sees the write.)
-                (Ok(ips), Some(fp)) if *ips == shown => {
-                    confirmed.insert(key.clone(), fp);
-                }
-                _ => {
-                    confirmed.remove(key);
-                }
+            restore_failed.insert(key.clone(), e.to_string());
+        }
+    }
+    restore_failed
+}
+
+/// What the assign phase reads besides the allocator.
+struct AssignCtx<'a, 'b> {
+    services: &'a ServiceIndex<'b>,
+    report: &'a crate::allocator::PoolsReport,
+    restore_failed: &'a BTreeMap<ServiceKey, String>,
+    full: bool,
+}
+
+/// Assign: every one of our Services not confirmed since it last changed.
+fn assign_all(
+    alloc: &mut Allocator,
+    confirmed: &mut HashMap<ServiceKey, Fingerprint>,
+    ctx: &AssignCtx,
+    plan: &mut Plan,
+) {
+    for (key, svc) in ctx.services.ours() {
+        let shown = status_ips(svc);
+        let fingerprint = object_version(svc).map(|object| Fingerprint {
+            object,
+            namespace_labels: ctx
+                .services
+                .ns_hashes
+                .get(key.namespace.as_str())
+                .copied()
+                .unwrap_or(0),
+        });
+        let fingerprint = fingerprint.filter(|_| !ctx.full);
+        if fingerprint.is_some()
+            && confirmed.get(key) == fingerprint.as_ref()
+            && alloc.assigned(key) == Some(shown.as_slice())
+        {
+            continue;
+        }
+        let labels = labels_of(&ctx.services.ns_labels, &key.namespace);
+        let before: Vec<IpAddr> = alloc
+            .assigned(key)
+            .map(<[IpAddr]>::to_vec)
+            .unwrap_or_default();
+        let result = service_request(svc, &labels).and_then(|req| alloc.assign(&req));
+        match (&result, fingerprint) {
+            // Confirmed as shown: skipped until something it depends on changes. (A
+            // status write bumps the resourceVersion, so a written Service is confirmed
+            // by the pass that sees the write.)
+            (Ok(ips), Some(fp)) if *ips == shown => {
+                confirmed.insert(key.clone(), fp);
             }
-            match result {
-                Ok(ips) => {
-                    if ips != shown {
-                        plan.service_status.push((key.clone(), ips.clone()));
-                        let pool = ips
-                            .first()
-                            .and_then(|ip| alloc.pool_for_ip(*ip))
-                            .unwrap_or("?")
-                            .to_string();
-                        let mut note = format!("assigned {} from pool {pool}", join_ips(&ips));
-                        if let Some(why) = restore_failed.get(key) {
-                            note.push_str(&format!(
-                                " (its previous address could not be kept: {why})"
-                            ));
-                        } else if !before.is_empty() && before != ips {
-                            note.push_str(&format!(" (was {})", join_ips(&before)));
-                        }
-                        plan.events.push(ServiceEvent {
-                            key: key.clone(),
-                            uid: svc.metadata.uid.clone(),
-                            warning: false,
-                            reason: reasons::IP_ALLOCATED,
-                            note,
-                        });
-                    }
-                }
-                Err(e) => {
-                    plan.errors.push(e.reason());
-                    // An address that left every pool must not stay in use.
-                    let invalid_now = report.invalidated.iter().any(|i| &i.service == key)
-                        || restore_failed.contains_key(key);
-                    if invalid_now {
-                        alloc.unassign(key);
-                        if !shown.is_empty() {
-                            plan.service_status.push((key.clone(), Vec::new()));
-                        }
+            _ => {
+                confirmed.remove(key);
+            }
+        }
+        match result {
+            Ok(ips) => {
+                if ips != shown {
+                    plan.service_status.push((key.clone(), ips.clone()));
+                    let pool = ips
+                        .first()
+                        .and_then(|ip| alloc.pool_for_ip(*ip))
+                        .unwrap_or("?")
+                        .to_string();
+                    let mut note = format!("assigned {} from pool {pool}", join_ips(&ips));
+                    if let Some(why) = ctx.restore_failed.get(key) {
+                        note.push_str(&format!(" (its previous address could not be kept: {why})"));
+                    } else if !before.is_empty() && before != ips {
+                        note.push_str(&format!(" (was {})", join_ips(&before)));
                     }
                     plan.events.push(ServiceEvent {
                         key: key.clone(),
                         uid: svc.metadata.uid.clone(),
-                        warning: true,
-                        reason: reasons::ALLOCATION_FAILED,
-                        note: format!("{}: {e}", e.reason()),
+                        warning: false,
+                        reason: reasons::IP_ALLOCATED,
+                        note,
                     });
                 }
             }
+            Err(e) => {
+                plan.errors.push(e.reason());
+                // An address that left every pool must not stay in use.
+                let invalid_now = ctx.report.invalidated.iter().any(|i| &i.service == key)
+                    || ctx.restore_failed.contains_key(key);
+                if invalid_now {
+                    alloc.unassign(key);
+                    if !shown.is_empty() {
+                        plan.service_status.push((key.clone(), Vec::new()));
+                    }
+                }
+                plan.events.push(ServiceEvent {
+                    key: key.clone(),
+                    uid: svc.metadata.uid.clone(),
+                    warning: true,
+                    reason: reasons::ALLOCATION_FAILED,
+                    note: format!("{}: {e}", e.reason()),
+                });
+            }
         }
+    }
+}
 
-        // Pool statuses and metrics.
-        for p in input.pools {
-            let name = p.metadata.name.clone().unwrap_or_default();
-            let mut status = IPAddressPoolStatus::default();
-            let mut conds = Vec::new();
-            if let Some(err) = invalid.get(&name) {
+/// Pool statuses (conditions and counters) and the pool metrics.
+fn pool_statuses(alloc: &Allocator, input: &Inputs, pools: &PoolCheck, plan: &mut Plan) {
+    let (invalid, overlaps, report) = (&pools.invalid, &pools.overlaps, &pools.report);
+    for p in input.pools {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let mut status = IPAddressPoolStatus::default();
+        let mut conds = Vec::new();
+        if let Some(err) = invalid.get(&name) {
+            conds.push(cond(
+                conditions::INVALID,
+                true,
+                reasons::INVALID_ADDRESS,
+                err,
+                input.now,
+            ));
+            conds.push(cond(
+                conditions::READY,
+                false,
+                reasons::INVALID_ADDRESS,
+                "see the Invalid condition",
+                input.now,
+            ));
+        } else {
+            if let Some(c) = alloc.counters(&name) {
+                c.write_status(&mut status);
+                plan.pool_counts.insert(
+                    (name.clone(), "IPv4"),
+                    (c.assigned_v4 + c.available_v4, c.assigned_v4),
+                );
+                plan.pool_counts.insert(
+                    (name.clone(), "IPv6"),
+                    (c.assigned_v6 + c.available_v6, c.assigned_v6),
+                );
+            }
+            let mine: Vec<String> = overlaps
+                .iter()
+                .filter(|o| o.pool == name || o.other == name)
+                .map(|o| {
+                    let other = if o.pool == name { &o.other } else { &o.pool };
+                    format!("{}-{} also in pool {other}", o.first, o.last)
+                })
+                .collect();
+            let problems: Vec<String> = report
+                .problems
+                .get(&name)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.reason() != reasons::OVERLAPPING_POOL)
+                .map(|e| e.to_string())
+                .collect();
+            if mine.is_empty() {
+                conds.push(cond(
+                    conditions::OVERLAPPING,
+                    false,
+                    reasons::NO_OVERLAP,
+                    "no address is shared with another pool",
+                    input.now,
+                ));
+            } else {
+                conds.push(cond(
+                    conditions::OVERLAPPING,
+                    true,
+                    reasons::OVERLAPPING_POOL,
+                    &mine.join("; "),
+                    input.now,
+                ));
+            }
+            if problems.is_empty() {
                 conds.push(cond(
                     conditions::INVALID,
-                    true,
-                    reasons::INVALID_ADDRESS,
-                    err,
+                    false,
+                    reasons::VALID,
+                    "every address entry is valid",
                     input.now,
                 ));
                 conds.push(cond(
                     conditions::READY,
-                    false,
-                    reasons::INVALID_ADDRESS,
-                    "see the Invalid condition",
+                    true,
+                    reasons::VALID,
+                    "addresses can be assigned",
                     input.now,
                 ));
             } else {
-                if let Some(c) = alloc.counters(&name) {
-                    c.write_status(&mut status);
-                    plan.pool_counts.insert(
-                        (name.clone(), "IPv4"),
-                        (c.assigned_v4 + c.available_v4, c.assigned_v4),
-                    );
-                    plan.pool_counts.insert(
-                        (name.clone(), "IPv6"),
-                        (c.assigned_v6 + c.available_v6, c.assigned_v6),
-                    );
-                }
-                let mine: Vec<String> = overlaps
-                    .iter()
-                    .filter(|o| o.pool == name || o.other == name)
-                    .map(|o| {
-                        let other = if o.pool == name { &o.other } else { &o.pool };
-                        format!("{}-{} also in pool {other}", o.first, o.last)
-                    })
-                    .collect();
-                let problems: Vec<String> = report
+                let msg = problems.join("; ");
+                let reason = report
                     .problems
                     .get(&name)
                     .into_iter()
                     .flatten()
-                    .filter(|e| e.reason() != reasons::OVERLAPPING_POOL)
-                    .map(|e| e.to_string())
-                    .collect();
-                if mine.is_empty() {
-                    conds.push(cond(
-                        conditions::OVERLAPPING,
-                        false,
-                        reasons::NO_OVERLAP,
-                        "no address is shared with another pool",
-                        input.now,
-                    ));
-                } else {
-                    conds.push(cond(
-                        conditions::OVERLAPPING,
-                        true,
-                        reasons::OVERLAPPING_POOL,
-                        &mine.join("; "),
-                        input.now,
-                    ));
-                }
-                if problems.is_empty() {
-                    conds.push(cond(
-                        conditions::INVALID,
-                        false,
-                        reasons::VALID,
-                        "every address entry is valid",
-                        input.now,
-                    ));
+                    .map(|e| e.reason())
+                    .find(|r| *r != reasons::OVERLAPPING_POOL)
+                    .unwrap_or(reasons::INVALID_ADDRESS);
+                conds.push(cond(conditions::INVALID, true, reason, &msg, input.now));
+                // What is left after the problem (e.g. only IPv6 entries in an IPv4-only
+                // cluster) may be nothing at all: then the pool is not Ready.
+                let usable = alloc.counters(&name).is_some_and(|c| {
+                    c.assigned_v4 + c.available_v4 + c.assigned_v6 + c.available_v6 > 0
+                });
+                if usable {
                     conds.push(cond(
                         conditions::READY,
                         true,
-                        reasons::VALID,
-                        "addresses can be assigned",
+                        reason,
+                        &format!("usable in part: {msg}"),
                         input.now,
                     ));
                 } else {
-                    let msg = problems.join("; ");
-                    let reason = report
-                        .problems
-                        .get(&name)
-                        .into_iter()
-                        .flatten()
-                        .map(|e| e.reason())
-                        .find(|r| *r != reasons::OVERLAPPING_POOL)
-                        .unwrap_or(reasons::INVALID_ADDRESS);
-                    conds.push(cond(conditions::INVALID, true, reason, &msg, input.now));
-                    // What is left after the problem (e.g. only IPv6 entries in an IPv4-only
-                    // cluster) may be nothing at all: then the pool is not Ready.
-                    let usable = alloc.counters(&name).is_some_and(|c| {
-                        c.assigned_v4 + c.available_v4 + c.assigned_v6 + c.available_v6 > 0
-                    });
-                    if usable {
-                        conds.push(cond(
-                            conditions::READY,
-                            true,
-                            reason,
-                            &format!("usable in part: {msg}"),
-                            input.now,
-                        ));
-                    } else {
-                        conds.push(cond(
-                            conditions::READY,
-                            false,
-                            reason,
-                            &format!("no usable address: {msg}"),
-                            input.now,
-                        ));
-                    }
+                    conds.push(cond(
+                        conditions::READY,
+                        false,
+                        reason,
+                        &format!("no usable address: {msg}"),
+                        input.now,
+                    ));
                 }
             }
-            let current = p.status.clone().unwrap_or_default();
-            status.conditions = keep_transition_times(conds, &current.conditions);
-            if status != current {
-                plan.pool_status.push((name, status));
-            }
         }
-        plan.services_allocated = alloc.service_count();
-        plan
+        let current = p.status.clone().unwrap_or_default();
+        status.conditions = keep_transition_times(conds, &current.conditions);
+        if status != current {
+            plan.pool_status.push((name, status));
+        }
     }
 }
 

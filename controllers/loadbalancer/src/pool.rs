@@ -42,72 +42,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use crate::crd::IPAddressPoolSpec;
 use crate::error::{AddressProblem, Error};
 use crate::selector::{self, any_matches, Selector};
-
-/// An IP family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
-}
-
-impl Family {
-    /// Both families, IPv4 first.
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    /// The family of `ip`.
-    pub fn of(ip: &IpAddr) -> Family {
-        match ip {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    /// The other family.
-    pub fn other(self) -> Family {
-        match self {
-            Family::V4 => Family::V6,
-            Family::V6 => Family::V4,
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Family::V4 => 0,
-            Family::V6 => 1,
-        }
-    }
-
-    fn max(self) -> u128 {
-        match self {
-            Family::V4 => u128::from(u32::MAX),
-            Family::V6 => u128::MAX,
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    /// `IPv4` / `IPv6`, as in `Service.spec.ipFamilies`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
-
-impl FromStr for Family {
-    type Err = String;
-    /// Parses `IPv4` / `IPv6` (the values of `Service.spec.ipFamilies`).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "IPv4" => Ok(Family::V4),
-            "IPv6" => Ok(Family::V6),
-            other => Err(format!("unknown IP family {other:?} (want IPv4 or IPv6)")),
-        }
-    }
-}
+pub use crate::types::Family;
 
 /// An IP as (family, number); IPv4 numbers are below 2^32.
 pub(crate) fn ip_to_num(ip: IpAddr) -> (Family, u128) {

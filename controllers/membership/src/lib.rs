@@ -57,6 +57,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::memberlist_key::KeyRing;
+pub use crate::memberlist_wire::ServedInterface;
 use crate::memberlist_wire::{Context, Datagram, Guard, Kind, LogLimiter, Reject};
 use palisade_runtime::metrics::{labels1, Labels};
 
@@ -66,6 +67,9 @@ const HOLD_ROUNDS: u32 = 2;
 pub const SILENT_AFTER_TIMEOUTS: u32 = 10;
 /// ... and is sent to only every this many rounds.
 pub const PROBE_EVERY: u64 = 5;
+/// A node's reach goes out every this many rounds (and at once when it changes): within a
+/// peer's warm-up (one timeout, 5 rounds) a restarted agent has heard everybody's twice.
+pub const REACH_EVERY: u64 = 2;
 
 /// Every other Node's InternalIPs, from the Node cache: where heartbeats go, and where a
 /// node's datagrams must come from.
@@ -88,6 +92,9 @@ pub struct MembershipSettings {
     pub clock_window: Duration,
     /// `palisade_memberlist_rejected_total{reason}`.
     pub rejected: Family<Labels, Counter>,
+    /// Where this node can announce (kept current by the announcer); sent to peers in
+    /// [`Kind::Reach`] datagrams while not empty.
+    pub reach: watch::Receiver<Vec<ServedInterface>>,
 }
 
 impl MembershipSettings {
@@ -102,6 +109,7 @@ impl MembershipSettings {
             keys,
             clock_window: Duration::from_secs(30),
             rejected: Family::default(),
+            reach: watch::channel(Vec::new()).1,
         }
     }
 }
@@ -114,6 +122,9 @@ pub struct Live {
     /// The membership timeout: how long an agent must listen to know who is alive. The
     /// announcer waits this long after one of its links comes back before it claims IPs on it.
     pub timeout: Duration,
+    /// Where each live node can announce, as it last reported (this node's own entry from
+    /// [`MembershipSettings::reach`]); nodes that reported nothing are missing.
+    pub reach: BTreeMap<String, Vec<ServedInterface>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -140,6 +151,8 @@ impl From<Datagram> for Msg {
             Kind::Join => Msg::Join { node, incarnation },
             Kind::Alive => Msg::Alive { node, incarnation },
             Kind::Leave => Msg::Leave { node, incarnation },
+            // Handled before (Handler::handle); never a liveness message.
+            Kind::Reach => Msg::Join { node, incarnation },
         }
     }
 }
@@ -158,15 +171,42 @@ struct Seen {
 pub struct Table {
     last_seen: BTreeMap<String, Seen>,
     left: BTreeMap<String, u64>,
+    /// Last reach report per node, with the incarnation that sent it.
+    reach: BTreeMap<String, (u64, Vec<ServedInterface>)>,
 }
 
 impl Table {
+    /// Records a reach report; true when it changed what is known of the node.
+    fn reach_heard(&mut self, node: String, incarnation: u64, reach: Vec<ServedInterface>) -> bool {
+        if self.left.get(&node).is_some_and(|i| *i >= incarnation)
+            || self.reach.get(&node).is_some_and(|(i, _)| *i > incarnation)
+        {
+            return false;
+        }
+        let new = (incarnation, reach);
+        if self.reach.get(&node).is_some_and(|old| old.1 == new.1) {
+            self.reach.insert(node, new);
+            return false;
+        }
+        self.reach.insert(node, new);
+        true
+    }
+
+    /// The reports of `nodes`.
+    fn reach_of(&self, nodes: &BTreeSet<String>) -> BTreeMap<String, Vec<ServedInterface>> {
+        nodes
+            .iter()
+            .filter_map(|n| self.reach.get(n).map(|(_, r)| (n.clone(), r.clone())))
+            .collect()
+    }
+
     /// Records a datagram. Returns true when it may have changed who is alive (a peer became
     /// ready, came back after `timeout` of silence, left, or was replaced by a new
     /// incarnation), so the caller re-evaluates at once.
     fn heard(&mut self, msg: Msg, now: Instant, timeout: Duration) -> bool {
         let (node, incarnation, ready) = match msg {
             Msg::Leave { node, incarnation } => {
+                self.reach.remove(&node);
                 let was = self.last_seen.remove(&node).is_some_and(|s| s.ready);
                 self.left.insert(node, incarnation);
                 return was;
@@ -278,6 +318,7 @@ impl Handler {
             return false;
         };
         match st.guard.check(data, from.ip(), &cx) {
+            Ok(d) if d.kind == Kind::Reach => st.table.reach_heard(d.node, d.incarnation, d.reach),
             Ok(d) => st.table.heard(Msg::from(d), now, self.timeout),
             Err(r) => {
                 if matches!(r, Reject::UnknownKey | Reject::BadMac)
@@ -385,7 +426,7 @@ pub async fn start(
     tokio::spawn(async move {
         let node = settings.node_name.clone();
         let mut seq: u64 = 0;
-        let datagram = |kind: Kind, seq: &mut u64| {
+        let datagram = |kind: Kind, seq: &mut u64, reach: Vec<ServedInterface>| {
             *seq += 1;
             let key = settings.keys.borrow().sending(Instant::now()).clone();
             memberlist_wire::encode(
@@ -396,10 +437,12 @@ pub async fn start(
                     incarnation,
                     seq: *seq,
                     timestamp_ms: wall_ms(),
+                    reach,
                 },
                 &key,
             )
         };
+        let mut reach_rx = settings.reach.clone();
         let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut round: u64 = 0;
@@ -443,7 +486,12 @@ pub async fn start(
                 } else {
                     Kind::Join
                 };
-                let msg = datagram(kind, &mut seq);
+                let msg = datagram(kind, &mut seq, Vec::new());
+                let reach_msg = (reach_rx.has_changed().unwrap_or(false)
+                    || round % REACH_EVERY == 1)
+                    .then(|| reach_rx.borrow_and_update().clone())
+                    .filter(|r| !r.is_empty())
+                    .map(|r| datagram(Kind::Reach, &mut seq, r));
                 let (recent, silent) = targets(&settings.node_name, map.as_ref(), |n| {
                     handler
                         .state
@@ -453,7 +501,11 @@ pub async fn start(
                 });
                 // Never wait on one peer: non-blocking sends, a full buffer drops the datagram.
                 for ip in recent {
-                    let _ = socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                    let to = SocketAddr::new(ip, settings.peer_port);
+                    let _ = socket.try_send_to(&msg, to);
+                    if let Some(r) = &reach_msg {
+                        let _ = socket.try_send_to(r, to);
+                    }
                 }
                 // Peers not heard from go through their own socket, so that datagrams queued
                 // behind their unresolved neighbour entries never fill the buffer the live
@@ -461,12 +513,15 @@ pub async fn start(
                 let grace = now.saturating_duration_since(started) < silent_after;
                 if grace || round % PROBE_EVERY == 0 {
                     for ip in silent {
-                        let _ =
-                            probe_socket.try_send_to(&msg, SocketAddr::new(ip, settings.peer_port));
+                        let to = SocketAddr::new(ip, settings.peer_port);
+                        let _ = probe_socket.try_send_to(&msg, to);
+                        if let Some(r) = &reach_msg {
+                            let _ = probe_socket.try_send_to(r, to);
+                        }
                     }
                 }
             }
-            let (mut nodes, suspicious, foreign) = handler
+            let (mut nodes, suspicious, foreign, mut reach) = handler
                 .state
                 .lock()
                 .map(|s| {
@@ -480,10 +535,13 @@ pub async fn start(
                         .filter(|n| **n != settings.node_name)
                         .cloned()
                         .collect();
+                    let alive = s.table.alive(&settings.node_name, now, timeout);
+                    let reach = s.table.reach_of(&alive);
                     (
-                        s.table.alive(&settings.node_name, now, timeout),
+                        alive,
                         s.table.all_timed_out(&prev, now, timeout),
                         foreign,
+                        reach,
                     )
                 })
                 .unwrap_or_default();
@@ -514,12 +572,19 @@ pub async fn start(
                     );
                 }
             }
+            let own = settings.reach.borrow().clone();
+            if own.is_empty() {
+                reach.remove(&settings.node_name);
+            } else {
+                reach.insert(settings.node_name.clone(), own);
+            }
             let live = Live {
                 // The hand-over hold: announce from the third "alive" round on, i.e. two
                 // intervals after peers first heard it.
                 warmed_up: alive_rounds > HOLD_ROUNDS && !key_mismatch,
                 nodes,
                 timeout: settings.timeout,
+                reach,
             };
             tx.send_if_modified(|cur| {
                 if *cur != live {
@@ -537,7 +602,7 @@ pub async fn start(
         let map = peers.borrow().clone();
         let (targets, _) = targets(&settings.node_name, map.as_ref(), |_| true);
         for _ in 0..2 {
-            let leave = datagram(Kind::Leave, &mut seq);
+            let leave = datagram(Kind::Leave, &mut seq, Vec::new());
             for ip in &targets {
                 let _ = socket.try_send_to(&leave, SocketAddr::new(*ip, settings.peer_port));
             }
@@ -857,6 +922,69 @@ mod tests {
             t0.elapsed()
         );
         shutdown_a.cancel();
+    }
+
+    /// Reach reports travel with the membership: b learns where a can announce, follows a
+    /// change, and forgets it when a leaves; a's own entry is in its own view.
+    #[tokio::test]
+    async fn reach_reports_reach_peers_and_follow_changes() {
+        let port = |_: ()| {
+            std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (pa, pb) = (port(()), port(()));
+        let served = |net: &str| {
+            vec![ServedInterface {
+                name: "eth0".into(),
+                up: true,
+                nets: vec![(net.parse().unwrap(), 24)],
+            }]
+        };
+        let (reach_tx, reach_rx) = watch::channel(served("198.51.100.0"));
+        let mk = |name: &str, bind: u16, peer: u16| {
+            let mut s = MembershipSettings::new(name, peer, test_keys());
+            s.bind = SocketAddr::from(([127, 0, 0, 1], bind));
+            s.interval = Duration::from_millis(50);
+            s.timeout = Duration::from_millis(300);
+            s
+        };
+        let (shutdown_a, shutdown_b) = (CancellationToken::new(), CancellationToken::new());
+        let (_ptx, prx) = watch::channel(Some(loopback_peers()));
+        let mut sa = mk("a", pa, pb);
+        sa.reach = reach_rx;
+        let a = start(sa, prx.clone(), shutdown_a.clone()).await.unwrap();
+        let mut b = start(mk("b", pb, pa), prx, shutdown_b.clone())
+            .await
+            .unwrap();
+        let until = |b: &mut watch::Receiver<Live>, want: Option<Vec<ServedInterface>>| {
+            let mut b = b.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        if b.borrow_and_update().reach.get("a") == want.as_ref() {
+                            return;
+                        }
+                        b.changed().await.unwrap();
+                    }
+                })
+                .await
+            }
+        };
+        until(&mut b, Some(served("198.51.100.0")))
+            .await
+            .expect("b learns a's reach");
+        assert_eq!(a.borrow().reach.get("a"), Some(&served("198.51.100.0")));
+        assert_eq!(b.borrow().reach.get("b"), None, "b reports nothing");
+        reach_tx.send_replace(served("198.51.101.0"));
+        until(&mut b, Some(served("198.51.101.0")))
+            .await
+            .expect("b follows the change");
+        shutdown_a.cancel();
+        until(&mut b, None).await.expect("a's reach gone with a");
+        shutdown_b.cancel();
     }
 
     /// Three agents on 127.0.0.1-3 (one port): a and b share a key, c has another. c is never

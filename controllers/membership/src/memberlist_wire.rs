@@ -3,15 +3,32 @@
 //!
 //! ```text
 //!  0   "PAL2"                      magic and version
-//!  4   kind        u8              1 join, 2 alive, 3 leave
+//!  4   kind        u8              1 join, 2 alive, 3 leave, 4 reach
 //!  5   key id      u32 BE          which cluster key the MAC is made with (memberlist_key)
 //!  9   incarnation u64 BE          the sender's start time, µs since the Unix epoch
 //! 17   sequence    u64 BE          strictly increasing within one incarnation
 //! 25   timestamp   u64 BE          sender's wall clock at sending, ms since the Unix epoch
 //! 33   tag         u8 len + bytes  cluster tag (several clusters on one LAN)
 //!  .   node        u8 len + bytes  the sender's Node name
+//!  .   reach       kind 4 only     where the sender can announce (below)
 //!  .   MAC         32 bytes        HMAC-SHA256(key, every byte before it)
 //! ```
+//!
+//! Kind 4 ("reach", see [`ServedInterface`]) tells peers on which interfaces and subnets the
+//! sender can announce LoadBalancer IPs; the L2 election admits only nodes that can announce
+//! an IP where its clients are. It is a kind of its own so that agents of earlier versions,
+//! which reject an unknown kind (and any trailing byte) as `malformed`, still accept the
+//! join/alive/leave datagrams of newer ones during a rolling upgrade. Its section, at most
+//! [`MAX_REACH_BYTES`]:
+//!
+//! ```text
+//!  version u8 (1) · count u8 (≤ 16) · count × interface:
+//!    name u8 len (1..=15) + bytes · flags u8 (bit 0: up) · nets u8 (≤ 8) · nets × net:
+//!      family u8 (4 | 6) · address (4 | 16 bytes) · prefix length u8 (≤ 32 | ≤ 128)
+//! ```
+//! Anything else in it (another version, counts or lengths beyond the bounds, a bad family,
+//! prefix or UTF-8, a byte left over) makes the datagram `malformed`. The sender fills it
+//! in order and stops at the bounds, so every receiver sees the same (possibly cut) list.
 //!
 //! A datagram is accepted only if, in this order (the first failure is its rejection reason,
 //! see [`Reject`]): it parses; its tag is ours; its key id names a key of the [`KeyRing`];
@@ -40,8 +57,17 @@ use crate::memberlist_key::{Key, KeyRing};
 pub const MAGIC: &[u8; 4] = b"PAL2";
 const MAC_LEN: usize = 32;
 const HEADER_LEN: usize = 33;
-/// The largest datagram this format produces (255-byte tag and node name).
-pub const MAX_DATAGRAM: usize = HEADER_LEN + 1 + 255 + 1 + 255 + MAC_LEN;
+/// Bound of a reach section: it keeps a reach datagram within one 1280-byte IPv6 packet.
+pub const MAX_REACH_BYTES: usize = 640;
+/// At most this many interfaces per reach section ...
+pub const MAX_REACH_INTERFACES: usize = 16;
+/// ... with at most this many subnets each.
+pub const MAX_REACH_NETS: usize = 8;
+/// Longest interface name (Linux `IFNAMSIZ` - 1).
+pub const MAX_IFNAME: usize = 15;
+const REACH_VERSION: u8 = 1;
+/// The largest datagram this format produces (255-byte tag and node name, full reach).
+pub const MAX_DATAGRAM: usize = HEADER_LEN + 1 + 255 + 1 + 255 + MAX_REACH_BYTES + MAC_LEN;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -50,6 +76,19 @@ pub enum Kind {
     Join,
     Alive,
     Leave,
+    /// Where the sender can announce ([`Datagram::reach`]); says nothing about liveness.
+    Reach,
+}
+
+/// One interface in a reach datagram.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServedInterface {
+    /// Interface name, 1 to [`MAX_IFNAME`] bytes.
+    pub name: String,
+    /// Up and running.
+    pub up: bool,
+    /// Subnets on it: (address, prefix length).
+    pub nets: Vec<(IpAddr, u8)>,
 }
 
 /// One membership datagram's content.
@@ -60,6 +99,8 @@ pub struct Datagram {
     pub incarnation: u64,
     pub seq: u64,
     pub timestamp_ms: u64,
+    /// [`Kind::Reach`] only (empty, and not sent, otherwise).
+    pub reach: Vec<ServedInterface>,
 }
 
 /// Why a datagram was rejected; [`Reject::reason`] is the `reason` label of
@@ -124,7 +165,114 @@ fn kind_byte(k: Kind) -> u8 {
         Kind::Join => 1,
         Kind::Alive => 2,
         Kind::Leave => 3,
+        Kind::Reach => 4,
     }
+}
+
+/// Appends the reach section for `reach`, cut to the bounds (interfaces whose name is empty
+/// or too long are skipped, nets beyond the bound dropped).
+fn encode_reach(out: &mut Vec<u8>, reach: &[ServedInterface]) {
+    let start = out.len();
+    out.push(REACH_VERSION);
+    out.push(0);
+    let mut count = 0u8;
+    for i in reach {
+        if usize::from(count) == MAX_REACH_INTERFACES {
+            break;
+        }
+        if i.name.is_empty() || i.name.len() > MAX_IFNAME {
+            continue;
+        }
+        let mut entry = Vec::with_capacity(3 + i.name.len() + 18 * MAX_REACH_NETS);
+        entry.push(i.name.len() as u8);
+        entry.extend_from_slice(i.name.as_bytes());
+        entry.push(u8::from(i.up));
+        let nets: Vec<&(IpAddr, u8)> = i
+            .nets
+            .iter()
+            .filter(|(a, len)| *len <= if a.is_ipv4() { 32 } else { 128 })
+            .take(MAX_REACH_NETS)
+            .collect();
+        entry.push(nets.len() as u8);
+        for (addr, len) in nets {
+            match addr {
+                IpAddr::V4(a) => {
+                    entry.push(4);
+                    entry.extend_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    entry.push(6);
+                    entry.extend_from_slice(&a.octets());
+                }
+            }
+            entry.push(*len);
+        }
+        if out.len() - start + entry.len() > MAX_REACH_BYTES {
+            break;
+        }
+        out.extend_from_slice(&entry);
+        count += 1;
+    }
+    out[start + 1] = count;
+}
+
+/// Reads a whole reach section; `None` unless it is exactly one well-formed section.
+fn parse_reach(mut b: &[u8]) -> Option<Vec<ServedInterface>> {
+    if b.len() > MAX_REACH_BYTES {
+        return None;
+    }
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (b.get(..n)?, b.get(n..)?);
+        *b = tail;
+        Some(head)
+    }
+    let head = take(&mut b, 2)?;
+    if head[0] != REACH_VERSION || usize::from(head[1]) > MAX_REACH_INTERFACES {
+        return None;
+    }
+    let mut out = Vec::with_capacity(usize::from(head[1]));
+    for _ in 0..head[1] {
+        let name_len = usize::from(take(&mut b, 1)?[0]);
+        if name_len == 0 || name_len > MAX_IFNAME {
+            return None;
+        }
+        let name = std::str::from_utf8(take(&mut b, name_len)?)
+            .ok()?
+            .to_string();
+        let flags = take(&mut b, 1)?[0];
+        if flags > 1 {
+            return None;
+        }
+        let count = usize::from(take(&mut b, 1)?[0]);
+        if count > MAX_REACH_NETS {
+            return None;
+        }
+        let mut nets = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (addr, bits) = match take(&mut b, 1)?[0] {
+                4 => {
+                    let a: [u8; 4] = take(&mut b, 4)?.try_into().ok()?;
+                    (IpAddr::from(a), 32)
+                }
+                6 => {
+                    let a: [u8; 16] = take(&mut b, 16)?.try_into().ok()?;
+                    (IpAddr::from(a), 128)
+                }
+                _ => return None,
+            };
+            let len = take(&mut b, 1)?[0];
+            if len > bits {
+                return None;
+            }
+            nets.push((addr, len));
+        }
+        out.push(ServedInterface {
+            name,
+            up: flags == 1,
+            nets,
+        });
+    }
+    b.is_empty().then_some(out)
 }
 
 /// The datagram for `d`, authenticated with `key`. Tags and names longer than 255 bytes are
@@ -143,6 +291,9 @@ pub fn encode(tag: &str, d: &Datagram, key: &Key) -> Vec<u8> {
     out.extend_from_slice(tag);
     out.push(node.len() as u8);
     out.extend_from_slice(node);
+    if d.kind == Kind::Reach {
+        encode_reach(&mut out, &d.reach);
+    }
     let mut mac = HmacSha256::new_from_slice(key.secret()).expect("HMAC takes any key length");
     mac.update(&out);
     out.extend_from_slice(&mac.finalize().into_bytes());
@@ -172,6 +323,7 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
         1 => Kind::Join,
         2 => Kind::Alive,
         3 => Kind::Leave,
+        4 => Kind::Reach,
         _ => return None,
     };
     let key_id = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
@@ -185,9 +337,15 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
     let rest = &rest[1 + tag_len..];
     let node_len = *rest.first()? as usize;
     let node = rest.get(1..1 + node_len)?;
-    if rest.len() != 1 + node_len || node.is_empty() {
+    let tail = &rest[1 + node_len..];
+    if node.is_empty() {
         return None;
     }
+    let reach = match kind {
+        Kind::Reach => parse_reach(tail)?,
+        _ if tail.is_empty() => Vec::new(),
+        _ => return None,
+    };
     let node = std::str::from_utf8(node).ok()?.to_string();
     Some(Parsed {
         datagram: Datagram {
@@ -196,6 +354,7 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
             incarnation,
             seq,
             timestamp_ms,
+            reach,
         },
         key_id,
         tag,
@@ -386,6 +545,173 @@ mod tests {
             incarnation,
             seq,
             timestamp_ms: WALL,
+            reach: Vec::new(),
+        }
+    }
+
+    fn served(name: &str, up: bool, nets: &[&str]) -> ServedInterface {
+        ServedInterface {
+            name: name.into(),
+            up,
+            nets: nets
+                .iter()
+                .map(|n| {
+                    let (a, l) = n.split_once('/').unwrap();
+                    (ip(a), l.parse().unwrap())
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reach_round_trips_and_is_bounded() {
+        let w = World::new();
+        let mut g = Guard::new(Duration::from_secs(30));
+        let k = w.ring.current().clone();
+        let mut d = dg(Kind::Reach, "node2", INC, 1);
+        d.reach = vec![
+            served("eth0", true, &["198.51.100.0/24", "fd00:51:100::/64"]),
+            served("eth0.100", true, &[]),
+            served("eth1", false, &["198.51.101.0/24"]),
+        ];
+        let bytes = encode("palisade", &d, &k);
+        assert_eq!(g.check(&bytes, ip("10.0.0.2"), &w.cx()), Ok(d.clone()));
+
+        // Other kinds carry no reach: byte for byte what earlier versions send and accept.
+        let mut alive = dg(Kind::Alive, "node2", INC, 2);
+        let plain = encode("palisade", &alive, &k);
+        alive.reach = d.reach.clone();
+        assert_eq!(encode("palisade", &alive, &k), plain);
+
+        // Cut to the bounds: names too long or empty skipped, nets and interfaces capped,
+        // the section never beyond MAX_REACH_BYTES.
+        let mut big = dg(Kind::Reach, "node2", INC, 3);
+        big.reach.push(served("a-name-far-too-long", true, &[]));
+        big.reach.push(served("", true, &[]));
+        for i in 0..40 {
+            let nets: Vec<String> = (0..12).map(|j| format!("fd00:{i}:{j}::/64")).collect();
+            let nets: Vec<&str> = nets.iter().map(String::as_str).collect();
+            big.reach.push(served(&format!("if{i}"), true, &nets));
+        }
+        let bytes = encode("palisade", &big, &k);
+        assert!(bytes.len() <= MAX_DATAGRAM);
+        let got = g.check(&bytes, ip("10.0.0.2"), &w.cx()).unwrap();
+        assert!(!got.reach.is_empty() && got.reach.len() <= MAX_REACH_INTERFACES);
+        assert_eq!(got.reach[0].name, "if0");
+        assert!(got.reach.iter().all(|i| i.nets.len() == MAX_REACH_NETS));
+        let tail = HEADER_LEN + 2 + "palisade".len() + "node2".len();
+        assert!(bytes.len() - MAC_LEN - tail <= MAX_REACH_BYTES);
+    }
+
+    /// Every malformed reach section is rejected before anything else, and no input panics.
+    #[tokio::test(start_paused = true)]
+    async fn hostile_reach_sections_are_malformed() {
+        let w = World::new();
+        let k = w.ring.current().clone();
+        let mut d = dg(Kind::Reach, "node2", INC, 1);
+        d.reach = vec![served("eth0", true, &["198.51.100.0/24"])];
+        let good = encode("palisade", &d, &k);
+        let at = HEADER_LEN + 2 + "palisade".len() + "node2".len(); // reach section start
+                                                                    // Rebuild with a hand-made section, correctly MAC'd: only the parser may object.
+        let with = |section: &[u8]| {
+            let mut out = good[..at].to_vec();
+            out.extend_from_slice(section);
+            let mut mac = HmacSha256::new_from_slice(k.secret()).unwrap();
+            mac.update(&out);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+            out
+        };
+        let entry = |name: &[u8], flags: u8, nets: &[u8]| {
+            let mut e = vec![name.len() as u8];
+            e.extend_from_slice(name);
+            e.push(flags);
+            e.extend_from_slice(nets);
+            e
+        };
+        let v4net = |len: u8| vec![1, 4, 198, 51, 100, 0, len];
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            (
+                "version",
+                [&[2u8, 1][..], &entry(b"eth0", 1, &v4net(24))].concat(),
+            ),
+            (
+                "count beyond",
+                [&[1u8, 17][..], &entry(b"eth0", 1, &v4net(24))].concat(),
+            ),
+            (
+                "count short",
+                [&[1u8, 2][..], &entry(b"eth0", 1, &v4net(24))].concat(),
+            ),
+            (
+                "empty name",
+                [&[1u8, 1][..], &entry(b"", 1, &v4net(24))].concat(),
+            ),
+            (
+                "long name",
+                [&[1u8, 1][..], &entry(b"0123456789abcdef", 1, &v4net(24))].concat(),
+            ),
+            (
+                "utf-8",
+                [&[1u8, 1][..], &entry(&[0xff, 0xfe], 1, &v4net(24))].concat(),
+            ),
+            (
+                "flags",
+                [&[1u8, 1][..], &entry(b"eth0", 2, &v4net(24))].concat(),
+            ),
+            (
+                "prefix",
+                [&[1u8, 1][..], &entry(b"eth0", 1, &v4net(33))].concat(),
+            ),
+            (
+                "family",
+                [&[1u8, 1][..], &entry(b"eth0", 1, &[1, 5, 1, 2, 3, 4, 8])].concat(),
+            ),
+            (
+                "nets beyond",
+                [&[1u8, 1][..], &entry(b"eth0", 1, &[9])].concat(),
+            ),
+            (
+                "trailing",
+                [&[1u8, 1][..], &entry(b"eth0", 1, &v4net(24)), &[0]].concat(),
+            ),
+            ("too big", [&[1u8, 0][..], &[0u8; MAX_REACH_BYTES]].concat()),
+        ];
+        cases.push((
+            "v6 short",
+            [&[1u8, 1][..], &entry(b"eth0", 1, &[1, 6, 0xfd, 0, 64])].concat(),
+        ));
+        for (what, section) in &cases {
+            let mut g = Guard::new(Duration::from_secs(30));
+            assert_eq!(
+                g.check(&with(section), ip("10.0.0.2"), &w.cx()),
+                Err(Reject::Malformed),
+                "{what}"
+            );
+        }
+        // The well-formed one through the same path is accepted.
+        let mut g = Guard::new(Duration::from_secs(30));
+        let ok = [&[1u8, 1][..], &entry(b"eth0", 1, &v4net(24))].concat();
+        assert!(g.check(&with(&ok), ip("10.0.0.2"), &w.cx()).is_ok());
+        // Every truncation and every single-byte change of a real datagram: no panic, and
+        // never accepted with altered content.
+        for cut in 0..good.len() {
+            let mut g = Guard::new(Duration::from_secs(30));
+            assert!(g.check(&good[..cut], ip("10.0.0.2"), &w.cx()).is_err());
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 1, 0x7f, 0x80, 0xff] {
+                let mut bad = good.clone();
+                if bad[i] == v {
+                    continue;
+                }
+                bad[i] = v;
+                let mut g = Guard::new(Duration::from_secs(30));
+                assert!(
+                    g.check(&bad, ip("10.0.0.2"), &w.cx()).is_err(),
+                    "byte {i} = {v}"
+                );
+            }
         }
     }
 

@@ -150,6 +150,42 @@ pub fn mk_policy(ns: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy
     }
 }
 
+/// A ClusterNetworkPolicy from its `spec` written as API JSON (camelCase).
+///
+/// # Panics
+/// When `spec` does not deserialize (a bug in the calling test).
+#[track_caller]
+pub fn mk_cnp(name: &str, spec: serde_json::Value) -> crate::cnp::ClusterNetworkPolicy {
+    let spec = match serde_json::from_value(spec) {
+        Ok(s) => s,
+        Err(e) => panic!("mk_cnp({name}): invalid spec: {e}"),
+    };
+    crate::cnp::ClusterNetworkPolicy {
+        api_version: Some(crate::cnp::API_VERSION.into()),
+        kind: Some(crate::cnp::KIND.into()),
+        metadata: meta(None, name, &[]),
+        spec,
+        status: None,
+    }
+}
+
+/// Gives a Node labels and `status.addresses` (`InternalIP` entries).
+pub fn with_node_addresses(mut node: Node, l: &[(&str, &str)], ips: &[&str]) -> Node {
+    if !l.is_empty() {
+        node.metadata.labels = Some(labels(l));
+    }
+    let status = node.status.get_or_insert_with(Default::default);
+    status.addresses = Some(
+        ips.iter()
+            .map(|ip| k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalIP".into(),
+                address: ip.to_string(),
+            })
+            .collect(),
+    );
+    node
+}
+
 /// A [`ClusterState`] from owned objects.
 pub fn cluster(
     nodes: Vec<Node>,
@@ -162,5 +198,6 @@ pub fn cluster(
         namespaces: namespaces.into_iter().map(Arc::new).collect(),
         pods: pods.into_iter().map(Arc::new).collect(),
         policies: policies.into_iter().map(Arc::new).collect(),
+        cluster_policies: Vec::new(),
     }
 }

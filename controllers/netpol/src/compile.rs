@@ -27,6 +27,8 @@ use crate::{
     reasons, ClusterState, Diagnostic, Family, NodeConfig, PodInterface, DEFAULT_MARK_BIT,
 };
 
+mod tiers;
+
 /// Transport protocols NetworkPolicy supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -300,6 +302,7 @@ pub(crate) enum SetSource {
         proto: Protocol,
         name: String,
     },
+    /// Not derived from pods (ipBlocks, `networks`, `nodes`): only a full compile changes it.
     Block,
 }
 
@@ -426,6 +429,11 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
             selections.push(sel);
         }
+        let cnp_selections: Vec<tiers::CnpSelection> = model
+            .local
+            .iter()
+            .map(|&pi| self.cnp_selection(pi))
+            .collect();
 
         // Named ports the used policies refer to: only those are indexed.
         let mut referenced: BTreeSet<(Protocol, &'m str)> = BTreeSet::new();
@@ -445,6 +453,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 }
             }
         }
+        self.cnp_named_ports(&cnp_selections, &mut referenced);
         self.sets
             .index_named_ports(referenced.into_iter().collect());
 
@@ -477,7 +486,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         let mut ingress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let mut egress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let block = cfg.block_unknown_pods && !model.pod_cidrs.is_empty();
-        for sel in &selections {
+        for (sel, cnp_sel) in selections.iter().zip(&cnp_selections) {
             let pod = &model.pods[sel.pod];
             let host = host_net(pod.ip);
             let in_cidr = model.pod_cidrs.iter().any(|c| c.contains(pod.ip));
@@ -490,13 +499,16 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     Dir::Egress => Match::Src(host),
                 };
                 let comment = Match::Comment(pod.key());
-                if policies.is_empty() {
+                let np_profile = (!policies.is_empty())
+                    .then(|| self.profile(dir, policies, &policy_chain, &mut generated));
+                let tiered =
+                    self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated);
+                let Some(profile) = tiered.or(np_profile) else {
                     if block && in_cidr {
                         dispatch.push(Rule::new(vec![addr, comment], Target::Return));
                     }
                     continue;
-                }
-                let profile = self.profile(dir, policies, &policy_chain, &mut generated);
+                };
                 dispatch.push(Rule::new(vec![addr, comment], Target::Goto(profile)));
             }
         }

@@ -88,6 +88,7 @@ fn other_ptrs(s: &ClusterState) -> Vec<usize> {
         .map(ptr)
         .chain(s.namespaces.iter().map(ptr))
         .chain(s.policies.iter().map(ptr))
+        .chain(s.cluster_policies.iter().map(ptr))
         .collect();
     v.sort_unstable();
     v
@@ -208,6 +209,7 @@ impl Cache {
                 namespaces: state.namespaces.clone(),
                 pods: Vec::new(),
                 policies: state.policies.clone(),
+                cluster_policies: state.cluster_policies.clone(),
             },
             namespaces,
             ip_count,

@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 pub mod builders;
+pub mod cnp;
 pub mod compile;
 mod error;
 pub mod incremental;
@@ -84,6 +85,8 @@ pub struct ClusterState {
     pub namespaces: Vec<Arc<Namespace>>,
     pub pods: Vec<Arc<Pod>>,
     pub policies: Vec<Arc<NetworkPolicy>>,
+    /// ClusterNetworkPolicies (`policy.networking.k8s.io/v1alpha2`, cluster-scoped).
+    pub cluster_policies: Vec<Arc<cnp::ClusterNetworkPolicy>>,
 }
 
 /// IP address family of one payload: IPv4 through `iptables`, IPv6 through `ip6tables` with
@@ -275,4 +278,18 @@ pub mod reasons {
     pub const POD_INTERFACE_UNKNOWN: &str = "PodInterfaceUnknown";
     /// A NodeConfig value that cannot be used as given.
     pub const INVALID_CONFIG: &str = "InvalidConfig";
+    /// ClusterNetworkPolicy `spec.tier` other than Admin or Baseline: the policy is ignored.
+    pub const UNKNOWN_TIER: &str = "UnknownTier";
+    /// ClusterNetworkPolicy `spec.priority` outside 0-1000 (used as given).
+    pub const INVALID_PRIORITY: &str = "InvalidPriority";
+    /// ClusterNetworkPolicy `spec.subject` unusable: the policy selects no pod.
+    pub const INVALID_SUBJECT: &str = "InvalidSubject";
+    /// ClusterNetworkPolicy rule action other than Accept, Deny or Pass: treated as Deny.
+    pub const UNKNOWN_ACTION: &str = "UnknownAction";
+    /// A ClusterNetworkPolicy rule with a peer or protocol Palisade cannot honour (no known
+    /// field, several, invalid selector, CIDR or port): fails closed (an Accept rule matches
+    /// nothing, a Deny or Pass rule denies all traffic).
+    pub const UNKNOWN_PEER: &str = "UnknownPeer";
+    /// `domainNames` peers need DNS interception, which Palisade does not do.
+    pub const UNSUPPORTED_DOMAIN_NAMES: &str = "UnsupportedDomainNames";
 }

@@ -4,8 +4,9 @@
 //! Accepts JSON (detected by its first byte, read with serde_json) and YAML; any number of
 //! documents (`---`), `kind: List` (and `PodList`, ...) with `items` of any size,
 //! and skips every kind we do not read (Services, Deployments, Calico's own `NetworkPolicy`
-//! of another API group, ...) silently. Read: `v1` Pod, Namespace, Node and
-//! `networking.k8s.io/v1` NetworkPolicy.
+//! of another API group, ...) silently. Read: `v1` Pod, Namespace, Node,
+//! `networking.k8s.io/v1` NetworkPolicy and `policy.networking.k8s.io/v1alpha2`
+//! ClusterNetworkPolicy.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -218,6 +219,9 @@ fn add_document(state: &mut ClusterState, at: Doc, doc: Value) -> Result<(), Man
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             state.policies.push(Arc::new(object(at, kind, doc)?))
         }
+        (crate::cnp::API_VERSION, crate::cnp::KIND) => state
+            .cluster_policies
+            .push(Arc::new(object(at, kind, doc)?)),
         _ => {}
     }
     Ok(())
@@ -277,6 +281,11 @@ impl ClusterState {
         merge_by_key(&mut self.policies, other.policies, |o: &NetworkPolicy| {
             &o.metadata
         });
+        merge_by_key(
+            &mut self.cluster_policies,
+            other.cluster_policies,
+            |o: &crate::cnp::ClusterNetworkPolicy| &o.metadata,
+        );
     }
 }
 
@@ -347,6 +356,44 @@ items:
             s.pods[0].status.as_ref().unwrap().pod_ip.as_deref(),
             Some("10.244.1.5")
         );
+    }
+
+    #[test]
+    fn reads_cluster_network_policies() {
+        let text = r#"
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: deny-tenants}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {tenant: a}}}
+  ingress:
+  - {action: Deny, from: [{namespaces: {matchLabels: {tenant: b}}}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: old-api}
+spec: {priority: 1, subject: {namespaces: {}}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: policy.networking.k8s.io/v1alpha2
+  kind: ClusterNetworkPolicy
+  metadata: {name: base}
+  spec: {tier: Baseline, priority: 0, subject: {pods: {podSelector: {}}}}
+"#;
+        let mut s = parse_yaml(text).expect("parses");
+        assert_eq!(s.cluster_policies.len(), 2, "v1alpha1 kinds are not read");
+        assert_eq!(s.cluster_policies[0].spec.tier, "Admin");
+        assert_eq!(s.cluster_policies[0].spec.ingress[0].action, "Deny");
+        let json = serde_json::to_string(&*s.cluster_policies[1]).unwrap();
+        let again = parse(&json).expect("JSON too");
+        s.merge(again);
+        assert_eq!(s.cluster_policies.len(), 2, "merged by name");
+        let bad = "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: x}\nspec: {priority: high}\n";
+        assert!(parse_yaml(bad).is_err());
     }
 
     #[test]

@@ -140,6 +140,10 @@ pub(crate) struct Model<'a> {
     /// Valid policies, sorted by namespace/name.
     pub policies: Vec<PolicyInfo<'a>>,
     pub policies_by_ns: HashMap<&'a str, Vec<usize>>,
+    /// Valid ClusterNetworkPolicies, sorted by tier, priority, name.
+    pub cnps: Vec<crate::cnp::CnpInfo<'a>>,
+    /// Every Node object (for `nodes` peers of ClusterNetworkPolicies).
+    pub nodes: &'a [Arc<k8s_openapi::api::core::v1::Node>],
 }
 
 /// Sorts by namespace/name and drops duplicates (the later one in `items` wins), without
@@ -279,6 +283,7 @@ impl<'a> Model<'a> {
             policies_by_ns.entry(p.ns).or_default().push(i);
         }
 
+        let cnps = crate::cnp::validate_all(&state.cluster_policies, family, diags);
         Model {
             family,
             pods,
@@ -288,6 +293,8 @@ impl<'a> Model<'a> {
             pod_cidrs,
             policies,
             policies_by_ns,
+            cnps,
+            nodes: &state.nodes,
         }
     }
 }

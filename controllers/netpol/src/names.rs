@@ -14,6 +14,9 @@
 //! | `PALISADE-EGRESS`   | dispatch on source local pod                    |
 //! | `PAL-IN-…`/`PAL-EG-…` | profile: the set of policies isolating a pod |
 //! | `PAL-PI-…`/`PAL-PE-…` | one policy's ingress / egress rules          |
+//! | `PAL-XI-…`/`PAL-XE-…` | tiered profile (ClusterNetworkPolicy subjects) |
+//! | `PAL-CI-…`/`PAL-CE-…` | one ClusterNetworkPolicy's ingress / egress rules |
+//! | `PALISADE-CNP-*`    | fixed ClusterNetworkPolicy verdict chains       |
 //! | `PAL-P4-…`          | hash:ip, pods matched by a peer selector        |
 //! | `PAL-B4-…`          | hash:net, an ipBlock with `except` (nomatch)    |
 //! | `PAL-N4-…`          | hash:ip,port, pods declaring a named port       |
@@ -50,6 +53,18 @@ pub const INGRESS_PROFILE_PREFIX: &str = "PAL-IN-";
 pub const EGRESS_PROFILE_PREFIX: &str = "PAL-EG-";
 pub const INGRESS_POLICY_PREFIX: &str = "PAL-PI-";
 pub const EGRESS_POLICY_PREFIX: &str = "PAL-PE-";
+
+/// ClusterNetworkPolicy chains: the tiered profile of a pod (Admin → NetworkPolicy →
+/// Baseline) and one chain per ClusterNetworkPolicy and direction.
+pub const INGRESS_TIERED_PREFIX: &str = "PAL-XI-";
+pub const EGRESS_TIERED_PREFIX: &str = "PAL-XE-";
+pub const INGRESS_CNP_PREFIX: &str = "PAL-CI-";
+pub const EGRESS_CNP_PREFIX: &str = "PAL-CE-";
+/// Fixed ClusterNetworkPolicy chains (present when some local pod is a subject): set the
+/// accept bit, set the pass bit, and leave the direction allowed (clear both bits).
+pub const CNP_ACCEPT_CHAIN: &str = "PALISADE-CNP-ACCEPT";
+pub const CNP_PASS_CHAIN: &str = "PALISADE-CNP-PASS";
+pub const CNP_ALLOW_CHAIN: &str = "PALISADE-CNP-ALLOW";
 
 /// Whether an iptables chain name is Palisade's.
 pub fn is_ours_chain(name: &str) -> bool {

@@ -251,3 +251,68 @@ pub fn dumps(state: &ClusterState) -> Dumps {
         split: docs.chunks(SPLIT).map(|c| c.join("---\n")).collect(),
     }
 }
+
+const ENVS: [&str; 3] = ["prod", "staging", "dev"];
+
+/// Number of ClusterNetworkPolicies of [`cluster_network_policies`] (Admin and Baseline).
+pub const CLUSTER_POLICIES: usize = 200;
+
+/// ClusterNetworkPolicy template for index `i` (five templates: three Admin, two Baseline;
+/// namespace/pod subjects, every peer kind, port numbers, ranges and named ports); `variant`
+/// shifts the priority (for "one policy changed").
+pub fn cluster_network_policy(i: usize, variant: i32) -> crate::cnp::ClusterNetworkPolicy {
+    let team = format!("team-{}", i % 50);
+    let priority = ((i * 5) % 1000) as i32 + variant;
+    let spec = match i % 5 {
+        0 => json!({
+            "tier": "Admin", "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"team": team}}},
+            "ingress": [
+                {"action": "Accept", "from": [{"namespaces": {"matchLabels": {"purpose": "monitoring"}}}],
+                 "protocols": [{"destinationNamedPort": "metrics"}]},
+                {"action": "Deny", "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}],
+                 "protocols": [{"tcp": {"destinationPort": {"range": {"start": 8000, "end": 8100}}}}]},
+            ],
+        }),
+        1 => json!({
+            "tier": "Admin", "priority": priority,
+            "subject": {"pods": {"namespaceSelector": {"matchLabels": {"env": "prod"}},
+                                  "podSelector": {"matchLabels": {"app": "db"}}}},
+            "ingress": [
+                {"action": "Pass", "from": [{"pods": {"namespaceSelector": {"matchLabels": {"team": team}},
+                                                       "podSelector": {"matchLabels": {"app": "api"}}}}]},
+                {"action": "Deny", "from": [{"namespaces": {}}], "protocols": [{"tcp": {"destinationPort": {"number": 5432}}}]},
+            ],
+        }),
+        2 => json!({
+            "tier": "Admin", "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"team": team}}},
+            "egress": [
+                {"action": "Deny", "to": [{"networks": ["169.254.169.254/32", format!("192.0.{}.0/24", i % 256)]}]},
+                {"action": "Pass", "to": [{"namespaces": {"matchLabels": {"team": team}}}]},
+            ],
+        }),
+        3 => json!({
+            "tier": "Baseline", "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"team": team}}},
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {"matchExpressions": [
+                {"key": "team", "operator": "NotIn", "values": [team]}]}}]}],
+        }),
+        _ => json!({
+            "tier": "Baseline", "priority": priority,
+            "subject": {"namespaces": {"matchLabels": {"env": ENVS[i % 3]}}},
+            "egress": [
+                {"action": "Accept", "to": [{"nodes": {}}], "protocols": [{"tcp": {"destinationPort": {"number": 10250}}}]},
+                {"action": "Deny", "to": [{"networks": ["0.0.0.0/0"]}], "protocols": [{"tcp": {"destinationPort": {"number": 25}}}]},
+            ],
+        }),
+    };
+    mk_cnp(&format!("cnp-{i:03}"), spec)
+}
+
+/// [`CLUSTER_POLICIES`] ClusterNetworkPolicies.
+pub fn cluster_network_policies() -> Vec<crate::cnp::ClusterNetworkPolicy> {
+    (0..CLUSTER_POLICIES)
+        .map(|i| cluster_network_policy(i, 0))
+        .collect()
+}

@@ -86,6 +86,11 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ENABLE_NETPOL", default_value_t = true, action = clap::ArgAction::Set)]
     enable_netpol: bool,
 
+    /// Also enforce ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2; the CRD must
+    /// be installed: enforcement waits until every watch it reads has listed once).
+    #[arg(long, env = "PALISADE_ENABLE_CLUSTER_NETWORK_POLICY", default_value_t = false, action = clap::ArgAction::Set)]
+    enable_cluster_network_policy: bool,
+
     /// Allocate and announce LoadBalancer IPs (turn off if you use another load balancer).
     #[arg(long, env = "PALISADE_ENABLE_LOADBALANCER", default_value_t = true, action = clap::ArgAction::Set)]
     enable_loadbalancer: bool,
@@ -153,6 +158,15 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_ENABLE_L2", default_value_t = true, action = clap::ArgAction::Set)]
     enable_l2: bool,
 
+    /// Announce LoadBalancer IPs over BGP to the routers of the BGPPeers matching this node
+    /// (TCP 179 out, BFD on UDP 3784 in / 49152-65535 out).
+    #[arg(long, env = "PALISADE_ENABLE_BGP", default_value_t = false, action = clap::ArgAction::Set)]
+    enable_bgp: bool,
+
+    /// How long the graceful BGP withdrawal on SIGTERM may take.
+    #[arg(long, env = "PALISADE_BGP_SHUTDOWN_LIMIT", default_value = "5s", value_parser = parse_duration)]
+    bgp_shutdown_limit: Duration,
+
     /// UDP port of the agents' liveness heartbeats (the same on every node).
     #[arg(long, env = "PALISADE_MEMBERLIST_PORT", default_value_t = 7946)]
     memberlist_port: u16,
@@ -164,6 +178,23 @@ struct AgentArgs {
     /// Silence after which a peer agent counts as dead and its IPs move.
     #[arg(long, env = "PALISADE_MEMBERLIST_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     memberlist_timeout: Duration,
+
+    /// Period of the gratuitous ARP / unsolicited NA refresh for every announced IP, so that
+    /// switch FDBs and client neighbour caches that age out relearn the owner; 0 = off.
+    #[arg(long, env = "PALISADE_L2_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    l2_refresh_interval: Duration,
+
+    /// When LoadBalancer IPs sit on a local interface while arp_ignore/arp_announce are not
+    /// strict (kube-proxy IPVS without strictARP), drop this node's kernel ARP replies for the
+    /// ones it does not own (nft table `arp palisade_l2`). Detection and the warning happen
+    /// either way.
+    #[arg(long, env = "PALISADE_L2_ARP_FILTER", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    l2_arp_filter: bool,
+
+    /// Cordoned Nodes (`kubectl cordon`/`drain`) hand their LoadBalancer IPs over to other
+    /// nodes before maintenance. Nodes tainted node.kubernetes.io/out-of-service always do.
+    #[arg(long, env = "PALISADE_L2_EXCLUDE_CORDONED", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    l2_exclude_cordoned: bool,
 
     /// File holding the cluster key that authenticates membership datagrams (mounted from a
     /// Secret; re-read when it changes). Required for L2 announcement unless
@@ -249,6 +280,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
     cfg.identity = a.pod_name.unwrap_or(a.node_name);
     cfg.kubeconfig = a.kubeconfig.filter(|p| !p.as_os_str().is_empty());
     cfg.enable_netpol = a.enable_netpol;
+    cfg.enable_cluster_network_policy = a.enable_cluster_network_policy;
     cfg.enable_loadbalancer = a.enable_loadbalancer;
     cfg.listen_addr = a.listen_addr;
     cfg.lease.name = a.lease_name;
@@ -276,6 +308,11 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
         ));
     }
     cfg.enable_l2 = a.enable_l2;
+    cfg.l2_refresh_interval = a.l2_refresh_interval;
+    cfg.l2_arp_filter = a.l2_arp_filter;
+    cfg.l2_exclude_cordoned = a.l2_exclude_cordoned;
+    cfg.enable_bgp = a.enable_bgp;
+    cfg.bgp_shutdown_limit = a.bgp_shutdown_limit;
     cfg.memberlist_port = a.memberlist_port;
     cfg.memberlist_interval = a.memberlist_interval;
     cfg.memberlist_timeout = a.memberlist_timeout;

@@ -34,7 +34,8 @@ pub struct Args {
     /// YAML or JSON files or directories (searched recursively for *.yaml, *.yml and
     /// *.json, in sorted order); `-` reads standard input. Any number of documents per file
     /// and `kind: List` dumps of any size (`kubectl get ... -o yaml|json`). Objects read: Pods, Namespaces, Nodes,
-    /// NetworkPolicies; other kinds are skipped. A later object with the same name wins.
+    /// NetworkPolicies, ClusterNetworkPolicies (policy.networking.k8s.io/v1alpha2); other
+    /// kinds are skipped. A later object with the same name wins.
     #[arg(long, required = true, num_args = 1..)]
     pub manifests: Vec<PathBuf>,
 

@@ -19,6 +19,7 @@ pub mod events;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod prune;
 pub mod stores;
 pub mod sync;
 

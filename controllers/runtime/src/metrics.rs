@@ -45,6 +45,8 @@ pub struct Metrics {
     pub lb_allocation_errors: Family<Labels, Counter>,
     pub lb_status_writes: Family<Labels, Counter>,
     pub l2_owned_ips: Gauge,
+    /// LoadBalancer IPs on a local interface (kube-proxy IPVS) while ARP is not strict.
+    pub l2_kernel_arp_conflicts: Gauge,
     pub l2_requests: Counter,
     pub l2_replies: Counter,
     pub l2_gratuitous: Counter,
@@ -52,6 +54,60 @@ pub struct Metrics {
     pub members_alive: Gauge,
     /// `palisade_memberlist_rejected_total{reason}` (see `memberlist_wire::Reject`).
     pub memberlist_rejected: Family<Labels, Counter>,
+    pub bgp: BgpMetrics,
+}
+
+/// BGP mode's families, all labelled by `peer` (the BGPPeer's name).
+#[derive(Default)]
+pub struct BgpMetrics {
+    /// `palisade_bgp_session_up{peer}`: 1 while Established.
+    pub session_up: Family<Labels, Gauge>,
+    /// `palisade_bgp_session_established_total{peer}`: times the session came up.
+    pub established: Family<Labels, Counter>,
+    /// `palisade_bgp_prefixes_sent{peer}`: routes the router has from this node.
+    pub prefixes_sent: Family<Labels, Gauge>,
+    /// `palisade_bgp_updates_sent_total{peer}`.
+    pub updates_sent: Family<Labels, Counter>,
+    /// `palisade_bgp_bfd_up{peer}`: 1 while the BFD session is Up (absent without BFD).
+    pub bfd_up: Family<Labels, Gauge>,
+    /// `palisade_bgp_bfd_flaps_total{peer}`: BFD went from Up to Down.
+    pub bfd_flaps: Family<Labels, Counter>,
+}
+
+impl BgpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("bgp");
+        r.register(
+            "session_up",
+            "1 while the BGP session with the peer is Established",
+            self.session_up.clone(),
+        );
+        r.register(
+            "session_established",
+            "Times the BGP session with the peer reached Established",
+            self.established.clone(),
+        );
+        r.register(
+            "prefixes_sent",
+            "Prefixes the peer currently has from this node",
+            self.prefixes_sent.clone(),
+        );
+        r.register(
+            "updates_sent",
+            "BGP UPDATE messages sent to the peer",
+            self.updates_sent.clone(),
+        );
+        r.register(
+            "bfd_up",
+            "1 while the BFD session with the peer is Up",
+            self.bfd_up.clone(),
+        );
+        r.register(
+            "bfd_flaps",
+            "Times the BFD session with the peer went from Up to Down",
+            self.bfd_flaps.clone(),
+        );
+    }
 }
 
 impl Metrics {
@@ -87,6 +143,7 @@ impl Metrics {
         let lb_allocation_errors = Family::<Labels, Counter>::default();
         let lb_status_writes = Family::<Labels, Counter>::default();
         let l2_owned_ips = Gauge::default();
+        let l2_kernel_arp_conflicts = Gauge::default();
         let l2_requests = Counter::default();
         let l2_replies = Counter::default();
         let l2_gratuitous = Counter::default();
@@ -214,6 +271,11 @@ impl Metrics {
             l2_owned_ips.clone(),
         );
         registry.register(
+            "l2_kernel_arp_conflicts",
+            "LoadBalancer IPs on a local interface (kube-proxy IPVS kube-ipvs0) while arp_ignore/arp_announce are not strict: the kernel would answer ARP for them",
+            l2_kernel_arp_conflicts.clone(),
+        );
+        registry.register(
             "l2_requests_received",
             "ARP requests and Neighbor Solicitations received",
             l2_requests.clone(),
@@ -244,9 +306,13 @@ impl Metrics {
              source_address, ...)",
             memberlist_rejected.clone(),
         );
+        let bgp = BgpMetrics::default();
+        bgp.register(&mut registry);
         Metrics {
             registry,
+            bgp,
             l2_owned_ips,
+            l2_kernel_arp_conflicts,
             l2_requests,
             l2_replies,
             l2_gratuitous,

@@ -1,27 +1,25 @@
-//! Watch caches (kube-runtime reflectors) for every kind the reconcilers read, and the
-//! readiness they imply.
+//! Watch caches (kube-runtime reflectors) and the readiness they imply. Reconcilers register
+//! the kinds they read ([`Caches::register`]); this module knows none of them.
 //!
 //! ```text
-//!   API ──watch──► reflector ──► Store<K> (read by reconcilers)
+//!   API ──watch──► reflector ──► Store<K> (read by the reconcilers that registered K)
 //!                      │
-//!                      ├─► pokes the Triggers of the reconcilers that read K
+//!                      ├─► pokes the Triggers of those reconcilers
 //!                      └─► readiness flag set after the first complete list
 //! ```
 //!
-//! Custom resources (`IPAddressPool`, `L2Advertisement`) are watched as `DynamicObject`s and
+//! Custom resources are watched as `DynamicObject`s ([`Registration::watch_custom`]) and
 //! converted one by one ([`typed_objects`]): a malformed object is reported and skipped, it
 //! never breaks the watch or hides the valid ones. Stores keep their last content through API
 //! outages (the reflector only replaces them after a successful relist).
+use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use futures::{StreamExt, TryStreamExt};
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff;
@@ -32,6 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{labels1, Metrics};
+use crate::prune::map_event;
 use crate::sync::Trigger;
 
 /// Names of watched resources, as used in logs, metrics and readiness output.
@@ -114,183 +113,235 @@ impl Readiness {
     }
 }
 
-/// Which caches to run; reconcilers say what they read.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Wanted {
-    pub pods: bool,
-    pub namespaces: bool,
-    pub network_policies: bool,
-    pub nodes: bool,
-    pub services: bool,
-    pub endpoint_slices: bool,
-    pub ip_address_pools: bool,
-    pub l2_advertisements: bool,
-    pub service_l2_statuses: bool,
+/// The shared watch caches. Each reconciler registers what it reads ([`Caches::register`]);
+/// a kind two reconcilers read is watched once and pokes both.
+///
+/// ```text
+///   reconciler A ──register──► Registration ──watch::<Pod>()──┐
+///   reconciler B ──register──► Registration ──watch::<Pod>()──┴─► one reflector, two Triggers
+/// ```
+pub struct Caches {
+    ctx: Ctx,
+    client: Client,
+    entries: BTreeMap<CacheKey, Entry>,
 }
 
-impl Wanted {
-    pub fn netpol() -> Self {
-        Wanted {
-            pods: true,
-            namespaces: true,
-            network_policies: true,
-            nodes: true,
-            ..Default::default()
-        }
-    }
+/// A cache is identified by the Rust type it holds and the resource it watches, so the same
+/// kind read as a typed object and as a `DynamicObject` are two caches, never a bad downcast.
+type CacheKey = (TypeId, String, String);
 
-    pub fn loadbalancer() -> Self {
-        Wanted {
-            namespaces: true,
-            nodes: true,
-            services: true,
-            endpoint_slices: true,
-            ip_address_pools: true,
-            l2_advertisements: true,
-            ..Default::default()
-        }
-    }
-
-    /// What the L2 announcer's status writer reads (its own `ServiceL2Status` objects).
-    pub fn l2_status() -> Self {
-        Wanted {
-            service_l2_statuses: true,
-            ..Default::default()
-        }
-    }
-
-    pub fn union(self, o: Wanted) -> Self {
-        Wanted {
-            pods: self.pods || o.pods,
-            namespaces: self.namespaces || o.namespaces,
-            network_policies: self.network_policies || o.network_policies,
-            nodes: self.nodes || o.nodes,
-            services: self.services || o.services,
-            endpoint_slices: self.endpoint_slices || o.endpoint_slices,
-            ip_address_pools: self.ip_address_pools || o.ip_address_pools,
-            l2_advertisements: self.l2_advertisements || o.l2_advertisements,
-            service_l2_statuses: self.service_l2_statuses || o.service_l2_statuses,
-        }
-    }
+struct Entry {
+    /// The `Store<K>` of the key's type.
+    store: Box<dyn Any + Send + Sync>,
+    name: &'static str,
+    triggers: Arc<Mutex<Vec<Trigger>>>,
 }
 
-/// Triggers to poke on changes of each kind.
-#[derive(Clone, Default)]
-pub struct Subscribers {
-    pub pods: Vec<Trigger>,
-    pub namespaces: Vec<Trigger>,
-    pub network_policies: Vec<Trigger>,
-    pub nodes: Vec<Trigger>,
-    pub services: Vec<Trigger>,
-    pub endpoint_slices: Vec<Trigger>,
-    pub ip_address_pools: Vec<Trigger>,
-    pub l2_advertisements: Vec<Trigger>,
-    pub service_l2_statuses: Vec<Trigger>,
-}
-
-/// The read side of every running cache. A kind that is not wanted has an empty store that
-/// never becomes ready (and is not part of readiness).
-#[derive(Clone)]
-pub struct Stores {
-    pub pods: Store<Pod>,
-    pub namespaces: Store<Namespace>,
-    pub network_policies: Store<NetworkPolicy>,
-    pub nodes: Store<Node>,
-    pub services: Store<Service>,
-    pub endpoint_slices: Store<EndpointSlice>,
-    pub ip_address_pools: Store<DynamicObject>,
-    pub l2_advertisements: Store<DynamicObject>,
-    pub service_l2_statuses: Store<DynamicObject>,
-    pub readiness: Readiness,
-}
-
-impl Stores {
-    /// Start a reflector task per wanted kind. Tasks end on `shutdown`.
-    pub fn start(
-        client: &Client,
-        wanted: Wanted,
-        subs: Subscribers,
+impl Caches {
+    /// Caches on `client`; watch tasks end on `shutdown`. `backoff_max` caps the retry delay
+    /// of a failing watch.
+    pub fn new(
+        client: Client,
         metrics: Arc<Metrics>,
         backoff_max: Duration,
         shutdown: CancellationToken,
-    ) -> Stores {
-        let readiness = Readiness::default();
-        let ctx = Ctx {
-            readiness: readiness.clone(),
-            metrics,
-            backoff_max,
-            shutdown,
-        };
-        let pools_ar = palisade_api_resource("IPAddressPool", "ipaddresspools");
-        let l2_ar = palisade_api_resource("L2Advertisement", "l2advertisements");
-        let l2_status_ar = palisade_api_resource("ServiceL2Status", "servicel2statuses");
-        Stores {
-            pods: ctx.run(
-                wanted.pods,
-                names::PODS,
-                Api::all(client.clone()),
-                (),
-                subs.pods,
-            ),
-            namespaces: ctx.run(
-                wanted.namespaces,
-                names::NAMESPACES,
-                Api::all(client.clone()),
-                (),
-                subs.namespaces,
-            ),
-            network_policies: ctx.run(
-                wanted.network_policies,
-                names::NETWORK_POLICIES,
-                Api::all(client.clone()),
-                (),
-                subs.network_policies,
-            ),
-            nodes: ctx.run(
-                wanted.nodes,
-                names::NODES,
-                Api::all(client.clone()),
-                (),
-                subs.nodes,
-            ),
-            services: ctx.run(
-                wanted.services,
-                names::SERVICES,
-                Api::all(client.clone()),
-                (),
-                subs.services,
-            ),
-            endpoint_slices: ctx.run(
-                wanted.endpoint_slices,
-                names::ENDPOINT_SLICES,
-                Api::all(client.clone()),
-                (),
-                subs.endpoint_slices,
-            ),
-            ip_address_pools: ctx.run(
-                wanted.ip_address_pools,
-                names::IP_ADDRESS_POOLS,
-                Api::all_with(client.clone(), &pools_ar),
-                pools_ar.clone(),
-                subs.ip_address_pools,
-            ),
-            l2_advertisements: ctx.run(
-                wanted.l2_advertisements,
-                names::L2_ADVERTISEMENTS,
-                Api::all_with(client.clone(), &l2_ar),
-                l2_ar.clone(),
-                subs.l2_advertisements,
-            ),
-            service_l2_statuses: ctx.run(
-                wanted.service_l2_statuses,
-                names::SERVICE_L2_STATUSES,
-                Api::all_with(client.clone(), &l2_status_ar),
-                l2_status_ar.clone(),
-                subs.service_l2_statuses,
-            ),
-            readiness,
+    ) -> Caches {
+        Caches {
+            ctx: Ctx {
+                readiness: Readiness::default(),
+                metrics,
+                backoff_max,
+                shutdown,
+            },
+            client,
+            entries: BTreeMap::new(),
         }
     }
+
+    /// Readiness of every cache registered so far (and of those registered later).
+    pub fn readiness(&self) -> Readiness {
+        self.ctx.readiness.clone()
+    }
+
+    /// Starts a registration for one reconciler: every cache it asks for pokes `trigger`.
+    pub fn register(&mut self, trigger: &Trigger) -> Registration<'_> {
+        Registration {
+            caches: self,
+            trigger: trigger.clone(),
+            names: Vec::new(),
+        }
+    }
+
+    /// Names of the running caches, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n: Vec<&'static str> = self.entries.values().map(|e| e.name).collect();
+        n.sort_unstable();
+        n.dedup();
+        n
+    }
+
+    /// The cache of `K`, watched as `D` (the decoded form; `K` itself for most kinds).
+    #[allow(clippy::too_many_arguments)]
+    fn store<K, D>(
+        &mut self,
+        name: &'static str,
+        api: Api<D>,
+        dyntype: K::DynamicType,
+        group: &str,
+        trim: fn(&mut K),
+        trigger: &Trigger,
+    ) -> Store<K>
+    where
+        K: Resource + Clone + Debug + Send + Sync + 'static + From<D>,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+        D: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let key = (TypeId::of::<K>(), group.to_string(), name.to_string());
+        if let Some(entry) = self.entries.get(&key) {
+            if let Ok(mut t) = entry.triggers.lock() {
+                t.push(trigger.clone());
+            }
+            if let Some(store) = entry.store.downcast_ref::<Store<K>>() {
+                return store.clone();
+            }
+        }
+        let triggers = Arc::new(Mutex::new(vec![trigger.clone()]));
+        let store = self.ctx.run(name, api, dyntype, trim, triggers.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                store: Box::new(store.clone()),
+                name,
+                triggers,
+            },
+        );
+        store
+    }
+}
+
+/// One reconciler's registration: the caches it reads, and its trigger on each.
+pub struct Registration<'a> {
+    caches: &'a mut Caches,
+    trigger: Trigger,
+    names: Vec<&'static str>,
+}
+
+impl Registration<'_> {
+    /// The cache of a cluster-wide built-in kind, with the default trimming ([`prune`]).
+    pub fn watch<K>(&mut self) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        self.watch_trimmed(prune::<K>)
+    }
+
+    /// Like [`Registration::watch`], with `trim` applied to every object before it is stored
+    /// (drop what no reader needs). The first registration of a kind decides its trimming, so
+    /// a trimming function must keep what every reader of the kind reads.
+    pub fn watch_trimmed<K>(&mut self, trim: fn(&mut K)) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let name = static_name(K::plural(&()).as_ref());
+        self.names.push(name);
+        let api = Api::all(self.caches.client.clone());
+        let group = K::group(&()).to_string();
+        self.caches
+            .store(name, api, (), &group, trim, &self.trigger)
+    }
+
+    /// The cache of a cluster-wide built-in kind `K`, decoded from the API as `D` and stored
+    /// as `K` (`K: From<D>`): `D` can skip fields while decoding, so that the full objects
+    /// are never built ([`crate::prune::SlimPod`] for Pods). `trim` runs on the stored form.
+    /// As with [`Registration::watch_trimmed`], the first registration of `K` decides.
+    pub fn watch_decoded<K, D>(&mut self, trim: fn(&mut K)) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static + From<D>,
+        D: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+    {
+        let name = static_name(K::plural(&()).as_ref());
+        self.names.push(name);
+        let api = Api::<D>::all(self.caches.client.clone());
+        let group = K::group(&()).to_string();
+        self.caches
+            .store(name, api, (), &group, trim, &self.trigger)
+    }
+
+    /// The cache of a cluster-wide custom resource, watched as `DynamicObject`s so that a
+    /// malformed object never breaks the watch (convert with [`typed_objects`]).
+    pub fn watch_custom(&mut self, ar: &ApiResource) -> Store<DynamicObject> {
+        let name = static_name(&ar.plural);
+        self.names.push(name);
+        let api = Api::all_with(self.caches.client.clone(), ar);
+        self.caches.store(
+            name,
+            api,
+            ar.clone(),
+            &ar.group,
+            prune::<DynamicObject>,
+            &self.trigger,
+        )
+    }
+
+    /// The registration's result: what to wait for before the first pass.
+    pub fn finish(self) -> CacheGroup {
+        CacheGroup {
+            names: self.names,
+            readiness: self.caches.readiness(),
+        }
+    }
+}
+
+/// The caches one reconciler reads, for waiting on their first complete list.
+#[derive(Clone)]
+pub struct CacheGroup {
+    names: Vec<&'static str>,
+    readiness: Readiness,
+}
+
+impl CacheGroup {
+    /// Waits until every cache of the group has listed; false if `shutdown` came first. A
+    /// reconciler never acts on a partial view of the cluster.
+    pub async fn synced(&self, shutdown: &CancellationToken) -> bool {
+        self.readiness.wait_for(&self.names, shutdown).await
+    }
+
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+}
+
+/// Resource names live as long as the process: the known ones are constants, any other is
+/// interned once (a handful per process, never per object).
+fn static_name(plural: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        names::PODS,
+        names::NAMESPACES,
+        names::NETWORK_POLICIES,
+        names::NODES,
+        names::SERVICES,
+        names::ENDPOINT_SLICES,
+        names::IP_ADDRESS_POOLS,
+        names::L2_ADVERTISEMENTS,
+        names::SERVICE_L2_STATUSES,
+    ];
+    if let Some(k) = KNOWN.iter().find(|k| **k == plural) {
+        return k;
+    }
+    static INTERNED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let Ok(mut interned) = INTERNED.lock() else {
+        return "<poisoned>";
+    };
+    if let Some(k) = interned.iter().find(|k| **k == plural) {
+        return k;
+    }
+    let leaked: &'static str = Box::leak(plural.to_string().into_boxed_str());
+    interned.push(leaked);
+    leaked
 }
 
 struct Ctx {
@@ -301,23 +352,21 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn run<K>(
+    fn run<K, D>(
         &self,
-        wanted: bool,
         name: &'static str,
-        api: Api<K>,
+        api: Api<D>,
         dyntype: K::DynamicType,
-        triggers: Vec<Trigger>,
+        trim: fn(&mut K),
+        triggers: Arc<Mutex<Vec<Trigger>>>,
     ) -> Store<K>
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+        K: Resource + Clone + Debug + Send + Sync + 'static + From<D>,
         K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+        D: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     {
         let writer = reflector::store::Writer::new(dyntype);
         let reader = writer.as_reader();
-        if !wanted {
-            return reader;
-        }
         let ready_flag = self.readiness.register(name);
         let metrics = self.metrics.clone();
         let shutdown = self.shutdown.clone();
@@ -336,8 +385,9 @@ impl Ctx {
             healthy: healthy.clone(),
         };
         let stream = watcher::watcher(api, watcher::Config::default())
+            .map_ok(|ev| map_event(ev, K::from))
             .backoff(backoff)
-            .modify(prune)
+            .modify(trim)
             .reflect(writer);
         let ready_reader = reader.clone();
         tokio::spawn(async move {
@@ -375,7 +425,11 @@ impl Ctx {
                         // Init/InitApply/InitDone: poke only when the list is complete.
                         match ev {
                             watcher::Event::Init | watcher::Event::InitApply(_) => {}
-                            _ => triggers.iter().for_each(Trigger::poke),
+                            _ => {
+                                if let Ok(t) = triggers.lock() {
+                                    t.iter().for_each(Trigger::poke);
+                                }
+                            }
                         }
                     }
                     Some(Err(e)) => {
@@ -402,7 +456,7 @@ impl Ctx {
 /// Drops what no reconciler reads before an object enters a cache: `managedFields` and the
 /// `kubectl.kubernetes.io/last-applied-configuration` annotation (a copy of the whole object)
 /// are most of a typical object's size.
-fn prune<K: Resource>(obj: &mut K) {
+pub fn prune<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
     if let Some(a) = obj.meta_mut().annotations.as_mut() {
         a.remove(LAST_APPLIED);
@@ -455,6 +509,7 @@ pub fn typed_objects<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
     use serde::Deserialize;
 
     #[derive(Deserialize, Debug)]
@@ -503,6 +558,38 @@ mod tests {
         let ann = pod.metadata.annotations.unwrap();
         assert_eq!(ann.keys().collect::<Vec<_>>(), ["keep"]);
         assert_eq!(pod.metadata.labels.unwrap()["app"], "web");
+    }
+
+    #[tokio::test]
+    async fn a_kind_two_reconcilers_read_is_watched_once_and_pokes_both() {
+        // Nothing listens there: the watches fail and retry, which is all this test needs.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let shutdown = CancellationToken::new();
+        let mut caches = Caches::new(
+            client,
+            Arc::new(Metrics::new()),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        );
+        let (a, b) = (Trigger::new(), Trigger::new());
+        let mut r = caches.register(&a);
+        let _pods: Store<Pod> = r.watch();
+        let _pools = r.watch_custom(&palisade_api_resource("IPAddressPool", "ipaddresspools"));
+        let group_a = r.finish();
+        let mut r = caches.register(&b);
+        let _pods_again: Store<Pod> = r.watch();
+        let group_b = r.finish();
+        assert_eq!(caches.names(), ["ipaddresspools", "pods"]);
+        assert_eq!(caches.entries.len(), 2);
+        let pods = caches.entries.values().find(|e| e.name == "pods").unwrap();
+        assert_eq!(pods.triggers.lock().unwrap().len(), 2);
+        assert_eq!(group_a.names(), ["pods", "ipaddresspools"]);
+        assert_eq!(group_b.names(), ["pods"]);
+        // Neither has listed: both are pending, and waiting ends with the shutdown.
+        assert_eq!(caches.readiness().pending(), ["ipaddresspools", "pods"]);
+        shutdown.cancel();
+        assert!(!group_b.synced(&shutdown).await);
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl JobError for Unreported {
 /// One reconciler's sync: everything it does on a poke, a retry or a resync.
 pub trait SyncJob {
     /// Name in logs and in the `job` metric label.
-    const NAME: &'static str;
+    fn name(&self) -> &'static str;
     type Error: JobError;
     fn sync(&mut self, cause: Cause) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
@@ -140,12 +140,12 @@ pub async fn run_job<J: SyncJob>(
                 if let Some(m) = metrics {
                     m.sync_errors
                         .get_or_create(&vec![
-                            ("job", J::NAME.to_string()),
+                            ("job", job.name().to_string()),
                             ("error", e.label().to_string()),
                         ])
                         .inc();
                 }
-                tracing::debug!(job = J::NAME, error = %e, retry_in = ?backoff, "sync failed; retrying");
+                tracing::debug!(job = job.name(), error = %e, retry_in = ?backoff, "sync failed; retrying");
                 retry_at = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(settings.backoff_max);
             }
@@ -154,32 +154,48 @@ pub async fn run_job<J: SyncJob>(
 }
 
 /// A closure as a [`SyncJob`] (for jobs whose state lives in the closure).
-struct FnJob<F>(F);
+struct FnJob<F> {
+    name: &'static str,
+    job: F,
+}
 
 impl<F, Fut, E> SyncJob for FnJob<F>
 where
     F: FnMut(Cause) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send,
+    E: JobError,
 {
-    const NAME: &'static str = "job";
-    type Error = Unreported;
-    fn sync(&mut self, cause: Cause) -> impl Future<Output = Result<(), Unreported>> + Send {
-        let fut = (self.0)(cause);
-        async move { fut.await.map_err(|_| Unreported) }
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    type Error = E;
+    fn sync(&mut self, cause: Cause) -> impl Future<Output = Result<(), E>> + Send {
+        (self.job)(cause)
     }
 }
 
-/// [`run_job`] for a closure whose errors are reported by the closure itself.
+/// [`run_job`] for a closure job named `name`: its typed errors are logged and, with
+/// `metrics`, counted in `palisade_sync_errors_total{job, error}`.
 pub async fn run_sync_loop<F, Fut, E>(
     settings: SyncSettings,
     trigger: Trigger,
     shutdown: CancellationToken,
+    name: &'static str,
+    metrics: Option<Arc<Metrics>>,
     job: F,
 ) where
     F: FnMut(Cause) -> Fut,
     Fut: Future<Output = Result<(), E>> + Send,
+    E: JobError,
 {
-    run_job(settings, trigger, shutdown, &mut FnJob(job), None).await
+    run_job(
+        settings,
+        trigger,
+        shutdown,
+        &mut FnJob { name, job },
+        metrics.as_deref(),
+    )
+    .await
 }
 
 /// Pokes `trigger` every time `rx` changes (leadership, membership), until `shutdown`.
@@ -232,12 +248,14 @@ mod tests {
             settings(),
             trigger.clone(),
             shutdown.clone(),
+            "test",
+            None,
             move |_| {
                 let r = r.clone();
                 async move {
                     r.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    Ok::<(), ()>(())
+                    Ok::<(), Unreported>(())
                 }
             },
         ));
@@ -266,9 +284,11 @@ mod tests {
             settings(),
             trigger.clone(),
             shutdown.clone(),
+            "test",
+            None,
             move |cause| {
                 s.lock().unwrap().push((Instant::now() - t0, cause));
-                async { Ok::<(), ()>(()) }
+                async { Ok::<(), Unreported>(()) }
             },
         ));
         for _ in 0..5 {
@@ -300,13 +320,15 @@ mod tests {
             settings(),
             trigger.clone(),
             shutdown.clone(),
+            "test",
+            None,
             move |cause| {
                 let mut g = s.lock().unwrap();
                 g.push((Instant::now() - t0, cause));
                 let fail = g.len() <= 4;
                 async move {
                     if fail {
-                        Err(())
+                        Err(Unreported)
                     } else {
                         Ok(())
                     }

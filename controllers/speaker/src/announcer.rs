@@ -20,6 +20,9 @@ pub struct SpeakerStats {
     pub replies_sent: u64,
     /// Gratuitous ARP requests + replies and unsolicited Neighbor Advertisements sent.
     pub gratuitous_sent: u64,
+    /// Periodic refresh rounds queued (one per answered IP and interface and interval);
+    /// their frames are counted in `gratuitous_sent` too.
+    pub refresh_rounds: u64,
     /// Frames that could not be sent.
     pub send_errors: u64,
     /// IPs currently owned (keys of the last `set_owned`).

@@ -13,6 +13,10 @@ pub enum SpeakerError {
     /// a gratuitous burst) once it is up and running.
     #[error("interface {0:?} is down")]
     InterfaceDown(String),
+    /// IPv6 is disabled on the interface (`disable_ipv6`, or no IPv6 at all): no Neighbor
+    /// Discovery is sent or answered there.
+    #[error("interface {0:?} has IPv6 disabled")]
+    NoIpv6(String),
     /// The interface has no Ethernet (MAC) address, so ARP/NDP cannot be answered on it.
     #[error("interface {0:?} has no MAC address (not Ethernet)")]
     NotEthernet(String),
@@ -72,6 +76,7 @@ impl SpeakerError {
         match self {
             SpeakerError::InterfaceNotFound(_) => "InterfaceNotFound",
             SpeakerError::InterfaceDown(_) => "InterfaceDown",
+            SpeakerError::NoIpv6(_) => "NoIpv6",
             SpeakerError::NotEthernet(_) => "NotEthernet",
             SpeakerError::Socket { .. } => "Socket",
             SpeakerError::UnsupportedChannel(_) => "UnsupportedChannel",

@@ -20,6 +20,8 @@
 //! ```text
 //!   packet     frame parsing/building (pure, fuzzed)
 //!   route      default interface = route to the IP (procfs, pure parsers)
+//!   ipvs       kube-proxy IPVS: LB IPs on kube-ipvs0 with lax ARP sysctls, nft arp filter
+//!   reach      interfaces and subnets this node can announce on (reported to peers)
 //!   speaker    Speaker: control thread + one responder thread per (interface, family)
 //!   announcer  Announcer trait, Owned, SpeakerStats, RecordingAnnouncer
 //!   error      SpeakerError
@@ -28,11 +30,14 @@
 
 pub mod announcer;
 pub mod error;
+pub mod ipvs;
 pub mod packet;
+pub mod reach;
 pub mod route;
 pub mod speaker;
 
 pub use announcer::{Announcer, Owned, RecordingAnnouncer, SpeakerStats};
 pub use error::SpeakerError;
+pub use reach::{local_interfaces, LocalInterface};
 pub use route::route_interface;
-pub use speaker::{Speaker, SpeakerConfig, DEFAULT_GARP_SCHEDULE};
+pub use speaker::{Speaker, SpeakerConfig, DEFAULT_GARP_SCHEDULE, DEFAULT_REFRESH_INTERVAL};

@@ -19,7 +19,11 @@
 //!   only ARP frames and never copies our own outgoing traffic back. pnet always opens
 //!   `SOCK_DGRAM` for such a channel, which would strip the Ethernet header and make replies
 //!   go to our own MAC; we therefore open the `SOCK_RAW` socket ourselves (nix, no `unsafe`)
-//!   and let pnet bind it to the EtherType (`Config::socket_fd`).
+//!   and let pnet bind it to the EtherType (`Config::socket_fd`). Receiving goes through
+//!   `recvfrom` on a duplicate of that socket, because the kernel also hands a socket bound to
+//!   `eth0` the frames of `eth0`'s upper devices (VLAN, macvlan) once their tag is stripped;
+//!   only frames whose `sll_ifindex` is the responder's own interface are answered, so a reply
+//!   always leaves on the interface the request came in on, with that interface's MAC.
 //! * IPv6 responders see every IPv6 frame arriving on their interface (there is no
 //!   ICMPv6-only packet socket); they exist only while the interface has an owned IPv6 address.
 //!   Solicitations go to the solicited-node multicast group, which a real NIC filters out
@@ -31,6 +35,11 @@
 //!   reply's target MAC equal to the sender's to call it gratuitous), or one unsolicited
 //!   Neighbor Advertisement with the override flag to `ff02::1`. Three rounds ride out a lost
 //!   frame and a switch port still learning, and the whole burst is over in a third of a second.
+//! * Periodic refresh ([`SpeakerConfig::refresh_interval`], default
+//!   [`DEFAULT_REFRESH_INTERVAL`], zero = off): one more gratuitous round per answered
+//!   (IP, interface) pair every interval after its burst. Switch FDB entries and client
+//!   neighbour caches age out while nothing changes (a quiet VIP, a client that only receives);
+//!   the refresh re-teaches them before they do.
 //! * A lost IP is removed from the shared table before `set_owned` returns: no answer for it
 //!   leaves this node afterwards. Pending gratuitous rounds for it are dropped.
 //! * Responders poll with a read timeout ([`SpeakerConfig::read_timeout`]) so they stop
@@ -41,15 +50,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, UdpSocket};
-use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pnet::datalink::{
-    self, Channel, ChannelType, DataLinkReceiver, DataLinkSender, MacAddr, NetworkInterface,
-};
+use pnet::datalink::{self, Channel, ChannelType, DataLinkSender, MacAddr, NetworkInterface};
 use tracing::{debug, info, warn};
 
 use crate::announcer::{Announcer, Owned, SpeakerStats};
@@ -63,6 +70,11 @@ pub const DEFAULT_GARP_SCHEDULE: [Duration; 3] = [
     Duration::from_millis(100),
     Duration::from_millis(300),
 ];
+
+/// Default [`SpeakerConfig::refresh_interval`]: well inside the common switch FDB ageing
+/// (300 s) and Linux's neighbour garbage collection of stale entries (`gc_stale_time`, 60 s),
+/// and rare enough (two frames per IP a minute) to be noise on any LAN.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -80,6 +92,11 @@ pub struct SpeakerConfig {
     pub resync_interval: Duration,
     /// How long `set_owned` waits for the control thread.
     pub reply_timeout: Duration,
+    /// Period of the gratuitous refresh: every answered (IP, interface) pair gets one more
+    /// gratuitous round this long after its last one, so switch FDBs and client neighbour
+    /// caches that age out while nothing changes learn the owner again. `Duration::ZERO`
+    /// turns the refresh off.
+    pub refresh_interval: Duration,
 }
 
 impl Default for SpeakerConfig {
@@ -89,6 +106,7 @@ impl Default for SpeakerConfig {
             read_timeout: Duration::from_millis(100),
             resync_interval: Duration::from_secs(1),
             reply_timeout: Duration::from_secs(10),
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
         }
     }
 }
@@ -101,6 +119,7 @@ struct Counters {
     requests: AtomicU64,
     replies: AtomicU64,
     gratuitous: AtomicU64,
+    refreshes: AtomicU64,
     send_errors: AtomicU64,
     owned: AtomicU64,
     responders: AtomicU64,
@@ -181,6 +200,7 @@ impl Announcer for Speaker {
             requests_received: c.requests.load(Ordering::Relaxed),
             replies_sent: c.replies.load(Ordering::Relaxed),
             gratuitous_sent: c.gratuitous.load(Ordering::Relaxed),
+            refresh_rounds: c.refreshes.load(Ordering::Relaxed),
             send_errors: c.send_errors.load(Ordering::Relaxed),
             owned_ips: c.owned.load(Ordering::Relaxed),
             responders: c.responders.load(Ordering::Relaxed),
@@ -247,6 +267,17 @@ impl Responder {
             None,
         )
         .map_err(|e| socket_err(e.into()))?;
+        // Our own handle on the same socket for receiving: `recvfrom` tells the interface a
+        // frame arrived on, which pnet's receiver does not (see `respond`).
+        let reader = nix::unistd::dup(&fd).map_err(|e| socket_err(e.into()))?;
+        nix::sys::socket::setsockopt(
+            &reader,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &<nix::sys::time::TimeVal as nix::sys::time::TimeValLike>::milliseconds(
+                i64::try_from(read_timeout.as_millis().max(1)).unwrap_or(i64::MAX),
+            ),
+        )
+        .map_err(|e| socket_err(e.into()))?;
         let ethertype = match family {
             Family::V4 => ETH_P_ARP,
             Family::V6 => ETH_P_IPV6,
@@ -259,21 +290,22 @@ impl Responder {
             socket_fd: Some(fd.into_raw_fd()),
             ..datalink::Config::default()
         };
-        let (tx, rx) = match datalink::channel(iface, config) {
-            Ok(Channel::Ethernet(tx, rx)) => (tx, rx),
+        let tx = match datalink::channel(iface, config) {
+            Ok(Channel::Ethernet(tx, _rx)) => tx,
             Ok(_) => return Err(SpeakerError::UnsupportedChannel(name.to_owned())),
             Err(e) => return Err(socket_err(e)),
         };
         let tx = Arc::new(Mutex::new(tx));
         let stop = Arc::new(AtomicBool::new(false));
         let handle = {
+            let index = iface.index;
             let (tx, stop, iface) = (tx.clone(), stop.clone(), name.to_owned());
             std::thread::Builder::new()
                 .name(format!(
                     "pal-{}-{name}",
                     if family == Family::V4 { "arp" } else { "ndp" }
                 ))
-                .spawn(move || respond(&iface, mac, rx, &tx, &shared, &stop))
+                .spawn(move || respond(&iface, index, mac, &reader, &tx, &shared, &stop))
                 .map_err(SpeakerError::Spawn)?
         };
         info!(interface = name, %mac, ?family, "responder started");
@@ -342,6 +374,18 @@ fn usable_mac(link: &NetworkInterface) -> Result<MacAddr, SpeakerError> {
         .ok_or_else(|| SpeakerError::NotEthernet(link.name.clone()))
 }
 
+/// Whether IPv6 is on for `iface` in this thread's network namespace: its
+/// `disable_ipv6` sysctl exists and is 0. Neighbor Discovery on an interface without IPv6
+/// would only fail (joining groups) or confuse (advertising a family the link does not run).
+fn ipv6_enabled(iface: &str) -> bool {
+    // Names come from the interface list or the user; never let one walk out of the directory.
+    if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6"))
+        .is_ok_and(|v| v.trim() == "0")
+}
+
 fn send_frame(
     tx: &Mutex<Box<dyn DataLinkSender>>,
     iface: &str,
@@ -361,33 +405,48 @@ fn send_frame(
     }
 }
 
-/// The reader loop of a responder: answer requests for IPs owned on this interface.
+/// Largest frame read; longer ones are truncated and then fail the length checks of
+/// `packet::parse` (requests are far shorter).
+const MAX_FRAME: usize = 9216;
+/// `sll_pkttype` of a frame this host sent.
+const PACKET_OUTGOING: u8 = 4;
+
+/// The reader loop of a responder: answer requests for IPs owned on this interface that came
+/// in on this interface. A socket bound to an interface also receives what the kernel hands
+/// to the interface's upper devices (macvlan, VLAN, bond/bridge members' masters) after
+/// stripping their tags, with `sll_ifindex` naming the upper device; such a frame is the upper
+/// device's responder's business and answering it here would leave with our MAC and without
+/// the tag.
+#[allow(clippy::too_many_arguments)]
 fn respond(
     iface: &str,
+    index: u32,
     mac: MacAddr,
-    mut rx: Box<dyn DataLinkReceiver>,
+    reader: &OwnedFd,
     tx: &Mutex<Box<dyn DataLinkSender>>,
     shared: &Shared,
     stop: &AtomicBool,
 ) {
     let counters = &shared.counters;
+    let mut buf = vec![0u8; MAX_FRAME];
     while !stop.load(Ordering::Relaxed) {
-        let frame = match rx.next() {
-            Ok(frame) => frame,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+        let (len, from) = match nix::sys::socket::recvfrom::<nix::sys::socket::LinkAddr>(
+            reader.as_raw_fd(),
+            &mut buf,
+        ) {
+            Ok(got) => got,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 // Link down or interface gone: the control thread reopens us at resync.
                 warn!(interface = iface, error = %e, "responder stopped on receive error");
                 return;
             }
         };
+        let Some(from) = from else { continue };
+        if from.ifindex() != index as usize || from.pkttype() == PACKET_OUTGOING {
+            continue;
+        }
+        let frame = &buf[..len.min(buf.len())];
         let Some(request) = packet::parse(frame) else {
             continue;
         };
@@ -439,6 +498,8 @@ struct Control {
     /// (IP, interface) pairs being answered; a pair new here gets a gratuitous burst.
     announced: BTreeSet<(IpAddr, String)>,
     pending: Vec<Pending>,
+    /// When each announced pair is refreshed next (empty when the refresh is off).
+    refresh: BTreeMap<(IpAddr, String), Instant>,
     /// Problems of the last reconcile, to log only changes.
     last_problems: Vec<String>,
 }
@@ -453,6 +514,7 @@ impl Control {
             stopping: Vec::new(),
             announced: BTreeSet::new(),
             pending: Vec::new(),
+            refresh: BTreeMap::new(),
             last_problems: Vec::new(),
         }
     }
@@ -465,6 +527,7 @@ impl Control {
                 .pending
                 .iter()
                 .map(|p| p.due)
+                .chain(self.refresh.values().copied())
                 .min()
                 .map_or(next_resync, |due| due.min(next_resync));
             match commands.recv_timeout(wake.saturating_duration_since(now)) {
@@ -475,6 +538,7 @@ impl Control {
                 Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
+            self.queue_refresh();
             self.send_due();
             if Instant::now() >= next_resync {
                 if let Err(e) = self.reconcile() {
@@ -547,6 +611,7 @@ impl Control {
                     || !links
                         .get(&key.0)
                         .is_some_and(|l| usable_mac(l).is_ok() && r.current(l))
+                    || (key.1 == Family::V6 && !ipv6_enabled(&key.0))
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -566,6 +631,10 @@ impl Control {
                 problems.push(SpeakerError::InterfaceNotFound(key.0.clone()));
                 continue;
             };
+            if key.1 == Family::V6 && !ipv6_enabled(&key.0) {
+                problems.push(SpeakerError::NoIpv6(key.0.clone()));
+                continue;
+            }
             match Responder::open(link, key.1, self.shared.clone(), self.config.read_timeout) {
                 Ok(r) => {
                     self.responders.insert(key.clone(), r);
@@ -600,6 +669,7 @@ impl Control {
             .filter(|(ip, i)| self.responders.contains_key(&(i.clone(), Family::of(*ip))))
             .collect();
         let now = Instant::now();
+        let burst_end = self.config.garp_schedule.iter().max().copied();
         for (ip, iface) in live.difference(&self.announced) {
             info!(%ip, interface = %iface, "announcing");
             for offset in &self.config.garp_schedule {
@@ -609,11 +679,17 @@ impl Control {
                     iface: iface.clone(),
                 });
             }
+            if !self.config.refresh_interval.is_zero() {
+                let last = now + burst_end.unwrap_or_default();
+                self.refresh
+                    .insert((*ip, iface.clone()), last + self.config.refresh_interval);
+            }
         }
         self.announced = live;
         let announced = &self.announced;
         self.pending
             .retain(|p| announced.contains(&(p.ip, p.iface.clone())));
+        self.refresh.retain(|pair, _| announced.contains(pair));
         self.send_due();
 
         // Warn when the problems change, not on every resync.
@@ -628,6 +704,27 @@ impl Control {
             Ok(())
         } else {
             Err(SpeakerError::Incomplete(problems))
+        }
+    }
+
+    /// Queues one gratuitous round for every pair whose refresh is due, and schedules its next
+    /// one an interval from now (a stalled thread does not catch up with a burst).
+    fn queue_refresh(&mut self) {
+        let now = Instant::now();
+        let interval = self.config.refresh_interval;
+        for ((ip, iface), due) in &mut self.refresh {
+            if *due <= now {
+                self.pending.push(Pending {
+                    due: now,
+                    ip: *ip,
+                    iface: iface.clone(),
+                });
+                self.shared
+                    .counters
+                    .refreshes
+                    .fetch_add(1, Ordering::Relaxed);
+                *due = now + interval;
+            }
         }
     }
 

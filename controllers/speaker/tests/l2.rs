@@ -376,10 +376,20 @@ fn arp_answers(
 
 /// Who answers a Neighbor Solicitation for `target`, and whether the answers are solicited.
 fn ndp_answers(lab: &Lab, source: Ipv6Addr, target: Ipv6Addr) -> Vec<(MacAddr, bool, bool)> {
+    ndp_answers_on(lab, "eth0", source, target)
+}
+
+/// [`ndp_answers`] asked from the client's `ifname`.
+fn ndp_answers_on(
+    lab: &Lab,
+    ifname: &'static str,
+    source: Ipv6Addr,
+    target: Ipv6Addr,
+) -> Vec<(MacAddr, bool, bool)> {
     let requests: Vec<Box<dyn Fn(MacAddr) -> Vec<u8> + Send>> = vec![Box::new(move |mac| {
         packet::neighbor_solicit(mac, source, target)
     })];
-    ask(lab, "eth0", requests, Duration::from_millis(250))
+    ask(lab, ifname, requests, Duration::from_millis(250))
         .into_iter()
         .filter_map(|o| match o {
             Observed::Advert {
@@ -811,6 +821,439 @@ fn link_flap_reannounces() {
         let answers = arp_answers(&lab, "eth0", v4(CLIENT.1), &[vip]);
         assert_eq!(answers[&vip], vec![mac1], "{what}");
     }
+}
+
+/// Periodic refresh: after the gain burst, one gratuitous round per IP every refresh interval
+/// (ARP request + reply, unsolicited NA), none once the IP is lost, none when it is off.
+#[test]
+fn gratuitous_refresh_repeats_at_the_configured_interval() {
+    let Some(lab) = Lab::for_test(2, false) else {
+        return;
+    };
+    let interval = Duration::from_millis(400);
+    let mac1 = lab.mac("n1", "eth0");
+    let (vip, vip6) = (
+        v4("198.51.100.200"),
+        "fd00:51:100::200".parse::<Ipv6Addr>().unwrap(),
+    );
+    let config = SpeakerConfig {
+        garp_schedule: vec![Duration::ZERO],
+        refresh_interval: interval,
+        ..SpeakerConfig::default()
+    };
+    let s1 = in_netns(&lab.ns("n1"), move || {
+        Speaker::with_config(config).expect("speaker")
+    });
+
+    let capture = Capture::start(&lab);
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    // Burst (1 round each) + 3 refresh rounds each = 4 rounds = 4 × (2 ARP + 1 NA) frames.
+    wait_until(Duration::from_secs(10), || s1.stats().gratuitous_sent >= 12)
+        .expect("three refresh rounds");
+    std::thread::sleep(Duration::from_millis(100));
+    let seen = capture.finish();
+    let at = |want: &dyn Fn(&Observed) -> bool| -> Vec<Instant> {
+        seen.iter()
+            .filter(|(_, o)| want(o))
+            .map(|(t, _)| *t)
+            .collect()
+    };
+    let requests = at(&|o| *o == Observed::GarpRequest { ip: vip, mac: mac1 });
+    let replies = at(&|o| {
+        *o == Observed::ArpReply {
+            ip: vip,
+            mac: mac1,
+            gratuitous: true,
+        }
+    });
+    let adverts = at(
+        &|o| matches!(o, Observed::Advert { target, mac, solicited: false, .. } if *target == vip6 && *mac == mac1),
+    );
+    assert!(requests.len() >= 4, "GARP requests: {seen:?}");
+    assert!(replies.len() >= 4, "GARP replies: {seen:?}");
+    assert!(adverts.len() >= 4, "unsolicited NAs: {seen:?}");
+    assert!(s1.stats().refresh_rounds >= 6, "{:?}", s1.stats());
+    // Never earlier than the interval (half of it, for capture-side scheduling jitter).
+    let gaps: Vec<Duration> = requests.windows(2).map(|w| w[1] - w[0]).collect();
+    println!("refresh gaps (interval {interval:?}): {gaps:?}");
+    assert!(gaps.iter().all(|g| *g >= interval / 2), "{gaps:?}");
+
+    // Lost: the refresh stops with the answers.
+    s1.set_owned(Owned::new()).unwrap();
+    let capture = Capture::start(&lab);
+    std::thread::sleep(interval * 3);
+    let after = capture.finish();
+    assert!(after.is_empty(), "refresh after loss: {after:?}");
+
+    // Off: one burst and nothing after it.
+    let off = SpeakerConfig {
+        garp_schedule: vec![Duration::ZERO],
+        refresh_interval: Duration::ZERO,
+        ..SpeakerConfig::default()
+    };
+    let s2 = in_netns(&lab.ns("n2"), move || {
+        Speaker::with_config(off).expect("speaker")
+    });
+    s2.set_owned(owned(&[("198.51.100.201", &["eth0"])]))
+        .unwrap();
+    wait_until(Duration::from_secs(3), || s2.stats().gratuitous_sent >= 2).expect("burst");
+    std::thread::sleep(interval * 3);
+    assert_eq!(s2.stats().gratuitous_sent, 2, "{:?}", s2.stats());
+    assert_eq!(s2.stats().refresh_rounds, 0);
+}
+
+/// Sets `key` (e.g. `net.ipv4.neigh.eth0.base_reachable_time_ms`) in namespace `ns`.
+fn sysctl(ns: &str, key: &str, value: &str) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
+        .output()
+        .expect("running sysctl");
+    assert!(
+        out.status.success(),
+        "sysctl {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The client kernel's neighbour state for `ip` on `eth0` (`REACHABLE`, `STALE`, ...).
+fn client_neighbour_state(lab: &Lab, ip: IpAddr) -> Option<String> {
+    let out = run_ip(&[
+        "-n",
+        &lab.ns("cl"),
+        "neigh",
+        "show",
+        &ip.to_string(),
+        "dev",
+        "eth0",
+    ]);
+    out.split_whitespace().last().map(str::to_owned)
+}
+
+/// Revalidation the way hosts do it: the client's kernel resolves the VIP, lets the entry age
+/// to STALE, and on the next packet probes the cached MAC with *unicast* ARP requests / NS
+/// (`ucast_solicit`; no multicast fallback). The owner must answer them or the client marks
+/// the entry FAILED and traffic stops (MetalLB #2920). Short neighbour timers make the cycle
+/// take about a second.
+#[test]
+fn unicast_probes_are_answered() {
+    let Some(lab) = Lab::for_test(1, false) else {
+        return;
+    };
+    let mac1 = lab.mac("n1", "eth0");
+    let cl = lab.ns("cl");
+    for family in ["ipv4", "ipv6"] {
+        let base = format!("net.{family}.neigh.eth0");
+        sysctl(&cl, &format!("{base}.base_reachable_time_ms"), "300");
+        sysctl(&cl, &format!("{base}.delay_first_probe_time"), "1");
+        sysctl(&cl, &format!("{base}.retrans_time_ms"), "300");
+        sysctl(&cl, &format!("{base}.ucast_solicit"), "3");
+        sysctl(&cl, &format!("{base}.mcast_resolicit"), "0");
+    }
+    let s1 = lab.speaker("n1");
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 9).expect("bursts");
+
+    for vip in ["198.51.100.200", "fd00:51:100::200"] {
+        let vip: IpAddr = vip.parse().unwrap();
+        // Count the client's unicast probes to the owner's MAC on the wire.
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let probes = {
+            let stop = stop.clone();
+            spawn_in_netns(&cl, move || {
+                let (_tx, mut rx, _) = channel("eth0");
+                ready_tx.send(()).expect("ready");
+                let mut probes = 0usize;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let Ok(frame) = rx.next() else { continue };
+                    let to_owner = frame.get(..6) == Some(&mac1.octets()[..]);
+                    let asks = match packet::parse(frame) {
+                        Some(packet::Request::Arp { target, .. }) => IpAddr::V4(target) == vip,
+                        Some(packet::Request::Solicit { target, .. }) => IpAddr::V6(target) == vip,
+                        None => false,
+                    };
+                    if to_owner && asks {
+                        probes += 1;
+                    }
+                }
+                probes
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+
+        client_sends_to(&lab, vip);
+        lab.wait_client_neighbour(vip, mac1)
+            .expect("client resolves the VIP");
+        let replies_before = s1.stats().replies_sent;
+        // Keep sending: REACHABLE ─► STALE ─► DELAY ─► PROBE (unicast) ─► REACHABLE again.
+        let mut states = Vec::new();
+        let revalidated = wait_until(Duration::from_secs(15), || {
+            client_sends_to(&lab, vip);
+            let state = client_neighbour_state(&lab, vip).unwrap_or_default();
+            if states.last() != Some(&state) {
+                states.push(state.clone());
+            }
+            // Two full cycles back to REACHABLE (PROBE itself lasts only a round trip).
+            let cycles = states
+                .windows(2)
+                .filter(|w| w[0] != "REACHABLE" && w[1] == "REACHABLE")
+                .count();
+            cycles >= 2 || state == "FAILED"
+        });
+        stop.store(true, Ordering::Relaxed);
+        let probes = probes.join().expect("capture");
+        println!("{vip}: neighbour states {states:?}, unicast probes {probes}");
+        assert!(revalidated.is_some(), "{vip}: no probe cycle: {states:?}");
+        assert!(!states.iter().any(|s| s == "FAILED"), "{vip}: {states:?}");
+        assert!(
+            probes >= 2,
+            "{vip}: unicast probes seen: {probes} ({states:?})"
+        );
+        assert!(s1.stats().replies_sent > replies_before, "{:?}", s1.stats());
+        assert_eq!(lab.client_neighbour(vip, "eth0"), Some(mac1));
+    }
+}
+
+/// Adds a macvlan `name` (bridge mode) on top of `eth0` in namespace `ns`, with MAC `mac`
+/// and no address; up.
+fn add_macvlan(ns: &str, name: &str, mac: &str) {
+    run_ip(&[
+        "-n", ns, "link", "add", "link", "eth0", "name", name, "address", mac, "type", "macvlan",
+        "mode", "bridge",
+    ]);
+    run_ip(&["-n", ns, "link", "set", name, "up"]);
+}
+
+/// A sub-interface without an IP address, with its own MAC, on top of `eth0`. This kernel
+/// has no 802.1Q driver, so a macvlan stands in for a VLAN: like `eth0.100` it owns no
+/// address and receives through its parent, whose packet socket therefore also sees frames
+/// addressed to the sub-interface (the kernel delivers them to the lower device's protocol
+/// handlers too). A request that came in on the sub-interface is answered by the
+/// sub-interface alone, with its MAC; a request on the parent by the parent alone.
+#[test]
+fn sub_interface_without_ip_answers_with_its_own_mac_only() {
+    let Some(lab) = Lab::for_test(1, false) else {
+        return;
+    };
+    let n1 = lab.ns("n1");
+    add_macvlan(&n1, "mv100", "02:00:00:00:01:64");
+    let eth0 = lab.mac("n1", "eth0");
+    let sub: MacAddr = "02:00:00:00:01:64".parse().unwrap();
+    let s1 = lab.speaker("n1");
+    let (a, b) = (v4("198.51.100.200"), v4("198.51.100.201"));
+    // A on both, B on the sub-interface only.
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0", "mv100"]),
+        ("198.51.100.201", &["mv100"]),
+    ]))
+    .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 18).expect("bursts");
+
+    // Unicast to the sub-interface's MAC: only it answers, with its MAC.
+    let unicast = |to: MacAddr, target: Ipv4Addr| {
+        Box::new(move |mac: MacAddr| {
+            let mut f = packet::arp_request(mac, v4(CLIENT.1), target);
+            f[..6].copy_from_slice(&to.octets());
+            f
+        }) as Box<dyn Fn(MacAddr) -> Vec<u8> + Send>
+    };
+    let replies = |requests| {
+        ask(&lab, "eth0", requests, Duration::from_millis(250))
+            .into_iter()
+            .filter_map(|o| match o {
+                Observed::ArpReply {
+                    ip,
+                    mac,
+                    gratuitous: false,
+                } => Some((ip, mac)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(replies(vec![unicast(sub, a)]), vec![(a, sub)]);
+    assert_eq!(replies(vec![unicast(sub, b)]), vec![(b, sub)]);
+    // Unicast to the parent: only the parent, and only for what it owns.
+    assert_eq!(replies(vec![unicast(eth0, a)]), vec![(a, eth0)]);
+    assert_eq!(replies(vec![unicast(eth0, b)]), vec![]);
+    assert_eq!(s1.stats().replies_sent, 3, "{:?}", s1.stats());
+    // Broadcast: each interface answers for itself once.
+    let mut both = arp_answers(&lab, "eth0", v4(CLIENT.1), &[a, b]);
+    both.values_mut().for_each(|v| v.sort());
+    let mut want_a = vec![eth0, sub];
+    want_a.sort();
+    assert_eq!(both[&a], want_a);
+    assert_eq!(both[&b], vec![sub]);
+}
+
+/// A node with two NICs on two LANs: `eth1` carries no IP address and has IPv6 disabled.
+/// IPv4 is answered on it with its MAC; no Neighbor Discovery happens on it (reported as
+/// `NoIpv6`) until IPv6 is enabled, then the IPv6 VIP is announced and answered there too.
+#[test]
+fn two_nics_without_ip_and_without_ipv6() {
+    let Some(lab) = Lab::for_test(1, true) else {
+        return;
+    };
+    let n1 = lab.ns("n1");
+    run_ip(&["-n", &n1, "addr", "flush", "dev", "eth1"]);
+    sysctl(&n1, "net.ipv6.conf.eth1.disable_ipv6", "1");
+    let (eth0, eth1) = (lab.mac("n1", "eth0"), lab.mac("n1", "eth1"));
+    let s1 = lab.speaker("n1");
+    let a = v4("198.51.101.200");
+    let (a6, b6): (Ipv6Addr, Ipv6Addr) = (
+        "fd00:51:101::200".parse().unwrap(),
+        "fd00:51:100::200".parse().unwrap(),
+    );
+    let err = s1
+        .set_owned(owned(&[
+            ("198.51.101.200", &["eth1"]),
+            ("fd00:51:101::200", &["eth1"]),
+            ("fd00:51:100::200", &["eth0"]),
+        ]))
+        .unwrap_err();
+    let SpeakerError::Incomplete(problems) = &err else {
+        panic!("{err}");
+    };
+    let labels: Vec<&str> = problems.iter().map(SpeakerError::label).collect();
+    assert_eq!(labels, vec!["NoIpv6"], "{err}");
+    assert_eq!(s1.stats().responders, 2, "ARP on eth1, NDP on eth0");
+
+    // ARP on the address-less NIC, with its MAC; not on the other LAN.
+    let lan2 = arp_answers(&lab, "eth1", v4("198.51.101.100"), &[a]);
+    assert_eq!(lan2[&a], vec![eth1]);
+    let lan1 = arp_answers(&lab, "eth0", v4(CLIENT.1), &[a]);
+    assert!(lan1[&a].is_empty(), "{lan1:?}");
+    let (cl1, cl2): (Ipv6Addr, Ipv6Addr) = (
+        CLIENT.2.parse().unwrap(),
+        "fd00:51:101::100".parse().unwrap(),
+    );
+    assert_eq!(ndp_answers(&lab, cl1, b6), vec![(eth0, true, true)]);
+    assert!(ndp_answers_on(&lab, "eth1", cl2, a6).is_empty());
+    // Bursts: GARP request + reply ×3 on eth1, unsolicited NA ×3 on eth0, nothing else.
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 9).expect("bursts");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(s1.stats().gratuitous_sent, 9, "{:?}", s1.stats());
+
+    // IPv6 comes on: the next resync opens NDP on eth1 and announces the VIP there.
+    sysctl(&n1, "net.ipv6.conf.eth1.disable_ipv6", "0");
+    wait_until(Duration::from_secs(5), || s1.stats().responders == 3)
+        .expect("NDP responder on eth1 after IPv6 was enabled");
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 12)
+        .expect("unsolicited NAs on eth1");
+    assert_eq!(
+        ndp_answers_on(&lab, "eth1", cl2, a6),
+        vec![(eth1, true, true)]
+    );
+}
+
+/// kube-proxy IPVS mode with default sysctls: every node holds the VIPs on `kube-ipvs0` (a
+/// veth here, NOARP and down like the real dummy) and every node's kernel answers ARP for
+/// them. Detection sees it; the `arp palisade_l2` table on the non-owner drops its kernel's
+/// replies so exactly one MAC answers; the filter does not stop the speaker's own replies
+/// (raw socket), and removing it brings the second MAC back.
+#[test]
+fn ipvs_vips_on_every_node_are_answered_by_one_mac() {
+    let Some(lab) = Lab::for_test(2, false) else {
+        return;
+    };
+    if Command::new("nft").arg("--version").output().is_err() {
+        println!("skipped: needs nft");
+        return;
+    }
+    let vip = v4("198.51.100.200");
+    for short in ["n1", "n2"] {
+        let ns = lab.ns(short);
+        run_ip(&[
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "kube-ipvs0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "kipvs-peer",
+        ]);
+        run_ip(&["-n", &ns, "link", "set", "kube-ipvs0", "arp", "off"]);
+        run_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            "198.51.100.200/32",
+            "dev",
+            "kube-ipvs0",
+        ]);
+    }
+    let (mac1, mac2) = (lab.mac("n1", "eth0"), lab.mac("n2", "eth0"));
+    let macs = |lab: &Lab, ip: Ipv4Addr| {
+        let mut m = arp_answers(lab, "eth0", v4(CLIENT.1), &[ip])[&ip].clone();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let mut both = vec![mac1, mac2];
+    both.sort();
+    assert_eq!(
+        macs(&lab, vip),
+        both,
+        "default sysctls: every kernel answers"
+    );
+
+    let lb: BTreeSet<IpAddr> = [IpAddr::V4(vip), "198.51.100.201".parse().unwrap()].into();
+    let found = in_netns(&lab.ns("n2"), move || palisade_speaker::ipvs::detect(&lb));
+    let found = found.expect("IPVS-style VIPs detected");
+    assert_eq!(found.interfaces, ["kube-ipvs0".to_string()].into());
+    assert_eq!(found.ips, [vip].into());
+    assert_eq!((found.arp_ignore, found.arp_announce), (0, 0));
+
+    let s1 = lab.speaker("n1");
+    s1.set_owned(owned(&[("198.51.100.200", &["eth0"])]))
+        .unwrap();
+    let s2 = lab.speaker("n2");
+    s2.set_owned(owned(&[("198.51.100.201", &["eth0"])]))
+        .unwrap();
+    // n2 owns .201, not .200; put both in its filter: the speaker's .201 replies must pass.
+    let foreign: BTreeSet<Ipv4Addr> = [vip, v4("198.51.100.201")].into();
+    in_netns(&lab.ns("n2"), move || {
+        palisade_speaker::ipvs::ArpFilter::new().apply(&foreign)
+    })
+    .expect("nft table");
+    assert_eq!(macs(&lab, vip), vec![mac1], "only the owner answers");
+    assert_eq!(
+        macs(&lab, v4("198.51.100.201")),
+        vec![mac2],
+        "raw socket not filtered"
+    );
+    assert!(s2.stats().replies_sent >= 1);
+
+    in_netns(&lab.ns("n2"), || {
+        palisade_speaker::ipvs::ArpFilter::new().remove()
+    })
+    .expect("nft table removed");
+    assert_eq!(
+        macs(&lab, vip),
+        both,
+        "without the filter both answer again"
+    );
 }
 
 fn percentiles(mut v: Vec<Duration>) -> String {

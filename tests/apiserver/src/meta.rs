@@ -58,7 +58,9 @@ pub(crate) fn spec_part(obj: &Value) -> Value {
 
 /// Current time as the API server writes timestamps (RFC 3339, seconds, `Z`).
 pub(crate) fn now_timestamp() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn random_u64() -> u64 {

@@ -185,6 +185,37 @@ pub fn default_resources() -> Vec<ResourceDef> {
             "servicel2statuses",
         )
         .with_status(),
+        // network-policy-api's CRD (installed by the user, or by the chart on request).
+        ResourceDef::cluster(
+            "policy.networking.k8s.io",
+            "v1alpha2",
+            "ClusterNetworkPolicy",
+            "clusternetworkpolicies",
+        )
+        .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BGPPeer", "bgppeers").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPAdvertisement",
+            "bgpadvertisements",
+        )
+        .with_status(),
+        ResourceDef::cluster("palisade.dev", "v1alpha1", "BFDProfile", "bfdprofiles").with_status(),
+        ResourceDef::cluster(
+            "palisade.dev",
+            "v1alpha1",
+            "BGPSessionStatus",
+            "bgpsessionstatuses",
+        )
+        .with_status(),
+        ResourceDef::namespaced(
+            "palisade.dev",
+            "v1alpha1",
+            "ServiceBGPStatus",
+            "servicebgpstatuses",
+        )
+        .with_status(),
     ]
 }
 
