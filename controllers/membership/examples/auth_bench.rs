@@ -41,6 +41,7 @@ fn main() {
             incarnation: wall_ms * 1000,
             seq,
             timestamp_ms: wall_ms,
+            reach: Vec::new(),
         };
         let bytes = encode("palisade", &mk(0), &key).len();
         let (mut enc, mut ok, mut bad) = (Vec::new(), Vec::new(), Vec::new());
