@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..8 {
         match codec.decode(rest) {
             Ok(Some((msg, used))) => {
-                assert!(used > 0 && used <= rest.len(), "used {used} of {}", rest.len());
+                assert!(
+                    used > 0 && used <= rest.len(),
+                    "used {used} of {}",
+                    rest.len()
+                );
                 if let Ok(bytes) = codec.encode(&msg) {
                     match codec.decode(&bytes) {
                         Ok(Some((again, n))) => {

@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|| "n1".into());
     let p = render(&compile(&state, &NodeConfig::new(node)));
     if let Err(e) = Tracer::new(&p) {
-        panic!("rendered payload rejected by the tracer: {e}\n{}", p.iptables_restore);
+        panic!(
+            "rendered payload rejected by the tracer: {e}\n{}",
+            p.iptables_restore
+        );
     }
 });

@@ -205,7 +205,10 @@ fn rules(rs: &[RuleIn], v6: bool, dir: &str) -> Value {
     Value::Array(out)
 }
 
-fn policies(input: &Input, list: &[PolicyIn]) -> Vec<palisade_netpol::k8s_openapi::api::networking::v1::NetworkPolicy> {
+fn policies(
+    input: &Input,
+    list: &[PolicyIn],
+) -> Vec<palisade_netpol::k8s_openapi::api::networking::v1::NetworkPolicy> {
     list.iter()
         .take(6)
         .enumerate()
@@ -325,7 +328,12 @@ fuzz_target!(|input: Input| {
         let dst = addr(input.v6, p.dst % 3, p.dst / 3 % 8 + 2);
         let proto = pick(&[Protocol::Tcp, Protocol::Udp, Protocol::Sctp], p.proto);
         let state = pick(
-            &[CtState::New, CtState::Established, CtState::Related, CtState::Invalid],
+            &[
+                CtState::New,
+                CtState::Established,
+                CtState::Related,
+                CtState::Invalid,
+            ],
             p.state,
         );
         let mut pkt = Packet::new(&src, &dst, proto, p.dport).with_state(state);
