@@ -6,7 +6,7 @@ PYTHON ?= python3
 APT_PACKAGES := iptables ipset iproute2 conntrack kmod shellcheck bird2 nftables
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test test-rust test-chart lint fmt crds demo bench clean-lab
+.PHONY: all build deps test test-rust test-chart lint fmt crds demo bench fuzz clean-lab
 
 all: build
 
@@ -58,6 +58,18 @@ crds:
 demo: deps
 	$(CARGO) build --release -p palisade -p palisade-e2e
 	./target/release/palisade-lab demo
+
+## fuzz: every fuzz target for FUZZ_SECONDS each (libFuzzer via cargo-fuzz; fuzz/ is its own
+## workspace; RUSTC_BOOTSTRAP=1 lets the stable toolchain take libFuzzer's -Z flags)
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= manifests pool_address membership_datagram arp_ndp bgp_message policy_render
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none -O $$t corpus/$$t seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 || exit 1; \
+	done
 
 bench:
 	$(CARGO) run --release -p palisade-dataplane --example netpol_bench

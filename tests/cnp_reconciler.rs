@@ -110,6 +110,7 @@ async fn start() -> (TestApiServer, Arc<RecordingExecutor>, CancellationToken) {
         node: NodeConfig::new("n1"),
         executors,
         links: None,
+        conntrack: None,
         metrics: metrics.clone(),
         events: EventSink::log_only(metrics),
         settings: SyncSettings {

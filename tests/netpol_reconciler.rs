@@ -119,6 +119,7 @@ async fn start_with(
         node: NodeConfig::new("n1"),
         executors,
         links: None,
+        conntrack: None,
         metrics: metrics.clone(),
         events: EventSink::log_only(metrics),
         settings: SyncSettings {

@@ -477,6 +477,7 @@ def test_agent_env_and_args(chart: helm.Chart) -> None:
         "--denied-log-rate=10/min",
         "--denied-log-burst=5",
         "--denied-log-group=1947",
+        "--revoke-denied-connections=true",
         "--enable-cluster-network-policy=false",
         "--lease-name=palisade-allocator",
         "--load-balancer-class=palisade.dev/palisade",
@@ -568,6 +569,7 @@ def test_netpol_disabled(chart: helm.Chart) -> None:
     assert flag(args, "iptables-backend") is None
     assert flag(args, "block-unknown-pods") is None
     assert flag(args, "anti-spoofing") is None
+    assert flag(args, "revoke-denied-connections") is None
     assert flag(args, "lease-name") == "palisade-allocator"
 
 
@@ -686,7 +688,8 @@ def test_json_logs_and_level(chart: helm.Chart) -> None:
 
 def test_netpol_and_loadbalancer_settings(chart: helm.Chart) -> None:
     values = {
-        "netpol": {"iptablesBackend": "nft", "blockUnknownPods": False, "antiSpoofing": False},
+        "netpol": {"iptablesBackend": "nft", "blockUnknownPods": False, "antiSpoofing": False,
+                   "revokeDeniedConnections": False},
         "loadbalancer": {
             "loadBalancerClass": "example.com/lb",
             "handleClasslessServices": False,
@@ -699,6 +702,7 @@ def test_netpol_and_loadbalancer_settings(chart: helm.Chart) -> None:
     assert flag(args, "iptables-backend") == "nft"
     assert flag(args, "block-unknown-pods") == "false"
     assert flag(args, "anti-spoofing") == "false"
+    assert flag(args, "revoke-denied-connections") == "false"
     assert flag(args, "load-balancer-class") == "example.com/lb"
     assert flag(args, "handle-classless-services") == "false"
     assert flag(args, "lease-name") == "my-lease"

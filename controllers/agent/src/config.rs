@@ -32,6 +32,9 @@ pub struct AgentConfig {
     pub anti_spoofing: bool,
     /// Denied-traffic log (NFLOG group, per-pod rate); `None`: off.
     pub deny_log: Option<palisade_netpol::DenyLog>,
+    /// After a policy change, delete conntrack entries of local pods' flows the new rules
+    /// deny, and drop TCP picked up mid-stream to/from isolated pods.
+    pub revoke_denied_connections: bool,
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.
     pub watch_backoff_max: Duration,
@@ -80,6 +83,7 @@ impl AgentConfig {
             block_unknown_pods: true,
             anti_spoofing: true,
             deny_log: Some(palisade_netpol::DenyLog::default()),
+            revoke_denied_connections: true,
             sync: SyncSettings::default(),
             watch_backoff_max: Duration::from_secs(10),
             enable_l2: true,

@@ -233,6 +233,18 @@ fn start_enforcement(
         tasks.spawn(logger.run(shared.shutdown.clone()));
         index
     });
+    node.revoke_denied_connections = cfg.revoke_denied_connections;
+    let conntrack = if cfg.revoke_denied_connections {
+        match palisade_dataplane::KernelConntrack::detect() {
+            Ok(c) => Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>),
+            Err(e) => {
+                tracing::error!(error = %e, "revocation of denied connections cannot run (install conntrack)");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let links = match palisade_dataplane::KernelLinks::detect() {
         Ok(l) => Some(Arc::new(l) as Arc<dyn palisade_dataplane::LinkSource>),
         Err(e) => {
@@ -245,6 +257,7 @@ fn start_enforcement(
         node,
         executors,
         links,
+        conntrack,
         metrics: shared.metrics.clone(),
         events: shared.events.clone(),
         settings: cfg.sync,

@@ -453,8 +453,11 @@ impl Codec {
                     withdrawn: decode_mp_prefixes(afi, r.rest())?,
                 }
             }
+            // The extended-length bit says how this copy was framed, not what the attribute
+            // is: the encoder sets it again when needed (found by fuzzing: a short attribute
+            // sent with the bit set did not survive decode → encode → decode).
             _ => PathAttribute::Unknown {
-                flags,
+                flags: flags & !FLAG_EXTENDED,
                 code: kind,
                 value: value.to_vec(),
             },
@@ -1103,5 +1106,25 @@ mod tests {
             let _ = c.decode(&framed);
             let _ = c.decode(&noise);
         }
+    }
+
+    /// Fuzzing found it (docs/testing.md): a short unknown attribute framed with the
+    /// extended-length bit decoded to flags 0x10, re-encoded without it, and decoded to a
+    /// different message.
+    #[test]
+    fn unknown_attribute_with_extended_length_bit_roundtrips() {
+        let c = Codec::default();
+        let mut body = vec![0, 0]; // no withdrawn routes
+        let attrs = [0x10u8, 0, 0, 0]; // flags: extended length, code 0, length 0 (2 bytes)
+        body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        body.extend_from_slice(&attrs);
+        let mut framed = vec![0xff; 16];
+        framed.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+        framed.push(2);
+        framed.extend_from_slice(&body);
+        let (msg, _) = c.decode(&framed).unwrap().unwrap();
+        let again = c.encode(&msg).unwrap();
+        let (msg2, _) = c.decode(&again).unwrap().unwrap();
+        assert_eq!(msg, msg2);
     }
 }

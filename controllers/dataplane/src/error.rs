@@ -39,6 +39,9 @@ pub enum DataplaneError {
         executor: palisade_netpol::Family,
         payload: palisade_netpol::Family,
     },
+    /// Revocation could not judge the conntrack entries (the tracer rejected the payload).
+    #[error("revocation: {0}")]
+    Revoke(String),
     /// Failure injected into a [`crate::RecordingExecutor`].
     #[error("simulated failure: {0}")]
     Simulated(String),
@@ -62,6 +65,7 @@ impl DataplaneError {
             DataplaneError::CommandFailed { .. } => "command_failed",
             DataplaneError::SetConflict { .. } => "set_conflict",
             DataplaneError::WrongFamily { .. } => "wrong_family",
+            DataplaneError::Revoke(_) => "revoke",
             DataplaneError::Simulated(_) => "simulated",
         }
     }

@@ -18,6 +18,7 @@
 //! Nothing is flushed at start-up. A failed step leaves the previous rules in force.
 #![forbid(unsafe_code)]
 
+pub mod conntrack;
 mod error;
 pub mod interfaces;
 mod kernel;
@@ -29,6 +30,7 @@ mod recording;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use conntrack::{revoke_denied, Conntrack, KernelConntrack, RevokeReport};
 pub use error::DataplaneError;
 pub use interfaces::{pod_interfaces, KernelLinks, LinkSource};
 pub use kernel::{Backend, KernelExecutor};

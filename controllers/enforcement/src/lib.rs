@@ -117,6 +117,10 @@ pub struct NetpolReconciler {
     pub executors: ExecutorFactory,
     /// Where local pods' interfaces are read from when `node.anti_spoofing` is on.
     pub links: Option<Arc<dyn palisade_dataplane::LinkSource>>,
+    /// Revocation (`--revoke-denied-connections`): after an apply that changed the rules,
+    /// conntrack entries of local pods' flows the new rules deny are deleted. Set together
+    /// with `node.revoke_denied_connections` (the mid-stream rule); `None` = off.
+    pub conntrack: Option<Arc<dyn palisade_dataplane::Conntrack>>,
     pub metrics: Arc<Metrics>,
     pub events: EventSink,
     pub settings: SyncSettings,
@@ -390,6 +394,14 @@ impl NetpolReconciler {
             let apply_ms = ms_since(apply_start);
             match result {
                 Ok(Ok(report)) => {
+                    let first = last
+                        .lock()
+                        .ok()
+                        .and_then(|l| l.families.get(&family).map(|f| f.payload.is_none()))
+                        .unwrap_or(true);
+                    if report.changed || first {
+                        self.revoke(&state, family, &payload, last).await;
+                    }
                     tracing::debug!(
                         cause = cause.as_str(),
                         ?family,
@@ -458,6 +470,61 @@ impl NetpolReconciler {
             self.metrics.netpol_last_success.set(now);
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Revocation after an apply: deletes the conntrack entries of this node's pods' flows
+    /// that `payload` (now in force) denies. Failures are logged; the rules stay applied.
+    async fn revoke(
+        &self,
+        state: &ClusterState,
+        family: Family,
+        payload: &Payload,
+        last: &Mutex<LastState>,
+    ) {
+        let Some(ct) = self.conntrack.clone() else {
+            return;
+        };
+        let interfaces = last
+            .lock()
+            .ok()
+            .and_then(|l| {
+                l.families
+                    .get(&family)
+                    .map(|f| f.compiler.config().pod_interfaces.clone())
+            })
+            .unwrap_or_default();
+        let ctx = palisade_netpol::revoke::RevokeContext {
+            local_pods: palisade_netpol::local_pod_ips(state, &self.node.node_name, family)
+                .into_iter()
+                .collect(),
+            local_addrs: BTreeSet::new(),
+            interfaces,
+        };
+        let payload = payload.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            palisade_dataplane::revoke_denied(ct.as_ref(), &payload, ctx)
+        })
+        .await;
+        match result {
+            Ok(Ok(r)) => {
+                self.metrics
+                    .netpol_revoked_connections
+                    .inc_by(r.deleted as u64);
+                if r.deleted > 0 {
+                    tracing::info!(
+                        ?family,
+                        deleted = r.deleted,
+                        entries = r.entries,
+                        ms = r.duration.as_millis() as u64,
+                        "revoked connections the new rules deny"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(?family, error = %e, "revoking denied connections failed; established flows may continue until they end")
+            }
+            Err(e) => tracing::warn!(error = %e, "revocation task died"),
+        }
     }
 
     /// Rules, sets and bytes over every enforced family.

@@ -118,6 +118,9 @@ pub enum Match {
     },
     /// `-m conntrack --ctstate <states>`.
     CtState(&'static str),
+    /// `-m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN` (`! --syn`): not a connection-opening SYN
+    /// (needs a preceding [`Match::Proto`] TCP).
+    TcpNotSyn,
     /// `-m mark [!] --mark bit/bit`.
     Mark {
         bit: u32,
@@ -167,7 +170,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn new(matches: Vec<Match>, target: Target) -> Self {
+    pub(crate) fn new(matches: Vec<Match>, target: Target) -> Self {
         Rule { matches, target }
     }
 }
@@ -612,6 +615,20 @@ impl<'m, 'a> Compiler<'m, 'a> {
         }
         input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
         let mut chains = Vec::new();
+        if cfg.revoke_denied_connections {
+            // Revocation: a flow whose entry was deleted must not resume mid-stream.
+            let isolated = selections
+                .iter()
+                .filter(|s| !s.ingress.is_empty() || !s.egress.is_empty())
+                .map(|s| (model.pods[s.pod].ip, model.pods[s.pod].key()));
+            let jump = crate::revoke::midstream_jump();
+            forward.insert(2, jump.clone());
+            input.insert(1, jump);
+            chains.push(Chain {
+                name: names::MIDSTREAM_CHAIN.into(),
+                rules: crate::revoke::midstream_rules(isolated),
+            });
+        }
         if let Some(rules) = antispoof {
             // First: a forged packet could match another pod's conntrack entry.
             let jump = Rule::new(vec![], Target::Jump(names::ANTISPOOF_CHAIN.into()));
@@ -1033,7 +1050,7 @@ fn log_rule(log: &crate::DenyLog, mut matches: Vec<Match>, egress: bool, prefix:
     )
 }
 
-fn host_net(ip: IpAddr) -> IpNetwork {
+pub(crate) fn host_net(ip: IpAddr) -> IpNetwork {
     let prefix = if ip.is_ipv4() { 32 } else { 128 };
     IpNetwork::new(ip, prefix).unwrap_or_else(|_| IpNetwork::from(ip))
 }

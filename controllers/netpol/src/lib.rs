@@ -27,6 +27,8 @@
 //!                      │     -i VETH | -m physdev --physdev-in PORT  ! -s podIP → DROP
 //!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
 //!                      ├ ctstate INVALID             → DROP
+//!                      ├ → PALISADE-MIDSTREAM (if revoke_denied_connections): TCP NEW ! SYN
+//!                      │     -s/-d isolated local pod → DROP
 //!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
 //!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
 //! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
@@ -63,6 +65,7 @@ mod model;
 pub mod names;
 pub mod provenance;
 pub mod render;
+pub mod revoke;
 pub mod selector;
 pub mod synthetic;
 pub mod trace;
@@ -160,6 +163,11 @@ pub struct NodeConfig {
     /// Denied-traffic log: packets our chains drop are first sent to this NFLOG group,
     /// rate-limited per pod in the kernel. `None`: off.
     pub deny_log: Option<DenyLog>,
+    /// Revocation, rule side: TCP packets in conntrack state NEW that are not a SYN (a flow
+    /// picked up mid-stream, e.g. after its entry was deleted) to or from a local pod that
+    /// any policy isolates are dropped (`PALISADE-MIDSTREAM`, see [`revoke`]). Off in
+    /// [`NodeConfig::new`]; the agent turns it on with `--revoke-denied-connections`.
+    pub revoke_denied_connections: bool,
 }
 
 /// Settings of the denied-traffic log (see `docs/observability.md`).
@@ -261,6 +269,7 @@ impl NodeConfig {
             anti_spoofing: false,
             pod_interfaces: BTreeMap::new(),
             deny_log: None,
+            revoke_denied_connections: false,
         }
     }
 }

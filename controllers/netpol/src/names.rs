@@ -41,6 +41,8 @@ pub const INGRESS_CHAIN: &str = "PALISADE-INGRESS";
 pub const EGRESS_CHAIN: &str = "PALISADE-EGRESS";
 /// Anti-spoofing: jumped first from FORWARD and INPUT chains of ours.
 pub const ANTISPOOF_CHAIN: &str = "PALISADE-ANTISPOOF";
+/// TCP packets picked up mid-stream (state NEW without SYN) of isolated local pods.
+pub const MIDSTREAM_CHAIN: &str = "PALISADE-MIDSTREAM";
 
 /// Kernel limit for iptables chain names.
 pub const MAX_CHAIN_NAME: usize = 28;

@@ -276,6 +276,7 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
             Match::CtState(s) => {
                 let _ = write!(out, " -m conntrack --ctstate {s}");
             }
+            Match::TcpNotSyn => out.push_str(" -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN"),
             Match::Mark { bit, negate } => {
                 let neg = if *negate { "! " } else { "" };
                 let _ = write!(out, " -m mark {neg}--mark {bit:#x}/{bit:#x}");

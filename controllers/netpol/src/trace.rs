@@ -57,6 +57,9 @@ pub struct Packet {
     pub in_iface: Option<String>,
     /// The bridge port the packet entered from (`--physdev-in`, br_netfilter).
     pub physdev_in: Option<String>,
+    /// A TCP packet other than a connection-opening SYN (`! --syn`): with
+    /// [`CtState::New`], a flow picked up mid-stream (after its conntrack entry went away).
+    pub mid_stream: bool,
 }
 
 impl Packet {
@@ -77,6 +80,7 @@ impl Packet {
             icmp6_type: None,
             in_iface: None,
             physdev_in: None,
+            mid_stream: false,
         }
     }
 
@@ -96,6 +100,13 @@ impl Packet {
 
     pub fn from_local(mut self) -> Packet {
         self.src_local = true;
+        self
+    }
+
+    /// A TCP segment that is not a SYN (an ACK, data) in state NEW: what the kernel sees
+    /// when a flow continues after its conntrack entry was deleted.
+    pub fn mid_stream(mut self) -> Packet {
+        self.mid_stream = true;
         self
     }
 
@@ -202,6 +213,8 @@ enum M {
     Icmp6,
     /// `--icmpv6-type N`.
     Icmp6Type(u8),
+    /// `--syn` / `--tcp-flags FIN,SYN,RST,ACK SYN` (negated when the bool is set).
+    TcpSyn(bool),
 }
 
 #[derive(Clone, Debug)]
@@ -481,6 +494,9 @@ impl Tracer {
                 negate,
             } => ((mark & mask) == *value) != *negate,
             M::SrcLocal => pkt.src_local,
+            M::TcpSyn(neg) => {
+                pkt.icmp6_type.is_none() && pkt.proto == Protocol::Tcp && (pkt.mid_stream == *neg)
+            }
             M::Set { name, negate, dirs } => {
                 let hit = self
                     .sets
@@ -699,6 +715,25 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                 // first of its flow, so it always matches.
                 "--hashlimit-upto" | "--hashlimit-burst" | "--hashlimit-mode"
                 | "--hashlimit-name" => {}
+                "--syn" => {
+                    matches.push(M::TcpSyn(negate));
+                    negate = false;
+                    k += 1;
+                    continue;
+                }
+                "--tcp-flags" => {
+                    // Only the `--syn` spelling iptables-save prints.
+                    if arg(k + 1)? != "FIN,SYN,RST,ACK" || arg(k + 2)? != "SYN" {
+                        return Err(err(
+                            line,
+                            "only --tcp-flags FIN,SYN,RST,ACK SYN is supported",
+                        ));
+                    }
+                    matches.push(M::TcpSyn(negate));
+                    negate = false;
+                    k += 3;
+                    continue;
+                }
                 "--icmpv6-type" => {
                     let t = arg(k + 1)?;
                     let t = t

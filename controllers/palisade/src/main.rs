@@ -161,6 +161,11 @@ struct AgentArgs {
     /// NFLOG group of the denied-traffic log.
     #[arg(long, env = "PALISADE_DENIED_LOG_GROUP", default_value_t = palisade_netpol::DEFAULT_NFLOG_GROUP)]
     denied_log_group: u16,
+    /// After a policy change, cut this node's pods' established connections that the new
+    /// rules deny (conntrack entries deleted; TCP picked up mid-stream to/from isolated pods
+    /// dropped).
+    #[arg(long, env = "PALISADE_REVOKE_DENIED_CONNECTIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    revoke_denied_connections: bool,
 
     /// Minimum time between two NetworkPolicy syncs (events in between are coalesced).
     #[arg(long, env = "PALISADE_SYNC_MIN_INTERVAL", default_value = "100ms", value_parser = parse_duration)]
@@ -315,6 +320,7 @@ fn agent_config(a: AgentArgs) -> Result<palisade_agent::AgentConfig, String> {
         rate: a.denied_log_rate.clone(),
         burst: a.denied_log_burst,
     });
+    cfg.revoke_denied_connections = a.revoke_denied_connections;
     cfg.sync.min_interval = a.sync_min_interval;
     cfg.sync.resync_interval = a.resync_interval;
     if a.memberlist_interval >= a.memberlist_timeout {

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub netpol_payload_bytes: Gauge,
     pub netpol_diagnostics: Gauge,
     pub netpol_pods_unprotected: Gauge,
+    /// Conntrack entries deleted because the rules now deny their flow (revocation).
+    pub netpol_revoked_connections: Counter,
     pub netpol_last_success: Gauge<f64, AtomicU64>,
     /// `palisade_netpol_denied_packets_total{direction,namespace,pod}`: packets of this
     /// node's pods dropped and logged (after the kernel's per-pod rate limit).
@@ -137,6 +139,7 @@ impl Metrics {
         let netpol_payload_bytes = Gauge::default();
         let netpol_diagnostics = Gauge::default();
         let netpol_pods_unprotected = Gauge::default();
+        let netpol_revoked_connections = Counter::default();
         let netpol_last_success = Gauge::<f64, AtomicU64>::default();
         let netpol_denied_packets = Family::<Labels, Counter>::default();
         let netpol_would_deny_packets = Family::<Labels, Counter>::default();
@@ -245,6 +248,11 @@ impl Metrics {
             netpol_pods_unprotected.clone(),
         );
         registry.register(
+            "netpol_revoked_connections",
+            "Connections cut after a policy change denied them (conntrack entries deleted)",
+            netpol_revoked_connections.clone(),
+        );
+        registry.register(
             "netpol_last_success_timestamp_seconds",
             "Unix time of the last successful NetworkPolicy sync",
             netpol_last_success.clone(),
@@ -349,6 +357,7 @@ impl Metrics {
             netpol_payload_bytes,
             netpol_diagnostics,
             netpol_pods_unprotected,
+            netpol_revoked_connections,
             netpol_last_success,
             netpol_denied_packets,
             netpol_would_deny_packets,

@@ -1,0 +1,335 @@
+//! Revocation of denied connections: which existing flows the rules just applied deny, and
+//! the rule that keeps a revoked TCP flow from being picked up again mid-stream.
+//!
+//! ```text
+//!  conntrack entries (dataplane reads them)            the payload just applied
+//!        │ orig src, reply src = post-DNAT dst, …            │ Tracer::new
+//!        ▼                                                    ▼
+//!  judge(): touches a local pod? ── no ──► NotLocal (never deleted)
+//!        │ yes: trace a NEW SYN of the original direction through FORWARD
+//!        │      (INPUT when the destination is a node address)
+//!        ▼
+//!  Allowed (untouched) | Denied (the dataplane deletes the entry)
+//! ```
+//!
+//! Deleting an entry is not enough on its own: a segment of the flow that arrives afterwards
+//! (the client's next data, the server's retransmission) is a TCP packet in state NEW without
+//! SYN, which conntrack picks up as a new connection (`nf_conntrack_tcp_loose`, on by
+//! default) — in the *reverse* direction when the server sends, which the policy may allow,
+//! and the flow would resume as its "reply". `PALISADE-MIDSTREAM` drops such packets to and
+//! from every local pod some policy isolates (in either direction), without touching the
+//! node's sysctls. UDP and SCTP need no such rule: their next packet in the denied direction
+//! is judged as a new flow by the rules (SCTP without an INIT is INVALID and dropped).
+//!
+//! This module is pure: the conntrack table is read and written by `palisade-dataplane`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::compile::{host_net, Match, Protocol, Rule, Target};
+use crate::trace::{CtState, Packet, Tracer, Verdict};
+use crate::{names, NetpolError, PodInterface};
+
+/// The jump into `PALISADE-MIDSTREAM` (FORWARD after the INVALID drop, INPUT after the
+/// RELATED,ESTABLISHED return): TCP, state NEW, not a SYN.
+pub(crate) fn midstream_jump() -> Rule {
+    Rule::new(
+        vec![
+            Match::Proto(Protocol::Tcp),
+            Match::TcpNotSyn,
+            Match::CtState("NEW"),
+        ],
+        Target::Jump(names::MIDSTREAM_CHAIN.into()),
+    )
+}
+
+/// `PALISADE-MIDSTREAM`: two rules per isolated local pod (its address as source, as
+/// destination → DROP). Only packets picked up mid-stream ever traverse it.
+pub(crate) fn midstream_rules(isolated: impl IntoIterator<Item = (IpAddr, String)>) -> Vec<Rule> {
+    let mut rules = Vec::new();
+    for (ip, key) in isolated {
+        for m in [Match::Src(host_net(ip)), Match::Dst(host_net(ip))] {
+            rules.push(Rule::new(
+                vec![m, Match::Comment(key.clone())],
+                Target::Drop,
+            ));
+        }
+    }
+    rules
+}
+
+/// One conntrack entry: the original and the reply tuple as the kernel keeps them. With
+/// DNAT (a Service), the reply source is the real destination; the filter table sees the
+/// original source and that destination.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtEntry {
+    pub proto: Protocol,
+    pub orig_src: IpAddr,
+    pub orig_dst: IpAddr,
+    pub orig_sport: u16,
+    pub orig_dport: u16,
+    pub reply_src: IpAddr,
+    pub reply_dst: IpAddr,
+    pub reply_sport: u16,
+    pub reply_dport: u16,
+}
+
+impl CtEntry {
+    /// An entry without NAT (reply = original reversed).
+    pub fn plain(proto: Protocol, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> CtEntry {
+        CtEntry {
+            proto,
+            orig_src: src,
+            orig_dst: dst,
+            orig_sport: sport,
+            orig_dport: dport,
+            reply_src: dst,
+            reply_dst: src,
+            reply_sport: dport,
+            reply_dport: sport,
+        }
+    }
+
+    /// (source, destination, destination port) of the original direction as the filter
+    /// table sees it: after DNAT (PREROUTING), before SNAT (POSTROUTING).
+    pub fn filter_view(&self) -> (IpAddr, IpAddr, u16) {
+        (self.orig_src, self.reply_src, self.reply_sport)
+    }
+}
+
+/// What the node knows when judging entries.
+#[derive(Clone, Debug, Default)]
+pub struct RevokeContext {
+    /// IPs of this node's active pods (only flows touching one are ever revoked).
+    pub local_pods: BTreeSet<IpAddr>,
+    /// The node's own addresses (`addrtype LOCAL`): a flow to one is traced through INPUT, a
+    /// flow from one never passes our chains in its original direction.
+    pub local_addrs: BTreeSet<IpAddr>,
+    /// Where local pods' packets enter (as for anti-spoofing), so the trace is the kernel's.
+    pub interfaces: BTreeMap<IpAddr, PodInterface>,
+}
+
+impl RevokeContext {
+    fn is_local_addr(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.local_addrs.contains(&ip)
+    }
+}
+
+/// The decision for one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// Neither end (as the filter table sees it) is a local pod, or the flow starts on the
+    /// node itself: not ours to revoke.
+    NotLocal,
+    /// A new connection like this one would pass the rules: untouched.
+    Allowed,
+    /// The rules drop a new connection like this one: delete the entry.
+    Denied,
+}
+
+/// Judges one entry against the rules of `tracer` (the payload just applied).
+pub fn judge(tracer: &Tracer, ctx: &RevokeContext, e: &CtEntry) -> Result<Judgement, NetpolError> {
+    let (src, dst, dport) = e.filter_view();
+    if !ctx.local_pods.contains(&src) && !ctx.local_pods.contains(&dst) {
+        return Ok(Judgement::NotLocal);
+    }
+    if ctx.is_local_addr(src) {
+        return Ok(Judgement::NotLocal);
+    }
+    let mut pkt = Packet {
+        src,
+        dst,
+        proto: e.proto,
+        dport,
+        state: CtState::New,
+        src_local: false,
+        icmp6_type: None,
+        in_iface: None,
+        physdev_in: None,
+        mid_stream: false,
+    };
+    match ctx.interfaces.get(&src) {
+        Some(PodInterface::Routed(n)) => pkt.in_iface = Some(n.clone()),
+        Some(PodInterface::BridgePort(n)) => pkt.physdev_in = Some(n.clone()),
+        None => {}
+    }
+    let builtin = if ctx.is_local_addr(dst) {
+        "INPUT"
+    } else {
+        "FORWARD"
+    };
+    Ok(match tracer.trace(builtin, &pkt)?.verdict {
+        Verdict::Accept => Judgement::Allowed,
+        Verdict::Drop => Judgement::Denied,
+    })
+}
+
+/// The entries of `entries` the rules deny (in input order).
+pub fn denied<'e>(
+    tracer: &Tracer,
+    ctx: &RevokeContext,
+    entries: &'e [CtEntry],
+) -> Result<Vec<&'e CtEntry>, NetpolError> {
+    let mut out = Vec::new();
+    for e in entries {
+        if judge(tracer, ctx, e)? == Judgement::Denied {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builders::*;
+    use crate::{compile, render, NodeConfig};
+    use serde_json::json;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// x/a (10.0.1.10) accepts ingress only from namespace y; y/b (10.0.1.20) and z/c
+    /// (10.0.1.30) are local, r/d (10.0.2.40) on another node.
+    fn setup(revoke: bool) -> (Tracer, RevokeContext) {
+        let st = cluster(
+            vec![mk_node("n1", "10.0.1.0/24"), mk_node("n2", "10.0.2.0/24")],
+            vec![
+                mk_ns("x", &[("ns", "x")]),
+                mk_ns("y", &[("ns", "y")]),
+                mk_ns("z", &[("ns", "z")]),
+                mk_ns("r", &[("ns", "r")]),
+            ],
+            vec![
+                mk_pod("x", "a", &[], "10.0.1.10", "n1"),
+                mk_pod("y", "b", &[], "10.0.1.20", "n1"),
+                mk_pod("z", "c", &[], "10.0.1.30", "n1"),
+                mk_pod("r", "d", &[], "10.0.2.40", "n2"),
+            ],
+            vec![mk_policy(
+                "x",
+                "from-y",
+                json!({"podSelector": {}, "ingress": [{"from": [
+                    {"namespaceSelector": {"matchLabels": {"ns": "y"}}}],
+                    "ports": [{"port": 80}]}]}),
+            )],
+        );
+        let mut cfg = NodeConfig::new("n1");
+        cfg.revoke_denied_connections = revoke;
+        let p = render(&compile(&st, &cfg));
+        let ctx = RevokeContext {
+            local_pods: ["10.0.1.10", "10.0.1.20", "10.0.1.30"]
+                .iter()
+                .map(|s| ip(s))
+                .collect(),
+            local_addrs: [ip("10.0.1.1"), ip("192.0.2.1")].into_iter().collect(),
+            interfaces: BTreeMap::new(),
+        };
+        (Tracer::new(&p).unwrap(), ctx)
+    }
+
+    #[test]
+    fn denied_flows_are_exactly_those_a_new_connection_could_not_open() {
+        let (t, ctx) = setup(true);
+        let tcp =
+            |s: &str, d: &str, dport| CtEntry::plain(Protocol::Tcp, ip(s), 40000, ip(d), dport);
+        let cases = [
+            (tcp("10.0.1.20", "10.0.1.10", 80), Judgement::Allowed),
+            (tcp("10.0.1.30", "10.0.1.10", 80), Judgement::Denied),
+            (tcp("10.0.1.20", "10.0.1.10", 81), Judgement::Denied),
+            (tcp("10.0.2.40", "10.0.1.10", 80), Judgement::Denied),
+            // x/a is not egress-isolated: its own connections stay.
+            (tcp("10.0.1.10", "10.0.1.30", 22), Judgement::Allowed),
+            // Remote to remote, and node-originated: not ours.
+            (tcp("10.0.2.40", "10.0.2.41", 80), Judgement::NotLocal),
+            (tcp("10.0.1.1", "10.0.1.10", 81), Judgement::NotLocal),
+            // Pod to the node (INPUT): x has no egress policy.
+            (tcp("10.0.1.10", "192.0.2.1", 22), Judgement::Allowed),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(judge(&t, &ctx, e).unwrap(), *want, "{e:?}");
+        }
+        let entries: Vec<CtEntry> = cases.iter().map(|(e, _)| e.clone()).collect();
+        let d = denied(&t, &ctx, &entries).unwrap();
+        assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn dnat_is_judged_on_the_real_destination() {
+        let (t, ctx) = setup(true);
+        // z/c → Service VIP 10.96.0.10:8080, DNATed to x/a:80: denied (z is not y).
+        let svc = CtEntry {
+            proto: Protocol::Tcp,
+            orig_src: ip("10.0.1.30"),
+            orig_dst: ip("10.96.0.10"),
+            orig_sport: 40000,
+            orig_dport: 8080,
+            reply_src: ip("10.0.1.10"),
+            reply_dst: ip("10.0.1.30"),
+            reply_sport: 80,
+            reply_dport: 40000,
+        };
+        assert_eq!(judge(&t, &ctx, &svc).unwrap(), Judgement::Denied);
+        // The same from y/b: allowed.
+        let mut ok = svc.clone();
+        ok.orig_src = ip("10.0.1.20");
+        ok.reply_dst = ip("10.0.1.20");
+        assert_eq!(judge(&t, &ctx, &ok).unwrap(), Judgement::Allowed);
+    }
+
+    #[test]
+    fn udp_and_sctp_are_judged_by_protocol() {
+        let (t, ctx) = setup(true);
+        for proto in [Protocol::Udp, Protocol::Sctp] {
+            let e = CtEntry::plain(proto, ip("10.0.1.20"), 5000, ip("10.0.1.10"), 80);
+            // The policy's port is TCP 80 only.
+            assert_eq!(judge(&t, &ctx, &e).unwrap(), Judgement::Denied, "{proto:?}");
+        }
+    }
+
+    #[test]
+    fn midstream_segments_of_isolated_pods_are_dropped_both_ways() {
+        let (t, _) = setup(true);
+        let est = |s, d, p| Packet::tcp(s, d, p).with_state(CtState::Established);
+        // A server retransmission (x/a → z/c, not isolated for egress) after the entry was
+        // deleted: NEW without SYN → dropped, so the flow cannot resume in reverse.
+        let retrans = Packet::tcp("10.0.1.10", "10.0.1.30", 40000).mid_stream();
+        let tr = t.trace("FORWARD", &retrans).unwrap();
+        assert_eq!(tr.verdict, Verdict::Drop);
+        assert!(tr.visited(names::MIDSTREAM_CHAIN));
+        // The client's next segment too.
+        let next = Packet::tcp("10.0.1.30", "10.0.1.10", 80).mid_stream();
+        assert_eq!(t.trace("FORWARD", &next).unwrap().verdict, Verdict::Drop);
+        // A SYN from x/a is a new connection: allowed (x is not egress-isolated).
+        let syn = Packet::tcp("10.0.1.10", "10.0.1.30", 22);
+        assert_eq!(t.trace("FORWARD", &syn).unwrap().verdict, Verdict::Accept);
+        // Established traffic never reaches the chain.
+        assert_eq!(
+            t.trace("FORWARD", &est("10.0.1.30", "10.0.1.10", 81))
+                .unwrap()
+                .verdict,
+            Verdict::Accept
+        );
+        // Pods no policy isolates keep the kernel's default (picked up mid-stream).
+        let other = Packet::tcp("10.0.1.20", "10.0.1.30", 22).mid_stream();
+        assert_eq!(t.trace("FORWARD", &other).unwrap().verdict, Verdict::Accept);
+        // UDP is not TCP: no mid-stream notion.
+        let udp = Packet::new("10.0.1.10", "10.0.1.30", Protocol::Udp, 53).mid_stream();
+        assert_eq!(t.trace("FORWARD", &udp).unwrap().verdict, Verdict::Accept);
+        // Pod → node, mid-stream, from an isolated pod: dropped in INPUT.
+        let inp = Packet::tcp("10.0.1.10", "192.0.2.1", 22).mid_stream();
+        assert_eq!(t.trace("INPUT", &inp).unwrap().verdict, Verdict::Drop);
+    }
+
+    #[test]
+    fn without_revocation_no_midstream_chain() {
+        let (t, _) = setup(false);
+        assert!(!t.chain_names().contains(names::MIDSTREAM_CHAIN));
+        let retrans = Packet::tcp("10.0.1.10", "10.0.1.30", 40000).mid_stream();
+        assert_eq!(
+            t.trace("FORWARD", &retrans).unwrap().verdict,
+            Verdict::Accept
+        );
+    }
+}
