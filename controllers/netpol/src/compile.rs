@@ -616,10 +616,16 @@ impl<'m, 'a> Compiler<'m, 'a> {
         input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
         let mut chains = Vec::new();
         if cfg.revoke_denied_connections {
-            // Revocation: a flow whose entry was deleted must not resume mid-stream.
+            // Revocation: a flow whose entry was deleted must not resume mid-stream. Only
+            // enforced policies count: an audit-mode policy never drops anything.
             let isolated = selections
                 .iter()
-                .filter(|s| !s.ingress.is_empty() || !s.egress.is_empty())
+                .filter(|s| {
+                    s.ingress
+                        .iter()
+                        .chain(&s.egress)
+                        .any(|&q| !model.policies[q].audit)
+                })
                 .map(|s| (model.pods[s.pod].ip, model.pods[s.pod].key()));
             let jump = crate::revoke::midstream_jump();
             forward.insert(2, jump.clone());
