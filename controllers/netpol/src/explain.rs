@@ -495,6 +495,7 @@ impl<'s> Explainer<'s> {
                 icmp6_type: None,
                 in_iface: None,
                 physdev_in: None,
+                mid_stream: false,
             };
             // 1. Leaving the source's node (its egress rules).
             let mut src_forward_node = None;
