@@ -28,7 +28,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, O
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::compile::Protocol;
+use crate::ir::Protocol;
 use crate::model::{family_of, normalize, PortInfo, PortSel};
 use crate::selector::Selector;
 use crate::{reasons, Diagnostic, Family};

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::compile::{Compiled, Match, Protocol, Target};
+use crate::ir::{Compiled, Match, Protocol, Target};
 use crate::model::{is_active, pod_ip};
 use crate::provenance::PolicyRef;
 use crate::{names, ClusterState, Family};

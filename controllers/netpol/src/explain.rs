@@ -29,7 +29,7 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::{json, Value};
 
-use crate::compile::Protocol;
+use crate::ir::Protocol;
 use crate::model::{is_active, pod_ip};
 use crate::provenance::{PolicyRef, RuleRef};
 use crate::trace::{Action, CtState, Packet, Step, Tracer, Verdict};

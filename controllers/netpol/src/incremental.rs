@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use crate::compile::{Compiled, IpSet, Protocol, SetMember, SetSource};
+use crate::ir::{Compiled, IpSet, Protocol, SetMember, SetSource};
 use crate::model::{is_active, pod_ip};
 use crate::render::{ipset_swap_script, render_parts};
 use crate::selector::NamespaceLabels;

@@ -9,11 +9,11 @@
 //!        │                                                          │
 //!        ▼  model.rs: active pods with IPs, local pods, policies ◄──┘
 //!        ▼  selector.rs: canonical label selectors, matching
-//!  compile.rs ──► Compiled { chains (rule IR), ipsets (members), hooks, diagnostics }
+//!  compile.rs ──► Compiled { chains (rule IR, ir.rs), ipsets (members), hooks, diagnostics }
 //!        ▼
 //!  render.rs ──► Payload { ipset_restore, iptables_restore, names, stats }
 //!        ▼
-//!  trace.rs: a packet tracer over the rendered text (tests, debugging)
+//!  trace.rs: a packet tracer over the rendered text (explain, revocation, tests)
 //!
 //!  incremental.rs: IncrementalCompiler — same output, but remote pod churn only patches
 //!  set members (what the agent should call on every sync)
@@ -60,6 +60,7 @@ pub mod denied;
 mod error;
 pub mod explain;
 pub mod incremental;
+pub mod ir;
 pub mod manifests;
 mod model;
 pub mod names;

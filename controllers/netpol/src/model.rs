@@ -26,7 +26,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::sync::Arc;
 
-use crate::compile::Protocol;
+pub(crate) use crate::ir::normalize;
+use crate::ir::Protocol;
 use crate::reasons;
 use crate::selector::Selector;
 use crate::{ClusterState, Diagnostic, Family, NodeConfig};
@@ -419,11 +420,6 @@ pub(crate) fn family_of(n: IpNetwork) -> Family {
         IpNetwork::V4(_) => Family::V4,
         IpNetwork::V6(_) => Family::V6,
     }
-}
-
-/// The network address with the same prefix (`10.1.2.3/8` → `10.0.0.0/8`).
-pub(crate) fn normalize(n: IpNetwork) -> IpNetwork {
-    IpNetwork::new(n.network(), n.prefix()).unwrap_or(n)
 }
 
 fn diag_policy(np: &NetworkPolicy, reason: &'static str, message: String) -> Diagnostic {

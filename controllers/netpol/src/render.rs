@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use crate::compile::{Compiled, Hook, IpSet, Match, Rule, Target};
+use crate::ir::{Compiled, Hook, IpSet, Match, Rule, Target};
 use crate::names;
 use crate::Family;
 

@@ -26,7 +26,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::compile::{host_net, Match, Protocol, Rule, Target};
+use crate::compile::host_net;
+use crate::ir::{Match, Protocol, Rule, Target};
 use crate::trace::{CtState, Packet, Tracer, Verdict};
 use crate::{names, NetpolError, PodInterface};
 

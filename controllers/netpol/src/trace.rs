@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 use ipnetwork::IpNetwork;
 
-use crate::compile::{Protocol, SetKind, SetMember};
+use crate::ir::{Protocol, SetKind, SetMember};
 use crate::{NetpolError, Payload};
 
 /// Connection-tracking state of a traced packet.

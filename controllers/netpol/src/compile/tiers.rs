@@ -37,7 +37,7 @@ use super::{
     SetBuilder, SetDir, SetKind, SetMember, SetSource, Target,
 };
 use crate::cnp::{Action, CnpInfo, CnpPeer, Tier};
-use crate::compile::Protocol;
+use crate::ir::Protocol;
 use crate::model::{PortInfo, PortSel};
 use crate::names::{self, hashed};
 use crate::selector::{NamespaceLabels, Selector};
