@@ -239,9 +239,9 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 let np_profile = if policies.is_empty() {
                     None
                 } else if enforced.is_empty() {
-                    Some(self.audit_profile(dir, policies, &policy_chain, &mut generated))
+                    Some(self.profile(dir, policies, true, &policy_chain, &mut generated))
                 } else {
-                    Some(self.profile(dir, &enforced, &policy_chain, &mut generated))
+                    Some(self.profile(dir, &enforced, false, &policy_chain, &mut generated))
                 };
                 let tiered =
                     self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated);
@@ -458,11 +458,15 @@ impl<'m, 'a> Compiler<'m, 'a> {
         rules
     }
 
-    /// The profile chain for a list of policies, created on first use.
+    /// The profile chain for a list of policies, created on first use: it clears the mark,
+    /// jumps to each policy's chain (a matching rule sets the mark) and, when none allowed,
+    /// logs (when the log is on) and drops — or, for a pod isolated only by audit-mode
+    /// policies (`audit`), returns with the would-deny comment and lets the packet through.
     fn profile(
         &self,
         dir: Dir,
         policies: &[usize],
+        audit: bool,
         policy_chain: &HashMap<(usize, Dir), String>,
         generated: &mut BTreeMap<String, Vec<Rule>>,
     ) -> String {
@@ -474,11 +478,21 @@ impl<'m, 'a> Compiler<'m, 'a> {
             Dir::Ingress => names::INGRESS_PROFILE_PREFIX,
             Dir::Egress => names::EGRESS_PROFILE_PREFIX,
         };
-        let name = hashed(prefix, &keys.join(","));
+        let key = if audit {
+            format!("audit|{}", keys.join(","))
+        } else {
+            keys.join(",")
+        };
+        let name = hashed(prefix, &key);
         if generated.contains_key(&name) {
             return name;
         }
-        let mut rules = vec![Rule::new(vec![], Target::ClearMark(self.mark))];
+        let first = if audit {
+            vec![Match::Comment(crate::AUDIT_PROFILE_COMMENT.into())]
+        } else {
+            vec![]
+        };
+        let mut rules = vec![Rule::new(first, Target::ClearMark(self.mark))];
         for &q in policies {
             if let Some(chain) = policy_chain.get(&(q, dir)) {
                 let pol = &self.model.policies[q];
@@ -501,65 +515,15 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 &name,
             ));
         }
-        rules.push(Rule::new(vec![unmarked], Target::Drop));
-        rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
-        generated.insert(name.clone(), rules);
-        name
-    }
-
-    /// The profile chain of a pod isolated only by audit-mode policies: the same policy
-    /// chains, but "no policy allows it" logs `would-deny` (when the log is on) and lets the
-    /// packet through.
-    fn audit_profile(
-        &self,
-        dir: Dir,
-        policies: &[usize],
-        policy_chain: &HashMap<(usize, Dir), String>,
-        generated: &mut BTreeMap<String, Vec<Rule>>,
-    ) -> String {
-        let keys: Vec<String> = policies
-            .iter()
-            .map(|&q| self.model.policies[q].key())
-            .collect();
-        let prefix = match dir {
-            Dir::Ingress => names::INGRESS_PROFILE_PREFIX,
-            Dir::Egress => names::EGRESS_PROFILE_PREFIX,
-        };
-        let name = hashed(prefix, &format!("audit|{}", keys.join(",")));
-        if generated.contains_key(&name) {
-            return name;
-        }
-        let mut rules = vec![Rule::new(
-            vec![Match::Comment(crate::AUDIT_PROFILE_COMMENT.into())],
-            Target::ClearMark(self.mark),
-        )];
-        for &q in policies {
-            if let Some(chain) = policy_chain.get(&(q, dir)) {
-                let pol = &self.model.policies[q];
-                let provenance = PolicyRef::network_policy(pol.ns, pol.name);
-                rules.push(Rule::new(
-                    vec![Match::Comment(provenance.to_string())],
-                    Target::Jump(chain.clone()),
-                ));
-            }
-        }
-        let unmarked = Match::Mark {
-            bit: self.mark,
-            negate: true,
-        };
-        if let Some(log) = &self.deny_log {
-            rules.push(log_rule(
-                log,
-                vec![unmarked.clone()],
-                dir == Dir::Egress,
-                &name,
+        if audit {
+            // The mark is clear exactly when no policy allowed: nothing to clear, just return.
+            rules.push(Rule::new(
+                vec![unmarked, Match::Comment(crate::WOULD_DENY_COMMENT.into())],
+                Target::Return,
             ));
+        } else {
+            rules.push(Rule::new(vec![unmarked], Target::Drop));
         }
-        // The mark is clear exactly when no policy allowed: nothing to clear, just return.
-        rules.push(Rule::new(
-            vec![unmarked, Match::Comment(crate::WOULD_DENY_COMMENT.into())],
-            Target::Return,
-        ));
         rules.push(Rule::new(vec![], Target::ClearMark(self.mark)));
         generated.insert(name.clone(), rules);
         name
