@@ -277,22 +277,22 @@ impl NodeReach {
 /// version, or not heard yet) is kept. When no node can, `eligible` is returned unchanged, so
 /// a pool that is on no node's subnet keeps being announced as before. Pure and the same on
 /// every agent given the same reports, so the election stays coordination-free.
-pub fn reachable_nodes(
-    eligible: Vec<String>,
+pub fn reachable_nodes<'n, 'c>(
+    eligible: &[&'n str],
     ip: IpAddr,
     reach: &BTreeMap<String, NodeReach>,
-    choice_of: impl Fn(&str) -> Option<InterfaceChoice>,
-) -> Vec<String> {
-    let able: Vec<String> = eligible
+    choice_of: impl Fn(&str) -> Option<&'c InterfaceChoice>,
+) -> Vec<&'n str> {
+    let able: Vec<&str> = eligible
         .iter()
-        .filter(|n| match reach.get(n.as_str()) {
+        .copied()
+        .filter(|n| match reach.get(*n) {
             None => true,
-            Some(r) => choice_of(n).is_some_and(|c| r.can_announce(ip, &c)),
+            Some(r) => choice_of(n).is_some_and(|c| r.can_announce(ip, c)),
         })
-        .cloned()
         .collect();
     if able.is_empty() {
-        eligible
+        eligible.to_vec()
     } else {
         able
     }
@@ -669,13 +669,12 @@ mod tests {
 
     #[test]
     fn reachable_nodes_filters_keeps_unknown_and_falls_back() {
-        let all = || vec!["a1".to_string(), "a2".into(), "b1".into(), "old".into()];
-        let route = || {
-            Some(InterfaceChoice {
-                route_interface: true,
-                named: vec![],
-            })
-        };
+        let all = || vec!["a1", "a2", "b1", "old"];
+        let route = Some(InterfaceChoice {
+            route_interface: true,
+            named: vec![],
+        });
+        let route = || route.as_ref();
         let mut map = BTreeMap::new();
         map.insert(
             "a1".to_string(),
@@ -689,16 +688,16 @@ mod tests {
             "b1".to_string(),
             reach(&[("eth0", true, &["198.51.101.0/24"])]),
         );
-        let got = reachable_nodes(all(), ip("198.51.100.200"), &map, |_| route());
+        let got = reachable_nodes(&all(), ip("198.51.100.200"), &map, |_| route());
         assert_eq!(got, ["a1", "a2", "old"]);
-        let got = reachable_nodes(all(), ip("198.51.101.200"), &map, |_| route());
+        let got = reachable_nodes(&all(), ip("198.51.101.200"), &map, |_| route());
         assert_eq!(got, ["b1", "old"]);
         // Nobody reports the subnet and nobody is unknown: unchanged (pre-reach behaviour).
-        let known: Vec<String> = all().into_iter().filter(|n| n != "old").collect();
-        let got = reachable_nodes(known.clone(), ip("203.0.113.9"), &map, |_| route());
+        let known: Vec<&str> = all().into_iter().filter(|n| *n != "old").collect();
+        let got = reachable_nodes(&known, ip("203.0.113.9"), &map, |_| route());
         assert_eq!(got, known);
         // A node no advertisement matches cannot announce.
-        let got = reachable_nodes(known, ip("198.51.100.200"), &map, |n| {
+        let got = reachable_nodes(&known, ip("198.51.100.200"), &map, |n| {
             (n != "a1").then(route).flatten()
         });
         assert_eq!(got, ["a2"]);

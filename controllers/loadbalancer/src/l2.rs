@@ -277,13 +277,9 @@ pub fn decide_with_memo(
             // Only nodes that reported they can announce the IP on a selected interface.
             if !input.reach.is_empty() {
                 let choices = &view.choices;
-                let eligible: Vec<String> = eligible_refs.iter().map(|n| n.to_string()).collect();
-                let able: BTreeSet<String> = reachable_nodes(eligible, ip, input.reach, |n| {
-                    choices.get(n).cloned().flatten()
-                })
-                .into_iter()
-                .collect();
-                eligible_refs.retain(|n| able.contains(*n));
+                eligible_refs = reachable_nodes(&eligible_refs, ip, input.reach, |n| {
+                    choices.get(n).and_then(Option::as_ref)
+                });
             }
             // The pool's set is shared by its `Cluster` IPs unless reach narrowed it.
             let fp = if local || !input.reach.is_empty() {
