@@ -176,7 +176,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         self.finish(chains)
     }
 
-    /// 1. Which policies (and cluster policies) isolate which local pods.
+    /// Phase 1: Which policies (and cluster policies) isolate which local pods.
     fn select(&self) -> Selections {
         let model = self.model;
         let mut pods = Vec::with_capacity(model.local.len());
@@ -241,7 +241,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
             .index_named_ports(referenced.into_iter().collect());
     }
 
-    /// 2. One chain per (policy, direction) that isolates at least one local pod.
+    /// Phase 2: One chain per (policy, direction) that isolates at least one local pod.
     fn policy_chains(&mut self, selected_by: &BTreeMap<(usize, Dir), Vec<usize>>) -> Generated {
         let model = self.model;
         let mut generated = Generated::default();
@@ -269,7 +269,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         generated
     }
 
-    /// 3. Profiles (distinct policy lists) and the dispatch chains: per local pod and
+    /// Phase 3: Profiles (distinct policy lists) and the dispatch chains: per local pod and
     /// direction, a jump to its profile; then what becomes of unknown pods. Returns the
     /// ingress and the egress dispatch rules.
     fn dispatch(
@@ -365,7 +365,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         }
     }
 
-    /// 4. Fixed chains: the mid-stream guard and anti-spoofing where configured, then
+    /// Phase 4: Fixed chains: the mid-stream guard and anti-spoofing where configured, then
     /// `FORWARD` and `INPUT` (which jump to them and to the dispatch chains).
     fn fixed_chains(&mut self, cfg: &NodeConfig, selections: &[Selection]) -> Vec<Chain> {
         let model = self.model;
@@ -442,7 +442,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         chains
     }
 
-    /// 5. The result: `chains`, the sets built along the way, the hooks and the sorted,
+    /// Phase 5: The result: `chains`, the sets built along the way, the hooks and the sorted,
     /// deduplicated diagnostics.
     fn finish(&mut self, chains: Vec<Chain>) -> Compiled {
         let mut diagnostics = std::mem::take(&mut self.diags);
