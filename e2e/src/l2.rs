@@ -592,15 +592,15 @@ impl L2Cluster {
             vec![ip.to_string()],
         )];
         let mut last = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let seen = poll(Duration::from_secs(10), Duration::from_millis(100), || {
             last = self.l2_statuses(service).unwrap_or_default();
-            if last == want {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            last == want
+        });
+        if seen {
+            Ok(())
+        } else {
+            Err(last)
         }
-        Err(last)
     }
 
     /// The client kernel's neighbour entry for `ip`: its MAC, if it has one.
