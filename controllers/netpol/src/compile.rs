@@ -333,17 +333,19 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
         }
         if block {
-            self.block_unknown(cfg, &mut ingress_dispatch, &mut egress_dispatch);
+            self.block_unknown(&mut ingress_dispatch, &mut egress_dispatch);
         }
         (ingress_dispatch, egress_dispatch)
     }
 
     /// The end of the dispatch chains under `block_unknown_pods`: traffic of the node's pod
     /// CIDRs that no local pod's rule took (a pod not known yet) is logged and dropped.
-    fn block_unknown(&self, cfg: &NodeConfig, ingress: &mut Vec<Rule>, egress: &mut Vec<Rule>) {
+    /// Logs with the validated denied-traffic log (an unusable rate was reported and turned
+    /// off in `compile`; passing it on would make the kernel reject the whole payload).
+    fn block_unknown(&self, ingress: &mut Vec<Rule>, egress: &mut Vec<Rule>) {
         for cidr in &self.model.pod_cidrs {
             let comment = Match::Comment("local pod not known yet".into());
-            if let Some(log) = &cfg.deny_log {
+            if let Some(log) = &self.deny_log {
                 ingress.push(log_rule(
                     log,
                     vec![Match::Dst(*cidr)],
