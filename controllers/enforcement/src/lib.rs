@@ -478,7 +478,7 @@ impl NetpolReconciler {
         &self,
         state: &ClusterState,
         family: Family,
-        payload: &Payload,
+        payload: &Arc<Payload>,
         last: &Mutex<LastState>,
     ) {
         let Some(ct) = self.conntrack.clone() else {
@@ -500,7 +500,8 @@ impl NetpolReconciler {
             local_addrs: BTreeSet::new(),
             interfaces,
         };
-        let payload = payload.clone();
+        // The shared payload, not a copy of its rules and 10⁴ set members.
+        let payload = Arc::clone(payload);
         let result = tokio::task::spawn_blocking(move || {
             palisade_dataplane::revoke_denied(ct.as_ref(), &payload, ctx)
         })
