@@ -156,7 +156,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         self.index_named_ports(&selections);
         let mut generated = self.policy_chains(&selections.selected_by);
         let (ingress_dispatch, egress_dispatch) = self.dispatch(cfg, &selections, &mut generated);
-        let mut chains = self.fixed_chains(cfg, &selections.pods);
+        let mut chains = self.fixed_chains(cfg, &selections);
         chains.extend([
             Chain {
                 name: names::EGRESS_CHAIN.into(),
@@ -369,7 +369,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
 
     /// Phase 4: Fixed chains: the mid-stream guard and anti-spoofing where configured, then
     /// `FORWARD` and `INPUT` (which jump to them and to the dispatch chains).
-    fn fixed_chains(&mut self, cfg: &NodeConfig, selections: &[Selection]) -> Vec<Chain> {
+    fn fixed_chains(&mut self, cfg: &NodeConfig, selections: &Selections) -> Vec<Chain> {
         let model = self.model;
         let antispoof = cfg.anti_spoofing.then(|| self.antispoof(cfg));
         let mut forward = vec![
@@ -402,17 +402,25 @@ impl<'m, 'a> Compiler<'m, 'a> {
         input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
         let mut chains = Vec::new();
         if cfg.revoke_denied_connections {
-            // Revocation: a flow whose entry was deleted must not resume mid-stream. Only
-            // enforced policies count: an audit-mode policy never drops anything.
+            // Revocation: a flow whose entry was deleted must not resume mid-stream. A pod
+            // is guarded when some rule evaluated for it can drop (crate::revoke): an
+            // enforced NetworkPolicy, or a ClusterNetworkPolicy Deny of a tier that is
+            // evaluated for it. Audit-mode policies never drop anything.
             let isolated = selections
+                .pods
                 .iter()
-                .filter(|s| {
-                    s.ingress
+                .zip(&selections.cnp)
+                .filter(|(s, c)| {
+                    let np = s
+                        .ingress
                         .iter()
                         .chain(&s.egress)
-                        .any(|&q| !model.policies[q].audit)
+                        .any(|&q| !model.policies[q].audit);
+                    np || [(Dir::Ingress, &s.ingress), (Dir::Egress, &s.egress)]
+                        .into_iter()
+                        .any(|(dir, nps)| tiers::cnp_can_deny(&model.cnps, c, dir, !nps.is_empty()))
                 })
-                .map(|s| (model.pods[s.pod].ip, model.pods[s.pod].key()));
+                .map(|(s, _)| (model.pods[s.pod].ip, model.pods[s.pod].key()));
             let jump = crate::revoke::midstream_jump();
             forward.insert(2, jump.clone());
             input.insert(1, jump);
