@@ -442,7 +442,11 @@ mod tests {
                 .trace("FORWARD", &Packet::tcp(src, dst, 80).mid_stream())
                 .unwrap();
             assert_eq!(tr.verdict == Verdict::Drop, dropped, "{src} -> {dst}");
-            assert_eq!(tr.visited(names::MIDSTREAM_CHAIN), dropped, "{src} -> {dst}");
+            assert_eq!(
+                tr.visited(names::MIDSTREAM_CHAIN),
+                dropped,
+                "{src} -> {dst}"
+            );
         }
     }
 
