@@ -28,7 +28,7 @@
 //!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
 //!                      ├ ctstate INVALID             → DROP
 //!                      ├ → PALISADE-MIDSTREAM (if revoke_denied_connections): TCP NEW ! SYN
-//!                      │     -s/-d isolated local pod → DROP
+//!                      │     -s/-d guarded local pod → DROP (one some rule can deny: revoke)
 //!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
 //!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
 //! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
