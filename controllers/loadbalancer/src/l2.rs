@@ -447,6 +447,19 @@ mod tests {
         ))
     }
 
+    /// `n` `Cluster` Services `<prefix>0..` on `<subnet>.200` onwards.
+    fn cluster_services(prefix: &str, subnet: &str, n: usize) -> Vec<Arc<Service>> {
+        (0..n)
+            .map(|i| {
+                svc(
+                    &format!("{prefix}{i}"),
+                    &format!("{subnet}.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect()
+    }
+
     fn svc(name: &str, ip: &str, policy: &str) -> Arc<Service> {
         Arc::new(obj(json!({
             "metadata": {"namespace": "shop", "name": name, "uid": format!("uid-{name}")},
@@ -518,15 +531,7 @@ mod tests {
 
     #[test]
     fn every_ip_has_exactly_one_owner_and_moves_only_when_its_owner_dies() {
-        let services: Vec<_> = (0..20)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
+        let services = cluster_services("s", "198.51.100", 20);
         let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
         let all = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
         assert_eq!(all.len(), 20);
@@ -891,22 +896,8 @@ mod tests {
         reach.insert("n1".to_string(), on("198.51.100.0"));
         reach.insert("n2".to_string(), on("198.51.100.0"));
         reach.insert("n3".to_string(), on("198.51.101.0"));
-        let mut services: Vec<_> = (0..10)
-            .map(|i| {
-                svc(
-                    &format!("a{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
-        services.extend((0..10).map(|i| {
-            svc(
-                &format!("b{i}"),
-                &format!("198.51.101.{}", 200 + i),
-                "Cluster",
-            )
-        }));
+        let mut services = cluster_services("a", "198.51.100", 10);
+        services.extend(cluster_services("b", "198.51.101", 10));
         let pools = [
             json!({"metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
             json!({"metadata": {"name": "lan-b"}, "spec": {"addresses": ["198.51.101.200-198.51.101.250"]}}),
@@ -967,15 +958,7 @@ mod tests {
     /// nothing; only its IPs move.
     #[test]
     fn cordoned_and_out_of_service_nodes_hand_their_ips_over() {
-        let services: Vec<_> = (0..20)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
+        let services = cluster_services("s", "198.51.100", 20);
         let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
         let pools = vec![pool()];
         let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
@@ -1076,15 +1059,7 @@ mod tests {
             labelled("n3", &[("zone", "b"), ("edge", "")]),
             labelled("n4", &[("zone", "c")]),
         ];
-        let services: Vec<_> = (0..30)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
+        let services = cluster_services("s", "198.51.100", 30);
         let pools = vec![pool()];
         let edge = ad(json!({"interfaces": ["eth9"], "preferredNodeSelectors": [
             {"weight": 50, "preference": {"matchExpressions": [{"key": "edge", "operator": "Exists"}]}},

@@ -53,6 +53,8 @@
 //! pod churn elsewhere in the cluster only changes set members.
 #![forbid(unsafe_code)]
 
+/// Object builders for tests and benchmarks (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub mod builders;
 pub mod cnp;
 pub mod compile;
@@ -68,6 +70,8 @@ pub mod provenance;
 pub mod render;
 pub mod revoke;
 pub mod selector;
+/// The synthetic bench cluster (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub mod synthetic;
 pub mod trace;
 
