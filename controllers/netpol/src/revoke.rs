@@ -190,6 +190,34 @@ pub fn denied<'e>(
     Ok(out)
 }
 
+/// Entries that a revoked flow came back as. Deleting an entry is not the end of a flow: a
+/// datagram the far side already received may still be answered, and the answer, seen by
+/// conntrack as a new flow in the reverse direction (which the policy may allow), creates an
+/// entry whose original tuple is the revoked entry's reply tuple; the denied side's next
+/// packets then pass as its replies. TCP cannot come back that way (`PALISADE-MIDSTREAM` drops
+/// a NEW segment without SYN); UDP can. An entry of `entries` is returned when its original
+/// tuple equals the reply tuple of one of `revoked` (same protocol).
+pub fn resurrected<'e>(revoked: &[CtEntry], entries: &'e [CtEntry]) -> Vec<&'e CtEntry> {
+    let replies: BTreeSet<(Protocol, IpAddr, IpAddr, u16, u16)> = revoked
+        .iter()
+        .map(|e| {
+            (
+                e.proto,
+                e.reply_src,
+                e.reply_dst,
+                e.reply_sport,
+                e.reply_dport,
+            )
+        })
+        .collect();
+    entries
+        .iter()
+        .filter(|e| {
+            replies.contains(&(e.proto, e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +487,35 @@ mod tests {
             t.trace("FORWARD", &retrans).unwrap().verdict,
             Verdict::Accept
         );
+    }
+
+    /// The answer to a revoked UDP flow comes back as an entry in the reverse direction; only
+    /// that one is returned: not the allowed flow next to it, not the same ports over TCP, not
+    /// an unrelated flow of the same pods. With DNAT (a Service) the answer comes from the
+    /// real destination, so the reply tuple is what is compared.
+    #[test]
+    fn a_revoked_flow_answered_after_deletion_is_found_by_its_reply_tuple() {
+        let (x, z, y) = (ip("10.0.1.10"), ip("10.0.1.30"), ip("10.0.1.20"));
+        let revoked = vec![CtEntry::plain(Protocol::Udp, z, 53035, x, 9000)];
+        let back = CtEntry::plain(Protocol::Udp, x, 9000, z, 53035);
+        let entries = vec![
+            CtEntry::plain(Protocol::Udp, y, 55423, x, 9000),
+            CtEntry::plain(Protocol::Tcp, x, 9000, z, 53035),
+            CtEntry::plain(Protocol::Udp, x, 9000, z, 53036),
+            back.clone(),
+        ];
+        assert_eq!(resurrected(&revoked, &entries), vec![&back]);
+        assert!(resurrected(&[], &entries).is_empty());
+
+        let vip = ip("10.96.0.10");
+        let mut via_service = CtEntry::plain(Protocol::Udp, z, 40000, vip, 53);
+        via_service.reply_src = x;
+        via_service.reply_sport = 9000;
+        let answer = CtEntry::plain(Protocol::Udp, x, 9000, z, 40000);
+        let entries = [
+            answer.clone(),
+            CtEntry::plain(Protocol::Udp, vip, 53, z, 40000),
+        ];
+        assert_eq!(resurrected(&[via_service], &entries), vec![&answer]);
     }
 }
