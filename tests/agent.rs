@@ -4,7 +4,7 @@
 //! host's firewall; NetworkPolicy enforcement by the agent is tested in network namespaces.
 use std::time::Duration;
 
-use palisade_tests::{lb_agent, wait_for, Api, TempDir};
+use palisade_tests::{lb_agent, poll, Api, TempDir, POLL_EVERY};
 use serde_json::json;
 
 #[test]
@@ -31,7 +31,7 @@ fn agent_becomes_ready_serves_metrics_and_stops_on_sigterm() {
     );
     // Alone, it becomes the allocator leader.
     assert!(
-        wait_for(Duration::from_secs(10), || (agent
+        poll(Duration::from_secs(10), POLL_EVERY, || (agent
             .metric("palisade_leader")
             == Some(1.0))
         .then_some(()))
@@ -64,7 +64,7 @@ fn readiness_waits_for_the_initial_lists() {
     let kc = api.kubeconfig(&dir);
     let agent = lb_agent("node-a", &kc, &dir);
 
-    let not_ready = wait_for(Duration::from_secs(10), || {
+    let not_ready = poll(Duration::from_secs(10), POLL_EVERY, || {
         agent.get("/readyz").filter(|(c, _)| *c == 503)
     })
     .expect("readyz never answered");
@@ -102,7 +102,7 @@ fn leader_election_one_leader_and_failover_on_kill() {
         let lb = b.metric("palisade_leader") == Some(1.0);
         (la, lb)
     };
-    let first = wait_for(Duration::from_secs(10), || match leaders() {
+    let first = poll(Duration::from_secs(10), POLL_EVERY, || match leaders() {
         (true, false) => Some("node-a"),
         (false, true) => Some("node-b"),
         _ => None,
@@ -123,7 +123,7 @@ fn leader_election_one_leader_and_failover_on_kill() {
         .wait_exit(Duration::from_secs(5))
         .expect("killed agent exited");
     let t0 = std::time::Instant::now();
-    let took = wait_for(Duration::from_secs(15), || {
+    let took = poll(Duration::from_secs(15), POLL_EVERY, || {
         (follower.metric("palisade_leader") == Some(1.0)).then_some(())
     });
     assert!(
@@ -169,7 +169,7 @@ fn unreachable_api_server_is_reported_and_survived() {
     )
     .unwrap();
     let mut agent = lb_agent("node-a", kc.to_str().unwrap(), &dir);
-    let logged = wait_for(Duration::from_secs(10), || {
+    let logged = poll(Duration::from_secs(10), POLL_EVERY, || {
         agent.logs().contains("watch failed").then_some(())
     });
     assert!(logged.is_some(), "no clear log line:\n{}", agent.logs());
@@ -212,7 +212,7 @@ fn malformed_ip_address_pool_is_reported_and_skipped() {
         "{}",
         agent.logs()
     );
-    let gauge = wait_for(Duration::from_secs(10), || {
+    let gauge = poll(Duration::from_secs(10), POLL_EVERY, || {
         agent
             .metric("palisade_invalid_objects{kind=\"IPAddressPool\"}")
             .filter(|v| *v == 1.0)
@@ -223,7 +223,7 @@ fn malformed_ip_address_pool_is_reported_and_skipped() {
         agent.logs()
     );
     // The leader writes an Invalid condition that names the problem.
-    let cond = wait_for(Duration::from_secs(10), || {
+    let cond = poll(Duration::from_secs(10), POLL_EVERY, || {
         let pool = store.get_object("palisade.dev/v1alpha1", "IPAddressPool", None, "broken")?;
         pool["status"]["conditions"]
             .as_array()?

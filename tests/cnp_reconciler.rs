@@ -10,6 +10,7 @@ use palisade_dataplane::RecordingExecutor;
 use palisade_enforcement::{ExecutorFactory, NetpolCaches, NetpolReconciler};
 use palisade_netpol::builders::{mk_node, mk_ns, mk_pod};
 use palisade_netpol::NodeConfig;
+use palisade_poll::poll_async;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
@@ -29,14 +30,13 @@ fn to_json<T: serde::Serialize>(kind: &str, api_version: &str, obj: &T) -> Value
     v
 }
 
+/// Waits (palisade-poll, every 25 ms, at most 5 s) until `f` holds; panics naming `what`.
 async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
+    let held = poll_async(Duration::from_secs(5), Duration::from_millis(25), || {
+        std::future::ready(f())
+    })
+    .await;
+    assert!(held, "timed out waiting for {what}");
 }
 
 fn cnp(name: &str, tier: &str) -> Value {

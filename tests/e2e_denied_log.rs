@@ -33,15 +33,8 @@ fn denied_lines(c: &LabCluster, node: &str, needle: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
+fn wait_until(timeout: Duration, f: impl FnMut() -> bool) -> bool {
+    palisade_poll::poll(timeout, Duration::from_millis(100), f)
 }
 
 fn scenario(c: &mut LabCluster) -> Result<()> {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use palisade_testapi::{Options, RequestRecord, Store, TestApiServer};
-use palisade_tests::{lb_agent, runtime, wait_for, AgentProc, Api, TempDir};
+use palisade_tests::{lb_agent, poll, runtime, AgentProc, Api, TempDir, POLL_EVERY};
 use serde_json::{json, Value};
 
 /// Every wait is bounded by this.
@@ -112,7 +112,7 @@ fn status_ips(store: &Store, name: &str) -> Vec<String> {
 
 /// Waits until the Service shows exactly one IP; returns it. Also checks `ipMode: VIP`.
 fn wait_ip(store: &Store, agent: &AgentProc, name: &str) -> String {
-    let svc = wait_for(WAIT, || {
+    let svc = poll(WAIT, POLL_EVERY, || {
         service(store, name).filter(|s| ips_of(s).len() == 1)
     })
     .unwrap_or_else(|| panic!("Service {name} got no IP:\n{}", agent.logs()));
@@ -125,7 +125,10 @@ fn wait_ip(store: &Store, agent: &AgentProc, name: &str) -> String {
 
 /// Waits until the Service's status shows no IP.
 fn wait_no_ip(store: &Store, agent: &AgentProc, name: &str) {
-    wait_for(WAIT, || status_ips(store, name).is_empty().then_some(())).unwrap_or_else(|| {
+    poll(WAIT, POLL_EVERY, || {
+        status_ips(store, name).is_empty().then_some(())
+    })
+    .unwrap_or_else(|| {
         panic!(
             "Service {name} still has {:?}:\n{}",
             status_ips(store, name),
@@ -145,7 +148,7 @@ fn events_for(store: &Store, name: &str) -> Vec<Value> {
 
 /// Waits for an Event with `reason` on Service `name` whose note contains `needle`.
 fn wait_event(store: &Store, agent: &AgentProc, name: &str, reason: &str, needle: &str) -> Value {
-    wait_for(WAIT, || {
+    poll(WAIT, POLL_EVERY, || {
         events_for(store, name).into_iter().find(|e| {
             e["reason"] == reason && e["note"].as_str().is_some_and(|n| n.contains(needle))
         })
@@ -181,7 +184,7 @@ fn wait_condition(
     type_: &str,
     status: &str,
 ) -> Value {
-    wait_for(WAIT, || {
+    poll(WAIT, POLL_EVERY, || {
         condition(&pool_obj(store, name), type_).filter(|c| c["status"] == status)
     })
     .unwrap_or_else(|| {
@@ -195,7 +198,7 @@ fn wait_condition(
 
 /// Waits until the pool's status shows these IPv4 counters.
 fn wait_counters(store: &Store, agent: &AgentProc, name: &str, assigned: i64, available: i64) {
-    wait_for(WAIT, || {
+    poll(WAIT, POLL_EVERY, || {
         let st = pool_obj(store, name)["status"].clone();
         (st["assignedIPv4"] == assigned && st["availableIPv4"] == available).then_some(())
     })
@@ -209,8 +212,10 @@ fn wait_counters(store: &Store, agent: &AgentProc, name: &str, assigned: i64, av
 }
 
 fn wait_metric(agent: &AgentProc, sample: &str, want: f64) {
-    wait_for(WAIT, || (agent.metric(sample) == Some(want)).then_some(()))
-        .unwrap_or_else(|| panic!("metric {sample} != {want} (is {:?})", agent.metric(sample)));
+    poll(WAIT, POLL_EVERY, || {
+        (agent.metric(sample) == Some(want)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("metric {sample} != {want} (is {:?})", agent.metric(sample)));
 }
 
 /// No IP is on two Services unless both carry the same `palisade.dev/allow-shared-ip` key
@@ -302,7 +307,7 @@ impl Lab {
             "agent {name} not ready:\n{}",
             agent.logs()
         );
-        wait_for(WAIT, || {
+        poll(WAIT, POLL_EVERY, || {
             (agent.metric("palisade_leader") == Some(1.0)).then_some(())
         })
         .unwrap_or_else(|| panic!("agent {name} did not lead:\n{}", agent.logs()));
@@ -451,7 +456,7 @@ fn restart_keeps_every_ip() {
     put(store, dup);
     let agent = lab.leader("node-a");
     let new_ip = wait_ip(store, &agent, "a-new");
-    let dup_ip = wait_for(WAIT, || {
+    let dup_ip = poll(WAIT, POLL_EVERY, || {
         Some(status_ips(store, "dup")).filter(|ips| ips.len() == 1 && ips[0] != before["s1"])
     })
     .unwrap_or_else(|| panic!("dup kept s1's address:\n{}", agent.logs()));
@@ -552,7 +557,7 @@ fn only_the_leader_writes_and_the_follower_takes_over_on_kill() {
     let b = lb_agent("node-b", kc_b.to_str().unwrap(), &lab.dir);
     assert!(a.wait_ready(WAIT), "{}", a.logs());
     assert!(b.wait_ready(WAIT), "{}", b.logs());
-    let leader_name = wait_for(WAIT, || {
+    let leader_name = poll(WAIT, POLL_EVERY, || {
         match (a.metric("palisade_leader"), b.metric("palisade_leader")) {
             (Some(1.0), Some(0.0)) => Some("node-a"),
             (Some(0.0), Some(1.0)) => Some("node-b"),
@@ -616,7 +621,7 @@ fn only_the_leader_writes_and_the_follower_takes_over_on_kill() {
     leader
         .wait_exit(Duration::from_secs(5))
         .expect("killed agent exited");
-    wait_for(WAIT, || {
+    poll(WAIT, POLL_EVERY, || {
         (follower.metric("palisade_leader") == Some(1.0)).then_some(())
     })
     .unwrap_or_else(|| panic!("follower never took over:\n{}", follower.logs()));
@@ -668,7 +673,7 @@ fn pool_edit_moves_or_fails_services_whose_ip_left_the_pool() {
     edit(store, POOLS, "IPAddressPool", None, "lan", |p| {
         p["spec"]["addresses"] = json!(["198.51.100.201-198.51.100.203"]);
     });
-    let moved = wait_for(WAIT, || {
+    let moved = poll(WAIT, POLL_EVERY, || {
         Some(status_ips(store, "a")).filter(|ips| ips.len() == 1 && ips[0] != "198.51.100.200")
     })
     .unwrap_or_else(|| panic!("a did not move:\n{}", agent.logs()));
@@ -1050,7 +1055,7 @@ fn sharing_foreign_classes_and_type_changes() {
         .delete_object("v1", "Service", Some(NS), "sh-b")
         .expect("delete");
     // sh-d (key "other") or sh-e (no key) may now take it; exactly one of them.
-    let taken = wait_for(WAIT, || {
+    let taken = poll(WAIT, POLL_EVERY, || {
         let d = status_ips(store, "sh-d") == vec![ip_a.clone()];
         let e = status_ips(store, "sh-e") == vec![ip_a.clone()];
         (d || e).then_some((d, e))

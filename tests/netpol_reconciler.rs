@@ -10,6 +10,7 @@ use palisade_dataplane::RecordingExecutor;
 use palisade_enforcement::{ExecutorFactory, NetpolCaches, NetpolReconciler};
 use palisade_netpol::builders::{mk_node, mk_node_cidrs, mk_ns, mk_pod, mk_policy, with_pod_ips};
 use palisade_netpol::{Family, NodeConfig};
+use palisade_poll::poll_async;
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
@@ -26,14 +27,13 @@ fn to_json<T: serde::Serialize>(kind: &str, api_version: &str, obj: &T) -> serde
     v
 }
 
+/// Waits (palisade-poll, every 25 ms, at most 5 s) until `f` holds; panics naming `what`.
 async fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
+    let held = poll_async(Duration::from_secs(5), Duration::from_millis(25), || {
+        std::future::ready(f())
+    })
+    .await;
+    assert!(held, "timed out waiting for {what}");
 }
 
 /// Waits until the last payload `exec` applied has NetworkPolicy ingress chains (`PAL-IN-`),

@@ -283,23 +283,8 @@ pub trait Cluster {
     }
 }
 
-/// Polls `f` every `every` until it returns `Some` or `timeout` passes.
-pub fn poll<T>(
-    timeout: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<Option<T>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f()? {
-            return Ok(Some(v));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(every);
-    }
-}
+/// The tests' one bounded poll (palisade-poll), re-exported where the lab's users look for it.
+pub use palisade_poll::poll;
 
 #[cfg(test)]
 mod tests {

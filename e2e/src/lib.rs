@@ -6,6 +6,7 @@
 //!         ├─ api       control plane: the test API server inside a lab netns (or a relay to a
 //!         │            real cluster) and a blocking JSON client
 //!         ├─ kubelet   the lab plays kubelet, the EndpointSlice controller and kube-proxy
+//!         ├─ l2        real-agent L2 harness: three agents, the client's ARP/NDP wire, TCP probers
 //!         ├─ lab_cluster  lab + control plane + kubelet + one real `palisade agent` per node
 //!         │            (`LabAgents`: the agents alone, for other harnesses; `http_get`)
 //!         ├─ cluster   the `Cluster` trait the e2e scenarios are written against
@@ -34,6 +35,7 @@ pub mod demo;
 pub mod k8s;
 pub mod kind;
 pub mod kubelet;
+pub mod l2;
 pub mod lab;
 pub mod lab_cluster;
 pub mod matrix;

@@ -1,5 +1,5 @@
 //! L2 failover with real agents, measured: three `palisade agent` processes in the lab (the
-//! harness of `tests/l2_failover.rs`: node netns, test API server in the lab, client with a raw
+//! harness `palisade_e2e::l2` (`e2e/src/l2.rs`): node netns, test API server in the lab, client with a raw
 //! socket and TCP probes; see that file's docs).
 //!
 //! Phases (each prints a table row; `L2_BENCH_PHASES=kill,link,outage` selects):
@@ -21,16 +21,12 @@
 //! ```
 //! Needs root. Everything lives in lab namespaces, removed on exit (also on panic).
 
-#[path = "../l2_failover.rs"]
-#[allow(dead_code, unused_imports)]
-mod l2;
-
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use l2::harness::*;
+use palisade_e2e::l2::*;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Service;
 use kube::api::PostParams;
 use palisade_testapi::Store;
-use palisade_tests::{lb_agent_with, wait_for, Api, TempDir};
+use palisade_tests::{lb_agent_with, poll, Api, TempDir, POLL_EVERY};
 use serde_json::{json, Value};
 
 const NS: &str = "bench";
@@ -125,7 +125,7 @@ fn run(existing: usize, interval: &str, samples: usize) -> Result<(Stats, Durati
     if !agent.wait_ready(Duration::from_secs(60)) {
         bail!("agent not ready:\n{}", agent.logs());
     }
-    let restored = wait_for(Duration::from_secs(120), || {
+    let restored = poll(Duration::from_secs(120), POLL_EVERY, || {
         (agent.metric("palisade_leader") == Some(1.0)
             && agent.metric("palisade_allocator_services_allocated") == Some(existing as f64))
         .then_some(())

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_e2e::lab_cluster::FAST_LEASE_FLAGS;
-use palisade_e2e::{http_get, lab_ready, metric_value, poll};
+use palisade_e2e::{http_get, lab_ready, metric_value};
+/// The tests' one bounded poll (palisade-poll), sync and async.
+pub use palisade_poll::{poll, poll_async};
 use palisade_testapi::TestApiServer;
 use serde_json::json;
 
@@ -42,10 +44,9 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
-/// Polls `f` every 50 ms until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    poll(timeout, Duration::from_millis(50), || Ok(f())).expect("an infallible poll")
-}
+/// How often the integration tests poll an agent process (its API objects, metrics, logs)
+/// with [`poll`].
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
 
 /// Runs a lab test: skips it where the lab cannot run ([`lab_ready`] says why), builds what
 /// it runs on (a lab, or a cluster on one) with `build`, runs `body` on that and panics with
@@ -117,7 +118,7 @@ impl AgentProc {
 
     /// Waits until `/readyz` answers 200.
     pub fn wait_ready(&self, timeout: Duration) -> bool {
-        wait_for(timeout, || {
+        poll(timeout, POLL_EVERY, || {
             self.get("/readyz").filter(|(c, _)| *c == 200).map(|_| ())
         })
         .is_some()
@@ -143,7 +144,7 @@ impl AgentProc {
     /// Waits for exit; `None` if still running after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let child = &mut self.child;
-        wait_for(timeout, || child.try_wait().ok().flatten())
+        poll(timeout, POLL_EVERY, || child.try_wait().ok().flatten())
     }
 }
 

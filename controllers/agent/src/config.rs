@@ -33,7 +33,7 @@ pub struct AgentConfig {
     /// Denied-traffic log (NFLOG group, per-pod rate); `None`: off.
     pub deny_log: Option<palisade_netpol::DenyLog>,
     /// After a policy change, delete conntrack entries of local pods' flows the new rules
-    /// deny, and drop TCP picked up mid-stream to/from isolated pods.
+    /// deny, and drop TCP picked up mid-stream to/from pods a policy can deny.
     pub revoke_denied_connections: bool,
     pub sync: SyncSettings,
     /// Watcher retry backoff ceiling after API errors.

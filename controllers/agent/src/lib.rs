@@ -65,11 +65,13 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         tracing::warn!("both reconcilers are disabled; the agent only serves health and metrics");
     }
     let metrics = Arc::new(Metrics::new());
-    // Kernel executor first: a missing iptables binary is reported at once, loudly.
-    let executors = cfg
-        .enable_netpol
-        .then(|| netpol_executors_with(&cfg.iptables_backend))
-        .flatten();
+    // Kernel executor detection (a missing iptables binary is reported at once, loudly) runs
+    // on a blocking thread while the watches list: it spawns `iptables-*-save` to pick the
+    // backend, and the first lists are what the cold start waits for.
+    let detect = cfg.enable_netpol.then(|| {
+        let backend = cfg.iptables_backend.clone();
+        tokio::task::spawn_blocking(move || netpol_executors_with(&backend))
+    });
     let mut caches = Caches::new(
         client.clone(),
         metrics.clone(),
@@ -93,6 +95,13 @@ pub async fn run_agent_until(cfg: AgentConfig, shutdown: CancellationToken) -> R
         client,
         metrics,
         shutdown: shutdown.clone(),
+    };
+    let executors = match detect {
+        Some(task) => task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "NetworkPolicy enforcement cannot start: detecting the iptables/ipset tools failed; rules already in the kernel stay in force");
+            None
+        }),
+        None => None,
     };
     let mut tasks = JoinSet::new();
     if let (Some(executors), Some((trigger, stores))) = (executors, wiring.netpol) {

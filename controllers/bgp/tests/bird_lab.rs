@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ipnetwork::IpNetwork;
 use palisade_bgp::bfd::{BfdConfig, BfdState};
 use palisade_bgp::{PeerConfig, PeerStatus, SessionState, Speaker};
 use palisade_e2e::lab::{Lab, LabSpec};
 use palisade_e2e::netns;
+use palisade_e2e::poll;
 
 const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 const VIP: &str = "203.0.113.10";
@@ -158,14 +159,13 @@ fn vip_next_hops(router: &str) -> Result<BTreeSet<Ipv4Addr>> {
 fn wait_for(router: &str, vip: &str, want: &BTreeSet<IpAddr>, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
     let mut last = BTreeSet::new();
-    while started.elapsed() < limit {
+    let took = poll(limit, Duration::from_millis(20), || {
         last = next_hops(router, vip)?;
-        if last == *want {
-            return Ok(started.elapsed());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    bail!("router next hops for {vip}: {last:?}, wanted {want:?} within {limit:?}")
+        Ok((last == *want).then(|| started.elapsed()))
+    })?;
+    took.with_context(|| {
+        format!("router next hops for {vip}: {last:?}, wanted {want:?} within {limit:?}")
+    })
 }
 
 fn wait_for_hops(router: &str, want: &BTreeSet<Ipv4Addr>, limit: Duration) -> Result<Duration> {
@@ -421,19 +421,12 @@ fn wait_status(
     limit: Duration,
     ok: impl Fn(&PeerStatus) -> bool,
 ) -> Result<PeerStatus> {
-    let started = Instant::now();
-    loop {
-        let status = speaker.status();
-        if let Some(s) = status.first() {
-            if ok(s) {
-                return Ok(s.clone());
-            }
-        }
-        if started.elapsed() > limit {
-            bail!("{what}: not within {limit:?}: {status:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    let mut status = Vec::new();
+    let reached = poll(limit, Duration::from_millis(20), || {
+        status = speaker.status();
+        status.first().filter(|s| ok(s)).cloned()
+    });
+    reached.with_context(|| format!("{what}: not within {limit:?}: {status:?}"))
 }
 
 /// BFD against BIRD's BFD: sessions come Up; a node crash (link down, speaker aborted without a

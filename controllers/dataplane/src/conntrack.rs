@@ -226,6 +226,43 @@ pub struct RevokeReport {
     /// Of those, the ones deleted (the others were gone already).
     pub deleted: usize,
     pub duration: Duration,
+    /// The entries deleted (what [`sweep_resurrected`] looks for afterwards).
+    pub revoked: Vec<CtEntry>,
+}
+
+/// When [`sweep_resurrected`] looks again, after the revocation: 0.1 s, 0.4 s and 1 s after
+/// it (the pauses between the looks).
+pub const RESURRECTION_SWEEPS: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(600),
+];
+
+/// Deletes, at each pause of `pauses` (blocking the calling thread), the entries that a flow
+/// of `revoked` came back as in the reverse direction (see
+/// [`palisade_netpol::revoke::resurrected`]): a UDP answer sent after its request's entry
+/// was deleted. Returns how many were deleted. An answer sent after the last pause is not
+/// caught (docs/security.md says so).
+pub fn sweep_resurrected(
+    ct: &dyn Conntrack,
+    family: Family,
+    revoked: &[CtEntry],
+    pauses: &[Duration],
+) -> Result<usize, DataplaneError> {
+    let mut deleted = 0;
+    if revoked.is_empty() {
+        return Ok(0);
+    }
+    for pause in pauses {
+        std::thread::sleep(*pause);
+        let entries = ct.entries(family)?;
+        for e in revoke::resurrected(revoked, &entries) {
+            if ct.delete(family, e)? {
+                deleted += 1;
+            }
+        }
+    }
+    Ok(deleted)
 }
 
 /// Deletes the conntrack entries of `payload`'s family that its rules deny and that touch one
@@ -258,6 +295,7 @@ pub fn revoke_denied(
     for e in denied {
         if ct.delete(family, e)? {
             report.deleted += 1;
+            report.revoked.push(e.clone());
         }
     }
     report.duration = start.elapsed();

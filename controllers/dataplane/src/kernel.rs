@@ -350,6 +350,10 @@ impl KernelExecutor {
 
         // 1. Sets.
         let t = Instant::now();
+        // A read-back reads the filter table on another thread meanwhile (the sets script
+        // below never touches it, so it reads what it would read after): the first apply
+        // after a start waits for one `*-save` process instead of two in a row.
+        let mut filter_read: Option<Result<String, DataplaneError>> = None;
         // What the kernel holds: read back, or (between resyncs) the last payload's sets.
         let observed: BTreeMap<String, ObservedSet>;
         let current: BTreeMap<&str, SetView<'_>> = match (verify, last) {
@@ -367,7 +371,16 @@ impl KernelExecutor {
                 })
                 .collect(),
             _ => {
-                observed = self.observe_sets()?;
+                let (sets, filter) = std::thread::scope(|s| {
+                    let filter = s.spawn(|| self.run(&self.tools.save, &["-t", "filter"], None));
+                    let sets = self.observe_sets();
+                    let filter = filter
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    (sets, filter)
+                });
+                filter_read = Some(filter);
+                observed = sets?;
                 observed
                     .iter()
                     .map(|(n, o)| {
@@ -424,7 +437,10 @@ impl KernelExecutor {
         if !rules_unchanged {
             let observed = match (verify, last) {
                 (false, Some(l)) => ObservedFilter::assumed(l),
-                _ => parse_iptables_save(&self.run(&self.tools.save, &["-t", "filter"], None)?),
+                _ => parse_iptables_save(&match filter_read.take() {
+                    Some(read) => read?,
+                    None => self.run(&self.tools.save, &["-t", "filter"], None)?,
+                }),
             };
             let desired = p.chain_rules();
             let plan = plan_iptables(&desired, &p.hooks, &observed);

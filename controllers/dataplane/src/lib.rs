@@ -30,7 +30,9 @@ mod recording;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use conntrack::{revoke_denied, Conntrack, KernelConntrack, RevokeReport};
+pub use conntrack::{
+    revoke_denied, sweep_resurrected, Conntrack, KernelConntrack, RevokeReport, RESURRECTION_SWEEPS,
+};
 pub use error::DataplaneError;
 pub use interfaces::{pod_interfaces, KernelLinks, LinkSource};
 pub use kernel::{Backend, KernelExecutor};

@@ -478,7 +478,7 @@ impl NetpolReconciler {
         &self,
         state: &ClusterState,
         family: Family,
-        payload: &Payload,
+        payload: &Arc<Payload>,
         last: &Mutex<LastState>,
     ) {
         let Some(ct) = self.conntrack.clone() else {
@@ -500,9 +500,11 @@ impl NetpolReconciler {
             local_addrs: BTreeSet::new(),
             interfaces,
         };
-        let payload = payload.clone();
+        // The shared payload, not a copy of its rules and 10⁴ set members.
+        let payload = Arc::clone(payload);
+        let revoking = Arc::clone(&ct);
         let result = tokio::task::spawn_blocking(move || {
-            palisade_dataplane::revoke_denied(ct.as_ref(), &payload, ctx)
+            palisade_dataplane::revoke_denied(revoking.as_ref(), &payload, ctx)
         })
         .await;
         match result {
@@ -519,12 +521,52 @@ impl NetpolReconciler {
                         "revoked connections the new rules deny"
                     );
                 }
+                self.sweep_resurrected(ct, family, r.revoked);
             }
             Ok(Err(e)) => {
                 tracing::warn!(?family, error = %e, "revoking denied connections failed; established flows may continue until they end")
             }
             Err(e) => tracing::warn!(error = %e, "revocation task died"),
         }
+    }
+
+    /// In the background (the next apply does not wait for it): deletes, during the second
+    /// after a revocation, the entries its UDP flows come back as when an answer was already
+    /// on its way (`palisade_dataplane::sweep_resurrected`).
+    fn sweep_resurrected(
+        &self,
+        ct: Arc<dyn palisade_dataplane::Conntrack>,
+        family: Family,
+        revoked: Vec<palisade_netpol::revoke::CtEntry>,
+    ) {
+        if revoked.is_empty() {
+            return;
+        }
+        let counter = self.metrics.netpol_revoked_connections.clone();
+        tokio::spawn(async move {
+            let swept = tokio::task::spawn_blocking(move || {
+                palisade_dataplane::sweep_resurrected(
+                    ct.as_ref(),
+                    family,
+                    &revoked,
+                    &palisade_dataplane::RESURRECTION_SWEEPS,
+                )
+            })
+            .await;
+            match swept {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    counter.inc_by(n as u64);
+                    tracing::info!(
+                        ?family,
+                        deleted = n,
+                        "revoked flows that came back as answers"
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!(?family, error = %e, "sweeping revoked flows failed"),
+                Err(e) => tracing::warn!(error = %e, "revocation sweep task died"),
+            }
+        });
     }
 
     /// Rules, sets and bytes over every enforced family.

@@ -25,6 +25,9 @@
 //! * The winner is the eligible node with the smallest `sha256("<node>#<ip>")` (ties, which
 //!   would need a hash collision, go to the smaller name). Removing a node that is not the
 //!   winner never moves the IP; IPs spread evenly over nodes.
+//! * `preferredNodeSelectors` (soft, weighted) only narrow the hash election to the eligible
+//!   nodes with the highest [`preference_score`] ([`preferred_winner`]): still a pure
+//!   function of the shared inputs, so every agent agrees without talking.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -181,6 +184,43 @@ pub fn eligible_nodes<'n>(
     set.into_iter().map(str::to_owned).collect()
 }
 
+/// The weights a preference may carry (`spec.preferredNodeSelectors[].weight`, as in
+/// Kubernetes' preferred node affinity). The CRD rejects others; a term outside the range
+/// that reaches an agent anyway (an older CRD installed) counts nothing.
+pub const PREFERENCE_WEIGHTS: std::ops::RangeInclusive<i32> = 1..=100;
+
+/// A node's preference score for a pool: the summed weights of the matching
+/// `preferredNodeSelectors` terms of every advertisement `ads` of the pool (advertisements
+/// add up, like MetalLB's). Malformed selectors and out-of-range weights count nothing.
+pub fn preference_score(ads: &[&L2AdvertisementSpec], node_labels: &Labels) -> u32 {
+    ads.iter()
+        .flat_map(|ad| ad.preferred_node_selectors.iter())
+        .filter(|p| PREFERENCE_WEIGHTS.contains(&p.weight))
+        .filter(|p| selector::matches(&p.preference, node_labels))
+        .map(|p| p.weight.unsigned_abs())
+        .sum()
+}
+
+/// The most preferred of `eligible`: the nodes with the highest score (all of them when no
+/// node scores anything, so without preferences the election is unchanged). Order kept.
+pub fn most_preferred<'n>(eligible: &[&'n str], score: impl Fn(&str) -> u32) -> Vec<&'n str> {
+    let best = eligible.iter().map(|n| score(n)).max().unwrap_or(0);
+    eligible
+        .iter()
+        .copied()
+        .filter(|n| score(n) == best)
+        .collect()
+}
+
+/// The winner under preferences: the smallest hash among [`most_preferred`] nodes.
+pub fn preferred_winner<'n>(
+    ip: IpAddr,
+    eligible: &[&'n str],
+    score: impl Fn(&str) -> u32,
+) -> Option<&'n str> {
+    winner(ip, most_preferred(eligible, score))
+}
+
 /// Where a node answers for an IP it announces.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceChoice {
@@ -332,6 +372,7 @@ mod tests {
             ip_address_pool_selectors: pool_sel,
             node_selectors: node_sel,
             interfaces: ifs.iter().map(|s| s.to_string()).collect(),
+            preferred_node_selectors: Vec::new(),
         }
     }
 

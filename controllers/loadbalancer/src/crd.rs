@@ -213,6 +213,24 @@ pub struct L2AdvertisementSpec {
     /// Interfaces to answer ARP/NDP on (empty: the interface holding the route to the IP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<String>,
+    /// Soft preference among the allowed nodes (MetalLB's field of the same name, shaped like
+    /// Kubernetes' `preferredDuringSchedulingIgnoredDuringExecution`): of the nodes that may
+    /// announce an IP, those with the highest summed `weight` of matching `preference`s win;
+    /// ties, and no preferences at all, fall back to the hash election. Weights of every
+    /// advertisement announcing the pool add up. A malformed `preference` matches nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_node_selectors: Vec<PreferredNodeSelector>,
+}
+
+/// One weighted soft preference of an `L2Advertisement`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreferredNodeSelector {
+    /// 1..100, added to the score of every node `preference` matches.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+    /// Nodes this preference applies to (an empty selector matches every node).
+    pub preference: LabelSelector,
 }
 
 /// Observed state of an `L2Advertisement`.

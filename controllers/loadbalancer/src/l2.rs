@@ -7,6 +7,7 @@
 //!  EndpointSlices (Local policy) ─────┘       nodes with a ready endpoint)
 //!                                                   │
 //!        reach (membership) ─► only nodes able to announce the IP on a selected interface
+//!        preferredNodeSelectors ─► only the highest summed weight (all when none)
 //!                    winner = min sha256("node#ip") ─► mine? ─► owned IPs + interfaces
 //! ```
 //!
@@ -24,7 +25,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::announce::{
     advertisements_for_pool, decision_with_winner, election_key, eligible_nodes, interfaces_for,
-    reachable_nodes, InterfaceChoice, NodeReach, TrafficPolicy,
+    most_preferred, preference_score, reachable_nodes, InterfaceChoice, NodeReach, TrafficPolicy,
 };
 use crate::pool::Pool;
 use crate::service::{is_ours, service_key, status_ips};
@@ -281,16 +282,28 @@ pub fn decide_with_memo(
                     choices.get(n).and_then(Option::as_ref)
                 });
             }
-            // The pool's set is shared by its `Cluster` IPs unless reach narrowed it.
-            let fp = if local || !input.reach.is_empty() {
-                fingerprint(&eligible_refs)
+            // Soft preferences: the hash election runs among the most preferred eligible
+            // nodes only (all of them when the pool has no preferences).
+            let narrowed;
+            let candidates: &[&str] = if view.preferred {
+                let scores = &view.scores;
+                narrowed = most_preferred(&eligible_refs, |n| scores.get(n).copied().unwrap_or(0));
+                &narrowed
+            } else {
+                &eligible_refs
+            };
+            // The pool's set is shared by its `Cluster` IPs unless reach or preferences
+            // narrowed it.
+            let fp = if local || !input.reach.is_empty() || candidates.len() != view.eligible.len()
+            {
+                fingerprint(candidates)
             } else {
                 view.fingerprint
             };
             memo.sets
                 .entry(fp)
-                .or_insert_with(|| eligible_refs.iter().map(|n| n.to_string()).collect());
-            let elected = recall.elect(ip, fp, &eligible_refs);
+                .or_insert_with(|| candidates.iter().map(|n| n.to_string()).collect());
+            let elected = recall.elect(ip, fp, candidates);
             let decision = decision_with_winner(
                 input.me,
                 &eligible_refs,
@@ -346,6 +359,10 @@ struct PoolView<'a> {
     fingerprint: u64,
     /// Where each eligible node would answer (for the reach filter), matched once per pass.
     choices: BTreeMap<String, Option<InterfaceChoice>>,
+    /// Whether any advertisement of the pool has `preferredNodeSelectors`.
+    preferred: bool,
+    /// Each eligible node's [`preference_score`] (only when `preferred`).
+    scores: HashMap<String, u32>,
 }
 
 impl<'a> PoolView<'a> {
@@ -363,12 +380,24 @@ impl<'a> PoolView<'a> {
             .filter(|(n, _)| refs.binary_search(n).is_ok())
             .map(|(n, l)| (n.to_string(), interfaces_for(&ads, l)))
             .collect();
+        let preferred = ads.iter().any(|a| !a.preferred_node_selectors.is_empty());
+        let scores = if preferred {
+            live_nodes
+                .iter()
+                .filter(|(n, _)| refs.binary_search(n).is_ok())
+                .map(|(n, l)| (n.to_string(), preference_score(&ads, l)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         PoolView {
             ads,
             eligible,
             interfaces,
             fingerprint,
             choices,
+            preferred,
+            scores,
         }
     }
 }
@@ -405,7 +434,7 @@ pub(crate) fn ready_endpoint_nodes(slices: &[&EndpointSlice]) -> BTreeSet<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::announce::should_announce;
+    use crate::announce::{preferred_winner, winner};
     use serde_json::json;
 
     fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
@@ -416,6 +445,19 @@ mod tests {
         Arc::new(obj(
             json!({"metadata": {"name": name, "labels": {"zone": zone}}}),
         ))
+    }
+
+    /// `n` `Cluster` Services `<prefix>0..` on `<subnet>.200` onwards.
+    fn cluster_services(prefix: &str, subnet: &str, n: usize) -> Vec<Arc<Service>> {
+        (0..n)
+            .map(|i| {
+                svc(
+                    &format!("{prefix}{i}"),
+                    &format!("{subnet}.{}", 200 + i),
+                    "Cluster",
+                )
+            })
+            .collect()
     }
 
     fn svc(name: &str, ip: &str, policy: &str) -> Arc<Service> {
@@ -489,15 +531,7 @@ mod tests {
 
     #[test]
     fn every_ip_has_exactly_one_owner_and_moves_only_when_its_owner_dies() {
-        let services: Vec<_> = (0..20)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
+        let services = cluster_services("s", "198.51.100", 20);
         let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
         let all = owners(&services, &ads, &["n1", "n2", "n3"], &[]);
         assert_eq!(all.len(), 20);
@@ -630,7 +664,9 @@ mod tests {
         };
         let eligible = eligible_nodes(&ads, nodes.iter().map(|(n, l)| (n.as_str(), l)), policy);
         let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
-        let d = should_announce(input.me, ip, &refs);
+        let labels_of = |n: &str| &nodes.iter().find(|(m, _)| m == n).expect("live node").1;
+        let w = preferred_winner(ip, &refs, |n| preference_score(&ads, labels_of(n)));
+        let d = decision_with_winner(input.me, &refs, w);
         let empty = BTreeMap::new();
         let mine = nodes
             .iter()
@@ -860,22 +896,8 @@ mod tests {
         reach.insert("n1".to_string(), on("198.51.100.0"));
         reach.insert("n2".to_string(), on("198.51.100.0"));
         reach.insert("n3".to_string(), on("198.51.101.0"));
-        let mut services: Vec<_> = (0..10)
-            .map(|i| {
-                svc(
-                    &format!("a{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
-        services.extend((0..10).map(|i| {
-            svc(
-                &format!("b{i}"),
-                &format!("198.51.101.{}", 200 + i),
-                "Cluster",
-            )
-        }));
+        let mut services = cluster_services("a", "198.51.100", 10);
+        services.extend(cluster_services("b", "198.51.101", 10));
         let pools = [
             json!({"metadata": {"name": "lan"}, "spec": {"addresses": ["198.51.100.200-198.51.100.250"]}}),
             json!({"metadata": {"name": "lan-b"}, "spec": {"addresses": ["198.51.101.200-198.51.101.250"]}}),
@@ -936,15 +958,7 @@ mod tests {
     /// nothing; only its IPs move.
     #[test]
     fn cordoned_and_out_of_service_nodes_hand_their_ips_over() {
-        let services: Vec<_> = (0..20)
-            .map(|i| {
-                svc(
-                    &format!("s{i}"),
-                    &format!("198.51.100.{}", 200 + i),
-                    "Cluster",
-                )
-            })
-            .collect();
+        let services = cluster_services("s", "198.51.100", 20);
         let ads = vec![ad(json!({"interfaces": ["eth9"]}))];
         let pools = vec![pool()];
         let live: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
@@ -1000,5 +1014,209 @@ mod tests {
         })));
         let nodes = vec![node("n1", "a"), tainted, node("n3", "b")];
         assert_eq!(run(&nodes, false), moved, "out-of-service: always excluded");
+    }
+
+    /// A tiny deterministic generator for the property tests (no proptest in the workspace).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn labelled(name: &str, labels: &[(&str, &str)]) -> Arc<Node> {
+        let l: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        Arc::new(obj(json!({"metadata": {"name": name, "labels": l}})))
+    }
+
+    /// Owner of every IP, asking every live node; panics when two nodes announce one IP.
+    fn single_owners(
+        mut input: impl FnMut(&str) -> (Owned, Vec<IpDecision>),
+        live: &BTreeSet<String>,
+    ) -> BTreeMap<IpAddr, String> {
+        let mut out = BTreeMap::new();
+        for me in live {
+            for ip in input(me).0.into_keys() {
+                if let Some(other) = out.insert(ip, me.clone()) {
+                    panic!("{ip} announced by {other} and {me}");
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_most_preferred_live_node_wins_and_gets_the_ip_back() {
+        let nodes = vec![
+            labelled("n1", &[("zone", "a")]),
+            labelled("n2", &[("zone", "a")]),
+            labelled("n3", &[("zone", "b"), ("edge", "")]),
+            labelled("n4", &[("zone", "c")]),
+        ];
+        let services = cluster_services("s", "198.51.100", 30);
+        let pools = vec![pool()];
+        let edge = ad(json!({"interfaces": ["eth9"], "preferredNodeSelectors": [
+            {"weight": 50, "preference": {"matchExpressions": [{"key": "edge", "operator": "Exists"}]}},
+            {"weight": 10, "preference": {"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a", "b"]}]}}]}));
+        let run = |ads: &[L2Advertisement], live: &[&str]| {
+            let live: BTreeSet<String> = live.iter().map(|s| s.to_string()).collect();
+            single_owners(
+                |me| decide(&inputs(me, &live, &services, &pools, ads, &nodes, &[])),
+                &live,
+            )
+        };
+        let all = ["n1", "n2", "n3", "n4"];
+        let owners = run(std::slice::from_ref(&edge), &all);
+        assert_eq!(owners.len(), 30);
+        assert!(owners.values().all(|o| o == "n3"), "{owners:?}");
+        // n3 dies: the next best (score 10: n1, n2) share by hash; n4 (score 0) gets nothing.
+        let failed = run(std::slice::from_ref(&edge), &["n1", "n2", "n4"]);
+        assert_eq!(failed.len(), 30);
+        assert!(
+            failed.values().all(|o| o == "n1" || o == "n2"),
+            "{failed:?}"
+        );
+        assert!(failed.values().any(|o| o == "n1") && failed.values().any(|o| o == "n2"));
+        for (ip, o) in &failed {
+            assert_eq!(
+                Some(o.as_str()),
+                winner(*ip, ["n1", "n2"]),
+                "{ip}: hash among the best"
+            );
+        }
+        // Only n4 left: preferences are soft, it announces everything.
+        assert!(run(std::slice::from_ref(&edge), &["n4"])
+            .values()
+            .all(|o| o == "n4"));
+        // n3 is back: every IP returns to it.
+        assert_eq!(run(std::slice::from_ref(&edge), &all), owners);
+        // A second advertisement of the same pool adds its weights: zone a now scores
+        // 10 + 55 = 65 > n3's 60.
+        let mut zone_a = ad(json!({"preferredNodeSelectors": [
+            {"weight": 55, "preference": {"matchLabels": {"zone": "a"}}}]}));
+        zone_a.metadata.name = Some("zone-a".into());
+        let combined = run(&[edge.clone(), zone_a], &all);
+        assert!(
+            combined.values().all(|o| o == "n1" || o == "n2"),
+            "{combined:?}"
+        );
+        // Malformed selectors and out-of-range weights count nothing.
+        let broken = ad(json!({"interfaces": ["eth9"], "preferredNodeSelectors": [
+            {"weight": 100, "preference": {"matchExpressions": [{"key": "edge", "operator": "Bogus"}]}},
+            {"weight": 1000, "preference": {"matchLabels": {"zone": "c"}}}]}));
+        let plain = ad(json!({"interfaces": ["eth9"]}));
+        assert_eq!(run(&[broken], &all), run(&[plain], &all));
+    }
+
+    /// Property: on random clusters, preferences and failures, every agent computes the same
+    /// single winner per IP, which is the reference (highest score, then smallest hash); the
+    /// remembered election equals a fresh one; without preferences (or with the same score
+    /// everywhere) the winner is exactly the old hash winner.
+    #[test]
+    fn every_agent_elects_the_same_preferred_winner_and_no_preference_changes_nothing() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let pools = vec![pool()];
+        let zones = ["a", "b", "c"];
+        let mut memos: BTreeMap<String, ElectionMemo> = BTreeMap::new();
+        for case in 0..60 {
+            let n = 2 + rng.below(9) as usize;
+            let nodes: Vec<Arc<Node>> = (0..n)
+                .map(|i| {
+                    let zone = zones[rng.below(3) as usize];
+                    let rack = format!("r{}", rng.below(3));
+                    labelled(&format!("n{i}"), &[("zone", zone), ("rack", &rack)])
+                })
+                .collect();
+            let mut live: BTreeSet<String> = (0..n)
+                .filter(|_| rng.below(4) != 0)
+                .map(|i| format!("n{i}"))
+                .collect();
+            live.insert(format!("n{}", rng.below(n as u64)));
+            let terms: Vec<_> = (0..rng.below(4))
+                .map(|_| {
+                    let weight = 1 + rng.below(100);
+                    if rng.below(2) == 0 {
+                        json!({"weight": weight, "preference": {"matchLabels": {"zone": zones[rng.below(3) as usize]}}})
+                    } else {
+                        json!({"weight": weight, "preference": {"matchExpressions": [
+                            {"key": "rack", "operator": "NotIn", "values": [format!("r{}", rng.below(3))]}]}})
+                    }
+                })
+                .collect();
+            let mut ads = vec![ad(
+                json!({"interfaces": ["eth9"], "preferredNodeSelectors": terms}),
+            )];
+            if rng.below(3) == 0 {
+                let mut second = ad(json!({"preferredNodeSelectors": [
+                    {"weight": 1 + rng.below(100), "preference": {"matchLabels": {"zone": "b"}}}]}));
+                second.metadata.name = Some("second".into());
+                ads.push(second);
+            }
+            let plain = vec![ad(json!({"interfaces": ["eth9"]}))];
+            let everyone = vec![ad(
+                json!({"interfaces": ["eth9"], "preferredNodeSelectors": [
+                {"weight": 7, "preference": {}}]}),
+            )];
+            let services: Vec<_> = (0..25)
+                .map(|i| {
+                    let ip = format!("198.51.100.{}", 200 + rng.below(51));
+                    svc(&format!("s{case}-{i}"), &ip, "Cluster")
+                })
+                .collect();
+            let labels: BTreeMap<String, BTreeMap<String, String>> = nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.metadata.name.clone().unwrap(),
+                        n.metadata.labels.clone().unwrap(),
+                    )
+                })
+                .collect();
+            let specs: Vec<&L2AdvertisementSpec> = ads.iter().map(|a| &a.spec).collect();
+            let eligible: Vec<&str> = live.iter().map(String::as_str).collect();
+            let with_prefs = single_owners(
+                |me| {
+                    let input = inputs(me, &live, &services, &pools, &ads, &nodes, &[]);
+                    let memo = memos.entry(me.to_string()).or_default();
+                    let mut scratch = memo.clone();
+                    let remembered = decide_with_memo(&input, &mut scratch);
+                    let fresh = decide(&input);
+                    assert_eq!(remembered, fresh, "case {case}, {me}");
+                    *memo = scratch;
+                    // Every agent names the same winner for every IP, also where it loses.
+                    for d in &fresh.1 {
+                        let want = preferred_winner(d.ip, &eligible, |n| {
+                            preference_score(&specs, &labels[n])
+                        });
+                        assert_eq!(d.winner.as_deref(), want, "case {case}, {me}, {}", d.ip);
+                    }
+                    fresh
+                },
+                &live,
+            );
+            let old = |ads: &[L2Advertisement]| {
+                single_owners(
+                    |me| decide(&inputs(me, &live, &services, &pools, ads, &nodes, &[])),
+                    &live,
+                )
+            };
+            let no_prefs = old(&plain);
+            assert_eq!(no_prefs.len(), with_prefs.len(), "case {case}");
+            for (ip, o) in &no_prefs {
+                assert_eq!(Some(o.as_str()), winner(*ip, eligible.iter().copied()));
+            }
+            assert_eq!(
+                old(&everyone),
+                no_prefs,
+                "case {case}: same score everywhere"
+            );
+        }
     }
 }

@@ -42,8 +42,8 @@ pub use allocator::{
 };
 pub use crd::{
     crds, IPAddressPool, IPAddressPoolSpec, IPAddressPoolStatus, L2Advertisement,
-    L2AdvertisementSpec, L2AdvertisementStatus, ServiceAllocation, ServiceL2Status,
-    ServiceL2StatusSpec, ServiceL2StatusStatus,
+    L2AdvertisementSpec, L2AdvertisementStatus, PreferredNodeSelector, ServiceAllocation,
+    ServiceL2Status, ServiceL2StatusSpec, ServiceL2StatusStatus,
 };
 pub use error::{AddressProblem, AllocError, Error, SharingProblem};
 pub use pool::{find_overlaps, parse_entry, AddrRange, Family, Overlap, Pool};

@@ -130,11 +130,56 @@ struct Selection {
     egress: Vec<usize>,
 }
 
+/// Which policies isolate which local pods: phase 1 of [`Compiler::run`].
+struct Selections {
+    /// Per local pod, the NetworkPolicies isolating it.
+    pods: Vec<Selection>,
+    /// Per local pod (same order), the ClusterNetworkPolicies selecting it.
+    cnp: Vec<tiers::CnpSelection>,
+    /// (policy, direction) → the local pods it isolates; only pairs with at least one.
+    selected_by: BTreeMap<(usize, Dir), Vec<usize>>,
+}
+
+/// The chains built per policy and per profile, by name, and which chain each
+/// (policy, direction) got.
+#[derive(Default)]
+struct Generated {
+    chains: BTreeMap<String, Vec<Rule>>,
+    policy_chain: HashMap<(usize, Dir), String>,
+}
+
 impl<'m, 'a> Compiler<'m, 'a> {
+    /// The phases, in order (later ones read what earlier ones built; set names and
+    /// diagnostics accumulate in `self` as they go).
     fn run(&mut self, cfg: &NodeConfig) -> Compiled {
+        let selections = self.select();
+        self.index_named_ports(&selections);
+        let mut generated = self.policy_chains(&selections.selected_by);
+        let (ingress_dispatch, egress_dispatch) = self.dispatch(cfg, &selections, &mut generated);
+        let mut chains = self.fixed_chains(cfg, &selections);
+        chains.extend([
+            Chain {
+                name: names::EGRESS_CHAIN.into(),
+                rules: egress_dispatch,
+            },
+            Chain {
+                name: names::INGRESS_CHAIN.into(),
+                rules: ingress_dispatch,
+            },
+        ]);
+        chains.extend(
+            generated
+                .chains
+                .into_iter()
+                .map(|(name, rules)| Chain { name, rules }),
+        );
+        self.finish(chains)
+    }
+
+    /// Phase 1: Which policies (and cluster policies) isolate which local pods.
+    fn select(&self) -> Selections {
         let model = self.model;
-        // 1. Which policies isolate which local pods.
-        let mut selections = Vec::with_capacity(model.local.len());
+        let mut pods = Vec::with_capacity(model.local.len());
         let mut selected_by: BTreeMap<(usize, Dir), Vec<usize>> = BTreeMap::new();
         for &pi in &model.local {
             let pod = &model.pods[pi];
@@ -157,17 +202,25 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     selected_by.entry((qi, Dir::Egress)).or_default().push(pi);
                 }
             }
-            selections.push(sel);
+            pods.push(sel);
         }
-        let cnp_selections: Vec<tiers::CnpSelection> = model
+        let cnp = model
             .local
             .iter()
             .map(|&pi| self.cnp_selection(pi))
             .collect();
+        Selections {
+            pods,
+            cnp,
+            selected_by,
+        }
+    }
 
-        // Named ports the used policies refer to: only those are indexed.
+    /// Named ports the used policies refer to: only those are indexed.
+    fn index_named_ports(&mut self, selections: &Selections) {
+        let model = self.model;
         let mut referenced: BTreeSet<(Protocol, &'m str)> = BTreeSet::new();
-        for &(qi, dir) in selected_by.keys() {
+        for &(qi, dir) in selections.selected_by.keys() {
             let pol = &model.policies[qi];
             let rules = match dir {
                 Dir::Ingress => pol.ingress.as_deref(),
@@ -183,14 +236,16 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 }
             }
         }
-        self.cnp_named_ports(&cnp_selections, &mut referenced);
+        self.cnp_named_ports(&selections.cnp, &mut referenced);
         self.sets
             .index_named_ports(referenced.into_iter().collect());
+    }
 
-        // 2. One chain per (policy, direction) that isolates at least one local pod.
-        let mut generated: BTreeMap<String, Vec<Rule>> = BTreeMap::new();
-        let mut policy_chain: HashMap<(usize, Dir), String> = HashMap::new();
-        for (&(qi, dir), pods) in &selected_by {
+    /// Phase 2: One chain per (policy, direction) that isolates at least one local pod.
+    fn policy_chains(&mut self, selected_by: &BTreeMap<(usize, Dir), Vec<usize>>) -> Generated {
+        let model = self.model;
+        let mut generated = Generated::default();
+        for (&(qi, dir), pods) in selected_by {
             let pol = &model.policies[qi];
             let (prefix, rules) = match dir {
                 Dir::Ingress => (names::INGRESS_POLICY_PREFIX, pol.ingress.as_deref()),
@@ -208,15 +263,26 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 self.policy_rule(pol, dir, rule, pods, &mut out);
             }
             dedup_rules(&mut out);
-            generated.insert(name.clone(), out);
-            policy_chain.insert((qi, dir), name);
+            generated.chains.insert(name.clone(), out);
+            generated.policy_chain.insert((qi, dir), name);
         }
+        generated
+    }
 
-        // 3. Profiles (distinct policy lists) and the dispatch chains.
+    /// Phase 3: Profiles (distinct policy lists) and the dispatch chains: per local pod and
+    /// direction, a jump to its profile; then what becomes of unknown pods. Returns the
+    /// ingress and the egress dispatch rules.
+    fn dispatch(
+        &mut self,
+        cfg: &NodeConfig,
+        selections: &Selections,
+        generated: &mut Generated,
+    ) -> (Vec<Rule>, Vec<Rule>) {
+        let model = self.model;
         let mut ingress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let mut egress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let block = cfg.block_unknown_pods && !model.pod_cidrs.is_empty();
-        for (sel, cnp_sel) in selections.iter().zip(&cnp_selections) {
+        for (sel, cnp_sel) in selections.pods.iter().zip(&selections.cnp) {
             let pod = &model.pods[sel.pod];
             let host = host_net(pod.ip);
             let in_cidr = model.pod_cidrs.iter().any(|c| c.contains(pod.ip));
@@ -239,12 +305,24 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 let np_profile = if policies.is_empty() {
                     None
                 } else if enforced.is_empty() {
-                    Some(self.profile(dir, policies, true, &policy_chain, &mut generated))
+                    Some(self.profile(
+                        dir,
+                        policies,
+                        true,
+                        &generated.policy_chain,
+                        &mut generated.chains,
+                    ))
                 } else {
-                    Some(self.profile(dir, &enforced, false, &policy_chain, &mut generated))
+                    Some(self.profile(
+                        dir,
+                        &enforced,
+                        false,
+                        &generated.policy_chain,
+                        &mut generated.chains,
+                    ))
                 };
                 let tiered =
-                    self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated);
+                    self.tiered_profile(dir, cnp_sel, np_profile.as_deref(), &mut generated.chains);
                 let Some(profile) = tiered.or(np_profile) else {
                     if block && in_cidr {
                         dispatch.push(Rule::new(vec![addr, comment], Target::Return));
@@ -255,31 +333,44 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
         }
         if block {
-            for cidr in &model.pod_cidrs {
-                let comment = Match::Comment("local pod not known yet".into());
-                if let Some(log) = &cfg.deny_log {
-                    ingress_dispatch.push(log_rule(
-                        log,
-                        vec![Match::Dst(*cidr)],
-                        false,
-                        crate::denied::PREFIX_UNKNOWN_INGRESS,
-                    ));
-                    egress_dispatch.push(log_rule(
-                        log,
-                        vec![Match::Src(*cidr)],
-                        true,
-                        crate::denied::PREFIX_UNKNOWN_EGRESS,
-                    ));
-                }
-                ingress_dispatch.push(Rule::new(
-                    vec![Match::Dst(*cidr), comment.clone()],
-                    Target::Drop,
-                ));
-                egress_dispatch.push(Rule::new(vec![Match::Src(*cidr), comment], Target::Drop));
-            }
+            self.block_unknown(&mut ingress_dispatch, &mut egress_dispatch);
         }
+        (ingress_dispatch, egress_dispatch)
+    }
 
-        // 4. Fixed chains.
+    /// The end of the dispatch chains under `block_unknown_pods`: traffic of the node's pod
+    /// CIDRs that no local pod's rule took (a pod not known yet) is logged and dropped.
+    /// Logs with the validated denied-traffic log (an unusable rate was reported and turned
+    /// off in `compile`; passing it on would make the kernel reject the whole payload).
+    fn block_unknown(&self, ingress: &mut Vec<Rule>, egress: &mut Vec<Rule>) {
+        for cidr in &self.model.pod_cidrs {
+            let comment = Match::Comment("local pod not known yet".into());
+            if let Some(log) = &self.deny_log {
+                ingress.push(log_rule(
+                    log,
+                    vec![Match::Dst(*cidr)],
+                    false,
+                    crate::denied::PREFIX_UNKNOWN_INGRESS,
+                ));
+                egress.push(log_rule(
+                    log,
+                    vec![Match::Src(*cidr)],
+                    true,
+                    crate::denied::PREFIX_UNKNOWN_EGRESS,
+                ));
+            }
+            ingress.push(Rule::new(
+                vec![Match::Dst(*cidr), comment.clone()],
+                Target::Drop,
+            ));
+            egress.push(Rule::new(vec![Match::Src(*cidr), comment], Target::Drop));
+        }
+    }
+
+    /// Phase 4: Fixed chains: the mid-stream guard and anti-spoofing where configured, then
+    /// `FORWARD` and `INPUT` (which jump to them and to the dispatch chains).
+    fn fixed_chains(&mut self, cfg: &NodeConfig, selections: &Selections) -> Vec<Chain> {
+        let model = self.model;
         let antispoof = cfg.anti_spoofing.then(|| self.antispoof(cfg));
         let mut forward = vec![
             Rule::new(vec![Match::CtState("RELATED,ESTABLISHED")], Target::Accept),
@@ -291,7 +382,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
             vec![Match::CtState("RELATED,ESTABLISHED")],
             Target::Return,
         )];
-        if self.model.family == Family::V6 {
+        if model.family == Family::V6 {
             // Neighbour discovery is ICMPv6: a pod's Neighbor Solicitation for its gateway
             // (sourced from the pod's own address when a packet of it triggered the lookup)
             // and its Neighbor Advertisements reach the node's INPUT chain, untracked. Egress
@@ -311,17 +402,25 @@ impl<'m, 'a> Compiler<'m, 'a> {
         input.push(Rule::new(vec![], Target::Jump(names::EGRESS_CHAIN.into())));
         let mut chains = Vec::new();
         if cfg.revoke_denied_connections {
-            // Revocation: a flow whose entry was deleted must not resume mid-stream. Only
-            // enforced policies count: an audit-mode policy never drops anything.
+            // Revocation: a flow whose entry was deleted must not resume mid-stream. A pod
+            // is guarded when some rule evaluated for it can drop (crate::revoke): an
+            // enforced NetworkPolicy, or a ClusterNetworkPolicy Deny of a tier that is
+            // evaluated for it. Audit-mode policies never drop anything.
             let isolated = selections
+                .pods
                 .iter()
-                .filter(|s| {
-                    s.ingress
+                .zip(&selections.cnp)
+                .filter(|(s, c)| {
+                    let np = s
+                        .ingress
                         .iter()
                         .chain(&s.egress)
-                        .any(|&q| !model.policies[q].audit)
+                        .any(|&q| !model.policies[q].audit);
+                    np || [(Dir::Ingress, &s.ingress), (Dir::Egress, &s.egress)]
+                        .into_iter()
+                        .any(|(dir, nps)| tiers::cnp_can_deny(&model.cnps, c, dir, !nps.is_empty()))
                 })
-                .map(|s| (model.pods[s.pod].ip, model.pods[s.pod].key()));
+                .map(|(s, _)| (model.pods[s.pod].ip, model.pods[s.pod].key()));
             let jump = crate::revoke::midstream_jump();
             forward.insert(2, jump.clone());
             input.insert(1, jump);
@@ -349,26 +448,18 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 name: names::INPUT_CHAIN.into(),
                 rules: input,
             },
-            Chain {
-                name: names::EGRESS_CHAIN.into(),
-                rules: egress_dispatch,
-            },
-            Chain {
-                name: names::INGRESS_CHAIN.into(),
-                rules: ingress_dispatch,
-            },
         ]);
-        chains.extend(
-            generated
-                .into_iter()
-                .map(|(name, rules)| Chain { name, rules }),
-        );
+        chains
+    }
 
+    /// Phase 5: The result: `chains`, the sets built along the way, the hooks and the sorted,
+    /// deduplicated diagnostics.
+    fn finish(&mut self, chains: Vec<Chain>) -> Compiled {
         let mut diagnostics = std::mem::take(&mut self.diags);
         diagnostics.sort();
         diagnostics.dedup();
         Compiled {
-            family: model.family,
+            family: self.model.family,
             chains,
             sets: std::mem::take(&mut self.sets.sets),
             hooks: hooks(),

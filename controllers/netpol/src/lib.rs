@@ -28,7 +28,7 @@
 //!                      ├ ctstate RELATED,ESTABLISHED → ACCEPT
 //!                      ├ ctstate INVALID             → DROP
 //!                      ├ → PALISADE-MIDSTREAM (if revoke_denied_connections): TCP NEW ! SYN
-//!                      │     -s/-d isolated local pod → DROP
+//!                      │     -s/-d guarded local pod → DROP (one some rule can deny: revoke)
 //!                      ├ → PALISADE-EGRESS   -s podIP -g PAL-EG-<profile> | RETURN; -s podCIDR DROP
 //!                      └ → PALISADE-INGRESS  -d podIP -g PAL-IN-<profile> | RETURN; -d podCIDR DROP
 //! INPUT ───(pos 1)─► PALISADE-INPUT (pod → node traffic: egress only)
@@ -53,6 +53,8 @@
 //! pod churn elsewhere in the cluster only changes set members.
 #![forbid(unsafe_code)]
 
+/// Object builders for tests and benchmarks (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub mod builders;
 pub mod cnp;
 pub mod compile;
@@ -68,6 +70,8 @@ pub mod provenance;
 pub mod render;
 pub mod revoke;
 pub mod selector;
+/// The synthetic bench cluster (feature `test-support`).
+#[cfg(any(test, feature = "test-support"))]
 pub mod synthetic;
 pub mod trace;
 

@@ -17,9 +17,19 @@
 //! SYN, which conntrack picks up as a new connection (`nf_conntrack_tcp_loose`, on by
 //! default) — in the *reverse* direction when the server sends, which the policy may allow,
 //! and the flow would resume as its "reply". `PALISADE-MIDSTREAM` drops such packets to and
-//! from every local pod some policy isolates (in either direction), without touching the
-//! node's sysctls. UDP and SCTP need no such rule: their next packet in the denied direction
-//! is judged as a new flow by the rules (SCTP without an INIT is INVALID and dropped).
+//! from every *guarded* local pod, without touching the node's sysctls. UDP and SCTP need no
+//! such rule: their next packet in the denied direction is judged as a new flow by the rules
+//! (SCTP without an INIT is INVALID and dropped).
+//!
+//! A local pod is guarded when, in ingress or egress, some rule evaluated for it can drop:
+//! - an enforced (not audit-mode) NetworkPolicy selects it in that direction, or
+//! - an Admin-tier ClusterNetworkPolicy with a `Deny` rule in that direction selects it, or
+//! - no NetworkPolicy (enforced or audit) selects it in that direction and a Baseline-tier
+//!   ClusterNetworkPolicy with a `Deny` rule in that direction does (the Baseline tier is
+//!   evaluated only then).
+//!
+//! Pods that only audit-mode policies, or only `Accept`/`Pass` cluster rules, select are not
+//! guarded: nothing can deny them, so nothing is ever revoked and the kernel's default stays.
 //!
 //! This module is pure: the conntrack table is read and written by `palisade-dataplane`.
 
@@ -180,6 +190,34 @@ pub fn denied<'e>(
     Ok(out)
 }
 
+/// Entries that a revoked flow came back as. Deleting an entry is not the end of a flow: a
+/// datagram the far side already received may still be answered, and the answer, seen by
+/// conntrack as a new flow in the reverse direction (which the policy may allow), creates an
+/// entry whose original tuple is the revoked entry's reply tuple; the denied side's next
+/// packets then pass as its replies. TCP cannot come back that way (`PALISADE-MIDSTREAM` drops
+/// a NEW segment without SYN); UDP can. An entry of `entries` is returned when its original
+/// tuple equals the reply tuple of one of `revoked` (same protocol).
+pub fn resurrected<'e>(revoked: &[CtEntry], entries: &'e [CtEntry]) -> Vec<&'e CtEntry> {
+    let replies: BTreeSet<(Protocol, IpAddr, IpAddr, u16, u16)> = revoked
+        .iter()
+        .map(|e| {
+            (
+                e.proto,
+                e.reply_src,
+                e.reply_dst,
+                e.reply_sport,
+                e.reply_dport,
+            )
+        })
+        .collect();
+    entries
+        .iter()
+        .filter(|e| {
+            replies.contains(&(e.proto, e.orig_src, e.orig_dst, e.orig_sport, e.orig_dport))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +361,123 @@ mod tests {
         assert_eq!(t.trace("INPUT", &inp).unwrap().verdict, Verdict::Drop);
     }
 
+    /// Which pods `PALISADE-MIDSTREAM` guards, by the rule comments (one pod key each).
+    fn guarded(st: &crate::ClusterState) -> BTreeSet<String> {
+        let mut cfg = NodeConfig::new("n1");
+        cfg.revoke_denied_connections = true;
+        let compiled = compile(st, &cfg);
+        let chain = compiled
+            .chains
+            .iter()
+            .find(|c| c.name == names::MIDSTREAM_CHAIN)
+            .expect("the mid-stream chain");
+        chain
+            .rules
+            .iter()
+            .flat_map(|r| &r.matches)
+            .filter_map(|m| match m {
+                Match::Comment(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pods_only_a_cluster_policy_can_deny_are_guarded() {
+        let ns = |n: &str| mk_ns(n, &[("ns", n)]);
+        let subject = |n: &str| json!({"namespaces": {"matchLabels": {"ns": n}}});
+        let mut audit = mk_policy(
+            "c",
+            "audit",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}),
+        );
+        audit.metadata.annotations = Some(
+            [(
+                crate::ENFORCEMENT_ANNOTATION.to_string(),
+                "audit".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let mut st = cluster(
+            vec![mk_node("n1", "10.0.1.0/24")],
+            ["a", "b", "c", "d", "e", "f", "w"]
+                .iter()
+                .map(|n| ns(n))
+                .collect(),
+            vec![
+                mk_pod("a", "p", &[], "10.0.1.10", "n1"),
+                mk_pod("b", "p", &[], "10.0.1.20", "n1"),
+                mk_pod("c", "p", &[], "10.0.1.30", "n1"),
+                mk_pod("d", "p", &[], "10.0.1.40", "n1"),
+                mk_pod("e", "p", &[], "10.0.1.50", "n1"),
+                mk_pod("f", "p", &[], "10.0.1.60", "n1"),
+                mk_pod("w", "p", &[], "10.0.1.70", "n1"),
+            ],
+            vec![
+                audit,
+                mk_policy(
+                    "f",
+                    "deny-all",
+                    json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+                ),
+            ],
+        );
+        let deny_from_w = json!([{"action": "Deny", "from": [{"namespaces": subject("w")}]}]);
+        let cnps = [
+            // a: an Admin Deny.
+            ("admin-deny", "Admin", subject("a"), deny_from_w.clone()),
+            // b: a Baseline Deny, no NetworkPolicy.
+            ("base-deny-b", "Baseline", subject("b"), deny_from_w.clone()),
+            // c: a Baseline Deny, but an (audit) NetworkPolicy selects c for ingress, so the
+            // Baseline tier is never evaluated for it: nothing can drop.
+            ("base-deny-c", "Baseline", subject("c"), deny_from_w.clone()),
+            // d: Admin Accept and Pass only.
+            (
+                "admin-allow",
+                "Admin",
+                subject("d"),
+                json!([{"action": "Accept", "from": [{"namespaces": subject("w")}]},
+                       {"action": "Pass", "from": [{"namespaces": {}}]}]),
+            ),
+            // e: nothing selects it. f: an enforced NetworkPolicy (as before).
+        ];
+        for (name, tier, subj, ingress) in cnps {
+            st.cluster_policies.push(std::sync::Arc::new(mk_cnp(
+                name,
+                json!({"tier": tier, "priority": 10, "subject": subj, "ingress": ingress}),
+            )));
+        }
+        let want: BTreeSet<String> = ["a/p", "b/p", "f/p"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(guarded(&st), want);
+        // The guard in the trace: w/p's mid-stream segment to a/p (which the Deny names) and
+        // a/p's own retransmission towards an unselected pod are dropped in MIDSTREAM; the
+        // same to d/p (no Deny) is picked up as the kernel does without policies.
+        let mut cfg = NodeConfig::new("n1");
+        cfg.revoke_denied_connections = true;
+        let t = Tracer::new(&render(&compile(&st, &cfg))).unwrap();
+        for (src, dst, dropped) in [
+            ("10.0.1.70", "10.0.1.10", true),
+            ("10.0.1.10", "10.0.1.50", true),
+            ("10.0.1.20", "10.0.1.50", true),
+            ("10.0.1.70", "10.0.1.40", false),
+            ("10.0.1.30", "10.0.1.50", false),
+        ] {
+            let tr = t
+                .trace("FORWARD", &Packet::tcp(src, dst, 80).mid_stream())
+                .unwrap();
+            assert_eq!(tr.verdict == Verdict::Drop, dropped, "{src} -> {dst}");
+            assert_eq!(
+                tr.visited(names::MIDSTREAM_CHAIN),
+                dropped,
+                "{src} -> {dst}"
+            );
+        }
+    }
+
     #[test]
     fn without_revocation_no_midstream_chain() {
         let (t, _) = setup(false);
@@ -332,5 +487,35 @@ mod tests {
             t.trace("FORWARD", &retrans).unwrap().verdict,
             Verdict::Accept
         );
+    }
+
+    /// The answer to a revoked UDP flow comes back as an entry in the reverse direction; only
+    /// that one is returned: not the allowed flow next to it, not the same ports over TCP, not
+    /// an unrelated flow of the same pods. With DNAT (a Service) the answer comes from the
+    /// real destination, so the reply tuple is what is compared.
+    #[test]
+    fn a_revoked_flow_answered_after_deletion_is_found_by_its_reply_tuple() {
+        let (x, z, y) = (ip("10.0.1.10"), ip("10.0.1.30"), ip("10.0.1.20"));
+        let revoked = vec![CtEntry::plain(Protocol::Udp, z, 53035, x, 9000)];
+        let back = CtEntry::plain(Protocol::Udp, x, 9000, z, 53035);
+        let entries = vec![
+            CtEntry::plain(Protocol::Udp, y, 55423, x, 9000),
+            CtEntry::plain(Protocol::Tcp, x, 9000, z, 53035),
+            CtEntry::plain(Protocol::Udp, x, 9000, z, 53036),
+            back.clone(),
+        ];
+        assert_eq!(resurrected(&revoked, &entries), vec![&back]);
+        assert!(resurrected(&[], &entries).is_empty());
+
+        let vip = ip("10.96.0.10");
+        let mut via_service = CtEntry::plain(Protocol::Udp, z, 40000, vip, 53);
+        via_service.reply_src = x;
+        via_service.reply_sport = 9000;
+        let answer = CtEntry::plain(Protocol::Udp, x, 9000, z, 40000);
+        let entries = [
+            answer.clone(),
+            CtEntry::plain(Protocol::Udp, vip, 53, z, 40000),
+        ];
+        assert_eq!(resurrected(&[via_service], &entries), vec![&answer]);
     }
 }

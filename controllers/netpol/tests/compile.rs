@@ -154,6 +154,41 @@ fn first_instant_rule_can_be_turned_off() {
 }
 
 #[test]
+fn an_unusable_log_rate_is_reported_and_logs_nothing_not_even_unknown_pods() {
+    // A rate iptables would refuse (`0/sec`) must not reach the payload anywhere, or the
+    // kernel rejects the whole restore: the unknown-pod rules used to take it unchecked.
+    let mut cfg = NodeConfig::new("n1");
+    cfg.deny_log = Some(palisade_netpol::DenyLog {
+        rate: "0/sec".into(),
+        ..Default::default()
+    });
+    let policies = vec![mk_policy("shop", "deny", json!({"podSelector": {}}))];
+    let r = run_cfg(&state_with(pods(), policies), &cfg);
+    assert!(
+        r.payload.iptables_restore.contains("10.244.1.0/24"),
+        "unknown pods blocked"
+    );
+    assert!(
+        !r.payload.iptables_restore.contains("NFLOG"),
+        "no log rule at all"
+    );
+    assert!(!r.payload.iptables_restore.contains("0/sec"));
+    assert!(r
+        .compiled
+        .diagnostics
+        .iter()
+        .any(|d| d.reason == reasons::INVALID_CONFIG && d.message.contains("the log is off")));
+    // A usable rate logs unknown pods' traffic too.
+    let mut cfg = NodeConfig::new("n1");
+    cfg.deny_log = Some(palisade_netpol::DenyLog::default());
+    let r = run_cfg(&state_with(pods(), vec![]), &cfg);
+    assert!(r
+        .payload
+        .iptables_restore
+        .contains(palisade_netpol::denied::PREFIX_UNKNOWN_INGRESS));
+}
+
+#[test]
 fn default_deny_ingress_isolates_only_ingress() {
     let r = run(vec![mk_policy("shop", "deny", json!({"podSelector": {}}))]);
     assert_eq!(r.tcp(WEB2, WEB1, 8080), Drop);

@@ -162,8 +162,8 @@ struct AgentArgs {
     #[arg(long, env = "PALISADE_DENIED_LOG_GROUP", default_value_t = palisade_netpol::DEFAULT_NFLOG_GROUP)]
     denied_log_group: u16,
     /// After a policy change, cut this node's pods' established connections that the new
-    /// rules deny (conntrack entries deleted; TCP picked up mid-stream to/from isolated pods
-    /// dropped).
+    /// rules deny (conntrack entries deleted; TCP picked up mid-stream to/from pods a policy
+    /// can deny dropped).
     #[arg(long, env = "PALISADE_REVOKE_DENIED_CONNECTIONS", default_value_t = true, action = clap::ArgAction::Set)]
     revoke_denied_connections: bool,
 

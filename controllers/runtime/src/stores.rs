@@ -63,6 +63,8 @@ pub fn palisade_api_resource(kind: &str, plural: &str) -> ApiResource {
 pub struct Readiness {
     flags: Arc<Mutex<BTreeMap<&'static str, Arc<AtomicBool>>>>,
     shutting_down: Arc<AtomicBool>,
+    /// Woken whenever a watch completes its first list ([`Readiness::wait_for`] sleeps on it).
+    listed: Arc<tokio::sync::Notify>,
 }
 
 impl Readiness {
@@ -72,6 +74,12 @@ impl Readiness {
             flags.insert(name, flag.clone());
         }
         flag
+    }
+
+    /// Marks `flag` (from [`Readiness::register`]) listed and wakes the waiters.
+    fn mark_listed(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::SeqCst);
+        self.listed.notify_waiters();
     }
 
     /// Watches that have not listed yet (empty when ready).
@@ -100,14 +108,21 @@ impl Readiness {
 
     /// Waits until none of `needed` is pending (their first list is complete); false if
     /// `shutdown` came first. A reconciler never acts on a partial view of the cluster.
+    /// Woken by each completed list (no polling delay between the last list and the first
+    /// pass); the 1 s timer only bounds a missed wake-up.
     pub async fn wait_for(&self, needed: &[&str], shutdown: &CancellationToken) -> bool {
         loop {
+            // Registered before the check, so a list completing in between still wakes us.
+            let listed = self.listed.notified();
+            let mut listed = std::pin::pin!(listed);
+            listed.as_mut().enable();
             if !self.pending().iter().any(|p| needed.contains(p)) {
                 return true;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = listed => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -368,6 +383,7 @@ impl Ctx {
         let writer = reflector::store::Writer::new(dyntype);
         let reader = writer.as_reader();
         let ready_flag = self.readiness.register(name);
+        let readiness = self.readiness.clone();
         let metrics = self.metrics.clone();
         let shutdown = self.shutdown.clone();
         // Short, jittered backoff: after an outage we want fresh state quickly; the store
@@ -392,7 +408,7 @@ impl Ctx {
         let ready_reader = reader.clone();
         tokio::spawn(async move {
             if ready_reader.wait_until_ready().await.is_ok() {
-                ready_flag.store(true, Ordering::SeqCst);
+                readiness.mark_listed(&ready_flag);
                 tracing::debug!(resource = name, "initial list complete");
             }
         });
@@ -604,5 +620,27 @@ mod tests {
         assert!(r.is_ready());
         r.set_shutting_down();
         assert!(!r.is_ready());
+    }
+
+    /// The waiter wakes when the last list completes, not on a timer: on the paused clock
+    /// no time passes (a poll or the 1 s fallback would advance it).
+    #[tokio::test(start_paused = true)]
+    async fn wait_for_wakes_when_the_last_list_completes() {
+        let r = Readiness::default();
+        let a = r.register("a");
+        let b = r.register("b");
+        let shutdown = CancellationToken::new();
+        let waiter = {
+            let (r, shutdown) = (r.clone(), shutdown.clone());
+            tokio::spawn(async move { r.wait_for(&["a", "b"], &shutdown).await })
+        };
+        let start = tokio::time::Instant::now();
+        tokio::task::yield_now().await;
+        r.mark_listed(&a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        r.mark_listed(&b);
+        assert!(waiter.await.unwrap());
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

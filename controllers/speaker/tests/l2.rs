@@ -484,13 +484,9 @@ fn client_sends_to(lab: &Lab, ip: IpAddr) {
 /// Polls `f` every 10 ms until it returns true or `limit` passes; returns the time taken.
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
+    palisade_poll::poll(limit, Duration::from_millis(10), || {
+        f().then(|| start.elapsed())
+    })
 }
 
 fn owned(pairs: &[(&str, &[&str])]) -> Owned {

@@ -78,6 +78,26 @@ fn rules_of<'c>(c: &'c CnpInfo<'_>, dir: Dir) -> &'c [crate::cnp::CnpRule] {
     }
 }
 
+/// Whether some ClusterNetworkPolicy rule evaluated for a pod in `dir` can drop its
+/// traffic: a Deny rule of an Admin policy selecting it, or — when no NetworkPolicy
+/// (enforced or audit) selects it in `dir`, since only then is the Baseline tier evaluated
+/// ([`Compiler::tiered_profile`]) — a Deny rule of a Baseline policy selecting it. Accept
+/// and Pass never drop. Conservative: a Deny shadowed by an earlier Accept still counts.
+pub(super) fn cnp_can_deny(
+    cnps: &[CnpInfo<'_>],
+    sel: &CnpSelection,
+    dir: Dir,
+    np_selects: bool,
+) -> bool {
+    let (admin, base) = sel.lists(dir);
+    let base: &[usize] = if np_selects { &[] } else { base };
+    admin.iter().chain(base).any(|&c| {
+        rules_of(&cnps[c], dir)
+            .iter()
+            .any(|r| r.action == Action::Deny)
+    })
+}
+
 impl<'m, 'a> Compiler<'m, 'a> {
     /// Which ClusterNetworkPolicies select local pod `pi` (host-network pods are not in the
     /// model's pods at all, so they are never subjects).

@@ -46,21 +46,12 @@ pub fn api_code<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> (u16, Str
     }
 }
 
-/// Polls `check` every 20 ms until it returns true, failing after `timeout`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+/// Polls `check` every 20 ms (palisade-poll) until it returns true, failing after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = palisade_poll::poll_async(timeout, Duration::from_millis(20), check).await;
+    assert!(held, "timed out after {timeout:?} waiting for: {what}");
 }

@@ -1,0 +1,149 @@
+//! Cost of one revocation pass against the conntrack table size: list + trace + delete with
+//! 1,000 / 10,000 / 100,000 entries in a fresh network namespace (root; the entries go away
+//! with the namespace).
+//!
+//! ```text
+//! cargo run --release -p palisade-dataplane --example revoke_bench
+//! REVOKE_SIZES=1000,10000 REVOKE_DENIED=1000 cargo run --release -p palisade-dataplane --example revoke_bench
+//! ```
+//!
+//! Table: TCP ESTABLISHED entries inserted with `conntrack -R` (one `-I` line each, 600 s
+//! timeout), all to local pod x/a (10.9.6.10:80 and up) which accepts ingress only from
+//! namespace y: `REVOKE_DENIED` of them (default 100, at most a tenth) come from z/c (denied,
+//! deleted), the others from y/b (allowed, untouched). The deletions are one `conntrack -D`
+//! each, and each of those walks the table (a filtered dump), so the number denied is kept
+//! fixed by default: the pass stays bounded at 100,000 entries.
+//! Columns: `list` = `conntrack -L` + parse, `trace` = judging every entry against the
+//! payload, `revoke` = the whole [`revoke_denied`] pass (list, trace, the deletions), and
+//! `delete` = revoke − list − trace.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade_dataplane::conntrack::Conntrack;
+use palisade_dataplane::netns::{is_root, Netns};
+use palisade_dataplane::{revoke_denied, KernelConntrack};
+use palisade_netpol::builders::*;
+use palisade_netpol::revoke::{self, RevokeContext};
+use palisade_netpol::trace::Tracer;
+use palisade_netpol::{compile, render, Family, NodeConfig};
+use serde_json::json;
+
+const X: &str = "10.9.6.10";
+const Y: &str = "10.9.6.20";
+const Z: &str = "10.9.6.30";
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Inserts `n` entries into `ns`'s table; every `every`-th from z, the others from y.
+fn fill(ns: &Netns, n: usize, every: usize) -> Duration {
+    let path = std::env::temp_dir().join(format!("pal-revoke-bench-{}.txt", std::process::id()));
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("file"));
+        for i in 0..n {
+            let src = if i % every == every - 1 { Z } else { Y };
+            let (sport, dport) = (1024 + i % 60000, 80 + i / 60000);
+            writeln!(
+                f,
+                "-I -p tcp --state ESTABLISHED -t 600 -s {src} -d {X} --sport {sport} --dport {dport}"
+            )
+            .expect("write");
+        }
+    }
+    let start = Instant::now();
+    let ok = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "conntrack", "-R"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let took = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "conntrack -R failed");
+    took
+}
+
+fn main() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, conntrack)");
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("REVOKE_SIZES")
+        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let denied: usize = std::env::var("REVOKE_DENIED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let st = cluster(
+        vec![mk_node("n1", "10.9.6.0/24")],
+        vec![
+            mk_ns("x", &[("ns", "x")]),
+            mk_ns("y", &[("ns", "y")]),
+            mk_ns("z", &[("ns", "z")]),
+        ],
+        vec![
+            mk_pod("x", "a", &[], X, "n1"),
+            mk_pod("y", "b", &[], Y, "n1"),
+            mk_pod("z", "c", &[], Z, "n1"),
+        ],
+        vec![mk_policy(
+            "x",
+            "from-y",
+            json!({"podSelector": {}, "ingress": [{"from": [
+                {"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        )],
+    );
+    let mut cfg = NodeConfig::new("n1");
+    cfg.revoke_denied_connections = true;
+    let payload = render(&compile(&st, &cfg));
+    let pods: BTreeSet<IpAddr> = [X, Y, Z].iter().map(|s| s.parse().unwrap()).collect();
+    println!(
+        "| entries | insert (conntrack -R) | list ms | trace ms | delete ms | revoke pass ms | denied | deleted | left |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let ns = Netns::create("pal-rvkb").expect("netns");
+        let every = (n / denied.clamp(1, n.max(1))).max(10);
+        let insert = fill(&ns, n, every);
+        let ct = KernelConntrack::in_netns(ns.name()).expect("conntrack");
+        let t = Instant::now();
+        let entries = ct.entries(Family::V4).expect("list");
+        let list = t.elapsed();
+        let ctx = RevokeContext {
+            local_pods: pods.clone(),
+            local_addrs: ct.local_addresses().expect("addresses"),
+            interfaces: Default::default(),
+        };
+        let t = Instant::now();
+        let tracer = Tracer::new(&payload).expect("tracer");
+        let judged = revoke::denied(&tracer, &ctx, &entries)
+            .expect("judge")
+            .len();
+        let trace = t.elapsed();
+        let report = revoke_denied(&ct, &payload, ctx).expect("revoke");
+        assert_eq!(report.entries, n, "every inserted entry listed");
+        assert_eq!(report.denied, judged);
+        let left = ct.entries(Family::V4).expect("list").len();
+        let delete = report.duration.saturating_sub(list + trace);
+        println!(
+            "| {n} | {:.0} ms | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {left} |",
+            ms(insert),
+            ms(list),
+            ms(trace),
+            ms(delete),
+            ms(report.duration),
+            report.denied,
+            report.deleted,
+        );
+        drop(ns);
+    }
+}
