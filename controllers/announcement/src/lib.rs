@@ -490,6 +490,7 @@ impl AnnouncerReconciler {
         let mut live_rx = self.live.clone();
         let bound = live_rx.borrow().timeout;
         let start = tokio::time::Instant::now();
+        let mut abandoned = 0;
         tracing::info!(
             ips = st.owned.len(),
             ?bound,
@@ -511,6 +512,7 @@ impl AnnouncerReconciler {
                 bound,
             );
             log_handover(&gate);
+            abandoned += gate.abandoned.len();
             if owned != st.owned {
                 let speaker = self.speaker.clone();
                 let told = owned.clone();
@@ -526,10 +528,12 @@ impl AnnouncerReconciler {
                 self.publish_answering(&st);
             }
             if st.owned.is_empty() {
-                tracing::info!(
-                    ms = start.elapsed().as_millis() as u64,
-                    "every IP handed over"
-                );
+                let ms = start.elapsed().as_millis() as u64;
+                if abandoned == 0 {
+                    tracing::info!(ms, "every IP handed over");
+                } else {
+                    tracing::warn!(ms, abandoned, "hand-over over; some IPs had no successor");
+                }
                 return;
             }
             let due = gate.recheck.unwrap_or(now + bound);
@@ -872,6 +876,7 @@ impl AnnouncerReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palisade_membership::OwnedReport;
 
     /// A speaker that answers each `set_owned` with the next scripted result and records the
     /// sets it was given.
@@ -950,6 +955,142 @@ mod tests {
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Unchanged);
         assert_eq!(speaker.calls(), vec![mine.clone(), mine]);
+    }
+
+    fn live(me: &str, peers: &[(&str, Option<OwnedReport>)]) -> Live {
+        let mut l = Live {
+            nodes: std::iter::once(me)
+                .chain(peers.iter().map(|(n, _)| *n))
+                .map(str::to_string)
+                .collect(),
+            incarnation: 7,
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        for (n, r) in peers {
+            if let Some(r) = r {
+                l.owned.insert(n.to_string(), r.clone());
+            }
+        }
+        l
+    }
+
+    fn report(counted: u64, ips: &[(&str, bool)]) -> Option<OwnedReport> {
+        Some(OwnedReport {
+            counted,
+            truncated: false,
+            ips: ips.iter().map(|(ip, r)| (ip.parse().unwrap(), *r)).collect(),
+        })
+    }
+
+    const VIP: &str = "198.51.100.200";
+
+    /// A restored winner takes its IP back only once the stand-in reported (having counted
+    /// the winner's incarnation) that it stopped; a stand-in that never says so holds it
+    /// back for one bound at most.
+    #[tokio::test(start_paused = true)]
+    async fn a_gained_ip_waits_for_the_stand_in_to_stop() {
+        let t0 = tokio::time::Instant::now();
+        let bound = Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = Handover::default();
+        let none = Owned::new();
+        let pass = |h: &mut Handover, l: &Live, now| {
+            let mut owned = set(&[VIP]);
+            let gate = gate_handover(&mut owned, &none, h, "n0", l, false, now, bound);
+            (owned, gate)
+        };
+        // n1 answers and has not counted us yet: held, with the reason and a recheck.
+        let l = live("n0", &[("n1", report(0, &[(VIP, false)])), ("n2", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, t0);
+        assert!(owned.is_empty());
+        assert_eq!(
+            gate.held,
+            vec![(VIP.parse().unwrap(), "n1".to_string(), Block::NotCounted)]
+        );
+        assert_eq!(gate.recheck, Some(at(1000)));
+        // Counted us, still answering: still held (same deadline).
+        let l = live("n0", &[("n1", report(7, &[(VIP, false)])), ("n2", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, at(300));
+        assert!(owned.is_empty());
+        assert_eq!(gate.held[0].2, Block::Answers);
+        assert_eq!(gate.recheck, Some(at(1000)));
+        // Stopped (reported without it): answered now, nothing forced.
+        let l = live("n0", &[("n1", report(7, &[])), ("n2", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, at(400));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate, HandoverGate::default());
+        // Another time the stand-in never confirms: answered after the bound, as forced.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[(VIP, false)]))]);
+        assert!(pass(&mut h, &l, at(5000)).0.is_empty());
+        assert!(pass(&mut h, &l, at(5999)).0.is_empty());
+        let (owned, gate) = pass(&mut h, &l, at(6000));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate.forced, vec![VIP.parse::<IpAddr>().unwrap()]);
+        // A failover: the old owner is dead (not live), its last report blocks nothing.
+        let mut h = Handover::default();
+        let mut l = live("n0", &[("n2", report(7, &[]))]);
+        l.owned
+            .insert("n1".to_string(), report(7, &[(VIP, false)]).unwrap());
+        let (owned, gate) = pass(&mut h, &l, at(7000));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate, HandoverGate::default());
+        // Peers that send no reports (an older version) block nothing either.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", None)]);
+        assert_eq!(pass(&mut h, &l, at(8000)).0, set(&[VIP]));
+    }
+
+    /// A node going away keeps answering what it lost, reported as releasing, until a
+    /// successor reports answering it (or one bound); a node that simply lost the election
+    /// stops at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_going_away_answers_until_a_successor_took_over() {
+        let t0 = tokio::time::Instant::now();
+        let bound = Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let answering = set(&[VIP, "198.51.100.201"]);
+        let pass = |h: &mut Handover, l: &Live, going: bool, now| {
+            // The election moved VIP away; .201 stays ours.
+            let mut owned = set(&["198.51.100.201"]);
+            let gate = gate_handover(&mut owned, &answering, h, "n0", l, going, now, bound);
+            (owned, gate)
+        };
+        let vip: IpAddr = VIP.parse().unwrap();
+        // Not going (n1 won it back): dropped at once.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, false, t0);
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert_eq!(gate, HandoverGate::default());
+        assert!(h.releasing.is_empty());
+        // Going: kept, releasing, until n1 reports answering it (its releasing report
+        // does not count as taking over).
+        let mut h = Handover::default();
+        let (owned, gate) = pass(&mut h, &l, true, t0);
+        assert_eq!(owned, answering);
+        assert_eq!(h.releasing, [vip].into());
+        assert_eq!(gate.recheck, Some(at(1000)));
+        assert_eq!(
+            answering_report(&owned, &h.releasing),
+            [(vip, true), ("198.51.100.201".parse().unwrap(), false)].into()
+        );
+        let l = live("n0", &[("n1", report(7, &[(VIP, true)]))]);
+        assert_eq!(pass(&mut h, &l, true, at(200)).0, answering);
+        let l = live("n0", &[("n1", report(7, &[(VIP, false)]))]);
+        let (owned, gate) = pass(&mut h, &l, true, at(300));
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert!(gate.abandoned.is_empty());
+        assert!(h.releasing.is_empty());
+        // Nobody takes it over: given up after the bound, and said so.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[]))]);
+        assert_eq!(pass(&mut h, &l, true, at(2000)).0, answering);
+        assert_eq!(pass(&mut h, &l, true, at(2999)).0, answering);
+        let (owned, gate) = pass(&mut h, &l, true, at(3000));
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert_eq!(gate.abandoned, vec![vip]);
     }
 
     #[test]
