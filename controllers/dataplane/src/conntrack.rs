@@ -249,10 +249,10 @@ pub fn sweep_resurrected(
     revoked: &[CtEntry],
     pauses: &[Duration],
 ) -> Result<usize, DataplaneError> {
-    let mut deleted = 0;
     if revoked.is_empty() {
         return Ok(0);
     }
+    let mut deleted = 0;
     for pause in pauses {
         std::thread::sleep(*pause);
         let entries = ct.entries(family)?;
