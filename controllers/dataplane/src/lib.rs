@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
+pub mod ctnetlink;
 mod error;
 pub mod interfaces;
 mod kernel;
@@ -31,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use conntrack::{revoke_denied, Conntrack, KernelConntrack, RevokeReport};
+pub use ctnetlink::NetlinkConntrack;
 pub use error::DataplaneError;
 pub use interfaces::{pod_interfaces, KernelLinks, LinkSource};
 pub use kernel::{Backend, KernelExecutor};
