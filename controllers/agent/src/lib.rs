@@ -244,12 +244,23 @@ fn start_enforcement(
     });
     node.revoke_denied_connections = cfg.revoke_denied_connections;
     let conntrack = if cfg.revoke_denied_connections {
-        match palisade_dataplane::KernelConntrack::detect() {
-            Ok(c) => Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>),
-            Err(e) => {
-                tracing::error!(error = %e, "revocation of denied connections cannot run (install conntrack)");
-                None
+        // ctnetlink first (one dump, O(1) deletes batched per write); the conntrack tool
+        // (one process and one table walk per deleted entry) only when the socket fails.
+        match palisade_dataplane::NetlinkConntrack::open() {
+            Ok(c) => {
+                tracing::info!("revocation of denied connections: ctnetlink");
+                Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>)
             }
+            Err(nl) => match palisade_dataplane::KernelConntrack::detect() {
+                Ok(c) => {
+                    tracing::warn!(error = %nl, "ctnetlink socket cannot be opened; revocation of denied connections falls back to the conntrack tool");
+                    Some(Arc::new(c) as Arc<dyn palisade_dataplane::Conntrack>)
+                }
+                Err(e) => {
+                    tracing::error!(netlink = %nl, error = %e, "revocation of denied connections cannot run (no ctnetlink socket, conntrack not installed)");
+                    None
+                }
+            },
         }
     } else {
         None

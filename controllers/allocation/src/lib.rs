@@ -18,7 +18,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use palisade_loadbalancer::constants::conditions;
+use palisade_loadbalancer::constants::{conditions, reasons};
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
 use serde_json::json;
 use tokio::sync::watch;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::runtime::reflector::Store;
-use palisade_loadbalancer::plan::{AllocationState, Inputs};
+use palisade_loadbalancer::plan::{advertisement_status, AllocationState, Inputs};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::{labels1, Metrics};
@@ -96,6 +96,8 @@ impl LbCaches {
 #[derive(Default)]
 pub struct PoolIntake {
     reported: BTreeMap<(&'static str, String), String>,
+    /// L2Advertisements with ignored `preferredNodeSelectors` terms: name -> problems logged.
+    preferences_reported: BTreeMap<String, String>,
 }
 
 impl PoolIntake {
@@ -148,6 +150,23 @@ impl PoolIntake {
             still.insert(key, rv.clone());
         }
         self.reported = still;
+        // Ignored preference terms: a log line on every agent (each one ignores them), once
+        // per change; the leader adds the Event and the condition.
+        let mut still = BTreeMap::new();
+        for ad in &l2_advertisements {
+            let problems = palisade_loadbalancer::announce::preference_problems(&ad.spec);
+            if problems.is_empty() {
+                continue;
+            }
+            let name = ad.name_any();
+            let text = problems.join("; ");
+            if self.preferences_reported.get(&name) != Some(&text) {
+                tracing::warn!(kind = "L2Advertisement", name, problems = %text,
+                    "ignoring malformed preferredNodeSelectors terms; fix the spec");
+            }
+            still.insert(name, text);
+        }
+        self.preferences_reported = still;
         Intake {
             pools,
             l2_advertisements,
@@ -281,6 +300,57 @@ impl LoadBalancerReconciler {
                     tracing::warn!(kind, name, error = %e, "cannot write status");
                     failed = true;
                 }
+            }
+        }
+
+        // Ignored preference terms: an Invalid condition and a Warning Event on the
+        // L2Advertisement (cleared once fixed). Written only when the status differs, so a
+        // new leader does not repeat the Event.
+        for ad in &intake.l2_advertisements {
+            let Some(status) = advertisement_status(ad, jiff::Timestamp::now()) else {
+                continue;
+            };
+            if !*self.is_leader.borrow() {
+                return Err(PassError::LostLeadership);
+            }
+            let name = ad.name_any();
+            let api: Api<L2Advertisement> = Api::all(self.client.clone());
+            let patch = json!({ "status": status });
+            let result = api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            self.metrics
+                .lb_status_writes
+                .get_or_create(&vec![
+                    ("resource", "l2advertisements".into()),
+                    ("result", if result.is_ok() { "ok" } else { "error" }.into()),
+                ])
+                .inc();
+            if let Err(e) = result {
+                tracing::warn!(l2advertisement = %name, error = %e, "cannot write L2Advertisement status; will retry");
+                failed = true;
+                continue;
+            }
+            let invalid = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == conditions::INVALID && c.status == "True");
+            if let Some(c) = invalid {
+                let obj = ObjectReference {
+                    api_version: Some("palisade.dev/v1alpha1".into()),
+                    kind: Some("L2Advertisement".into()),
+                    name: Some(name.clone()),
+                    uid: ad.metadata.uid.clone(),
+                    ..Default::default()
+                };
+                self.events
+                    .warning(
+                        &obj,
+                        reasons::INVALID_PREFERENCE,
+                        "Validate",
+                        c.message.clone(),
+                    )
+                    .await;
             }
         }
 

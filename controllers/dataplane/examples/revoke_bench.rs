@@ -1,20 +1,23 @@
-//! Cost of one revocation pass against the conntrack table size: list + trace + delete with
-//! 1,000 / 10,000 / 100,000 entries in a fresh network namespace (root; the entries go away
-//! with the namespace).
+//! Cost of one revocation pass against the conntrack table size, for both backends: list +
+//! trace + delete with 1,000 / 10,000 / 100,000 entries in a fresh network namespace (root;
+//! the entries go away with the namespace).
 //!
 //! ```text
 //! cargo run --release -p palisade-dataplane --example revoke_bench
-//! REVOKE_SIZES=1000,10000 REVOKE_DENIED=1000 cargo run --release -p palisade-dataplane --example revoke_bench
+//! REVOKE_SIZES=1000,10000 REVOKE_DENIED=100,1000 REVOKE_BACKENDS=netlink \
+//!   cargo run --release -p palisade-dataplane --example revoke_bench
 //! ```
 //!
 //! Table: TCP ESTABLISHED entries inserted with `conntrack -R` (one `-I` line each, 600 s
 //! timeout), all to local pod x/a (10.9.6.10:80 and up) which accepts ingress only from
-//! namespace y: `REVOKE_DENIED` of them (default 100, at most a tenth) come from z/c (denied,
-//! deleted), the others from y/b (allowed, untouched). The deletions are one `conntrack -D`
-//! each, and each of those walks the table (a filtered dump), so the number denied is kept
-//! fixed by default: the pass stays bounded at 100,000 entries.
-//! Columns: `list` = `conntrack -L` + parse, `trace` = judging every entry against the
-//! payload, `revoke` = the whole [`revoke_denied`] pass (list, trace, the deletions), and
+//! namespace y: `REVOKE_DENIED` of them (default 100 and 1,000, at most a tenth of the table)
+//! come from z/c (denied, deleted), the others from y/b (allowed, untouched).
+//! Backends (`REVOKE_BACKENDS`, default `netlink,tool`): `netlink` = [`NetlinkConntrack`]
+//! (one ctnetlink dump, exact-tuple deletes batched per socket write), `tool` =
+//! [`KernelConntrack`] (`conntrack -L`, then one `conntrack -D` process per entry, each of
+//! which walks the table: quadratic).
+//! Columns: `list` = listing + parse, `trace` = judging every entry against the payload,
+//! `revoke` = the whole [`revoke_denied`] pass (list, trace, the deletions), and
 //! `delete` = revoke − list − trace.
 
 use std::collections::BTreeSet;
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use palisade_dataplane::conntrack::Conntrack;
 use palisade_dataplane::netns::{is_root, Netns};
-use palisade_dataplane::{revoke_denied, KernelConntrack};
+use palisade_dataplane::{revoke_denied, KernelConntrack, NetlinkConntrack};
 use palisade_netpol::builders::*;
 use palisade_netpol::revoke::{self, RevokeContext};
 use palisade_netpol::trace::Tracer;
@@ -79,10 +82,16 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let denied: usize = std::env::var("REVOKE_DENIED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100);
+    let denied_counts: Vec<usize> = std::env::var("REVOKE_DENIED")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let backends: Vec<String> = std::env::var("REVOKE_BACKENDS")
+        .unwrap_or_else(|_| "netlink,tool".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
     let st = cluster(
         vec![mk_node("n1", "10.9.6.0/24")],
         vec![
@@ -107,14 +116,31 @@ fn main() {
     let payload = render(&compile(&st, &cfg));
     let pods: BTreeSet<IpAddr> = [X, Y, Z].iter().map(|s| s.parse().unwrap()).collect();
     println!(
-        "| entries | insert (conntrack -R) | list ms | trace ms | delete ms | revoke pass ms | denied | deleted | left |"
+        "| backend | entries | insert (conntrack -R) | list ms | trace ms | delete ms | revoke pass ms | denied | deleted | left |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for n in sizes {
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // A denied count above a tenth of the table would repeat the smaller one: skipped.
+    let first = denied_counts.first().copied().unwrap_or(100);
+    let mut runs = Vec::new();
+    for &n in &sizes {
+        for &d in denied_counts
+            .iter()
+            .filter(|d| **d == first || **d * 10 <= n)
+        {
+            for b in &backends {
+                runs.push((n, d, b.clone()));
+            }
+        }
+    }
+    for (n, denied, backend) in runs {
         let ns = Netns::create("pal-rvkb").expect("netns");
         let every = (n / denied.clamp(1, n.max(1))).max(10);
         let insert = fill(&ns, n, every);
-        let ct = KernelConntrack::in_netns(ns.name()).expect("conntrack");
+        let ct: Box<dyn Conntrack> = match backend.as_str() {
+            "netlink" => Box::new(NetlinkConntrack::in_netns(ns.name()).expect("ctnetlink")),
+            "tool" => Box::new(KernelConntrack::in_netns(ns.name()).expect("conntrack")),
+            other => panic!("unknown backend {other:?} (netlink or tool)"),
+        };
         let t = Instant::now();
         let entries = ct.entries(Family::V4).expect("list");
         let list = t.elapsed();
@@ -129,13 +155,14 @@ fn main() {
             .expect("judge")
             .len();
         let trace = t.elapsed();
-        let report = revoke_denied(&ct, &payload, ctx).expect("revoke");
+        let report = revoke_denied(ct.as_ref(), &payload, ctx).expect("revoke");
         assert_eq!(report.entries, n, "every inserted entry listed");
         assert_eq!(report.denied, judged);
         let left = ct.entries(Family::V4).expect("list").len();
         let delete = report.duration.saturating_sub(list + trace);
+        assert_eq!(left, n - report.deleted, "only the denied entries deleted");
         println!(
-            "| {n} | {:.0} ms | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {left} |",
+            "| {backend} | {n} | {:.0} ms | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {left} |",
             ms(insert),
             ms(list),
             ms(trace),

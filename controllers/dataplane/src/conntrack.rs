@@ -88,8 +88,48 @@ pub trait Conntrack: Send + Sync {
     fn entries(&self, family: Family) -> Result<Vec<CtEntry>, DataplaneError>;
     /// Deletes the entry with `e`'s original tuple; `false` when it was already gone.
     fn delete(&self, family: Family, e: &CtEntry) -> Result<bool, DataplaneError>;
+    /// Deletes every entry of `entries` (original tuples); per entry, in order, whether it
+    /// was still there. The netlink backend batches them; the default deletes one by one.
+    fn delete_all(
+        &self,
+        family: Family,
+        entries: &[&CtEntry],
+    ) -> Result<Vec<bool>, DataplaneError> {
+        entries.iter().map(|e| self.delete(family, e)).collect()
+    }
     /// The node's own addresses.
     fn local_addresses(&self) -> Result<BTreeSet<IpAddr>, DataplaneError>;
+}
+
+/// The node's addresses from `ip -j addr show` (inside `netns` when given).
+pub(crate) fn ip_addresses(
+    ip: &PathBuf,
+    netns: Option<&str>,
+) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+    let mut cmd = Command::new(ip);
+    if let Some(ns) = netns {
+        cmd.args(["netns", "exec", ns]).arg(ip);
+    }
+    let command = "ip -j addr show".to_string();
+    let out = cmd
+        .args(["-j", "addr", "show"])
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| DataplaneError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DataplaneError::CommandFailed {
+            command,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            line: None,
+            offending: None,
+        });
+    }
+    Ok(parse_addresses(&String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Runs `conntrack` and `ip` (optionally inside a named network namespace).
@@ -201,18 +241,7 @@ impl Conntrack for KernelConntrack {
     }
 
     fn local_addresses(&self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
-        let args = ["-j", "addr", "show"];
-        let (ok, out, err) = self.run(&self.ip, &args)?;
-        if !ok {
-            return Err(DataplaneError::CommandFailed {
-                command: "ip -j addr show".into(),
-                status: "error".into(),
-                stderr: err,
-                line: None,
-                offending: None,
-            });
-        }
-        Ok(parse_addresses(&out))
+        ip_addresses(&self.ip, self.netns.as_deref())
     }
 }
 
@@ -249,17 +278,20 @@ pub fn sweep_resurrected(
     revoked: &[CtEntry],
     pauses: &[Duration],
 ) -> Result<usize, DataplaneError> {
-    let mut deleted = 0;
     if revoked.is_empty() {
         return Ok(0);
     }
+    let mut deleted = 0;
     for pause in pauses {
         std::thread::sleep(*pause);
         let entries = ct.entries(family)?;
-        for e in revoke::resurrected(revoked, &entries) {
-            if ct.delete(family, e)? {
-                deleted += 1;
-            }
+        let back = revoke::resurrected(revoked, &entries);
+        if !back.is_empty() {
+            deleted += ct
+                .delete_all(family, &back)?
+                .into_iter()
+                .filter(|d| *d)
+                .count();
         }
     }
     Ok(deleted)
@@ -292,10 +324,11 @@ pub fn revoke_denied(
         denied: denied.len(),
         ..Default::default()
     };
-    for e in denied {
-        if ct.delete(family, e)? {
+    let deleted = ct.delete_all(family, &denied)?;
+    for (e, gone) in denied.iter().zip(deleted) {
+        if gone {
             report.deleted += 1;
-            report.revoked.push(e.clone());
+            report.revoked.push((*e).clone());
         }
     }
     report.duration = start.elapsed();

@@ -42,6 +42,9 @@ pub enum DataplaneError {
     /// Revocation could not judge the conntrack entries (the tracer rejected the payload).
     #[error("revocation: {0}")]
     Revoke(String),
+    /// A ctnetlink request failed (socket, or the kernel's answer).
+    #[error("ctnetlink: {0}")]
+    Netlink(String),
     /// Failure injected into a [`crate::RecordingExecutor`].
     #[error("simulated failure: {0}")]
     Simulated(String),
@@ -66,6 +69,7 @@ impl DataplaneError {
             DataplaneError::SetConflict { .. } => "set_conflict",
             DataplaneError::WrongFamily { .. } => "wrong_family",
             DataplaneError::Revoke(_) => "revoke",
+            DataplaneError::Netlink(_) => "netlink",
             DataplaneError::Simulated(_) => "simulated",
         }
     }

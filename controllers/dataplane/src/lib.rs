@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conntrack;
+pub mod ctnetlink;
 mod error;
 pub mod interfaces;
 mod kernel;
@@ -33,6 +34,7 @@ use std::time::Duration;
 pub use conntrack::{
     revoke_denied, sweep_resurrected, Conntrack, KernelConntrack, RevokeReport, RESURRECTION_SWEEPS,
 };
+pub use ctnetlink::NetlinkConntrack;
 pub use error::DataplaneError;
 pub use interfaces::{pod_interfaces, KernelLinks, LinkSource};
 pub use kernel::{Backend, KernelExecutor};

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use palisade_dataplane::conntrack::Conntrack;
 use palisade_dataplane::netns::{is_root, Netns};
 use palisade_dataplane::{
-    revoke_denied, sweep_resurrected, Executor, KernelConntrack, KernelExecutor,
+    revoke_denied, sweep_resurrected, Executor, KernelConntrack, KernelExecutor, NetlinkConntrack,
     RESURRECTION_SWEEPS,
 };
 use palisade_netpol::builders::*;
@@ -452,16 +452,33 @@ fn wait_all_moving(lab: &Lab) -> Flows {
 /// Applies v1, starts the flows, applies v2 with the mid-stream rule on or off, checks that
 /// without revocation everything still flows, revokes, and returns the flows 1 s after
 /// revocation and 2.5 s after it.
+/// Which [`Conntrack`] implementation revokes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ct {
+    /// ctnetlink (what the agent uses).
+    Netlink,
+    /// The `conntrack` tool (the agent's fallback).
+    Tool,
+}
+
+fn conntrack(ct: Ct, netns: &str) -> Box<dyn Conntrack> {
+    match ct {
+        Ct::Netlink => Box::new(NetlinkConntrack::in_netns(netns).expect("ctnetlink")),
+        Ct::Tool => Box::new(KernelConntrack::in_netns(netns).expect("conntrack")),
+    }
+}
+
 fn run(
     layout: Layout,
     kind: Deny,
     midstream: bool,
+    backend: Ct,
     tag: &str,
 ) -> (Flows, Flows, palisade_dataplane::RevokeReport) {
     let mut lab = lab(layout, tag);
     let family = layout.family();
     let exec = KernelExecutor::for_family(family, "auto", Some(lab.node.name())).expect("executor");
-    let ct = KernelConntrack::in_netns(lab.node.name()).expect("conntrack");
+    let ct = conntrack(backend, lab.node.name());
     let mut cfg = NodeConfig::new("n1");
     cfg.family = family;
     cfg.revoke_denied_connections = midstream;
@@ -502,7 +519,7 @@ fn run(
         .iter()
         .filter(|e| touches_z(e))
         .count();
-    let report = revoke_denied(&ct, &v2, ctx).expect("revoke");
+    let report = revoke_denied(ct.as_ref(), &v2, ctx).expect("revoke");
     assert!(z_entries >= 3, "z's three flows are tracked: {report:?}");
     assert_eq!(
         report.denied, z_entries,
@@ -511,8 +528,8 @@ fn run(
     assert_eq!(report.deleted, report.denied, "{report:?}");
     // An echo already on its way when z's UDP entry went is a new flow x → z, which the
     // policy allows; the sweep deletes what comes back that way (as the agent does).
-    let swept =
-        sweep_resurrected(&ct, family, &report.revoked, &RESURRECTION_SWEEPS).expect("sweep");
+    let swept = sweep_resurrected(ct.as_ref(), family, &report.revoked, &RESURRECTION_SWEEPS)
+        .expect("sweep");
     // y's flows are still in the table (`conntrack -L -f ipv6` for IPv6).
     let y: IpAddr = pods[1].parse().unwrap();
     let entries = ct.entries(family).expect("list");
@@ -535,13 +552,13 @@ fn run(
 }
 
 /// With the mid-stream rule: z's three flows are revoked (and stay cut), y's continue.
-fn denied_stop_allowed_continue(layout: Layout, kind: Deny, tag: &str) {
+fn denied_stop_allowed_continue(layout: Layout, kind: Deny, backend: Ct, tag: &str) {
     if let Some(why) = skip_reason() {
         eprintln!("skipped: {why}");
         return;
     }
-    let (one, later, report) = run(layout, kind, true, tag);
-    let what = format!("{layout:?} {kind:?}");
+    let (one, later, report) = run(layout, kind, true, backend, tag);
+    let what = format!("{layout:?} {kind:?} {backend:?}");
     // z's TCP 8000, UDP 9000 and TCP 8001 entries (at least), nothing else: checked in run.
     assert!(report.deleted >= 3, "{what}: {report:?}");
     assert_eq!(
@@ -579,7 +596,7 @@ fn pushed_flow_resumes_without_the_rule(layout: Layout, kind: Deny, tag: &str) {
         eprintln!("skipped: {why}");
         return;
     }
-    let (one, later, report) = run(layout, kind, false, tag);
+    let (one, later, report) = run(layout, kind, false, Ct::Netlink, tag);
     assert!(report.deleted >= 3, "{report:?}");
     assert_eq!(
         later.z_tcp, one.z_tcp,
@@ -597,7 +614,13 @@ fn pushed_flow_resumes_without_the_rule(layout: Layout, kind: Deny, tag: &str) {
 
 #[test]
 fn denied_flows_stop_within_a_second_and_allowed_ones_continue() {
-    denied_stop_allowed_continue(ROUTED4, Deny::NetworkPolicy, "r4");
+    denied_stop_allowed_continue(ROUTED4, Deny::NetworkPolicy, Ct::Netlink, "r4");
+}
+
+/// The agent's fallback when no ctnetlink socket can be opened.
+#[test]
+fn conntrack_tool_backend_revokes_the_same() {
+    denied_stop_allowed_continue(ROUTED4, Deny::NetworkPolicy, Ct::Tool, "tool");
 }
 
 #[test]
@@ -608,7 +631,7 @@ fn without_the_midstream_rule_a_server_pushed_flow_resumes() {
 /// A pod that only a ClusterNetworkPolicy Deny isolates is guarded too.
 #[test]
 fn cluster_policy_deny_revokes_and_stays_cut() {
-    denied_stop_allowed_continue(ROUTED4, Deny::ClusterPolicy, "cnp");
+    denied_stop_allowed_continue(ROUTED4, Deny::ClusterPolicy, Ct::Netlink, "cnp");
 }
 
 #[test]
@@ -622,7 +645,7 @@ fn ipv6_routed_denied_flows_stop_and_allowed_continue() {
         v6: true,
         bridged: false,
     };
-    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, "r6");
+    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, Ct::Netlink, "r6");
 }
 
 #[test]
@@ -631,7 +654,7 @@ fn ipv4_bridged_denied_flows_stop_and_allowed_continue() {
         v6: false,
         bridged: true,
     };
-    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, "b4");
+    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, Ct::Netlink, "b4");
 }
 
 #[test]
@@ -640,5 +663,5 @@ fn ipv6_bridged_denied_flows_stop_and_allowed_continue() {
         v6: true,
         bridged: true,
     };
-    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, "b6");
+    denied_stop_allowed_continue(layout, Deny::NetworkPolicy, Ct::Netlink, "b6");
 }

@@ -201,6 +201,31 @@ pub fn preference_score(ads: &[&L2AdvertisementSpec], node_labels: &Labels) -> u
         .sum()
 }
 
+/// What is wrong with `ad`'s `preferredNodeSelectors`: one line per term that
+/// [`preference_score`] ignores (a malformed `preference` — unknown operator, `In`/`NotIn`
+/// without values, `Exists`/`DoesNotExist` with values — or a weight outside
+/// [`PREFERENCE_WEIGHTS`]). Only that term is ignored; the other terms and the rest of the
+/// advertisement keep working. Empty: every term counts.
+pub fn preference_problems(ad: &L2AdvertisementSpec) -> Vec<String> {
+    ad.preferred_node_selectors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            if !PREFERENCE_WEIGHTS.contains(&p.weight) {
+                return Some(format!(
+                    "preferredNodeSelectors[{i}]: weight {} is outside {}..{}; the term is ignored",
+                    p.weight,
+                    PREFERENCE_WEIGHTS.start(),
+                    PREFERENCE_WEIGHTS.end()
+                ));
+            }
+            selector::validate(&p.preference).err().map(|e| {
+                format!("preferredNodeSelectors[{i}].preference: {e}; the term is ignored")
+            })
+        })
+        .collect()
+}
+
 /// The most preferred of `eligible`: the nodes with the highest score (all of them when no
 /// node scores anything, so without preferences the election is unchanged). Order kept.
 pub fn most_preferred<'n>(eligible: &[&'n str], score: impl Fn(&str) -> u32) -> Vec<&'n str> {
@@ -634,6 +659,37 @@ mod tests {
                 named: vec![]
             })
         );
+    }
+
+    #[test]
+    fn malformed_preference_terms_are_named_and_only_they_are_ignored() {
+        let spec: L2AdvertisementSpec = serde_json::from_value(serde_json::json!({
+            "preferredNodeSelectors": [
+                {"weight": 100, "preference": {"matchExpressions": [{"key": "edge", "operator": "Bogus"}]}},
+                {"weight": 90, "preference": {"matchExpressions": [{"key": "rack", "operator": "Exists", "values": ["r1"]}]}},
+                {"weight": 1000, "preference": {"matchLabels": {"zone": "c"}}},
+                {"weight": 0, "preference": {"matchLabels": {"zone": "c"}}},
+                {"weight": 30, "preference": {"matchLabels": {"zone": "a"}}}
+            ]
+        }))
+        .unwrap();
+        let problems = preference_problems(&spec);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        for (i, p) in problems.iter().enumerate() {
+            assert!(
+                p.starts_with(&format!("preferredNodeSelectors[{i}]")),
+                "{p}"
+            );
+            assert!(p.ends_with("the term is ignored"), "{p}");
+        }
+        assert!(problems[0].contains("Bogus"), "{}", problems[0]);
+        assert!(problems[2].contains("1000"), "{}", problems[2]);
+        // Only the valid term counts: a node matching every broken term scores nothing from them.
+        let everything = labels(&[("edge", ""), ("rack", "r1"), ("zone", "c")]);
+        assert_eq!(preference_score(&[&spec], &everything), 0);
+        assert_eq!(preference_score(&[&spec], &labels(&[("zone", "a")])), 30);
+        let fine = mk_ad(&[], vec![], vec![], &[]);
+        assert!(preference_problems(&fine).is_empty());
     }
 
     fn reach(ifaces: &[(&str, bool, &[&str])]) -> NodeReach {

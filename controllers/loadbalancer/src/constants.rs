@@ -57,6 +57,9 @@ pub mod reasons {
     pub const INVALID_ADDRESS: &str = "InvalidAddress";
     /// A label selector in a pool or advertisement is malformed.
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// An L2Advertisement's `preferredNodeSelectors` term is malformed or its weight is out
+    /// of range: that term is ignored (Event and `Invalid` condition on the advertisement).
+    pub const INVALID_PREFERENCE: &str = "InvalidPreference";
     /// Two pools contain the same addresses.
     pub const OVERLAPPING_POOL: &str = "OverlappingPool";
     /// Sharing an IP was refused (key mismatch, port clash or traffic policy mismatch).

@@ -607,6 +607,63 @@ fn pool_statuses(alloc: &Allocator, input: &Inputs, pools: &PoolCheck, plan: &mu
     }
 }
 
+/// The status an `L2Advertisement` should have for its `preferredNodeSelectors`, when it
+/// differs from the current one (`None`: leave the status alone).
+///
+/// Terms [`crate::announce::preference_problems`] names: `Invalid=True` with reason
+/// [`reasons::INVALID_PREFERENCE`] naming them, and `Ready=True` (the advertisement still
+/// announces; only those terms are ignored). Once fixed: `Invalid=False`/`Ready=True`,
+/// reason [`reasons::VALID`]. An advertisement that never had such a problem is left alone
+/// (its status may carry another writer's conditions). Transition times are kept for
+/// unchanged conditions, so a steady object is never rewritten.
+pub fn advertisement_status(
+    ad: &crate::L2Advertisement,
+    now: jiff::Timestamp,
+) -> Option<crate::L2AdvertisementStatus> {
+    let problems = crate::announce::preference_problems(&ad.spec);
+    let current = ad.status.clone().unwrap_or_default();
+    let flagged = current
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::INVALID && c.reason == reasons::INVALID_PREFERENCE);
+    let conds = if !problems.is_empty() {
+        let msg = problems.join("; ");
+        vec![
+            cond(
+                conditions::INVALID,
+                true,
+                reasons::INVALID_PREFERENCE,
+                &msg,
+                now,
+            ),
+            cond(
+                conditions::READY,
+                true,
+                reasons::INVALID_PREFERENCE,
+                &format!("announcing; ignored: {msg}"),
+                now,
+            ),
+        ]
+    } else if flagged {
+        vec![
+            cond(
+                conditions::INVALID,
+                false,
+                reasons::VALID,
+                "every preferredNodeSelectors term is valid",
+                now,
+            ),
+            cond(conditions::READY, true, reasons::VALID, "announcing", now),
+        ]
+    } else {
+        return None;
+    };
+    let status = crate::L2AdvertisementStatus {
+        conditions: keep_transition_times(conds, &current.conditions),
+    };
+    (status != current).then_some(status)
+}
+
 /// A Namespace's labels; for a Namespace not (yet) in the cache, the one label the API
 /// server always sets.
 fn labels_of<'a>(
@@ -846,5 +903,61 @@ mod tests {
         step(&mut w, &mut inc, &mut full, "pool shrinks");
         step(&mut w, &mut inc, &mut full, "echo");
         step(&mut w, &mut inc, &mut full, "steady at the end");
+    }
+
+    #[test]
+    fn malformed_preferences_get_an_invalid_condition_that_clears_when_fixed() {
+        let now: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let later: jiff::Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
+        let ad = |terms: Value, status: Option<crate::L2AdvertisementStatus>| {
+            let mut a: crate::L2Advertisement = serde_json::from_value(json!({
+                "apiVersion": "palisade.dev/v1alpha1", "kind": "L2Advertisement",
+                "metadata": {"name": "lan"}, "spec": {"preferredNodeSelectors": terms}}))
+            .unwrap();
+            a.status = status;
+            a
+        };
+        let good = json!([{"weight": 50, "preference": {"matchLabels": {"zone": "a"}}}]);
+        let bad = json!([
+            {"weight": 50, "preference": {"matchLabels": {"zone": "a"}}},
+            {"weight": 80, "preference": {"matchExpressions": [{"key": "edge", "operator": "Bogus"}]}}
+        ]);
+        // Never flagged and valid: the status is not ours to touch.
+        assert_eq!(advertisement_status(&ad(good.clone(), None), now), None);
+        // Broken term: Invalid=True naming it, still Ready.
+        let st = advertisement_status(&ad(bad.clone(), None), now).expect("flagged");
+        let get = |st: &crate::L2AdvertisementStatus, t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .cloned()
+                .unwrap()
+        };
+        let inv = get(&st, conditions::INVALID);
+        assert_eq!(
+            (inv.status.as_str(), inv.reason.as_str()),
+            ("True", reasons::INVALID_PREFERENCE)
+        );
+        assert!(
+            inv.message.contains("preferredNodeSelectors[1]") && inv.message.contains("Bogus"),
+            "{}",
+            inv.message
+        );
+        assert!(!inv.message.contains("[0]"), "{}", inv.message);
+        assert_eq!(get(&st, conditions::READY).status, "True");
+        // Steady: nothing to write, even later.
+        assert_eq!(
+            advertisement_status(&ad(bad, Some(st.clone())), later),
+            None
+        );
+        // Fixed: cleared.
+        let fixed = advertisement_status(&ad(good.clone(), Some(st)), later).expect("cleared");
+        let inv = get(&fixed, conditions::INVALID);
+        assert_eq!(
+            (inv.status.as_str(), inv.reason.as_str()),
+            ("False", reasons::VALID)
+        );
+        assert_eq!(inv.last_transition_time, Time(later));
+        assert_eq!(advertisement_status(&ad(good, Some(fixed)), later), None);
     }
 }

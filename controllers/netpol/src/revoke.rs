@@ -17,9 +17,11 @@
 //! SYN, which conntrack picks up as a new connection (`nf_conntrack_tcp_loose`, on by
 //! default) — in the *reverse* direction when the server sends, which the policy may allow,
 //! and the flow would resume as its "reply". `PALISADE-MIDSTREAM` drops such packets to and
-//! from every *guarded* local pod, without touching the node's sysctls. UDP and SCTP need no
-//! such rule: their next packet in the denied direction is judged as a new flow by the rules
-//! (SCTP without an INIT is INVALID and dropped).
+//! from every *guarded* local pod, without touching the node's sysctls. SCTP needs no such
+//! rule (a packet without an INIT is INVALID and dropped), and UDP's next packet in the
+//! denied direction is judged as a new flow by the rules — but UDP can come back in reverse
+//! as an answer already on its way when the entry went: [`resurrected`] finds those entries,
+//! which the dataplane deletes in the second after the revocation.
 //!
 //! A local pod is guarded when, in ingress or egress, some rule evaluated for it can drop:
 //! - an enforced (not audit-mode) NetworkPolicy selects it in that direction, or
