@@ -979,7 +979,10 @@ mod tests {
         Some(OwnedReport {
             counted,
             truncated: false,
-            ips: ips.iter().map(|(ip, r)| (ip.parse().unwrap(), *r)).collect(),
+            ips: ips
+                .iter()
+                .map(|(ip, r)| (ip.parse().unwrap(), *r))
+                .collect(),
         })
     }
 
@@ -1001,7 +1004,10 @@ mod tests {
             (owned, gate)
         };
         // n1 answers and has not counted us yet: held, with the reason and a recheck.
-        let l = live("n0", &[("n1", report(0, &[(VIP, false)])), ("n2", report(7, &[]))]);
+        let l = live(
+            "n0",
+            &[("n1", report(0, &[(VIP, false)])), ("n2", report(7, &[]))],
+        );
         let (owned, gate) = pass(&mut h, &l, t0);
         assert!(owned.is_empty());
         assert_eq!(
@@ -1010,7 +1016,10 @@ mod tests {
         );
         assert_eq!(gate.recheck, Some(at(1000)));
         // Counted us, still answering: still held (same deadline).
-        let l = live("n0", &[("n1", report(7, &[(VIP, false)])), ("n2", report(7, &[]))]);
+        let l = live(
+            "n0",
+            &[("n1", report(7, &[(VIP, false)])), ("n2", report(7, &[]))],
+        );
         let (owned, gate) = pass(&mut h, &l, at(300));
         assert!(owned.is_empty());
         assert_eq!(gate.held[0].2, Block::Answers);

@@ -697,6 +697,9 @@ pub async fn start(
                     if cur.nodes != live.nodes {
                         tracing::info!(live = ?live.nodes, "agent membership changed");
                     }
+                    if live.warmed_up && !cur.warmed_up {
+                        tracing::info!(live = ?live.nodes, "membership warmed up: announcing");
+                    }
                     *cur = live;
                     true
                 } else {
