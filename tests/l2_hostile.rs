@@ -338,6 +338,7 @@ fn forgeries(nodes: &[String]) -> Vec<Vec<u8>> {
                         seq: u64::MAX,
                         timestamp_ms: now_ms,
                         reach: Vec::new(),
+                        owned: None,
                     },
                     &wrong,
                 ));

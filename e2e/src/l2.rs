@@ -433,14 +433,23 @@ impl L2Cluster {
     }
 
     /// Starts (or restarts) the agent of `node` inside its namespace.
+    /// `Options::extra_flags` may also override one of [`AGENT_FLAGS`]' `--flag value` pairs
+    /// (e.g. `--memberlist-timeout 4s`): the default pair is left out then.
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
-        let flags = [
-            AGENT_FLAGS,
-            FAST_LEASE_FLAGS,
-            FAST_SYNC_FLAGS,
-            &self.opts.extra_flags,
-        ]
-        .concat();
+        let extra = &self.opts.extra_flags;
+        let mut defaults: Vec<&str> = Vec::new();
+        let mut i = 0;
+        while i < AGENT_FLAGS.len() {
+            let pair = AGENT_FLAGS[i].starts_with("--")
+                && !AGENT_FLAGS[i].contains('=')
+                && AGENT_FLAGS.get(i + 1).is_some_and(|v| !v.starts_with("--"));
+            let n = if pair { 2 } else { 1 };
+            if !(pair && extra.contains(&AGENT_FLAGS[i])) {
+                defaults.extend_from_slice(&AGENT_FLAGS[i..i + n]);
+            }
+            i += n;
+        }
+        let flags = [&defaults, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS, extra].concat();
         self.agents.start(node, &self.kubeconfig, &flags)
     }
 

@@ -459,6 +459,8 @@ async fn start_announcer(
     settings.timeout = cfg.memberlist_timeout;
     let (reach_tx, reach_rx) = tokio::sync::watch::channel(Vec::new());
     settings.reach = reach_rx;
+    let (answering_tx, answering_rx) = tokio::sync::watch::channel(Default::default());
+    settings.owned = answering_rx;
     let live = palisade_membership::start(settings, peers_rx, shutdown.clone())
         .await
         .map_err(|e| {
@@ -493,6 +495,7 @@ async fn start_announcer(
         live,
         peers: peers_tx,
         reach: reach_tx,
+        answering: answering_tx,
         arp_filter: cfg.l2_arp_filter,
         exclude_unschedulable: cfg.l2_exclude_cordoned,
         class: cfg.load_balancer_class.clone(),

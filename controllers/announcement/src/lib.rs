@@ -36,7 +36,8 @@ use palisade_loadbalancer::announce::{NodeReach, ReachInterface};
 use palisade_loadbalancer::l2::{decide_with_memo, AnnounceInputs, ElectionMemo, IpDecision};
 use palisade_loadbalancer::l2status::Snapshot;
 use palisade_loadbalancer::{IPAddressPool, L2Advertisement};
-use palisade_membership::{Live, ServedInterface};
+use palisade_membership::handover::{blocker, taken_over, Block, Waits};
+use palisade_membership::{Answering, Live, ServedInterface};
 use palisade_runtime::config::SyncSettings;
 use palisade_runtime::events::EventSink;
 use palisade_runtime::metrics::Metrics;
@@ -115,6 +116,10 @@ pub struct AnnouncerReconciler {
     /// Where this node can announce, refreshed every pass and reported to peers by the
     /// membership (`MembershipSettings::reach`); the election uses everybody's reports.
     pub reach: watch::Sender<Vec<ServedInterface>>,
+    /// What this node's speaker answers (IP → releasing), published after every apply and
+    /// reported to peers by the membership (`MembershipSettings::owned`): the hand-over
+    /// protocol ([`gate_handover`]).
+    pub answering: watch::Sender<Answering>,
     pub class: String,
     pub claim_unclassed: bool,
     /// Drop the kernel's own ARP replies for LoadBalancer IPs this node does not own when
@@ -240,6 +245,120 @@ struct AnnState {
     arp_filter: palisade_speaker::ipvs::ArpFilter,
     /// The last pass's elections: a pass re-elects only the IPs whose eligible nodes changed.
     elections: ElectionMemo,
+    /// The hand-over between nodes ([`gate_handover`]).
+    handover: Handover,
+}
+
+/// Hand-over state across passes: IPs gained but not answered yet (a live peer may still
+/// answer them), IPs lost but still answered (this node is going away; released once a
+/// successor took them over).
+#[derive(Default)]
+struct Handover {
+    gains: Waits,
+    releases: Waits,
+    /// Answered only until a successor reports answering them.
+    releasing: BTreeSet<IpAddr>,
+}
+
+/// What [`gate_handover`] decided for one pass.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HandoverGate {
+    /// Gained IPs not answered yet, with the peer that may still answer each and why.
+    held: Vec<(IpAddr, String, Block)>,
+    /// Gained IPs answered now although a peer never confirmed (waited the whole bound).
+    forced: Vec<IpAddr>,
+    /// Lost IPs given up without a successor's confirmation (waited the whole bound).
+    abandoned: Vec<IpAddr>,
+    /// When a pass is due even without news.
+    recheck: Option<tokio::time::Instant>,
+}
+
+/// The hand-over rules of `palisade_membership::handover` applied to one pass's desired set
+/// (`owned`, changed in place) against what the speaker answers now (`answering`):
+///
+/// - **Gained IPs** (break-before-make): answered only once no live peer may still answer
+///   them ([`blocker`]: every live peer that sends reports has reported, after counting this
+///   agent alive, a set without the IP, or with it releasing). A restored winner thus takes
+///   an IP back only after the current owner said it stopped — not after a fixed delay that a
+///   slow owner can overrun. A peer that never confirms holds an IP back for at most `bound`.
+/// - **Lost IPs while `going`** (this node is drained, out-of-service, or shutting down;
+///   make-before-break): still answered, reported as releasing (which never blocks the
+///   successor), until a live peer reports answering them ([`taken_over`]), or for at most
+///   `bound`. Losses for any other reason (a peer won the IP back) stop at once.
+#[allow(clippy::too_many_arguments)]
+fn gate_handover(
+    owned: &mut Owned,
+    answering: &Owned,
+    h: &mut Handover,
+    me: &str,
+    live: &Live,
+    going: bool,
+    now: tokio::time::Instant,
+    bound: Duration,
+) -> HandoverGate {
+    let mut gate = HandoverGate::default();
+    let gained: BTreeSet<IpAddr> = owned
+        .keys()
+        .filter(|ip| !answering.contains_key(ip))
+        .copied()
+        .collect();
+    let blocked = |ip: IpAddr| blocker(ip, me, live.incarnation, &live.nodes, &live.owned);
+    let held = h
+        .gains
+        .hold(&gained, |ip| blocked(ip).is_some(), now, bound);
+    for ip in &held.held {
+        owned.remove(ip);
+        if let Some((peer, why)) = blocked(*ip) {
+            gate.held.push((*ip, peer.to_string(), why));
+        }
+    }
+    gate.forced = held.expired;
+    let lost: BTreeSet<IpAddr> = if going {
+        answering
+            .keys()
+            .filter(|ip| !owned.contains_key(ip))
+            .copied()
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let released = h.releases.hold(
+        &lost,
+        |ip| !taken_over(ip, me, &live.nodes, &live.owned),
+        now,
+        bound,
+    );
+    h.releasing.clear();
+    for ip in &released.held {
+        if let Some(ifaces) = answering.get(ip) {
+            owned.insert(*ip, ifaces.clone());
+            h.releasing.insert(*ip);
+        }
+    }
+    gate.abandoned = released.expired;
+    gate.recheck = [held.recheck, released.recheck].into_iter().flatten().min();
+    gate
+}
+
+/// Logs what the hand-over gate held back, forced or gave up.
+fn log_handover(gate: &HandoverGate) {
+    for (ip, peer, why) in &gate.held {
+        tracing::debug!(%ip, %peer, ?why, "not answering yet: a live peer may still answer it");
+    }
+    for ip in &gate.forced {
+        tracing::warn!(%ip, "answering without a hand-back confirmation: a live peer did not confirm within one membership timeout");
+    }
+    for ip in &gate.abandoned {
+        tracing::warn!(%ip, "stopped answering without a successor: nobody reported taking it over within one membership timeout");
+    }
+}
+
+/// What this node reports answering (IP → releasing), from what the speaker was told.
+fn answering_report(owned: &Owned, releasing: &BTreeSet<IpAddr>) -> Answering {
+    owned
+        .keys()
+        .map(|ip| (*ip, releasing.contains(ip)))
+        .collect()
 }
 
 /// What telling the speaker achieved.
@@ -353,25 +472,102 @@ impl AnnouncerReconciler {
             },
         )
         .await;
-        // Make-before-break on the way out: the membership's "leave" (sent as the shutdown
-        // starts) makes the peers re-elect at once and the successor announces within a pass
-        // and a gratuitous round; keep answering meanwhile — for half a membership timeout —
-        // so a client never asks into silence, then stop.
-        let hold = this.live.borrow().timeout / 2;
-        if !this.speaker_idle() {
-            tracing::info!(
-                ?hold,
-                "shutting down: still answering while peers take over"
-            );
-            tokio::time::sleep(hold).await;
-        }
+        this.hand_over_on_exit(&state).await;
         let speaker = this.speaker.clone();
         let _ = tokio::task::spawn_blocking(move || speaker.set_owned(Owned::new())).await;
     }
 
-    /// Whether the speaker holds nothing (no hand-over to wait for).
-    fn speaker_idle(&self) -> bool {
-        self.speaker.stats().owned_ips == 0
+    /// Make-before-break on the way out: the membership's "leave" (sent as the shutdown
+    /// starts) makes the peers re-elect at once; every IP stays answered, reported as
+    /// releasing, until a live peer reports answering it (then it is dropped at once), or for
+    /// at most one membership timeout. The membership keeps listening after the leave
+    /// (`LINGER_TIMEOUTS`), so the successors' reports arrive.
+    async fn hand_over_on_exit(&self, state: &tokio::sync::Mutex<AnnState>) {
+        let mut st = state.lock().await;
+        if st.owned.is_empty() {
+            return;
+        }
+        let mut live_rx = self.live.clone();
+        let bound = live_rx.borrow().timeout;
+        let start = tokio::time::Instant::now();
+        let mut abandoned = 0;
+        tracing::info!(
+            ips = st.owned.len(),
+            ?bound,
+            "shutting down: answering until peers report that they took over"
+        );
+        loop {
+            let live = live_rx.borrow_and_update().clone();
+            let now = tokio::time::Instant::now();
+            let answering = st.owned.clone();
+            let mut owned = Owned::new();
+            let gate = gate_handover(
+                &mut owned,
+                &answering,
+                &mut st.handover,
+                &self.node_name,
+                &live,
+                true,
+                now,
+                bound,
+            );
+            log_handover(&gate);
+            abandoned += gate.abandoned.len();
+            if owned != st.owned {
+                let speaker = self.speaker.clone();
+                let told = owned.clone();
+                match tokio::task::spawn_blocking(move || speaker.set_owned(told)).await {
+                    Ok(Ok(())) | Ok(Err(SpeakerError::Incomplete(_))) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "speaker did not take the hand-over"),
+                    Err(e) => tracing::warn!(error = %e, "speaker task died"),
+                }
+                for ip in st.owned.keys().filter(|ip| !owned.contains_key(ip)) {
+                    tracing::info!(%ip, "stopped announcing (taken over)");
+                }
+                st.owned = owned;
+                self.publish_answering(&st);
+            }
+            if st.owned.is_empty() {
+                let ms = start.elapsed().as_millis() as u64;
+                if abandoned == 0 {
+                    tracing::info!(ms, "every IP handed over");
+                } else {
+                    tracing::warn!(ms, abandoned, "hand-over over; some IPs had no successor");
+                }
+                return;
+            }
+            let due = gate.recheck.unwrap_or(now + bound);
+            tokio::select! {
+                r = live_rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(due) => {}
+            }
+        }
+    }
+
+    /// Publishes what the speaker answers for the membership's owned reports.
+    fn publish_answering(&self, st: &AnnState) {
+        let report = answering_report(&st.owned, &st.handover.releasing);
+        self.answering.send_if_modified(|cur| {
+            if *cur != report {
+                *cur = report;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether this node's own Node is drained / out-of-service (its IPs move away, handed
+    /// over make-before-break).
+    fn in_maintenance(&self) -> bool {
+        self.stores
+            .nodes
+            .state()
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+            .is_some_and(|n| {
+                palisade_loadbalancer::l2::in_maintenance(n, self.exclude_unschedulable)
+            })
     }
 
     /// Publishes this node's interfaces (those named by any L2Advertisement, and those on a
@@ -491,6 +687,21 @@ impl AnnouncerReconciler {
             Instant::now(),
             live.timeout,
         );
+        let gate = gate_handover(
+            &mut owned,
+            &st.owned,
+            &mut st.handover,
+            &self.node_name,
+            &live,
+            self.in_maintenance(),
+            tokio::time::Instant::now(),
+            live.timeout,
+        );
+        log_handover(&gate);
+        let next = [next, gate.recheck.map(|t| t.into_std())]
+            .into_iter()
+            .flatten()
+            .min();
         recheck.send_replace(next);
         let gained: Vec<&IpDecision> = decisions
             .iter()
@@ -522,6 +733,7 @@ impl AnnouncerReconciler {
             }
         };
         *st = state;
+        self.publish_answering(st);
         let snapshot = Some(Snapshot {
             warmed_up: live.warmed_up,
             live: live.nodes.clone(),
@@ -664,6 +876,7 @@ impl AnnouncerReconciler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use palisade_membership::OwnedReport;
 
     /// A speaker that answers each `set_owned` with the next scripted result and records the
     /// sets it was given.
@@ -742,6 +955,151 @@ mod tests {
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Told);
         assert_eq!(apply(&speaker, &mut st, &mine), Applied::Unchanged);
         assert_eq!(speaker.calls(), vec![mine.clone(), mine]);
+    }
+
+    fn live(me: &str, peers: &[(&str, Option<OwnedReport>)]) -> Live {
+        let mut l = Live {
+            nodes: std::iter::once(me)
+                .chain(peers.iter().map(|(n, _)| *n))
+                .map(str::to_string)
+                .collect(),
+            incarnation: 7,
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        for (n, r) in peers {
+            if let Some(r) = r {
+                l.owned.insert(n.to_string(), r.clone());
+            }
+        }
+        l
+    }
+
+    fn report(counted: u64, ips: &[(&str, bool)]) -> Option<OwnedReport> {
+        Some(OwnedReport {
+            counted,
+            truncated: false,
+            ips: ips
+                .iter()
+                .map(|(ip, r)| (ip.parse().unwrap(), *r))
+                .collect(),
+        })
+    }
+
+    const VIP: &str = "198.51.100.200";
+
+    /// A restored winner takes its IP back only once the stand-in reported (having counted
+    /// the winner's incarnation) that it stopped; a stand-in that never says so holds it
+    /// back for one bound at most.
+    #[tokio::test(start_paused = true)]
+    async fn a_gained_ip_waits_for_the_stand_in_to_stop() {
+        let t0 = tokio::time::Instant::now();
+        let bound = Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut h = Handover::default();
+        let none = Owned::new();
+        let pass = |h: &mut Handover, l: &Live, now| {
+            let mut owned = set(&[VIP]);
+            let gate = gate_handover(&mut owned, &none, h, "n0", l, false, now, bound);
+            (owned, gate)
+        };
+        // n1 answers and has not counted us yet: held, with the reason and a recheck.
+        let l = live(
+            "n0",
+            &[("n1", report(0, &[(VIP, false)])), ("n2", report(7, &[]))],
+        );
+        let (owned, gate) = pass(&mut h, &l, t0);
+        assert!(owned.is_empty());
+        assert_eq!(
+            gate.held,
+            vec![(VIP.parse().unwrap(), "n1".to_string(), Block::NotCounted)]
+        );
+        assert_eq!(gate.recheck, Some(at(1000)));
+        // Counted us, still answering: still held (same deadline).
+        let l = live(
+            "n0",
+            &[("n1", report(7, &[(VIP, false)])), ("n2", report(7, &[]))],
+        );
+        let (owned, gate) = pass(&mut h, &l, at(300));
+        assert!(owned.is_empty());
+        assert_eq!(gate.held[0].2, Block::Answers);
+        assert_eq!(gate.recheck, Some(at(1000)));
+        // Stopped (reported without it): answered now, nothing forced.
+        let l = live("n0", &[("n1", report(7, &[])), ("n2", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, at(400));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate, HandoverGate::default());
+        // Another time the stand-in never confirms: answered after the bound, as forced.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[(VIP, false)]))]);
+        assert!(pass(&mut h, &l, at(5000)).0.is_empty());
+        assert!(pass(&mut h, &l, at(5999)).0.is_empty());
+        let (owned, gate) = pass(&mut h, &l, at(6000));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate.forced, vec![VIP.parse::<IpAddr>().unwrap()]);
+        // A failover: the old owner is dead (not live), its last report blocks nothing.
+        let mut h = Handover::default();
+        let mut l = live("n0", &[("n2", report(7, &[]))]);
+        l.owned
+            .insert("n1".to_string(), report(7, &[(VIP, false)]).unwrap());
+        let (owned, gate) = pass(&mut h, &l, at(7000));
+        assert_eq!(owned, set(&[VIP]));
+        assert_eq!(gate, HandoverGate::default());
+        // Peers that send no reports (an older version) block nothing either.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", None)]);
+        assert_eq!(pass(&mut h, &l, at(8000)).0, set(&[VIP]));
+    }
+
+    /// A node going away keeps answering what it lost, reported as releasing, until a
+    /// successor reports answering it (or one bound); a node that simply lost the election
+    /// stops at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_going_away_answers_until_a_successor_took_over() {
+        let t0 = tokio::time::Instant::now();
+        let bound = Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let answering = set(&[VIP, "198.51.100.201"]);
+        let pass = |h: &mut Handover, l: &Live, going: bool, now| {
+            // The election moved VIP away; .201 stays ours.
+            let mut owned = set(&["198.51.100.201"]);
+            let gate = gate_handover(&mut owned, &answering, h, "n0", l, going, now, bound);
+            (owned, gate)
+        };
+        let vip: IpAddr = VIP.parse().unwrap();
+        // Not going (n1 won it back): dropped at once.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[]))]);
+        let (owned, gate) = pass(&mut h, &l, false, t0);
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert_eq!(gate, HandoverGate::default());
+        assert!(h.releasing.is_empty());
+        // Going: kept, releasing, until n1 reports answering it (its releasing report
+        // does not count as taking over).
+        let mut h = Handover::default();
+        let (owned, gate) = pass(&mut h, &l, true, t0);
+        assert_eq!(owned, answering);
+        assert_eq!(h.releasing, [vip].into());
+        assert_eq!(gate.recheck, Some(at(1000)));
+        assert_eq!(
+            answering_report(&owned, &h.releasing),
+            [(vip, true), ("198.51.100.201".parse().unwrap(), false)].into()
+        );
+        let l = live("n0", &[("n1", report(7, &[(VIP, true)]))]);
+        assert_eq!(pass(&mut h, &l, true, at(200)).0, answering);
+        let l = live("n0", &[("n1", report(7, &[(VIP, false)]))]);
+        let (owned, gate) = pass(&mut h, &l, true, at(300));
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert!(gate.abandoned.is_empty());
+        assert!(h.releasing.is_empty());
+        // Nobody takes it over: given up after the bound, and said so.
+        let mut h = Handover::default();
+        let l = live("n0", &[("n1", report(7, &[]))]);
+        assert_eq!(pass(&mut h, &l, true, at(2000)).0, answering);
+        assert_eq!(pass(&mut h, &l, true, at(2999)).0, answering);
+        let (owned, gate) = pass(&mut h, &l, true, at(3000));
+        assert_eq!(owned, set(&["198.51.100.201"]));
+        assert_eq!(gate.abandoned, vec![vip]);
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn main() {
             seq,
             timestamp_ms: wall_ms,
             reach: Vec::new(),
+            owned: None,
         };
         let bytes = encode("palisade", &mk(0), &key).len();
         let (mut enc, mut ok, mut bad) = (Vec::new(), Vec::new(), Vec::new());

@@ -40,6 +40,7 @@
 //! agent's own scheduling lag (how late its ticks fire) stretches the timeout, and when every
 //! peer times out at the same moment the agent suspects itself first and waits one more
 //! timeout before believing it is alone.
+pub mod handover;
 pub mod memberlist_key;
 pub mod memberlist_keyfile;
 pub mod memberlist_wire;
@@ -57,8 +58,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::memberlist_key::KeyRing;
-pub use crate::memberlist_wire::ServedInterface;
 use crate::memberlist_wire::{Context, Datagram, Guard, Kind, LogLimiter, Reject};
+pub use crate::memberlist_wire::{OwnedReport, ServedInterface};
 use palisade_runtime::metrics::{labels1, Labels};
 
 /// "alive" rounds an agent sends before it counts itself alive (see the module docs).
@@ -70,6 +71,13 @@ pub const PROBE_EVERY: u64 = 5;
 /// A node's reach goes out every this many rounds (and at once when it changes): within a
 /// peer's warm-up (one timeout, 5 rounds) a restarted agent has heard everybody's twice.
 pub const REACH_EVERY: u64 = 2;
+/// After the "leave", the membership keeps listening this many timeouts (sending nothing
+/// but nothing more), so a leaving announcer hears its successors' owned reports.
+pub const LINGER_TIMEOUTS: u32 = 2;
+
+/// What this node's speaker answers for: IP → releasing (answered only until a successor
+/// took it over), reported to every peer in [`Kind::Owned`] datagrams.
+pub type Answering = BTreeMap<IpAddr, bool>;
 
 /// Every other Node's InternalIPs, from the Node cache: where heartbeats go, and where a
 /// node's datagrams must come from.
@@ -95,6 +103,10 @@ pub struct MembershipSettings {
     /// Where this node can announce (kept current by the announcer); sent to peers in
     /// [`Kind::Reach`] datagrams while not empty.
     pub reach: watch::Receiver<Vec<ServedInterface>>,
+    /// What this node answers for (kept current by the announcer after every speaker apply);
+    /// sent to peers in [`Kind::Owned`] datagrams every [`REACH_EVERY`] rounds and at once
+    /// when it (or who is alive) changes.
+    pub owned: watch::Receiver<Answering>,
 }
 
 impl MembershipSettings {
@@ -110,6 +122,7 @@ impl MembershipSettings {
             clock_window: Duration::from_secs(30),
             rejected: Family::default(),
             reach: watch::channel(Vec::new()).1,
+            owned: watch::channel(Answering::new()).1,
         }
     }
 }
@@ -125,6 +138,12 @@ pub struct Live {
     /// Where each live node can announce, as it last reported (this node's own entry from
     /// [`MembershipSettings::reach`]); nodes that reported nothing are missing.
     pub reach: BTreeMap<String, Vec<ServedInterface>>,
+    /// This agent's incarnation (what peers' owned reports must name, see [`handover`]).
+    pub incarnation: u64,
+    /// The live peers' latest owned reports (of their current incarnation).
+    pub owned: BTreeMap<String, OwnedReport>,
+    /// The agent is shutting down: it sent "leave" and only listens (for a while).
+    pub leaving: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -151,8 +170,8 @@ impl From<Datagram> for Msg {
             Kind::Join => Msg::Join { node, incarnation },
             Kind::Alive => Msg::Alive { node, incarnation },
             Kind::Leave => Msg::Leave { node, incarnation },
-            // Handled before (Handler::handle); never a liveness message.
-            Kind::Reach => Msg::Join { node, incarnation },
+            // Handled before (Handler::handle); never liveness messages.
+            Kind::Reach | Kind::Owned => Msg::Join { node, incarnation },
         }
     }
 }
@@ -173,9 +192,44 @@ pub struct Table {
     left: BTreeMap<String, u64>,
     /// Last reach report per node, with the incarnation that sent it.
     reach: BTreeMap<String, (u64, Vec<ServedInterface>)>,
+    /// Last owned report per node, with the incarnation that sent it.
+    owned: BTreeMap<String, (u64, OwnedReport)>,
 }
 
 impl Table {
+    /// Records an owned report; true when it changed what is known of the node.
+    fn owned_heard(&mut self, node: String, incarnation: u64, report: OwnedReport) -> bool {
+        if self.left.get(&node).is_some_and(|i| *i >= incarnation)
+            || self.owned.get(&node).is_some_and(|(i, _)| *i > incarnation)
+        {
+            return false;
+        }
+        let new = (incarnation, report);
+        let changed = self.owned.get(&node) != Some(&new);
+        self.owned.insert(node, new);
+        changed
+    }
+
+    /// The reports of `nodes`, of the incarnation last heard from each.
+    fn owned_of(&self, nodes: &BTreeSet<String>) -> BTreeMap<String, OwnedReport> {
+        nodes
+            .iter()
+            .filter_map(|n| {
+                let (inc, r) = self.owned.get(n)?;
+                let seen = self.last_seen.get(n)?;
+                (seen.incarnation == *inc).then(|| (n.clone(), r.clone()))
+            })
+            .collect()
+    }
+
+    /// The incarnation of `node` if it is alive now (for the `counted` field of reports).
+    fn counted(&self, node: &str, now: Instant, timeout: Duration) -> u64 {
+        self.last_seen
+            .get(node)
+            .filter(|s| s.ready && now.saturating_duration_since(s.at) < timeout)
+            .map_or(0, |s| s.incarnation)
+    }
+
     /// Records a reach report; true when it changed what is known of the node.
     fn reach_heard(&mut self, node: String, incarnation: u64, reach: Vec<ServedInterface>) -> bool {
         if self.left.get(&node).is_some_and(|i| *i >= incarnation)
@@ -207,6 +261,7 @@ impl Table {
         let (node, incarnation, ready) = match msg {
             Msg::Leave { node, incarnation } => {
                 self.reach.remove(&node);
+                self.owned.remove(&node);
                 let was = self.last_seen.remove(&node).is_some_and(|s| s.ready);
                 self.left.insert(node, incarnation);
                 return was;
@@ -319,6 +374,10 @@ impl Handler {
         };
         match st.guard.check(data, from.ip(), &cx) {
             Ok(d) if d.kind == Kind::Reach => st.table.reach_heard(d.node, d.incarnation, d.reach),
+            Ok(d) if d.kind == Kind::Owned => {
+                st.table
+                    .owned_heard(d.node, d.incarnation, d.owned.unwrap_or_default())
+            }
             Ok(d) => st.table.heard(Msg::from(d), now, self.timeout),
             Err(r) => {
                 if matches!(r, Reject::UnknownKey | Reject::BadMac)
@@ -401,12 +460,13 @@ pub async fn start(
     // measured against them would often cost a third.
     let mut alive_rounds: u32 = 0;
 
-    // Receiver.
+    // Receiver: runs until the linger after the leave is over (see LINGER_TIMEOUTS).
+    let stopped = CancellationToken::new();
     {
         let socket = socket.clone();
         let handler = handler.clone();
         let changed = changed.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = stopped.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; memberlist_wire::MAX_DATAGRAM + 1];
             loop {
@@ -426,23 +486,29 @@ pub async fn start(
     tokio::spawn(async move {
         let node = settings.node_name.clone();
         let mut seq: u64 = 0;
-        let datagram = |kind: Kind, seq: &mut u64, reach: Vec<ServedInterface>| {
-            *seq += 1;
-            let key = settings.keys.borrow().sending(Instant::now()).clone();
-            memberlist_wire::encode(
-                &settings.cluster_tag,
-                &Datagram {
-                    kind,
-                    node: node.clone(),
-                    incarnation,
-                    seq: *seq,
-                    timestamp_ms: wall_ms(),
-                    reach,
-                },
-                &key,
-            )
-        };
+        let datagram =
+            |kind: Kind, seq: &mut u64, reach: Vec<ServedInterface>, owned: Option<OwnedReport>| {
+                *seq += 1;
+                let key = settings.keys.borrow().sending(Instant::now()).clone();
+                memberlist_wire::encode(
+                    &settings.cluster_tag,
+                    &Datagram {
+                        kind,
+                        node: node.clone(),
+                        incarnation,
+                        seq: *seq,
+                        timestamp_ms: wall_ms(),
+                        reach,
+                        owned,
+                    },
+                    &key,
+                )
+            };
         let mut reach_rx = settings.reach.clone();
+        let mut owned_rx = settings.owned.clone();
+        // Owned reports are due: every REACH_EVERY rounds, and at once when what we answer
+        // or who is alive changed (true also for silent peers: a peer that just left is one).
+        let mut owned_due_all = false;
         let mut tick = tokio::time::interval(settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut round: u64 = 0;
@@ -462,6 +528,12 @@ pub async fn start(
                     true
                 },
                 _ = changed.notified() => false,
+                r = owned_rx.changed() => {
+                    if r.is_ok() {
+                        owned_due_all = true;
+                    }
+                    false
+                },
             };
             // Read whatever is queued before judging anyone (a stalled receiver task must not
             // make live peers look dead).
@@ -486,12 +558,12 @@ pub async fn start(
                 } else {
                     Kind::Join
                 };
-                let msg = datagram(kind, &mut seq, Vec::new());
+                let msg = datagram(kind, &mut seq, Vec::new(), None);
                 let reach_msg = (reach_rx.has_changed().unwrap_or(false)
                     || round % REACH_EVERY == 1)
                     .then(|| reach_rx.borrow_and_update().clone())
                     .filter(|r| !r.is_empty())
-                    .map(|r| datagram(Kind::Reach, &mut seq, r));
+                    .map(|r| datagram(Kind::Reach, &mut seq, r, None));
                 let (recent, silent) = targets(&settings.node_name, map.as_ref(), |n| {
                     handler
                         .state
@@ -578,6 +650,37 @@ pub async fn start(
             } else {
                 reach.insert(settings.node_name.clone(), own);
             }
+            if tx.borrow().nodes != nodes {
+                owned_due_all = true;
+            }
+            let owned_reports = handler
+                .state
+                .lock()
+                .map(|s| s.table.owned_of(&nodes))
+                .unwrap_or_default();
+            if owned_due_all || (send && round % REACH_EVERY == 0) {
+                let map = peers.borrow().clone();
+                let answering = owned_rx.borrow_and_update().clone();
+                send_owned(
+                    &handler,
+                    map.as_ref(),
+                    &answering,
+                    owned_due_all || round % PROBE_EVERY == 0,
+                    now,
+                    timeout,
+                    silent_after,
+                    |r| datagram(Kind::Owned, &mut seq, Vec::new(), Some(r)),
+                    |bytes, ip, recent| {
+                        let to = SocketAddr::new(ip, settings.peer_port);
+                        let _ = if recent {
+                            socket.try_send_to(bytes, to)
+                        } else {
+                            probe_socket.try_send_to(bytes, to)
+                        };
+                    },
+                );
+                owned_due_all = false;
+            }
             let live = Live {
                 // The hand-over hold: announce from the third "alive" round on, i.e. two
                 // intervals after peers first heard it.
@@ -585,11 +688,17 @@ pub async fn start(
                 nodes,
                 timeout: settings.timeout,
                 reach,
+                incarnation,
+                owned: owned_reports,
+                leaving: false,
             };
             tx.send_if_modified(|cur| {
                 if *cur != live {
                     if cur.nodes != live.nodes {
                         tracing::info!(live = ?live.nodes, "agent membership changed");
+                    }
+                    if live.warmed_up && !cur.warmed_up {
+                        tracing::info!(live = ?live.nodes, "membership warmed up: announcing");
                     }
                     *cur = live;
                     true
@@ -602,13 +711,91 @@ pub async fn start(
         let map = peers.borrow().clone();
         let (targets, _) = targets(&settings.node_name, map.as_ref(), |_| true);
         for _ in 0..2 {
-            let leave = datagram(Kind::Leave, &mut seq, Vec::new());
+            let leave = datagram(Kind::Leave, &mut seq, Vec::new(), None);
             for ip in &targets {
                 let _ = socket.try_send_to(&leave, SocketAddr::new(*ip, settings.peer_port));
             }
         }
+        // Linger: keep listening (sending nothing) so that a leaving announcer hears its
+        // successors report that they took its IPs over (make-before-break, see handover).
+        let until = Instant::now() + settings.timeout * LINGER_TIMEOUTS;
+        tx.send_modify(|l| l.leaving = true);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(settings.interval) => {}
+            }
+            let now = Instant::now();
+            let timeout = settings.timeout + lag.min(settings.timeout * 4);
+            let (nodes, owned) = handler
+                .state
+                .lock()
+                .map(|s| {
+                    let alive = s.table.alive(&settings.node_name, now, timeout);
+                    let owned = s.table.owned_of(&alive);
+                    (alive, owned)
+                })
+                .unwrap_or_default();
+            tx.send_if_modified(|cur| {
+                if cur.nodes != nodes || cur.owned != owned {
+                    cur.nodes = nodes;
+                    cur.owned = owned;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        stopped.cancel();
     });
     Ok(rx)
+}
+
+/// Sends this node's owned report to every peer: one datagram per peer (each names the
+/// peer's incarnation if we count it alive), to recent peers always, to silent ones only when
+/// `to_silent`.
+#[allow(clippy::too_many_arguments)]
+fn send_owned(
+    handler: &Handler,
+    peers: Option<&PeerMap>,
+    answering: &Answering,
+    to_silent: bool,
+    now: Instant,
+    timeout: Duration,
+    silent_after: Duration,
+    mut encode: impl FnMut(OwnedReport) -> Vec<u8>,
+    mut send: impl FnMut(&[u8], IpAddr, bool),
+) {
+    let Some(peers) = peers else { return };
+    let Ok(views) = handler.state.lock().map(|s| {
+        peers
+            .keys()
+            .filter(|n| **n != handler.me)
+            .map(|n| {
+                (
+                    n.clone(),
+                    s.table.counted(n, now, timeout),
+                    s.table.heard_within(n, now, silent_after),
+                )
+            })
+            .collect::<Vec<_>>()
+    }) else {
+        return;
+    };
+    for (node, counted, recent) in views {
+        if !recent && !to_silent {
+            continue;
+        }
+        let bytes = encode(OwnedReport {
+            counted,
+            truncated: false,
+            ips: answering.clone(),
+        });
+        for ip in peers.get(&node).into_iter().flatten() {
+            send(&bytes, *ip, recent);
+        }
+    }
 }
 
 /// Where this round's heartbeats go: the addresses of the other nodes heard from recently

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  0   "PAL2"                      magic and version
-//!  4   kind        u8              1 join, 2 alive, 3 leave, 4 reach
+//!  4   kind        u8              1 join, 2 alive, 3 leave, 4 reach, 5 owned
 //!  5   key id      u32 BE          which cluster key the MAC is made with (memberlist_key)
 //!  9   incarnation u64 BE          the sender's start time, µs since the Unix epoch
 //! 17   sequence    u64 BE          strictly increasing within one incarnation
@@ -11,6 +11,7 @@
 //! 33   tag         u8 len + bytes  cluster tag (several clusters on one LAN)
 //!  .   node        u8 len + bytes  the sender's Node name
 //!  .   reach       kind 4 only     where the sender can announce (below)
+//!  .   owned       kind 5 only     which IPs the sender answers for (below)
 //!  .   MAC         32 bytes        HMAC-SHA256(key, every byte before it)
 //! ```
 //!
@@ -29,6 +30,23 @@
 //! Anything else in it (another version, counts or lengths beyond the bounds, a bad family,
 //! prefix or UTF-8, a byte left over) makes the datagram `malformed`. The sender fills it
 //! in order and stops at the bounds, so every receiver sees the same (possibly cut) list.
+//!
+//! Kind 5 ("owned", see [`OwnedReport`]) is the hand-over protocol's confirmation: the IPs
+//! the sender's speaker answers for right now, each flagged when the sender only keeps
+//! answering it until a successor has taken it over (make-before-break), plus the
+//! incarnation of the *recipient* as the sender counts it alive (0: not counted) — so a
+//! returning winner knows the report was made after the sender had heard it and re-elected.
+//! A kind of its own for the same rolling-upgrade reason as reach. Its section, at most
+//! [`MAX_OWNED_BYTES`]:
+//!
+//! ```text
+//!  version u8 (1) · flags u8 (bit 0: truncated) · counted u64 BE · count u8 · count × ip:
+//!    family u8 (4 | 6, | 0x80 when releasing) · address (4 | 16 bytes)
+//! ```
+//! The sender lists releasing IPs first and stops at the bound with the truncated flag set;
+//! a receiver treats an IP missing from a truncated report as unknown (it may be answered).
+//! Anything else (another version, unknown flag bits, a bad family, a byte left over) makes
+//! the datagram `malformed`.
 //!
 //! A datagram is accepted only if, in this order (the first failure is its rejection reason,
 //! see [`Reject`]): it parses; its tag is ours; its key id names a key of the [`KeyRing`];
@@ -66,6 +84,11 @@ pub const MAX_REACH_NETS: usize = 8;
 /// Longest interface name (Linux `IFNAMSIZ` - 1).
 pub const MAX_IFNAME: usize = 15;
 const REACH_VERSION: u8 = 1;
+/// Bound of an owned section (like reach: within one 1280-byte IPv6 packet): 125 IPv4 or 37
+/// IPv6 addresses.
+pub const MAX_OWNED_BYTES: usize = 640;
+const OWNED_VERSION: u8 = 1;
+const OWNED_HEAD: usize = 11;
 /// The largest datagram this format produces (255-byte tag and node name, full reach).
 pub const MAX_DATAGRAM: usize = HEADER_LEN + 1 + 255 + 1 + 255 + MAX_REACH_BYTES + MAC_LEN;
 
@@ -78,6 +101,20 @@ pub enum Kind {
     Leave,
     /// Where the sender can announce ([`Datagram::reach`]); says nothing about liveness.
     Reach,
+    /// Which IPs the sender answers for ([`Datagram::owned`]); says nothing about liveness.
+    Owned,
+}
+
+/// What one agent's speaker answers for, as it told one peer (kind 5).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnedReport {
+    /// The recipient's incarnation as the sender counts it alive, 0 when it does not.
+    pub counted: u64,
+    /// The list was cut at [`MAX_OWNED_BYTES`]: IPs missing from it may be answered too.
+    pub truncated: bool,
+    /// Answered; `true`: only until a successor has taken it over (the sender lost it and
+    /// hands it over make-before-break).
+    pub ips: BTreeMap<IpAddr, bool>,
 }
 
 /// One interface in a reach datagram.
@@ -101,6 +138,8 @@ pub struct Datagram {
     pub timestamp_ms: u64,
     /// [`Kind::Reach`] only (empty, and not sent, otherwise).
     pub reach: Vec<ServedInterface>,
+    /// [`Kind::Owned`] only (`None` otherwise; on encoding, `None` sends an empty report).
+    pub owned: Option<OwnedReport>,
 }
 
 /// Why a datagram was rejected; [`Reject::reason`] is the `reason` label of
@@ -166,7 +205,82 @@ fn kind_byte(k: Kind) -> u8 {
         Kind::Alive => 2,
         Kind::Leave => 3,
         Kind::Reach => 4,
+        Kind::Owned => 5,
     }
+}
+
+/// Appends the owned section for `r`: releasing IPs first, cut at the bound (truncated).
+fn encode_owned(out: &mut Vec<u8>, r: &OwnedReport) {
+    let start = out.len();
+    out.push(OWNED_VERSION);
+    out.push(u8::from(r.truncated));
+    out.extend_from_slice(&r.counted.to_be_bytes());
+    out.push(0);
+    let mut count = 0u8;
+    let ordered = r
+        .ips
+        .iter()
+        .filter(|(_, rel)| **rel)
+        .chain(r.ips.iter().filter(|(_, rel)| !**rel));
+    for (ip, releasing) in ordered {
+        let len = if ip.is_ipv4() { 5 } else { 17 };
+        if count == u8::MAX || out.len() - start + len > MAX_OWNED_BYTES {
+            out[start + 1] = 1;
+            break;
+        }
+        let rel = if *releasing { 0x80 } else { 0 };
+        match ip {
+            IpAddr::V4(a) => {
+                out.push(4 | rel);
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.push(6 | rel);
+                out.extend_from_slice(&a.octets());
+            }
+        }
+        count += 1;
+    }
+    out[start + OWNED_HEAD - 1] = count;
+}
+
+/// Reads a whole owned section; `None` unless it is exactly one well-formed section.
+fn parse_owned(b: &[u8]) -> Option<OwnedReport> {
+    if b.len() > MAX_OWNED_BYTES || b.len() < OWNED_HEAD {
+        return None;
+    }
+    if b[0] != OWNED_VERSION || b[1] > 1 {
+        return None;
+    }
+    let counted = be64(&b[2..10]);
+    let count = usize::from(b[10]);
+    let mut rest = &b[OWNED_HEAD..];
+    let mut ips = BTreeMap::new();
+    for _ in 0..count {
+        let (&fam, tail) = rest.split_first()?;
+        let releasing = fam & 0x80 != 0;
+        let ip = match fam & 0x7f {
+            4 => {
+                let a: [u8; 4] = tail.get(..4)?.try_into().ok()?;
+                rest = &tail[4..];
+                IpAddr::from(a)
+            }
+            6 => {
+                let a: [u8; 16] = tail.get(..16)?.try_into().ok()?;
+                rest = &tail[16..];
+                IpAddr::from(a)
+            }
+            _ => return None,
+        };
+        if ips.insert(ip, releasing).is_some() {
+            return None;
+        }
+    }
+    rest.is_empty().then_some(OwnedReport {
+        counted,
+        truncated: b[1] == 1,
+        ips,
+    })
 }
 
 /// Appends the reach section for `reach`, cut to the bounds (interfaces whose name is empty
@@ -294,6 +408,12 @@ pub fn encode(tag: &str, d: &Datagram, key: &Key) -> Vec<u8> {
     if d.kind == Kind::Reach {
         encode_reach(&mut out, &d.reach);
     }
+    if d.kind == Kind::Owned {
+        encode_owned(
+            &mut out,
+            d.owned.as_ref().unwrap_or(&OwnedReport::default()),
+        );
+    }
     let mut mac = HmacSha256::new_from_slice(key.secret()).expect("HMAC takes any key length");
     mac.update(&out);
     out.extend_from_slice(&mac.finalize().into_bytes());
@@ -324,6 +444,7 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
         2 => Kind::Alive,
         3 => Kind::Leave,
         4 => Kind::Reach,
+        5 => Kind::Owned,
         _ => return None,
     };
     let key_id = u32::from_be_bytes([data[5], data[6], data[7], data[8]]);
@@ -341,9 +462,10 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
     if node.is_empty() {
         return None;
     }
-    let reach = match kind {
-        Kind::Reach => parse_reach(tail)?,
-        _ if tail.is_empty() => Vec::new(),
+    let (reach, owned) = match kind {
+        Kind::Reach => (parse_reach(tail)?, None),
+        Kind::Owned => (Vec::new(), Some(parse_owned(tail)?)),
+        _ if tail.is_empty() => (Vec::new(), None),
         _ => return None,
     };
     let node = std::str::from_utf8(node).ok()?.to_string();
@@ -355,6 +477,7 @@ fn parse(data: &[u8]) -> Option<Parsed<'_>> {
             seq,
             timestamp_ms,
             reach,
+            owned,
         },
         key_id,
         tag,
@@ -546,6 +669,121 @@ mod tests {
             seq,
             timestamp_ms: WALL,
             reach: Vec::new(),
+            owned: None,
+        }
+    }
+
+    fn owned(counted: u64, ips: &[(&str, bool)]) -> OwnedReport {
+        OwnedReport {
+            counted,
+            truncated: false,
+            ips: ips.iter().map(|(a, r)| (ip(a), *r)).collect(),
+        }
+    }
+
+    /// Owned reports round-trip (both families, releasing flags, the recipient's
+    /// incarnation), are cut at the bound with releasing IPs kept first and the cut flagged,
+    /// and other kinds are unchanged on the wire.
+    #[tokio::test(start_paused = true)]
+    async fn owned_reports_round_trip_and_are_bounded() {
+        let w = World::new();
+        let mut g = Guard::new(Duration::from_secs(30));
+        let k = w.ring.current().clone();
+        let mut d = dg(Kind::Owned, "node2", INC, 1);
+        d.owned = Some(owned(
+            INC + 7,
+            &[("198.51.100.200", false), ("fd00::200", true)],
+        ));
+        let bytes = encode("palisade", &d, &k);
+        assert_eq!(g.check(&bytes, ip("10.0.0.2"), &w.cx()), Ok(d.clone()));
+        // An empty report is a report (the sender answers nothing).
+        let mut e = dg(Kind::Owned, "node2", INC, 2);
+        e.owned = Some(OwnedReport::default());
+        assert_eq!(
+            g.check(&encode("palisade", &e, &k), ip("10.0.0.2"), &w.cx()),
+            Ok(e)
+        );
+        let mut alive = dg(Kind::Alive, "node2", INC, 3);
+        let plain = encode("palisade", &alive, &k);
+        alive.owned = d.owned.clone();
+        assert_eq!(encode("palisade", &alive, &k), plain);
+        // 300 IPv4 addresses, the last 10 releasing: 125 fit, the releasing ones among them.
+        let mut big = dg(Kind::Owned, "node2", INC, 4);
+        let mut r = OwnedReport::default();
+        for i in 0..300u32 {
+            r.ips
+                .insert(IpAddr::from((0xc633_0000u32 + i).to_be_bytes()), i >= 290);
+        }
+        big.owned = Some(r);
+        let bytes = encode("palisade", &big, &k);
+        assert!(bytes.len() <= MAX_DATAGRAM);
+        let got = g
+            .check(&bytes, ip("10.0.0.2"), &w.cx())
+            .unwrap()
+            .owned
+            .unwrap();
+        assert!(got.truncated);
+        assert_eq!(got.ips.len(), (MAX_OWNED_BYTES - OWNED_HEAD) / 5);
+        assert_eq!(got.ips.values().filter(|r| **r).count(), 10);
+    }
+
+    /// Every malformed owned section is rejected as malformed (correctly MAC'd).
+    #[tokio::test(start_paused = true)]
+    async fn hostile_owned_sections_are_malformed() {
+        let w = World::new();
+        let k = w.ring.current().clone();
+        let d = dg(Kind::Owned, "node2", INC, 1);
+        let good = encode("palisade", &d, &k);
+        let at = HEADER_LEN + 2 + "palisade".len() + "node2".len();
+        let with = |section: &[u8]| {
+            let mut out = good[..at].to_vec();
+            out.extend_from_slice(section);
+            let mut mac = HmacSha256::new_from_slice(k.secret()).unwrap();
+            mac.update(&out);
+            out.extend_from_slice(&mac.finalize().into_bytes());
+            out
+        };
+        let head = |version: u8, flags: u8, count: u8| {
+            let mut h = vec![version, flags];
+            h.extend_from_slice(&7u64.to_be_bytes());
+            h.push(count);
+            h
+        };
+        let v4 = [4u8, 198, 51, 100, 200];
+        let mut big = head(1, 0, 200);
+        for i in 0..200u8 {
+            big.extend_from_slice(&[4, 10, 0, 0, i]);
+        }
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("short head", head(1, 0, 0)[..10].to_vec()),
+            ("version", [&head(2, 0, 1)[..], &v4].concat()),
+            ("flags", [&head(1, 2, 1)[..], &v4].concat()),
+            ("count beyond", [&head(1, 0, 2)[..], &v4].concat()),
+            ("family", [&head(1, 0, 1)[..], &[5, 1, 2, 3, 4]].concat()),
+            (
+                "short address",
+                [&head(1, 0, 1)[..], &[6, 1, 2, 3, 4]].concat(),
+            ),
+            ("left over", [&head(1, 0, 1)[..], &v4, &[0]].concat()),
+            ("duplicate", [&head(1, 0, 2)[..], &v4, &v4].concat()),
+            ("beyond the bound", big),
+        ];
+        let mut g = Guard::new(Duration::from_secs(30));
+        assert!(g
+            .check(
+                &with(&[&head(1, 1, 1)[..], &[0x84, 198, 51, 100, 200]].concat()),
+                ip("10.0.0.2"),
+                &w.cx()
+            )
+            .is_ok());
+        for (what, section) in cases {
+            let mut g = Guard::new(Duration::from_secs(30));
+            assert_eq!(
+                g.check(&with(&section), ip("10.0.0.2"), &w.cx()),
+                Err(Reject::Malformed),
+                "{what}"
+            );
         }
     }
 
