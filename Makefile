@@ -62,7 +62,7 @@ demo: deps
 ## fuzz: every fuzz target for FUZZ_SECONDS each (libFuzzer via cargo-fuzz; fuzz/ is its own
 ## workspace; RUSTC_BOOTSTRAP=1 lets the stable toolchain take libFuzzer's -Z flags)
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= manifests pool_address membership_datagram arp_ndp bgp_message policy_render
+FUZZ_TARGETS ?= manifests manifests_fastyaml pool_address membership_datagram arp_ndp bgp_message policy_render
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

@@ -18,6 +18,7 @@
 //!         ├─ sctp      hand-built INIT packets (no kernel SCTP needed)
 //!         ├─ matrix    reachability truth tables and their diffs
 //!         ├─ process   processes started inside lab namespaces (CLI, agents, API server)
+//!         ├─ saturate  every CPU busy (busy threads) for the tests under load
 //!         ├─ k8s       Kubernetes manifests (Nodes, Namespaces, Pods) written from the lab
 //!         └─ netpol    the upstream-style x/y/z × a/b/c NetworkPolicy harness
 //!
@@ -43,6 +44,7 @@ pub mod netns;
 pub mod netpol;
 pub mod probe;
 pub mod process;
+pub mod saturate;
 pub mod scenarios;
 pub mod sctp;
 pub mod server;

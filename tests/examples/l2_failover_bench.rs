@@ -15,6 +15,11 @@
 //! - **outage**: the API server drops every connection for `L2_BENCH_OUTAGE_SECS` (600); three
 //!   VIPs are probed every 100 ms by ARP and TCP; every probe must succeed.
 //!
+//! `L2_BENCH_SATURATE=1` runs the selected phases with every CPU busy (one busy thread per CPU
+//! plus one, `palisade_e2e::saturate::Saturator`, started once the cluster is up; the client's
+//! wire and TCP probes share the busy CPUs too). The last line says how busy the CPUs were
+//! (`/proc/stat`). The kill phase's restart row counts probe rounds answered by two MACs.
+//!
 //! ```text
 //! cargo build --release -p palisade
 //! PALISADE_BIN=target/release/palisade cargo run --release -p palisade-tests --example l2_failover_bench
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use palisade_e2e::l2::*;
+use palisade_e2e::saturate::Saturator;
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -103,6 +109,7 @@ impl Bench {
         let mut garp_s = Vec::new();
         let mut back_gap = Vec::new();
         let mut status_s = Vec::new();
+        let mut doubles = 0;
         let expect: BTreeMap<_, _> = [(vip, self.c.mac(&w0))].into();
         for run in 0..runs {
             let (wire, tcp) = self.armed(&[vip], &expect, vip, "kill")?;
@@ -147,6 +154,7 @@ impl Bench {
             wire.wait_stable(&expect, t_restart, 10, Duration::from_secs(30))
                 .context("stable after the restart")?;
             let log = wire.finish()?;
+            doubles += log.double_answers().len();
             back_gap.push(
                 log.handover_gap(vip, m1, self.c.mac(&w0), t_restart)
                     .context("the restarted owner never claimed its VIP")?,
@@ -180,7 +188,7 @@ impl Bench {
         row(
             "restart of the killed agent: hand-over back to it, last answer of the stand-in → first claim of the restarted owner",
             &back_gap,
-            "ARP requests every 100 ms",
+            &format!("ARP requests every 100 ms; probe rounds answered by two MACs: {doubles}"),
         );
         Ok(())
     }
@@ -364,6 +372,13 @@ fn main() -> Result<()> {
     println!("| measurement | runs | median | p90 | max | notes |");
     println!("|---|---:|---:|---:|---:|---|");
     let load_before = load();
+    let busy = std::env::var("L2_BENCH_SATURATE")
+        .is_ok_and(|v| v == "1")
+        .then(Saturator::start)
+        .transpose()?;
+    if let Some(b) = &busy {
+        eprintln!("every CPU busy: {} busy threads", b.threads());
+    }
     let result = (|| {
         if phases.contains("kill") {
             b.kill_runs(env_num("L2_BENCH_RUNS", 20))?;
@@ -377,6 +392,14 @@ fn main() -> Result<()> {
         }
         anyhow::Ok(())
     })();
+    let busy_note = busy.as_ref().map(|b| {
+        format!(
+            "; {} busy threads, CPUs {:.0} % busy during the phases",
+            b.threads(),
+            b.busy_share().unwrap_or(f64::NAN) * 100.0
+        )
+    });
+    drop(busy);
     if std::env::var("L2_BENCH_LOGS").is_ok_and(|v| v == "1") {
         eprintln!("{}", b.c.agents.log_tails(200));
     }
@@ -389,9 +412,10 @@ fn main() -> Result<()> {
         bail!("agents panicked: {panics:?}");
     }
     println!(
-        "\nload average before {load_before}, after {}; {:.0} s in all",
+        "\nload average before {load_before}, after {}; {:.0} s in all{}",
         load(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        busy_note.unwrap_or_default()
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Offline CLI input at scale: parse + compile time of the synthetic 13,103-object cluster
-//! (`palisade_netpol::synthetic`) per input format.
+//! (`palisade_netpol::synthetic`) per input format; the two YAML forms once more with the
+//! fast reader off (every document through serde-saphyr), for comparison.
 //!
 //! ```text
 //! cargo run --release -p palisade-netpol --example manifests_bench
@@ -21,37 +22,55 @@ fn main() {
     let d = dumps(&cluster);
     let cfg = NodeConfig::new(NODE);
     let split_bytes: usize = d.split.iter().map(String::len).sum();
-    let forms: Vec<(String, Vec<&str>, usize)> = vec![
+    type Parser = fn(&str) -> Result<ClusterState, palisade_netpol::ManifestError>;
+    let general: Parser = manifests::parse_yaml_general_only;
+    let forms: Vec<(String, Vec<&str>, usize, Parser)> = vec![
         (
             "multi-document YAML".into(),
             vec![d.multi_yaml.as_str()],
             d.multi_yaml.len(),
+            manifests::parse,
         ),
         (
             "one YAML List".into(),
             vec![d.yaml_list.as_str()],
             d.yaml_list.len(),
+            manifests::parse,
         ),
         (
             "one JSON List".into(),
             vec![d.json_list.as_str()],
             d.json_list.len(),
+            manifests::parse,
         ),
         (
             format!("{} split YAML files", d.split.len()),
             d.split.iter().map(String::as_str).collect(),
             split_bytes,
+            manifests::parse,
+        ),
+        (
+            "multi-document YAML, serde-saphyr only".into(),
+            vec![d.multi_yaml.as_str()],
+            d.multi_yaml.len(),
+            general,
+        ),
+        (
+            "one YAML List, serde-saphyr only".into(),
+            vec![d.yaml_list.as_str()],
+            d.yaml_list.len(),
+            general,
         ),
     ];
     println!("| input (13,103 objects) | size | parse | compile + render | total |");
     println!("|---|---|---|---|---|");
-    for (name, files, bytes) in forms {
+    for (name, files, bytes, parse) in forms {
         let (mut parse_t, mut compile_t) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
             let t = Instant::now();
             let mut st = ClusterState::default();
             for f in &files {
-                st.merge(manifests::parse(f).expect("parses"));
+                st.merge(parse(f).expect("parses"));
             }
             parse_t.push(t.elapsed());
             let t = Instant::now();

@@ -18,6 +18,8 @@ use serde_json::Value;
 
 use crate::{ClusterState, ManifestError};
 
+mod fastyaml;
+
 /// Parses manifests in either format: text whose first non-space byte is `{` or `[` is JSON
 /// (what `kubectl get -o json` prints; several concatenated values are allowed), anything
 /// else is a (multi-document) YAML stream.
@@ -125,23 +127,55 @@ fn yaml_options(len: usize) -> serde_saphyr::Options {
     options
 }
 
-/// Parses a (multi-document) YAML stream of any number of documents.
+/// One chunk through serde-saphyr, the general YAML parser.
+fn yaml_general(chunk: &str) -> Result<Vec<Value>, serde_saphyr::Error> {
+    serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
+        chunk,
+        yaml_options(chunk.len()),
+    )
+}
+
+/// The fast reader and the general parser on one YAML chunk, for the differential fuzz
+/// target: what the fast reader returns (`None`: it declined) and what serde-saphyr returns.
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn yaml_both_ways(chunk: &str) -> (Option<Vec<Value>>, Result<Vec<Value>, String>) {
+    (
+        fastyaml::parse_chunk(chunk),
+        yaml_general(chunk).map_err(|e| e.to_string()),
+    )
+}
+
+/// Parses a (multi-document) YAML stream of any number of documents. Each document goes
+/// through a fast reader of the block-style subset `kubectl` prints first; whatever it does
+/// not read with certainty goes to serde-saphyr (so errors and rare YAML features are the
+/// general parser's).
 pub fn parse_yaml(text: &str) -> Result<ClusterState, ManifestError> {
+    parse_yaml_with(text, true)
+}
+
+/// [`parse_yaml`] with every document through serde-saphyr, for the benchmark's comparison.
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub fn parse_yaml_general_only(text: &str) -> Result<ClusterState, ManifestError> {
+    parse_yaml_with(text, false)
+}
+
+fn parse_yaml_with(text: &str, fast: bool) -> Result<ClusterState, ManifestError> {
     let mut state = ClusterState::default();
     let mut index = 0;
     for (line, chunk) in yaml_chunks(text) {
-        let docs: Vec<Value> = serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
-            chunk,
-            yaml_options(chunk.len()),
-        )
-        .map_err(|e| ManifestError::Syntax {
-            format: "YAML",
-            document: index,
-            line: line
-                + e.location()
-                    .map_or(0, |l| (l.line() as usize).saturating_sub(1)),
-            message: e.to_string(),
-        })?;
+        let docs = match fast.then(|| fastyaml::parse_chunk(chunk)).flatten() {
+            Some(docs) => docs,
+            None => yaml_general(chunk).map_err(|e| ManifestError::Syntax {
+                format: "YAML",
+                document: index,
+                line: line
+                    + e.location()
+                        .map_or(0, |l| (l.line() as usize).saturating_sub(1)),
+                message: e.to_string(),
+            })?,
+        };
         for doc in docs {
             add_document(
                 &mut state,
