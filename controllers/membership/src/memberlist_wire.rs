@@ -256,6 +256,9 @@ fn parse_owned(b: &[u8]) -> Option<OwnedReport> {
     let count = usize::from(b[10]);
     let mut rest = &b[OWNED_HEAD..];
     let mut ips = BTreeMap::new();
+    // Entries in the one order the encoder writes (releasing first, each part by address,
+    // no repeats), so that one report has one encoding.
+    let mut last: Option<(bool, IpAddr)> = None;
     for _ in 0..count {
         let (&fam, tail) = rest.split_first()?;
         let releasing = fam & 0x80 != 0;
@@ -272,6 +275,11 @@ fn parse_owned(b: &[u8]) -> Option<OwnedReport> {
             }
             _ => return None,
         };
+        let key = (!releasing, ip);
+        if last.is_some_and(|l| l >= key) {
+            return None;
+        }
+        last = Some(key);
         if ips.insert(ip, releasing).is_some() {
             return None;
         }
@@ -767,6 +775,24 @@ mod tests {
             ),
             ("left over", [&head(1, 0, 1)[..], &v4, &[0]].concat()),
             ("duplicate", [&head(1, 0, 2)[..], &v4, &v4].concat()),
+            // The encoder's order only (found by the fuzzer: one report, two encodings).
+            (
+                "addresses descending",
+                [&head(1, 0, 2)[..], &v4, &[4, 4, 4, 4, 4]].concat(),
+            ),
+            (
+                "releasing after kept",
+                [
+                    &head(1, 0, 2)[..],
+                    &[4, 4, 4, 4, 4],
+                    &[0x84, 198, 51, 100, 200],
+                ]
+                .concat(),
+            ),
+            (
+                "one address twice, releasing and kept",
+                [&head(1, 0, 2)[..], &[0x84, 198, 51, 100, 200], &v4].concat(),
+            ),
             ("beyond the bound", big),
         ];
         let mut g = Guard::new(Duration::from_secs(30));
@@ -777,6 +803,16 @@ mod tests {
                 &w.cx()
             )
             .is_ok());
+        // Releasing first, then kept, each ascending: accepted.
+        let ordered = [
+            &head(1, 0, 3)[..],
+            &[0x84, 198, 51, 100, 200],
+            &[4, 4, 4, 4, 4],
+            &[4, 203, 0, 113, 1],
+        ]
+        .concat();
+        let mut g = Guard::new(Duration::from_secs(30));
+        assert!(g.check(&with(&ordered), ip("10.0.0.2"), &w.cx()).is_ok());
         for (what, section) in cases {
             let mut g = Guard::new(Duration::from_secs(30));
             assert_eq!(
