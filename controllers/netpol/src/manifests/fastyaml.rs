@@ -86,8 +86,8 @@ pub(crate) fn parse_chunk(chunk: &str) -> Option<Vec<Value>> {
 }
 
 /// No control characters but `\n` (so no tabs, no `\r`), ends with a line break, no
-/// characters YAML treats specially outside ASCII (byte order mark, NEL, line and paragraph
-/// separators).
+/// characters outside ASCII that YAML does not print (C1 controls, U+FFFE, U+FFFF) or treats
+/// specially (byte order mark, NEL, line and paragraph separators).
 fn chunk_is_plain_text(chunk: &str) -> bool {
     if !chunk.ends_with('\n') || chunk.len() > 64 * 1024 * 1024 {
         return false;
@@ -100,9 +100,13 @@ fn chunk_is_plain_text(chunk: &str) -> bool {
         ascii &= b.is_ascii();
     }
     ascii
-        || !chunk
-            .chars()
-            .any(|c| matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}' | '\u{feff}'))
+        || !chunk.chars().any(|c| {
+            matches!(
+                c,
+                '\u{80}'
+                    ..='\u{9f}' | '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+            )
+        })
 }
 
 fn is_blank_or_comment(line: &str) -> bool {

@@ -215,6 +215,36 @@ fn declines_what_it_does_not_read_with_certainty() {
     declines(&deep);
 }
 
+/// Characters YAML does not print, or treats as breaks or marks, anywhere in a chunk — also
+/// inside a literal block (found by the fuzzer: U+0099 in a last-applied annotation, which
+/// serde-saphyr refuses).
+#[test]
+fn declines_unprintable_and_special_characters_outside_ascii() {
+    for c in [
+        '\u{80}', '\u{85}', '\u{99}', '\u{9f}', '\u{2028}', '\u{2029}', '\u{feff}', '\u{fffe}',
+        '\u{ffff}',
+    ] {
+        declines(&format!("a: x{c}y\n"));
+        declines(&format!("a: |\n  x{c}y\n"));
+        declines(&format!("a: \"x{c}y\"\n"));
+    }
+    declines(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  annotations:\n    \
+         kubectl.kubernetes.io/last-applied-configuration: |\n     \
+         \u{784}\u{75e}piVersion\":ce8-4-9rsion: \"48213\"est\u{99}fort\n",
+    );
+    // Printable non-ASCII is read (quoted and in blocks; plain scalars are ASCII only).
+    let text = "x\u{a0}\u{e9}\u{1f600}y";
+    assert_eq!(
+        reads(&format!("a: \"{text}\"\n"))["a"],
+        Value::String(text.into())
+    );
+    assert_eq!(
+        reads(&format!("a: |\n  {text}\n"))["a"],
+        Value::String(format!("{text}\n"))
+    );
+}
+
 #[test]
 fn block_structure() {
     let v = reads("a:\n- x\n- y: 1\n  z: 2\nb:\n  c:\n  - 3\n  d: |-\n    l1\n\n      l2\n");
