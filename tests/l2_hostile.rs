@@ -89,8 +89,9 @@ fn put(store: &Store, obj: Value) -> Result<()> {
 }
 
 impl Hostile {
-    /// The lab; `dead_nodes` extra Node objects with LAN addresses nothing answers.
-    fn start(dead_nodes: usize) -> Result<Hostile> {
+    /// The lab; `dead_nodes` extra Node objects with LAN addresses nothing answers; `extra`
+    /// flags for every agent.
+    fn start(dead_nodes: usize, extra: &[&str]) -> Result<Hostile> {
         let mut spec = LabSpec::new(3);
         spec.serve_pods = false;
         spec.ports = Vec::new();
@@ -187,7 +188,7 @@ impl Hostile {
                             "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
         )?;
         let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
-        let flags = [AGENT_FLAGS, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS].concat();
+        let flags = [AGENT_FLAGS, FAST_LEASE_FLAGS, FAST_SYNC_FLAGS, extra].concat();
         for n in &names {
             h.agents.start(n, &h.kubeconfig, &flags)?;
         }
@@ -354,7 +355,7 @@ fn forged_and_replayed_datagrams_move_nothing_and_failover_still_works() {
         return;
     }
     let started = Instant::now();
-    let mut h = Hostile::start(0).expect("lab");
+    let mut h = Hostile::start(0, &[]).expect("lab");
     let owner = wait_settled(&mut h, Duration::from_secs(20)).expect("settles");
     let owner_node = h.nodes.iter().find(|n| n.name == owner).unwrap().clone();
     let node_ips: Vec<Ipv4Addr> = h.nodes.iter().map(|n| n.ip).collect();
@@ -476,7 +477,7 @@ fn a_hundred_dead_nodes_do_not_disturb_the_live_ones() {
     if !palisade_e2e::lab_ready("a_hundred_dead_nodes_do_not_disturb_the_live_ones") {
         return;
     }
-    let mut h = Hostile::start(100).expect("lab");
+    let mut h = Hostile::start(100, &[]).expect("lab");
     let owner = wait_settled(&mut h, Duration::from_secs(20)).expect("settles");
     // 6 s of quiet: no membership change anywhere (silent peers are probed at a low rate,
     // every send is non-blocking).
@@ -505,4 +506,137 @@ fn a_hundred_dead_nodes_do_not_disturb_the_live_ones() {
     println!("failover with 100 dead Nodes: {} ms", took.as_millis());
     let panics = h.agents.panics();
     assert!(panics.is_empty(), "{panics:?}");
+}
+
+/// Issue 10, part 1, key rotation with real agents: the key files of the three agents are
+/// replaced one after the other (1 s apart, as the kubelet updates a Secret volume node by
+/// node); through the whole rotation window the owner never changes, every agent keeps three
+/// members and no datagram of a peer is rejected for its key. Then the owner is restarted with
+/// a wrong key: it is never elected (the failover's new owner keeps the IP, the restarted
+/// agent answers nothing) and the other two never count it.
+#[test]
+fn a_key_rotation_keeps_the_membership_and_a_wrong_key_agent_is_never_elected() {
+    const WINDOW_SECS: u64 = 10;
+    if !palisade_e2e::lab_ready("a_key_rotation_keeps_the_membership") {
+        return;
+    }
+    let window = format!("{WINDOW_SECS}s");
+    let mut h =
+        Hostile::start(0, &["--memberlist-key-rotation-window", window.as_str()]).expect("lab");
+    let owner = wait_settled(&mut h, Duration::from_secs(20)).expect("settles");
+    let names = h.names();
+    let unknown_key =
+        |h: &Hostile| -> Vec<f64> { names.iter().map(|n| h.rejected(n, "unknown_key")).collect() };
+    let before = unknown_key(&h);
+    // The file poll (2 s) plus the 2 s stagger stay inside half the window, when the first
+    // agent starts sending with the new key.
+    for (i, n) in names.iter().enumerate() {
+        h.agents
+            .write_key(n, "palisade-lab-memberlist-key-rotated-42")
+            .expect("key file");
+        if i + 1 < names.len() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    let until = Instant::now() + Duration::from_secs(WINDOW_SECS + 4);
+    let mut samples = 0;
+    while Instant::now() < until {
+        let (owners, alive) = h.owners();
+        assert_eq!(
+            owners,
+            vec![owner.clone()],
+            "ownership moved in the rotation"
+        );
+        assert!(
+            alive.iter().all(|(_, a)| *a == 3.0),
+            "membership changed in the rotation: {alive:?}"
+        );
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        unknown_key(&h),
+        before,
+        "peers' datagrams rejected for their key during the rotation"
+    );
+    // Every agent took the new key (so the checks above ran across a real rotation).
+    for n in &names {
+        let log = h.agents.log(n);
+        assert!(
+            log.contains("memberlist key changed"),
+            "{n} never rotated its key:\n{log}"
+        );
+    }
+
+    // The owner comes back with a wrong key (killed first, so the others fail over).
+    assert!(h.agents.kill(&owner).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let new_owner = loop {
+        let (owners, alive) = h.owners();
+        if owners.len() == 1 && owners[0] != owner && alive.iter().all(|(_, a)| *a == 2.0) {
+            break owners[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover: owners {owners:?}, alive {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    h.agents
+        .write_key(&owner, "an-attacker-guessed-key-0000000000")
+        .expect("key file");
+    let flags = [
+        AGENT_FLAGS,
+        FAST_LEASE_FLAGS,
+        FAST_SYNC_FLAGS,
+        &["--memberlist-key-rotation-window", window.as_str()],
+    ]
+    .concat();
+    h.agents
+        .start(&owner, &h.kubeconfig, &flags)
+        .expect("restart");
+    let others: Vec<String> = names.iter().filter(|n| **n != owner).cloned().collect();
+    let rejected_before: Vec<f64> = others
+        .iter()
+        .map(|n| h.rejected(n, "unknown_key"))
+        .collect();
+    // 8 s: longer than warm-up, the hold-back decision and two membership timeouts.
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut answered_metrics = false;
+    while Instant::now() < until {
+        let (owners, _) = h.owners();
+        assert_eq!(
+            owners,
+            vec![new_owner.clone()],
+            "the agent with a wrong key took the IP (or disturbed the owner)"
+        );
+        for n in &others {
+            let alive = h.agents.metric(n, "palisade_members_alive").unwrap_or(-1.0);
+            assert_eq!(alive, 2.0, "{n} counts the agent with a wrong key");
+        }
+        if let Some(owned) = h.agents.metric(&owner, "palisade_l2_owned_ips") {
+            answered_metrics = true;
+            assert_eq!(owned, 0.0, "the agent with a wrong key announces");
+        }
+        assert!(
+            h.agents.running(&owner),
+            "the agent with a wrong key exited"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        answered_metrics,
+        "the restarted agent never served /metrics"
+    );
+    for (n, before) in others.iter().zip(&rejected_before) {
+        assert!(
+            h.rejected(n, "unknown_key") > *before,
+            "{n} rejected none of the wrong key's datagrams"
+        );
+    }
+    let panics = h.agents.panics();
+    assert!(panics.is_empty(), "{panics:?}");
+    println!(
+        "key rotation: {samples} samples with 3 members and one owner; wrong key never counted"
+    );
 }
