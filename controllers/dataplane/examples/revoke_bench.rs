@@ -16,11 +16,16 @@
 //! (one ctnetlink dump, exact-tuple deletes batched per socket write), `tool` =
 //! [`KernelConntrack`] (`conntrack -L`, then one `conntrack -D` process per entry, each of
 //! which walks the table: quadratic).
-//! Columns: `list` = listing + parse, `trace` = judging every entry against the payload,
+//! `REVOKE_PORTS=distinct` gives every entry its own destination port (1–65,000, then
+//! again), so almost every entry is its own view (protocol, source, destination, port) and
+//! has to be traced: the worst case for `trace`; the default (`shared`) uses ports 80 and up,
+//! one per 60,000 entries, like many connections of a few clients to one port.
+//! Columns: `views` = distinct (protocol, source, destination, port) among the entries (each
+//! traced once), `list` = listing + parse, `trace` = judging every entry against the payload,
 //! `revoke` = the whole [`revoke_denied`] pass (list, trace, the deletions), and
 //! `delete` = revoke − list − trace.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -43,14 +48,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Inserts `n` entries into `ns`'s table; every `every`-th from z, the others from y.
-fn fill(ns: &Netns, n: usize, every: usize) -> Duration {
+/// Inserts `n` entries into `ns`'s table; every `every`-th from z, the others from y; with
+/// `distinct_ports` each to its own port.
+fn fill(ns: &Netns, n: usize, every: usize, distinct_ports: bool) -> Duration {
     let path = std::env::temp_dir().join(format!("pal-revoke-bench-{}.txt", std::process::id()));
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("file"));
         for i in 0..n {
             let src = if i % every == every - 1 { Z } else { Y };
-            let (sport, dport) = (1024 + i % 60000, 80 + i / 60000);
+            let (sport, dport) = if distinct_ports {
+                (1024 + i / 65000, 1 + i % 65000)
+            } else {
+                (1024 + i % 60000, 80 + i / 60000)
+            };
             writeln!(
                 f,
                 "-I -p tcp --state ESTABLISHED -t 600 -s {src} -d {X} --sport {sport} --dport {dport}"
@@ -92,6 +102,11 @@ fn main() {
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
+    let distinct_ports = match std::env::var("REVOKE_PORTS").as_deref() {
+        Ok("distinct") => true,
+        Ok("shared") | Err(_) => false,
+        Ok(other) => panic!("REVOKE_PORTS={other:?}: shared or distinct"),
+    };
     let st = cluster(
         vec![mk_node("n1", "10.9.6.0/24")],
         vec![
@@ -116,9 +131,9 @@ fn main() {
     let payload = render(&compile(&st, &cfg));
     let pods: BTreeSet<IpAddr> = [X, Y, Z].iter().map(|s| s.parse().unwrap()).collect();
     println!(
-        "| backend | entries | insert (conntrack -R) | list ms | trace ms | delete ms | revoke pass ms | denied | deleted | left |"
+        "| backend | entries | views | insert (conntrack -R) | list ms | trace ms | delete ms | revoke pass ms | denied | deleted | left |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     // A denied count above a tenth of the table would repeat the smaller one: skipped.
     let first = denied_counts.first().copied().unwrap_or(100);
     let mut runs = Vec::new();
@@ -135,7 +150,7 @@ fn main() {
     for (n, denied, backend) in runs {
         let ns = Netns::create("pal-rvkb").expect("netns");
         let every = (n / denied.clamp(1, n.max(1))).max(10);
-        let insert = fill(&ns, n, every);
+        let insert = fill(&ns, n, every, distinct_ports);
         let ct: Box<dyn Conntrack> = match backend.as_str() {
             "netlink" => Box::new(NetlinkConntrack::in_netns(ns.name()).expect("ctnetlink")),
             "tool" => Box::new(KernelConntrack::in_netns(ns.name()).expect("conntrack")),
@@ -144,6 +159,11 @@ fn main() {
         let t = Instant::now();
         let entries = ct.entries(Family::V4).expect("list");
         let list = t.elapsed();
+        let views = entries
+            .iter()
+            .map(|e| (e.proto, e.filter_view()))
+            .collect::<HashSet<_>>()
+            .len();
         let ctx = RevokeContext {
             local_pods: pods.clone(),
             local_addrs: ct.local_addresses().expect("addresses"),
@@ -162,7 +182,7 @@ fn main() {
         let delete = report.duration.saturating_sub(list + trace);
         assert_eq!(left, n - report.deleted, "only the denied entries deleted");
         println!(
-            "| {backend} | {n} | {:.0} ms | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {left} |",
+            "| {backend} | {n} | {views} | {:.0} ms | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {left} |",
             ms(insert),
             ms(list),
             ms(trace),

@@ -35,7 +35,8 @@
 //!
 //! This module is pure: the conntrack table is read and written by `palisade-dataplane`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use crate::compile::host_net;
@@ -140,9 +141,26 @@ pub enum Judgement {
     Denied,
 }
 
+/// What a judgement depends on: the protocol and the entry's [`CtEntry::filter_view`]
+/// (source ports and the rest of the reply tuple play no part), so the many connections of
+/// one client to one port share one.
+type View = (Protocol, IpAddr, IpAddr, u16);
+
+fn view(e: &CtEntry) -> View {
+    let (src, dst, dport) = e.filter_view();
+    (e.proto, src, dst, dport)
+}
+
 /// Judges one entry against the rules of `tracer` (the payload just applied).
 pub fn judge(tracer: &Tracer, ctx: &RevokeContext, e: &CtEntry) -> Result<Judgement, NetpolError> {
-    let (src, dst, dport) = e.filter_view();
+    judge_view(tracer, ctx, view(e))
+}
+
+fn judge_view(
+    tracer: &Tracer,
+    ctx: &RevokeContext,
+    (proto, src, dst, dport): View,
+) -> Result<Judgement, NetpolError> {
     if !ctx.local_pods.contains(&src) && !ctx.local_pods.contains(&dst) {
         return Ok(Judgement::NotLocal);
     }
@@ -152,7 +170,7 @@ pub fn judge(tracer: &Tracer, ctx: &RevokeContext, e: &CtEntry) -> Result<Judgem
     let mut pkt = Packet {
         src,
         dst,
-        proto: e.proto,
+        proto,
         dport,
         state: CtState::New,
         src_local: false,
@@ -177,15 +195,24 @@ pub fn judge(tracer: &Tracer, ctx: &RevokeContext, e: &CtEntry) -> Result<Judgem
     })
 }
 
-/// The entries of `entries` the rules deny (in input order).
+/// The entries of `entries` the rules deny (in input order). Each distinct view is traced
+/// once (a table of 100,000 entries is mostly a few clients' connections to a few ports).
 pub fn denied<'e>(
     tracer: &Tracer,
     ctx: &RevokeContext,
     entries: &'e [CtEntry],
 ) -> Result<Vec<&'e CtEntry>, NetpolError> {
+    let mut judged: HashMap<View, Judgement> = HashMap::new();
     let mut out = Vec::new();
     for e in entries {
-        if judge(tracer, ctx, e)? == Judgement::Denied {
+        let j = match judged.entry(view(e)) {
+            Entry::Occupied(o) => *o.get(),
+            Entry::Vacant(v) => {
+                let j = judge_view(tracer, ctx, *v.key())?;
+                *v.insert(j)
+            }
+        };
+        if j == Judgement::Denied {
             out.push(e);
         }
     }
@@ -294,6 +321,42 @@ mod tests {
         let entries: Vec<CtEntry> = cases.iter().map(|(e, _)| e.clone()).collect();
         let d = denied(&t, &ctx, &entries).unwrap();
         assert_eq!(d.len(), 3);
+    }
+
+    /// The per-view memo in `denied` gives what judging every entry alone gives: many
+    /// source ports per view, DNATed entries whose view equals a plain one, and views that
+    /// differ only in the protocol or the port.
+    #[test]
+    fn denied_with_shared_views_agrees_with_judging_each_entry() {
+        let (t, ctx) = setup(true);
+        let mut entries = Vec::new();
+        for sport in [40000, 40001, 40002] {
+            for (src, dport) in [("10.0.1.20", 80), ("10.0.1.30", 80), ("10.0.1.20", 81)] {
+                for proto in [Protocol::Tcp, Protocol::Udp] {
+                    entries.push(CtEntry::plain(
+                        proto,
+                        ip(src),
+                        sport,
+                        ip("10.0.1.10"),
+                        dport,
+                    ));
+                }
+            }
+            // Through a VIP DNATed to x/a: the same view as the direct entries.
+            let mut nat =
+                CtEntry::plain(Protocol::Tcp, ip("10.0.1.30"), sport, ip("10.96.0.1"), 443);
+            nat.reply_src = ip("10.0.1.10");
+            nat.reply_sport = 80;
+            entries.push(nat);
+        }
+        let want: Vec<&CtEntry> = entries
+            .iter()
+            .filter(|e| judge(&t, &ctx, e).unwrap() == Judgement::Denied)
+            .collect();
+        assert_eq!(denied(&t, &ctx, &entries).unwrap(), want);
+        // The policy allows TCP port 80 from y only: 3 sports × (y→80 over UDP, z→80 and
+        // y→81 over both, the DNATed z→80) = 18.
+        assert_eq!(want.len(), 18);
     }
 
     #[test]
