@@ -408,6 +408,10 @@ fn send_frame(
 /// Largest frame read; longer ones are truncated and then fail the length checks of
 /// `packet::parse` (requests are far shorter).
 const MAX_FRAME: usize = 9216;
+/// `sll_pkttype` of a frame addressed to another host: unicast to another MAC (flooded by a
+/// switch or seen in promiscuous mode), or tagged with a VLAN this host has no device for
+/// (the core receive path strips the tag and marks it so, also without the 802.1Q module).
+const PACKET_OTHERHOST: u8 = 3;
 /// `sll_pkttype` of a frame this host sent.
 const PACKET_OUTGOING: u8 = 4;
 
@@ -416,7 +420,9 @@ const PACKET_OUTGOING: u8 = 4;
 /// to the interface's upper devices (macvlan, VLAN, bond/bridge members' masters) after
 /// stripping their tags, with `sll_ifindex` naming the upper device; such a frame is the upper
 /// device's responder's business and answering it here would leave with our MAC and without
-/// the tag.
+/// the tag. Frames for another host are not answered either (the kernel's ARP and NDP drop
+/// them too): that would answer, untagged and on the native VLAN, a client in a VLAN this
+/// node is not in, or take over a request meant for another host's MAC.
 #[allow(clippy::too_many_arguments)]
 fn respond(
     iface: &str,
@@ -443,7 +449,9 @@ fn respond(
             }
         };
         let Some(from) = from else { continue };
-        if from.ifindex() != index as usize || from.pkttype() == PACKET_OUTGOING {
+        if from.ifindex() != index as usize
+            || matches!(from.pkttype(), PACKET_OUTGOING | PACKET_OTHERHOST)
+        {
             continue;
         }
         let frame = &buf[..len.min(buf.len())];

@@ -1099,6 +1099,104 @@ fn sub_interface_without_ip_answers_with_its_own_mac_only() {
     assert_eq!(both[&b], vec![sub]);
 }
 
+/// Frames the kernel hands to the node as `PACKET_OTHERHOST` are not for this node and are not
+/// answered, as the kernel's own ARP and NDP do: a request unicast to another host's MAC
+/// (flooded to us by the switch, or seen because the NIC is promiscuous), and a request tagged
+/// with a VLAN the node has no sub-interface for (the kernel strips the tag, finds no VLAN
+/// device and marks the frame for another host; answering it would put an untagged reply with
+/// our MAC on the native VLAN, for a client in another one). Runs on kernels without 802.1Q
+/// too: the tag is handled by the core receive path, not the VLAN module. The same requests
+/// broadcast and untagged, priority-tagged (VLAN ID 0), or unicast to our MAC, are answered.
+#[test]
+fn requests_for_other_hosts_or_other_vlans_are_not_answered() {
+    let Some(lab) = Lab::for_test(1, false) else {
+        return;
+    };
+    let eth0 = lab.mac("n1", "eth0");
+    let s1 = lab.speaker("n1");
+    let (a, a6): (Ipv4Addr, Ipv6Addr) = (v4("198.51.100.200"), "fd00:51:100::200".parse().unwrap());
+    s1.set_owned(owned(&[
+        ("198.51.100.200", &["eth0"]),
+        ("fd00:51:100::200", &["eth0"]),
+    ]))
+    .unwrap();
+    wait_until(Duration::from_secs(3), || s1.stats().gratuitous_sent >= 9).expect("bursts");
+
+    let elsewhere: MacAddr = "02:00:00:00:99:99".parse().unwrap();
+    let source6: Ipv6Addr = CLIENT.2.parse().unwrap();
+    /// How a request is put on the wire.
+    #[derive(Clone, Copy, Debug)]
+    enum Shape {
+        AsIs,
+        To(MacAddr),
+        Tagged(u16),
+    }
+    let shaped = |f: Vec<u8>, shape: Shape| match shape {
+        Shape::AsIs => f,
+        Shape::To(mac) => {
+            let mut f = f;
+            f[..6].copy_from_slice(&mac.octets());
+            f
+        }
+        Shape::Tagged(vid) => {
+            let mut t = f[..12].to_vec();
+            t.extend_from_slice(&[0x81, 0x00]);
+            t.extend_from_slice(&vid.to_be_bytes());
+            t.extend_from_slice(&f[12..]);
+            t
+        }
+    };
+    // Solicited answers from the node for the ARP and the NDP request, each sent in `shape`.
+    let answers = |shape: Shape| {
+        let requests: Vec<Box<dyn Fn(MacAddr) -> Vec<u8> + Send>> = vec![
+            Box::new(move |mac| shaped(packet::arp_request(mac, v4(CLIENT.1), a), shape)),
+            Box::new(move |mac| shaped(packet::neighbor_solicit(mac, source6, a6), shape)),
+        ];
+        let mut got: Vec<String> = ask(&lab, "eth0", requests, Duration::from_millis(250))
+            .into_iter()
+            .filter_map(|o| match o {
+                Observed::ArpReply {
+                    ip,
+                    mac,
+                    gratuitous: false,
+                } => Some(format!("{ip} at {mac}")),
+                Observed::Advert {
+                    target,
+                    mac,
+                    solicited: true,
+                    ..
+                } => Some(format!("{target} at {mac}")),
+                _ => None,
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let both = vec![format!("{a} at {eth0}"), format!("{a6} at {eth0}")];
+    assert_eq!(
+        answers(Shape::AsIs),
+        both,
+        "broadcast / multicast, untagged"
+    );
+    assert_eq!(answers(Shape::To(eth0)), both, "unicast to the node");
+    // 802.1p priority tag (VLAN ID 0): the native VLAN, answered as the kernel would.
+    assert_eq!(answers(Shape::Tagged(0)), both, "priority-tagged");
+    let before = s1.stats().replies_sent;
+    assert_eq!(
+        answers(Shape::To(elsewhere)),
+        Vec::<String>::new(),
+        "unicast to another host"
+    );
+    assert_eq!(
+        answers(Shape::Tagged(100)),
+        Vec::<String>::new(),
+        "VLAN 100"
+    );
+    assert_eq!(s1.stats().replies_sent, before, "{:?}", s1.stats());
+    // Still answering afterwards.
+    assert_eq!(answers(Shape::AsIs), both);
+}
+
 /// Real 802.1Q: `eth0.100` (VLAN 100, its own MAC, no address) on node 1 and on the client.
 /// A request tagged 100 is answered on `eth0.100` alone, with its MAC and tagged; an IP
 /// announced only on `eth0.100` is not answered untagged on `eth0`, and one announced only on
