@@ -317,7 +317,14 @@ impl Lab {
                 }
                 let exec = KernelExecutor::for_family(family, "auto", Some(node.name()))
                     .expect("executor");
-                exec.apply(&render(&compile(&st, &cfg))).expect("apply");
+                let payload = render(&compile(&st, &cfg));
+                exec.apply(&payload).expect("apply");
+                // What the kernel prints back is what was rendered (no rewrite at resync).
+                let again = exec.apply(&payload).expect("apply again");
+                assert!(
+                    again.verified && !again.changed,
+                    "read-back differs ({family:?}, node {name}): {again:?}"
+                );
             }
         }
     }

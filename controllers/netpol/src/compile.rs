@@ -32,7 +32,8 @@ mod tiers;
 pub(crate) use crate::ir::SetSource;
 pub use crate::ir::{
     Chain, Compiled, Hook, IpSet, Match, Protocol, Rule, SetDir, SetKind, SetMember, Target,
-    ICMP6_MLD2_REPORT, ICMP6_NEIGHBOR_ADVERTISEMENT, ICMP6_NEIGHBOR_SOLICITATION,
+    ICMP6_MLD1_DONE, ICMP6_MLD1_REPORT, ICMP6_MLD2_REPORT, ICMP6_MLD_QUERY,
+    ICMP6_NEIGHBOR_ADVERTISEMENT, ICMP6_NEIGHBOR_SOLICITATION, ICMP6_ROUTER_ADVERTISEMENT,
     ICMP6_ROUTER_SOLICITATION,
 };
 
@@ -155,8 +156,21 @@ impl<'m, 'a> Compiler<'m, 'a> {
         let selections = self.select();
         self.index_named_ports(&selections);
         let mut generated = self.policy_chains(&selections.selected_by);
-        let (ingress_dispatch, egress_dispatch) = self.dispatch(cfg, &selections, &mut generated);
+        let (mut ingress_dispatch, egress_dispatch, bridged_in) =
+            self.dispatch(cfg, &selections, &mut generated);
         let mut chains = self.fixed_chains(cfg, &selections);
+        if !bridged_in.is_empty() {
+            // After the node's own traffic returned, before any `-d POD` rule: a packet to
+            // another address that is bridged to an isolated pod is judged for that pod.
+            ingress_dispatch.insert(
+                1,
+                Rule::new(vec![], Target::Jump(names::BRIDGED_IN_CHAIN.into())),
+            );
+            chains.push(Chain {
+                name: names::BRIDGED_IN_CHAIN.into(),
+                rules: self.bridged_in(bridged_in),
+            });
+        }
         chains.extend([
             Chain {
                 name: names::EGRESS_CHAIN.into(),
@@ -271,13 +285,16 @@ impl<'m, 'a> Compiler<'m, 'a> {
 
     /// Phase 3: Profiles (distinct policy lists) and the dispatch chains: per local pod and
     /// direction, a jump to its profile; then what becomes of unknown pods. Returns the
-    /// ingress and the egress dispatch rules.
+    /// ingress and the egress dispatch rules, and per ingress-isolated pod on a bridge port
+    /// the rule sending what the bridge forwards to that port for another address (broadcast,
+    /// multicast, its link-local address) to the same profile.
     fn dispatch(
         &mut self,
         cfg: &NodeConfig,
         selections: &Selections,
         generated: &mut Generated,
-    ) -> (Vec<Rule>, Vec<Rule>) {
+    ) -> (Vec<Rule>, Vec<Rule>, Vec<Rule>) {
+        let mut bridged_in = Vec::new();
         let model = self.model;
         let mut ingress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
         let mut egress_dispatch = vec![Rule::new(vec![Match::SrcLocal], Target::Return)];
@@ -329,13 +346,54 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     }
                     continue;
                 };
+                if dir == Dir::Ingress {
+                    if let Some(PodInterface::BridgePort(port)) = cfg
+                        .pod_interfaces
+                        .get(&pod.ip)
+                        .filter(|i| PodInterface::valid_name(i.name()))
+                    {
+                        bridged_in.push(Rule::new(
+                            vec![
+                                Match::NotDst(host),
+                                Match::PhysdevOut(port.clone()),
+                                comment.clone(),
+                            ],
+                            Target::Goto(profile.clone()),
+                        ));
+                    }
+                }
                 dispatch.push(Rule::new(vec![addr, comment], Target::Goto(profile)));
             }
         }
         if block {
             self.block_unknown(&mut ingress_dispatch, &mut egress_dispatch);
         }
-        (ingress_dispatch, egress_dispatch)
+        (ingress_dispatch, egress_dispatch, bridged_in)
+    }
+
+    /// `PALISADE-BRIDGED-IN`: neighbour discovery and MLD pass (multicast to a pod is how they
+    /// work; a pod's own forged Router Advertisement is dropped where it enters, by
+    /// anti-spoofing), then the per-pod rules from [`Self::dispatch`].
+    fn bridged_in(&self, per_pod: Vec<Rule>) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if self.model.family == Family::V6 {
+            for t in [
+                ICMP6_MLD_QUERY,
+                ICMP6_ROUTER_ADVERTISEMENT,
+                ICMP6_NEIGHBOR_SOLICITATION,
+                ICMP6_NEIGHBOR_ADVERTISEMENT,
+            ] {
+                rules.push(Rule::new(
+                    vec![
+                        Match::Icmp6Type(t),
+                        Match::Comment("IPv6 neighbour discovery / MLD".into()),
+                    ],
+                    Target::Return,
+                ));
+            }
+        }
+        rules.extend(per_pod);
+        rules
     }
 
     /// The end of the dispatch chains under `block_unknown_pods`: traffic of the node's pod
@@ -468,10 +526,11 @@ impl<'m, 'a> Compiler<'m, 'a> {
         }
     }
 
-    /// `PALISADE-ANTISPOOF`: per local pod with a known interface, one rule dropping what
-    /// enters from it with another source. IPv6 first lets neighbour discovery through
-    /// (duplicate address detection from `::`, link-local ICMPv6), which never carries a
-    /// pod's global address. Pods without a known interface become diagnostics.
+    /// `PALISADE-ANTISPOOF`: per local pod with a known interface, two rules: drop what enters
+    /// from it with another source, and what it sends related to a connection it is not an
+    /// endpoint of. IPv6 first lets neighbour discovery through (duplicate address detection
+    /// from `::`, link-local solicitations, advertisements and MLD reports), which never
+    /// carries a pod's global address. Pods without a known interface become diagnostics.
     fn antispoof(&mut self, cfg: &NodeConfig) -> Vec<Rule> {
         let model = self.model;
         let mut rules = Vec::new();
@@ -493,15 +552,27 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     ));
                 }
             }
+            // From a link-local source only what a host sends (solicitations, advertisements
+            // of its own addresses, MLD reports): a pod's Router Advertisement, Redirect or
+            // echo from `fe80::` meets its own rule below and is dropped.
             if let Ok(ll) = IpNetwork::from_str("fe80::/10") {
-                rules.push(Rule::new(
-                    vec![
-                        Match::Src(ll),
-                        Match::Icmp6Any,
-                        Match::Comment("IPv6 link-local ICMPv6".into()),
-                    ],
-                    Target::Return,
-                ));
+                for t in [
+                    ICMP6_ROUTER_SOLICITATION,
+                    ICMP6_NEIGHBOR_SOLICITATION,
+                    ICMP6_NEIGHBOR_ADVERTISEMENT,
+                    ICMP6_MLD1_REPORT,
+                    ICMP6_MLD1_DONE,
+                    ICMP6_MLD2_REPORT,
+                ] {
+                    rules.push(Rule::new(
+                        vec![
+                            Match::Src(ll),
+                            Match::Icmp6Type(t),
+                            Match::Comment("IPv6 link-local neighbour discovery / MLD".into()),
+                        ],
+                        Target::Return,
+                    ));
+                }
             }
         }
         for &pi in &model.local {
@@ -539,10 +610,17 @@ impl<'m, 'a> Compiler<'m, 'a> {
             };
             rules.push(Rule::new(
                 vec![
-                    dev,
+                    dev.clone(),
                     Match::NotSrc(host_net(pod.ip)),
                     Match::Comment(pod.key()),
                 ],
+                Target::Drop,
+            ));
+            // A pod is not a router: what it sends related to a connection (an ICMP error,
+            // a helper's data connection) is about one of its own connections. Otherwise it
+            // is a forged error smuggled past every policy by the RELATED accept.
+            rules.push(Rule::new(
+                vec![dev, Match::RelatedNotOf(pod.ip), Match::Comment(pod.key())],
                 Target::Drop,
             ));
         }

@@ -495,6 +495,8 @@ impl<'s> Explainer<'s> {
                 icmp6_type: None,
                 in_iface: None,
                 physdev_in: None,
+                physdev_out: None,
+                related_to: None,
                 mid_stream: false,
             };
             // 1. Leaving the source's node (its egress rules).

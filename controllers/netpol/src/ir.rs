@@ -77,6 +77,13 @@ pub const ICMP6_NEIGHBOR_SOLICITATION: u8 = 135;
 pub const ICMP6_NEIGHBOR_ADVERTISEMENT: u8 = 136;
 /// MLDv2 listener report (RFC 3810), sent from `::` during duplicate address detection.
 pub const ICMP6_MLD2_REPORT: u8 = 143;
+/// MLD query (RFC 2710), from a querier (the node or a LAN router, never a pod).
+pub const ICMP6_MLD_QUERY: u8 = 130;
+/// MLDv1 listener report and done (RFC 2710).
+pub const ICMP6_MLD1_REPORT: u8 = 131;
+pub const ICMP6_MLD1_DONE: u8 = 132;
+/// Router Advertisement (RFC 4861): from routers only, never let in from a pod.
+pub const ICMP6_ROUTER_ADVERTISEMENT: u8 = 134;
 
 /// One match of a rule. The renderer prints addresses first, then the protocol, then the
 /// other matches in order, which is the order `iptables-save` prints them back.
@@ -86,10 +93,15 @@ pub enum Match {
     /// `! -s NET`.
     NotSrc(IpNetwork),
     Dst(IpNetwork),
+    /// `! -d NET`.
+    NotDst(IpNetwork),
     /// `-i IF`: the packet entered from this interface.
     InIface(String),
     /// `-m physdev --physdev-in IF`: the packet entered a bridge from this port.
     PhysdevIn(String),
+    /// `-m physdev --physdev-out IF --physdev-is-bridged`: the bridge forwards the packet out
+    /// of this port (FORWARD only).
+    PhysdevOut(String),
     Proto(Protocol),
     /// `-m <proto> --dport lo[:hi]` (needs a preceding [`Match::Proto`]).
     DPort(Protocol, u16, u16),
@@ -101,6 +113,9 @@ pub enum Match {
     },
     /// `-m conntrack --ctstate <states>`.
     CtState(&'static str),
+    /// `-m conntrack --ctstate RELATED ! --ctorigsrc IP ! --ctreplsrc IP`: a packet related to
+    /// a connection `IP` is not an endpoint of (as origin, or as the answering side).
+    RelatedNotOf(IpAddr),
     /// `-m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN` (`! --syn`): not a connection-opening SYN
     /// (needs a preceding [`Match::Proto`] TCP).
     TcpNotSyn,

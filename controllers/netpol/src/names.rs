@@ -43,6 +43,9 @@ pub const EGRESS_CHAIN: &str = "PALISADE-EGRESS";
 pub const ANTISPOOF_CHAIN: &str = "PALISADE-ANTISPOOF";
 /// TCP packets picked up mid-stream (state NEW without SYN) of isolated local pods.
 pub const MIDSTREAM_CHAIN: &str = "PALISADE-MIDSTREAM";
+/// Bridged pods: packets the bridge forwards to a pod's port that are not addressed to the
+/// pod's IP (broadcast, multicast, link-local) go through the pod's ingress profile too.
+pub const BRIDGED_IN_CHAIN: &str = "PALISADE-BRIDGED-IN";
 
 /// Kernel limit for iptables chain names.
 pub const MAX_CHAIN_NAME: usize = 28;

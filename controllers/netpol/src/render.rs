@@ -234,8 +234,14 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
         }
     }
     for m in &r.matches {
-        if let Match::Dst(n) = m {
-            let _ = write!(out, " -d {}/{}", n.network(), n.prefix());
+        match m {
+            Match::Dst(n) => {
+                let _ = write!(out, " -d {}/{}", n.network(), n.prefix());
+            }
+            Match::NotDst(n) => {
+                let _ = write!(out, " ! -d {}/{}", n.network(), n.prefix());
+            }
+            _ => {}
         }
     }
     for m in &r.matches {
@@ -257,11 +263,19 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
             Match::Src(_)
             | Match::NotSrc(_)
             | Match::Dst(_)
+            | Match::NotDst(_)
             | Match::InIface(_)
             | Match::Proto(_)
             | Match::Icmp6Any => {}
             Match::PhysdevIn(i) => {
                 let _ = write!(out, " -m physdev --physdev-in {}", sanitize(i, 15));
+            }
+            Match::PhysdevOut(i) => {
+                let _ = write!(
+                    out,
+                    " -m physdev --physdev-out {} --physdev-is-bridged",
+                    sanitize(i, 15)
+                );
             }
             Match::DPort(p, lo, hi) => {
                 let _ = write!(out, " -m {} --dport {}", p.as_str(), port_range(*lo, *hi));
@@ -275,6 +289,13 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
             }
             Match::CtState(s) => {
                 let _ = write!(out, " -m conntrack --ctstate {s}");
+            }
+            // iptables-save prints a host address without its prefix here.
+            Match::RelatedNotOf(ip) => {
+                let _ = write!(
+                    out,
+                    " -m conntrack --ctstate RELATED ! --ctorigsrc {ip} ! --ctreplsrc {ip}"
+                );
             }
             Match::TcpNotSyn => out.push_str(" -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN"),
             Match::Mark { bit, negate } => {

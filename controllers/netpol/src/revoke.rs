@@ -177,6 +177,8 @@ fn judge_view(
         icmp6_type: None,
         in_iface: None,
         physdev_in: None,
+        physdev_out: None,
+        related_to: None,
         mid_stream: false,
     };
     match ctx.interfaces.get(&src) {

@@ -28,6 +28,9 @@ pub enum CtState {
     Established,
     Related,
     Invalid,
+    /// Not tracked: what conntrack makes of neighbour discovery and MLD (ICMPv6 types
+    /// 130–136 and 143 never create a connection).
+    Untracked,
 }
 
 impl CtState {
@@ -37,6 +40,7 @@ impl CtState {
             CtState::Established => "ESTABLISHED",
             CtState::Related => "RELATED",
             CtState::Invalid => "INVALID",
+            CtState::Untracked => "UNTRACKED",
         }
     }
 }
@@ -57,6 +61,12 @@ pub struct Packet {
     pub in_iface: Option<String>,
     /// The bridge port the packet entered from (`--physdev-in`, br_netfilter).
     pub physdev_in: Option<String>,
+    /// The bridge port the bridge forwards the packet out of (`--physdev-out`, FORWARD).
+    pub physdev_out: Option<String>,
+    /// The connection a [`CtState::Related`] packet belongs to, as (origin's source, answering
+    /// side's source) (`--ctorigsrc`, `--ctreplsrc`); `None`: the packet's own flow, so its
+    /// source and its destination.
+    pub related_to: Option<(IpAddr, IpAddr)>,
     /// A TCP packet other than a connection-opening SYN (`! --syn`): with
     /// [`CtState::New`], a flow picked up mid-stream (after its conntrack entry went away).
     pub mid_stream: bool,
@@ -80,12 +90,14 @@ impl Packet {
             icmp6_type: None,
             in_iface: None,
             physdev_in: None,
+            physdev_out: None,
+            related_to: None,
             mid_stream: false,
         }
     }
 
     /// An ICMPv6 message of type `t` (e.g. 135, a Neighbor Solicitation). Neighbour
-    /// discovery is not tracked by conntrack: give it [`CtState::Invalid`] to trace it as
+    /// discovery is not tracked by conntrack: give it [`CtState::Untracked`] to trace it as
     /// the kernel sees it.
     pub fn icmp6(src: &str, dst: &str, t: u8) -> Packet {
         let mut p = Packet::new(src, dst, Protocol::Tcp, 0);
@@ -100,6 +112,21 @@ impl Packet {
 
     pub fn from_local(mut self) -> Packet {
         self.src_local = true;
+        self
+    }
+
+    /// A packet related to the connection from `orig_src` answered by `repl_src` (e.g. an ICMP
+    /// error about it): state [`CtState::Related`].
+    pub fn related_to(mut self, orig_src: &str, repl_src: &str) -> Packet {
+        let parse = |s: &str| IpAddr::from_str(s).unwrap_or(IpAddr::from([0u8, 0, 0, 0]));
+        self.state = CtState::Related;
+        self.related_to = Some((parse(orig_src), parse(repl_src)));
+        self
+    }
+
+    /// Forwarded by the bridge out of its port `port` (to the pod behind it).
+    pub fn bridged_out(mut self, port: &str) -> Packet {
+        self.physdev_out = Some(port.to_string());
         self
     }
 
@@ -195,6 +222,12 @@ enum M {
     InIface(String, bool),
     /// `--physdev-in IF`.
     PhysdevIn(String, bool),
+    /// `--physdev-out IF`.
+    PhysdevOut(String, bool),
+    /// `--physdev-is-bridged`.
+    PhysdevBridged(bool),
+    /// `--ctorigsrc NET` / `--ctreplsrc NET` (`true`: the original direction's).
+    CtSrc(IpNetwork, bool, bool),
     Proto(Protocol),
     DPorts(Vec<(u16, u16)>),
     Set {
@@ -481,6 +514,12 @@ impl Tracer {
             M::Dst(n, neg) => n.contains(pkt.dst) != *neg,
             M::InIface(i, neg) => (pkt.in_iface.as_deref() == Some(i.as_str())) != *neg,
             M::PhysdevIn(i, neg) => (pkt.physdev_in.as_deref() == Some(i.as_str())) != *neg,
+            M::PhysdevOut(i, neg) => (pkt.physdev_out.as_deref() == Some(i.as_str())) != *neg,
+            M::PhysdevBridged(neg) => pkt.physdev_out.is_some() != *neg,
+            M::CtSrc(n, orig, neg) => {
+                let (o, r) = pkt.related_to.unwrap_or((pkt.src, pkt.dst));
+                n.contains(if *orig { o } else { r }) != *neg
+            }
             M::Proto(p) => pkt.icmp6_type.is_none() && *p == pkt.proto,
             M::Icmp6 => pkt.icmp6_type.is_some(),
             M::Icmp6Type(t) => pkt.icmp6_type == Some(*t),
@@ -646,6 +685,18 @@ fn parse_iptables(text: &str) -> Result<HashMap<String, Vec<TRule>>, NetpolError
                 "-d" => matches.push(M::Dst(parse_net(line, &arg(k + 1)?)?, negate)),
                 "-i" => matches.push(M::InIface(arg(k + 1)?, negate)),
                 "--physdev-in" => matches.push(M::PhysdevIn(arg(k + 1)?, negate)),
+                "--physdev-out" => matches.push(M::PhysdevOut(arg(k + 1)?, negate)),
+                "--physdev-is-bridged" => {
+                    matches.push(M::PhysdevBridged(negate));
+                    negate = false;
+                    k += 1;
+                    continue;
+                }
+                "--ctorigsrc" | "--ctreplsrc" => matches.push(M::CtSrc(
+                    parse_net(line, &arg(k + 1)?)?,
+                    w[k] == "--ctorigsrc",
+                    negate,
+                )),
                 "-p" => {
                     let p = arg(k + 1)?;
                     if p == "ipv6-icmp" {

@@ -128,13 +128,14 @@ fn forged_sources_are_dropped_routed_and_bridged_v4_and_v6() {
                     "{what}"
                 );
             }
-            // At most 2 rules per local pod (3 local pods; IPv6 adds 4 shared NDP rules).
+            // At most 2 rules per local pod (3 local pods; IPv6 adds 9 shared rules: 3 for
+            // DAD from `::`, 6 for link-local neighbour discovery and MLD).
             let n = compiled
                 .chain(names::ANTISPOOF_CHAIN)
                 .expect("chain")
                 .rules
                 .len();
-            let shared = if family == Family::V6 { 4 } else { 0 };
+            let shared = if family == Family::V6 { 9 } else { 0 };
             assert!(n - shared <= 2 * 3, "{what}");
             assert!(
                 !compiled
@@ -193,6 +194,131 @@ fn ipv6_neighbour_discovery_and_dad_keep_working() {
         // `::` is only good for DAD, not for UDP.
         let p = from_pod(Packet::new("::", XA6, Protocol::Udp, 53), "za", bridged);
         assert_eq!(verdict(&t, "FORWARD", &p), Drop, "{text}");
+    }
+}
+
+/// A pod's link-local ICMPv6 is only neighbour discovery and MLD: its Router Advertisement
+/// or Redirect (taking over other pods' routes) and its echo past an egress policy are
+/// dropped, in FORWARD (bridged: other pods) and INPUT (the node). The same from the LAN
+/// (not a pod's interface) is not this chain's business.
+#[test]
+fn a_pods_router_advertisements_redirects_and_link_local_echo_are_dropped() {
+    for bridged in [false, true] {
+        let (_, t, text) = build(&cfg(bridged, Family::V6));
+        let from_z = |ty: u8, dst: &str| {
+            from_pod(Packet::icmp6("fe80::30", dst, ty), "za", bridged).with_state(CtState::Invalid)
+        };
+        for (ty, dst) in [(134, "ff02::1"), (137, "fe80::10"), (128, "fe80::10")] {
+            for chain in ["FORWARD", "INPUT"] {
+                assert_eq!(
+                    verdict(&t, chain, &from_z(ty, dst)),
+                    Drop,
+                    "{ty} {chain}\n{text}"
+                );
+            }
+        }
+        for ty in [131, 132, 133, 135, 136, 143] {
+            assert_eq!(
+                verdict(&t, "INPUT", &from_z(ty, "ff02::16")),
+                Accept,
+                "{ty}\n{text}"
+            );
+        }
+        // A router on the LAN (no pod's interface) still advertises.
+        let lan = Packet::icmp6("fe80::1", "ff02::1", 134)
+            .entering("eth0")
+            .with_state(CtState::Invalid);
+        assert_eq!(verdict(&t, "INPUT", &lan), Accept, "{text}");
+    }
+}
+
+/// What a pod sends related to a connection (an ICMP error) must be about one of its own
+/// connections: z/a's forged "port unreachable" about x/a's flow to y/b is dropped before the
+/// RELATED accept; y/b's genuine one, and z/a's about its own flows, pass.
+#[test]
+fn forged_icmp_errors_about_other_pods_connections_are_dropped() {
+    for bridged in [false, true] {
+        for family in [Family::V4, Family::V6] {
+            let (_, t, text) = build(&cfg(bridged, family));
+            let what = format!("bridged={bridged} {family:?}\n{text}");
+            let (xa, yb, za) = match family {
+                Family::V4 => (XA, YB, ZA),
+                Family::V6 => (XA6, YB6, ZA6),
+            };
+            let error = |from: &str, who: &str, orig: &str, repl: &str| {
+                from_pod(Packet::new(from, xa, Protocol::Udp, 0), who, bridged)
+                    .related_to(orig, repl)
+            };
+            assert_eq!(
+                verdict(&t, "FORWARD", &error(za, "za", xa, yb)),
+                Drop,
+                "{what}"
+            );
+            assert_eq!(
+                verdict(&t, "FORWARD", &error(za, "za", yb, xa)),
+                Drop,
+                "{what}"
+            );
+            assert_eq!(
+                verdict(&t, "FORWARD", &error(yb, "yb", xa, yb)),
+                Accept,
+                "{what}"
+            );
+            assert_eq!(
+                verdict(&t, "FORWARD", &error(za, "za", xa, za)),
+                Accept,
+                "{what}"
+            );
+            assert_eq!(
+                verdict(&t, "FORWARD", &error(za, "za", za, xa)),
+                Accept,
+                "{what}"
+            );
+        }
+    }
+}
+
+/// Bridged: what the bridge forwards to an isolated pod's port for another address
+/// (broadcast, multicast, its link-local address) is judged by the pod's ingress policy:
+/// denied from z/a, allowed from y/b. Neighbour discovery to the pod's groups passes.
+#[test]
+fn broadcast_and_multicast_bridged_to_an_isolated_pod_meet_its_policy() {
+    for family in [Family::V4, Family::V6] {
+        let (_, t, text) = build(&cfg(true, family));
+        let (yb, za, dsts) = match family {
+            Family::V4 => (YB, ZA, vec!["255.255.255.255", "224.0.0.1", "10.244.1.255"]),
+            Family::V6 => (YB6, ZA6, vec!["ff02::1", "fe80::10"]),
+        };
+        for dst in dsts {
+            for proto in [Protocol::Udp, Protocol::Tcp] {
+                let to_x = |src: &str, who: &str| {
+                    from_pod(Packet::new(src, dst, proto, 80), who, true).bridged_out("brp-xa")
+                };
+                assert_eq!(
+                    verdict(&t, "FORWARD", &to_x(za, "za")),
+                    Drop,
+                    "{dst}\n{text}"
+                );
+                // The subnet broadcast is also an address of the pod CIDR no pod has.
+                let allowed = if dst == "10.244.1.255" { Drop } else { Accept };
+                assert_eq!(
+                    verdict(&t, "FORWARD", &to_x(yb, "yb")),
+                    allowed,
+                    "{dst}\n{text}"
+                );
+                // To a pod no policy isolates: not judged.
+                let to_z =
+                    from_pod(Packet::new(yb, dst, proto, 80), "yb", true).bridged_out("brp-za");
+                let open = if dst == "10.244.1.255" { Drop } else { Accept };
+                assert_eq!(verdict(&t, "FORWARD", &to_z), open, "{dst}\n{text}");
+            }
+        }
+        if family == Family::V6 {
+            let ns = from_pod(Packet::icmp6(ZA6, "ff02::1:ff00:10", 135), "za", true)
+                .bridged_out("brp-xa")
+                .with_state(CtState::Untracked);
+            assert_eq!(verdict(&t, "FORWARD", &ns), Accept, "{text}");
+        }
     }
 }
 
