@@ -223,7 +223,7 @@ fn main() {
         );
     }
     println!(
-        "\n(IPv6 adds 4 fixed rules for neighbour discovery / DAD, whatever the pod count.)\n"
+        "\n(IPv6 adds 9 fixed rules for DAD and link-local neighbour discovery / MLD, whatever the pod count.)\n"
     );
 
     if !is_root() {
