@@ -471,8 +471,10 @@ fn pod_router_advertisements_and_link_local_icmpv6_are_dropped_bridged() {
 
     // Controls without Palisade's rules: the RA and the echo are well-formed and effective.
     py(z, RA, &[&lab.ll(Z)]);
-    std::thread::sleep(Duration::from_millis(300));
-    let before = ra_routes(x);
+    let before = palisade_poll::poll(Duration::from_secs(3), Duration::from_millis(50), || {
+        Some(ra_routes(x)).filter(|r| !r.is_empty())
+    })
+    .unwrap_or_default();
     assert!(
         !before.is_empty(),
         "control: without rules, z's RA installs a default route in x"
@@ -490,7 +492,9 @@ fn pod_router_advertisements_and_link_local_icmpv6_are_dropped_bridged() {
     apply(&lab, &state(&lab, true));
     let mut failures = Vec::new();
     py(z, RA, &[&lab.ll(Z)]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Not a wait for a condition: the time the control above needed, and more, for the RA
+    // to do nothing.
+    std::thread::sleep(Duration::from_millis(500));
     for (name, ns) in [("x", x), ("y", y)] {
         let routes = ra_routes(ns);
         if !routes.is_empty() {
