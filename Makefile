@@ -66,7 +66,7 @@ FUZZ_TARGETS ?= manifests manifests_fastyaml pool_address membership_datagram ar
 fuzz:
 	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
-	  mkdir -p corpus/$$t && \
+	  mkdir -p corpus/$$t seeds/$$t && \
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -s none -O $$t corpus/$$t seeds/$$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 || exit 1; \
 	done
