@@ -119,6 +119,7 @@ impl Selector {
         let mut reqs = Vec::new();
         for (k, v) in sel.match_labels.iter().flatten() {
             check_key(k)?;
+            check_value(k, v)?;
             reqs.push(Requirement {
                 key: k.clone(),
                 op: Op::In,
@@ -127,6 +128,9 @@ impl Selector {
         }
         for e in sel.match_expressions.iter().flatten() {
             check_key(&e.key)?;
+            for v in e.values.iter().flatten() {
+                check_value(&e.key, v)?;
+            }
             let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
             let op = match e.operator.as_str() {
                 "In" => Op::In,
@@ -200,12 +204,51 @@ pub fn any_matches<L: Labels + ?Sized>(selectors: &[Selector], labels: &L) -> bo
 }
 
 fn check_key(key: &str) -> Result<(), SelectorError> {
-    // The full qualified-name grammar is the API server's job; an empty or oversized key
-    // would make the canonical form ambiguous, so reject those here.
-    if key.is_empty() || key.len() > 317 || key.chars().any(|c| c.is_whitespace() || c == ',') {
+    // The API server's grammar (a qualified name: `[prefix/]name`), checked here too: the
+    // canonical form below is a set's identity, and a key or value with `!`, `(`, `,` or
+    // spaces could spell another selector's identity (custom resources reach us without
+    // this validation).
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                    && !part.starts_with('-')
+                    && !part.ends_with('-')
+            })
+    });
+    if !prefix_ok || name.is_empty() || !is_label_name(name) {
         return Err(SelectorError(format!("invalid label key {key:?}")));
     }
     Ok(())
+}
+
+/// A label value: empty, or at most 63 characters of `[A-Za-z0-9_.-]` starting and ending
+/// with an alphanumeric one (the API server's rule; see [`check_key`] for why it matters).
+fn check_value(key: &str, value: &str) -> Result<(), SelectorError> {
+    if value.is_empty() || is_label_name(value) {
+        Ok(())
+    } else {
+        Err(SelectorError(format!(
+            "label key {key:?}: invalid value {value:?}"
+        )))
+    }
+}
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`, at most 63 characters.
+fn is_label_name(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    s.len() <= 63
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+        && s.chars().all(|c| alnum(c) || matches!(c, '-' | '_' | '.'))
 }
 
 /// Canonical text, like `labels.Selector.String()`: `a in (x,y),b notin (z),c,!d`;
@@ -365,12 +408,40 @@ mod tests {
             expr("a", "Exists", &["x"]),
             expr("a", "Equals", &["x"]),
             expr("", "Exists", &[]),
+            // Keys and values outside the API grammar: with them one selector could print
+            // as another's identity (`a notin (x),b in (y)` from one requirement).
+            expr("a", "NotIn", &["x),b in (y"]),
+            expr("!d", "Exists", &[]),
+            expr("a b", "Exists", &[]),
+            expr("a", "In", &["-x"]),
+            expr("a", "In", &[&"v".repeat(64)]),
+            expr("Example.com/a", "Exists", &[]),
+            expr("/a", "Exists", &[]),
+            expr("x/", "Exists", &[]),
         ] {
             let r = Selector::from_api(Some(&LabelSelector {
                 match_labels: None,
                 match_expressions: Some(vec![e.clone()]),
             }));
             assert!(r.is_err(), "{e:?} should be invalid");
+        }
+        let bad_label = LabelSelector {
+            match_labels: Some(labels(&[("a", "x,b=y")])),
+            match_expressions: None,
+        };
+        assert!(Selector::from_api(Some(&bad_label)).is_err());
+        // What the API server accepts stays accepted.
+        for (k, v) in [
+            ("app.kubernetes.io/name", "web-1.x_y"),
+            ("kubernetes.io/metadata.name", "kube-system"),
+            ("a", ""),
+            ("A9", &*"v".repeat(63)),
+        ] {
+            let ok = LabelSelector {
+                match_labels: Some(labels(&[(k, v)])),
+                match_expressions: Some(vec![expr(k, "In", &[v]), expr(k, "Exists", &[])]),
+            };
+            assert!(Selector::from_api(Some(&ok)).is_ok(), "{k}={v}");
         }
     }
 

@@ -723,7 +723,7 @@ pub(crate) fn node_addresses(node: &Node, family: Family) -> Vec<IpAddr> {
         .flat_map(|s| s.addresses.iter().flatten())
         .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
         .filter_map(|a| IpAddr::from_str(a.address.trim()).ok())
-        .filter(|ip| family.contains(*ip))
+        .filter(|ip| family.contains(*ip) && crate::model::usable_host_ip(*ip))
         .collect();
     out.sort();
     out.dedup();

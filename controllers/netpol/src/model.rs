@@ -230,7 +230,10 @@ impl<'a> Model<'a> {
                         ns,
                         name,
                         reasons::INVALID_POD_IP,
-                        format!("pod IP {bad:?} does not parse; the pod is ignored"),
+                        format!(
+                            "pod IP {bad:?} does not parse or is not a unicast host address; \
+                             the pod is ignored"
+                        ),
                     ));
                     continue;
                 }
@@ -327,8 +330,26 @@ pub(crate) fn is_active(pod: &Pod) -> bool {
     !finished && !host
 }
 
+/// Whether `ip` can be a host's unicast address in a rule or a set: not unspecified
+/// (`0.0.0.0`, `::`, which `ipset` refuses and would fail the whole payload), loopback,
+/// multicast, the IPv4 broadcast address, or an IPv4-mapped IPv6 address (the IPv4 address
+/// in disguise: it would escape the IPv4 rules).
+pub(crate) fn usable_host_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || v6.to_ipv4_mapped().is_some())
+        }
+    }
+}
+
 /// The pod's IP of `family`: `status.podIPs` first, then `status.podIP`.
-/// `Err(text)` when an address does not parse.
+/// `Err(text)` when an address does not parse or cannot be a pod's ([`usable_host_ip`]).
 pub(crate) fn pod_ip(pod: &Pod, family: Family) -> Result<Option<IpAddr>, String> {
     let Some(status) = pod.status.as_ref() else {
         return Ok(None);
@@ -345,6 +366,7 @@ pub(crate) fn pod_ip(pod: &Pod, family: Family) -> Result<Option<IpAddr>, String
             continue;
         }
         match IpAddr::from_str(c) {
+            Ok(ip) if !usable_host_ip(ip) => bad = Some(c.to_string()),
             Ok(ip) if family.contains(ip) => return Ok(Some(ip)),
             Ok(_) => {}
             Err(_) => bad = Some(c.to_string()),

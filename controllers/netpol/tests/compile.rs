@@ -21,7 +21,9 @@ use palisade_netpol::k8s_openapi::api::core::v1::Pod;
 use palisade_netpol::k8s_openapi::api::networking::v1::NetworkPolicy;
 use palisade_netpol::names;
 use palisade_netpol::trace::{CtState, Packet, Tracer, Verdict};
-use palisade_netpol::{compile, reasons, render, ClusterState, Compiled, NodeConfig, Payload};
+use palisade_netpol::{
+    compile, reasons, render, ClusterState, Compiled, Family, NodeConfig, Payload,
+};
 use serde_json::json;
 
 const WEB1: &str = "10.244.1.10";
@@ -970,4 +972,65 @@ fn ten_thousand_ip_block_excepts_compile_into_one_set() {
         "just past the last except"
     );
     assert_eq!(r.tcp("10.7.0.1", WEB1, 80), Accept);
+}
+
+/// Pod IPs no host can have (`0.0.0.0`, `::`, loopback, multicast, broadcast, IPv4-mapped
+/// IPv6) come only from a status written past validation. `ipset` refuses some of them and
+/// would fail the whole payload; each such pod is ignored with `InvalidPodIP` instead, and
+/// every other pod is programmed as usual.
+#[test]
+fn unusable_pod_ips_are_ignored_not_put_into_sets() {
+    let bad = [
+        "0.0.0.0",
+        "127.0.0.2",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::",
+        "::1",
+        "ff02::1",
+        "::ffff:10.244.2.50",
+    ];
+    let mut all = pods();
+    for (i, ip) in bad.iter().enumerate() {
+        all.push(with_ports(
+            mk_pod("db", &format!("bad-{i}"), &[("app", "pg")], ip, "n2"),
+            &[("pg", 5432, "TCP")],
+        ));
+    }
+    let policy = mk_policy(
+        "shop",
+        "to-pg",
+        json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"],
+               "egress": [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "pg"}}}],
+                           "ports": [{"port": "pg"}]}]}),
+    );
+    for family in [Family::V4, Family::V6] {
+        let mut cfg = NodeConfig::new("n1");
+        cfg.family = family;
+        let r = run_cfg(&state_with(all.clone(), vec![policy.clone()]), &cfg);
+        let flagged: Vec<&str> = r
+            .compiled
+            .diagnostics
+            .iter()
+            .filter(|d| d.reason == reasons::INVALID_POD_IP)
+            .map(|d| d.name.as_str())
+            .collect();
+        assert_eq!(flagged.len(), bad.len(), "{family:?}: {flagged:?}");
+        for ip in bad {
+            assert!(
+                !r.payload
+                    .ipset_restore
+                    .lines()
+                    .any(|l| l.starts_with("add ") && l.contains(&format!(" {ip},"))
+                        || l.ends_with(&format!(" {ip}"))),
+                "{family:?}: {ip} in a set:\n{}",
+                r.payload.ipset_restore
+            );
+        }
+        if family == Family::V4 {
+            // The real pg pod is still reached by its named port.
+            assert_eq!(r.tcp(WEB1, PG1, 5432), Accept);
+            assert_eq!(r.tcp(WEB1, PG1, 5433), Drop);
+        }
+    }
 }
