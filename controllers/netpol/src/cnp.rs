@@ -248,7 +248,7 @@ pub enum Action {
 }
 
 /// A peer the compiler can match.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum CnpPeer {
     /// Pods matching `pods` in namespaces matching `namespaces` (host-network pods never).
     Pods {
@@ -475,6 +475,7 @@ impl Ctx<'_, '_> {
         // Collect every reason the rule cannot be honoured as written.
         let mut broken: Vec<String> = Vec::new();
         let mut out_peers = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut domains = false;
         if peers.is_empty() {
             broken.push(format!("{at}.{field} is empty"));
@@ -482,7 +483,7 @@ impl Ctx<'_, '_> {
         for (j, p) in peers.iter().enumerate() {
             match self.peer(p) {
                 Ok(PeerOut::Peer(peer)) => {
-                    if !out_peers.contains(&peer) {
+                    if seen.insert(peer.clone()) {
                         out_peers.push(peer);
                     }
                 }

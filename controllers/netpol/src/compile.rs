@@ -930,7 +930,7 @@ fn dedup_rules(rules: &mut Vec<Rule>) {
 }
 
 /// (protocol, port name) → (pod IP, port) of every active pod declaring it.
-type NamedIndex<'m> = Vec<((Protocol, &'m str), Vec<(IpAddr, u16)>)>;
+type NamedIndex<'m> = HashMap<(Protocol, &'m str), Vec<(IpAddr, u16)>>;
 
 /// Builds each set once (by identity) and computes its members.
 struct SetBuilder<'m, 'a> {
@@ -948,7 +948,7 @@ impl<'m, 'a> SetBuilder<'m, 'a> {
             sets: BTreeMap::new(),
             sources: BTreeMap::new(),
             ns_cache: HashMap::new(),
-            named_index: Vec::new(),
+            named_index: HashMap::new(),
         }
     }
 
@@ -1079,9 +1079,9 @@ impl<'m, 'a> SetBuilder<'m, 'a> {
         };
         self.insert(SetKind::HashIpPort, identity, source, |this| {
             this.named_index
-                .iter()
-                .filter(|((p, n), _)| *p == proto && *n == port_name)
-                .flat_map(|(_, v)| v.iter())
+                .get(&(proto, port_name))
+                .into_iter()
+                .flatten()
                 .map(|&(ip, port)| SetMember::IpPort { ip, proto, port })
                 .collect()
         })
@@ -1112,10 +1112,11 @@ impl<'m, 'a> SetBuilder<'m, 'a> {
                 if port == 0 {
                     continue;
                 }
-                for ((proto, n), members) in index.iter_mut() {
-                    if *n == name && Protocol::parse(cp.protocol.as_deref()) == Some(*proto) {
-                        members.push((p.ip, port));
-                    }
+                let Some(proto) = Protocol::parse(cp.protocol.as_deref()) else {
+                    continue;
+                };
+                if let Some(members) = index.get_mut(&(proto, name)) {
+                    members.push((p.ip, port));
                 }
             }
         }

@@ -82,7 +82,7 @@ pub(crate) struct PortInfo {
     pub port: PortSel,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Peer {
     /// Pods matching `pods` in namespaces matching `namespaces`.
     Pods {
@@ -588,10 +588,12 @@ impl RuleCtx<'_> {
             None | Some([]) => None,
             Some(list) => {
                 let mut out = Vec::new();
+                // Repeated peers once, in order (a set: a rule may list thousands).
+                let mut seen = std::collections::HashSet::new();
                 for (j, p) in list.iter().enumerate() {
                     let at = || format!("spec.{dir}[{index}].{field}[{j}]");
                     if let Some(peer) = self.peer(p, &at, diags) {
-                        if !out.contains(&peer) {
+                        if seen.insert(peer.clone()) {
                             out.push(peer);
                         }
                     }
