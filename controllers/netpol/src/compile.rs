@@ -274,7 +274,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 Target::Return,
             )];
             for rule in rules.unwrap_or_default() {
-                self.policy_rule(pol, dir, rule, pods, &mut out);
+                self.policy_rule(pol, dir, rule, pods, &mut out, &mut generated.chains);
             }
             dedup_rules(&mut out);
             generated.chains.insert(name.clone(), out);
@@ -699,6 +699,10 @@ impl<'m, 'a> Compiler<'m, 'a> {
     }
 
     /// Appends the iptables rules of one policy rule: (each peer) × (each port group).
+    /// One NetworkPolicy rule: a rule per (peer, port group) that sets the mark. Where that
+    /// product exceeds [`RULE_PRODUCT_LIMIT`], each peer jumps to a chain of the port groups
+    /// instead (a policy of 1,000 peers and 1,000 named ports would otherwise be a million
+    /// rules); the verdict is the same.
     fn policy_rule(
         &mut self,
         pol: &PolicyInfo<'a>,
@@ -706,6 +710,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         rule: &RuleInfo,
         selected: &[usize],
         out: &mut Vec<Rule>,
+        chains: &mut BTreeMap<String, Vec<Rule>>,
     ) {
         // Peers: `None` = any source/destination.
         let peers: Vec<Option<Match>> = match &rule.peers {
@@ -724,6 +729,29 @@ impl<'m, 'a> Compiler<'m, 'a> {
             }
             .to_string(),
         );
+        if peers.len() > 1 && peers.len() * ports.len() > RULE_PRODUCT_LIMIT {
+            let chain = hashed(
+                names::RULE_PORTS_PREFIX,
+                &format!("{}|{}|{}", pol.key(), dir.as_str(), rule.index),
+            );
+            let mut port_rules: Vec<Rule> = ports
+                .iter()
+                .map(|port| {
+                    let mut m = port.clone();
+                    m.push(comment.clone());
+                    Rule::new(m, Target::SetMark(self.mark))
+                })
+                .collect();
+            dedup_rules(&mut port_rules);
+            chains.insert(chain.clone(), port_rules);
+            for peer in peers.iter().flatten() {
+                out.push(Rule::new(
+                    vec![peer.clone(), comment.clone()],
+                    Target::Jump(chain.clone()),
+                ));
+            }
+            return;
+        }
         for peer in &peers {
             for port in &ports {
                 let mut m = Vec::with_capacity(port.len() + 2);
@@ -922,6 +950,10 @@ fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
     }
     out
 }
+
+/// Above this many (peer, port group) pairs one NetworkPolicy rule becomes a jump per peer to
+/// a chain of its port groups.
+pub const RULE_PRODUCT_LIMIT: usize = 256;
 
 /// Drops repeated rules (keeps the first).
 fn dedup_rules(rules: &mut Vec<Rule>) {

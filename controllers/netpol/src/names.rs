@@ -57,6 +57,9 @@ pub const INGRESS_PROFILE_PREFIX: &str = "PAL-IN-";
 pub const EGRESS_PROFILE_PREFIX: &str = "PAL-EG-";
 pub const INGRESS_POLICY_PREFIX: &str = "PAL-PI-";
 pub const EGRESS_POLICY_PREFIX: &str = "PAL-PE-";
+/// The port groups of one large NetworkPolicy rule, jumped to from each of its peers (so the
+/// rule costs peers + ports iptables rules, not peers × ports).
+pub const RULE_PORTS_PREFIX: &str = "PAL-PP-";
 
 /// ClusterNetworkPolicy chains: the tiered profile of a pod (Admin → NetworkPolicy →
 /// Baseline) and one chain per ClusterNetworkPolicy and direction.

@@ -1034,3 +1034,42 @@ fn unusable_pod_ips_are_ignored_not_put_into_sets() {
         }
     }
 }
+
+/// A rule with many peers and many port groups is not their product: each peer jumps to one
+/// chain of the port groups (1,000 peers × 1,000 named ports were a million rules), with the
+/// same verdicts.
+#[test]
+fn a_large_rule_costs_peers_plus_ports_not_their_product() {
+    let peers: Vec<serde_json::Value> = (0..30)
+        .map(|i| json!({"ipBlock": {"cidr": format!("10.0.{i}.0/24")}}))
+        .collect();
+    let mut ports: Vec<serde_json::Value> = (1..10)
+        .map(|i| json!({"port": format!("unused-{i}")}))
+        .collect();
+    ports.push(json!({"port": "http"}));
+    let r = run(vec![mk_policy(
+        "shop",
+        "many",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+               "ingress": [{"from": peers, "ports": ports}]}),
+    )]);
+    let chain = |prefix: &str| {
+        r.compiled
+            .chains
+            .iter()
+            .filter(|c| c.name.starts_with(prefix))
+            .map(|c| c.rules.len())
+            .collect::<Vec<_>>()
+    };
+    // One mark-return plus one jump per peer; one chain of the ten port groups.
+    assert_eq!(chain(names::INGRESS_POLICY_PREFIX), vec![31]);
+    assert_eq!(chain(names::RULE_PORTS_PREFIX), vec![10]);
+    assert_eq!(r.tcp("10.0.5.7", WEB1, 8080), Accept);
+    assert_eq!(r.tcp("10.0.29.1", WEB1, 8080), Accept);
+    assert_eq!(r.tcp("10.0.5.7", WEB1, 8081), Drop);
+    assert_eq!(r.tcp("10.0.30.1", WEB1, 8080), Drop);
+    assert_eq!(
+        r.fwd(Packet::new("10.0.5.7", WEB1, Protocol::Udp, 8080)),
+        Drop
+    );
+}
