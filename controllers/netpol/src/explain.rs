@@ -872,6 +872,7 @@ fn side(
     let mut audit = false;
     let mut would_deny = false;
     let mut drop: Option<&Step> = None;
+    let mut ports_peer: Option<String> = None;
     for s in t
         .steps
         .iter()
@@ -896,9 +897,20 @@ fn side(
             }
         }
         if let Some(rule) = rule {
+            // A large rule's port groups live in their own chain, jumped to per peer: the
+            // peer is the jump's.
+            if let Action::Jump(c) = &s.action {
+                if c.starts_with(names::RULE_PORTS_PREFIX) {
+                    ports_peer = Some(s.peer.clone());
+                }
+            }
+            let peer = match &ports_peer {
+                Some(p) if s.chain.starts_with(names::RULE_PORTS_PREFIX) => p.clone(),
+                _ => s.peer.clone(),
+            };
             let hit = RuleHit {
                 rule,
-                peer: s.peer.clone(),
+                peer,
                 port: s.port.clone(),
                 action: action_word(&s.action),
             };

@@ -373,3 +373,34 @@ fn audit_mode_policies_are_explained_not_enforced() {
     let by: Vec<String> = e.ingress.isolated_by.iter().map(|p| p.short()).collect();
     assert_eq!(by, vec!["x/enforced-deny"]);
 }
+
+/// A rule over the peer × port limit is compiled as a jump per peer to a chain of its ports;
+/// explain still names the peer that matched, not "any".
+#[test]
+fn a_large_rule_still_names_its_peer() {
+    let mut from = vec![json!({ "namespaceSelector": { "matchLabels": { "ns": "y" } } })];
+    from.extend((0..40).map(|i| json!({ "ipBlock": { "cidr": format!("172.16.{i}.0/24") } })));
+    let mut ports: Vec<serde_json::Value> = (0..9)
+        .map(|i| json!({ "port": format!("none-{i}") }))
+        .collect();
+    ports.push(json!({ "port": "http" }));
+    let s = state(vec![pol(
+        "x",
+        "large",
+        json!({ "podSelector": {}, "ingress": [{ "from": from, "ports": ports }] }),
+    )]);
+    let e = explain(&s, "y/b x/a http TCP");
+    assert_eq!(e.decision, Decision::Allowed, "{}", e.to_text());
+    let hit = &e.ingress.allowed_by[0];
+    assert!(hit.peer.contains("ns in (y)"), "{}", e.to_text());
+    assert!(hit.port.contains("named-port tcp/http"), "{}", e.to_text());
+    let e = explain(&s, "172.16.7.9 x/a http TCP");
+    assert_eq!(e.decision, Decision::Allowed, "{}", e.to_text());
+    assert!(
+        e.ingress.allowed_by[0].peer.contains("172.16.7.0/24"),
+        "{}",
+        e.to_text()
+    );
+    let e = explain(&s, "172.16.40.9 x/a http TCP");
+    assert_eq!(e.decision, Decision::Denied, "{}", e.to_text());
+}
