@@ -82,7 +82,10 @@ fn policies_v1() -> Vec<NetworkPolicy> {
             "api-egress",
             json!({"podSelector": {"matchLabels": {"app": "api"}}, "policyTypes": ["Egress"], "egress": [
                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]},
-                {"to": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}], "ports": [{"port": "pg"}]}
+                {"to": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}], "ports": [{"port": "pg"}]},
+                // A /0 without excepts: `iptables-save` prints no `-d`, the renderer neither
+                // (else every re-apply below would find the chain changed).
+                {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 53, "protocol": "UDP"}]}
             ]}),
         ),
     ]

@@ -222,8 +222,11 @@ fn quoted(s: &str) -> String {
 
 fn rule_line(out: &mut String, chain: &str, r: &Rule) {
     let _ = write!(out, "-A {chain}");
+    // A /0 address match matches everything and `iptables-save` leaves it out: print it the
+    // same way, or every read-back would find the chain changed.
     for m in &r.matches {
         match m {
+            Match::Src(n) if n.prefix() == 0 => {}
             Match::Src(n) => {
                 let _ = write!(out, " -s {}/{}", n.network(), n.prefix());
             }
@@ -235,6 +238,7 @@ fn rule_line(out: &mut String, chain: &str, r: &Rule) {
     }
     for m in &r.matches {
         match m {
+            Match::Dst(n) if n.prefix() == 0 => {}
             Match::Dst(n) => {
                 let _ = write!(out, " -d {}/{}", n.network(), n.prefix());
             }
