@@ -259,6 +259,10 @@ impl<'m, 'a> Compiler<'m, 'a> {
     fn policy_chains(&mut self, selected_by: &BTreeMap<(usize, Dir), Vec<usize>>) -> Generated {
         let model = self.model;
         let mut generated = Generated::default();
+        // Sets first created by each namespace's policies (shared ones count once, for the
+        // first): the kernel's limit of 65,534 ipsets per network namespace is shared by
+        // both families and the swaps' temporary twins, so no user may take all of it.
+        let mut ns_sets: HashMap<&str, usize> = HashMap::new();
         for (&(qi, dir), pods) in selected_by {
             let pol = &model.policies[qi];
             let (prefix, rules) = match dir {
@@ -273,8 +277,35 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 }],
                 Target::Return,
             )];
+            let sets_before = self.sets.created.len();
+            let chains_before: BTreeSet<String> = generated.chains.keys().cloned().collect();
             for rule in rules.unwrap_or_default() {
                 self.policy_rule(pol, dir, rule, pods, &mut out, &mut generated.chains);
+            }
+            let new_sets = self.sets.created.len() - sets_before;
+            let used = ns_sets.get(pol.ns).copied().unwrap_or(0);
+            if used + new_sets > NAMESPACE_SET_BUDGET || self.sets.sets.len() > NODE_SET_BUDGET {
+                // Fails closed: the direction keeps isolating and allows nothing.
+                self.sets.roll_back(sets_before);
+                generated.chains.retain(|c, _| chains_before.contains(c));
+                out.truncate(1);
+                self.diags.push(Diagnostic {
+                    kind: "NetworkPolicy",
+                    namespace: Some(pol.ns.to_string()),
+                    name: pol.name.to_string(),
+                    reason: reasons::POLICY_OVER_BUDGET,
+                    message: format!(
+                        "{} rules need {new_sets} more ipsets; namespace {} already has {used} of \
+                         {NAMESPACE_SET_BUDGET}, the node {} of {NODE_SET_BUDGET} (IPv{}): they \
+                         allow nothing until the policy is smaller (fails closed)",
+                        dir.as_str(),
+                        pol.ns,
+                        self.sets.sets.len(),
+                        model.family.tag()
+                    ),
+                });
+            } else {
+                *ns_sets.entry(pol.ns).or_default() += new_sets;
             }
             dedup_rules(&mut out);
             generated.chains.insert(name.clone(), out);
@@ -951,6 +982,12 @@ fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
     out
 }
 
+/// Most ipsets (per family) the NetworkPolicies of one namespace may create on a node.
+pub const NAMESPACE_SET_BUDGET: usize = 2_048;
+/// Most ipsets (per family) on a node from NetworkPolicies: with both families and the
+/// temporary twins of a swap, 4 × 15,000 stays under the kernel's 65,534.
+pub const NODE_SET_BUDGET: usize = 15_000;
+
 /// Above this many (peer, port group) pairs one NetworkPolicy rule becomes a jump per peer to
 /// a chain of its port groups.
 pub const RULE_PRODUCT_LIMIT: usize = 256;
@@ -971,6 +1008,8 @@ struct SetBuilder<'m, 'a> {
     sources: BTreeMap<String, SetSource>,
     ns_cache: HashMap<Selector, Vec<&'a str>>,
     named_index: NamedIndex<'m>,
+    /// Names of the sets in creation order (to undo a policy's over budget).
+    created: Vec<String>,
 }
 
 impl<'m, 'a> SetBuilder<'m, 'a> {
@@ -981,6 +1020,15 @@ impl<'m, 'a> SetBuilder<'m, 'a> {
             sources: BTreeMap::new(),
             ns_cache: HashMap::new(),
             named_index: HashMap::new(),
+            created: Vec::new(),
+        }
+    }
+
+    /// Forgets the sets created after the first `keep`.
+    fn roll_back(&mut self, keep: usize) {
+        for name in self.created.drain(keep..) {
+            self.sets.remove(&name);
+            self.sources.remove(&name);
         }
     }
 
@@ -998,6 +1046,7 @@ impl<'m, 'a> SetBuilder<'m, 'a> {
         );
         if !self.sets.contains_key(&name) {
             let members = members(self);
+            self.created.push(name.clone());
             self.sources.insert(name.clone(), source());
             self.sets.insert(
                 name.clone(),

@@ -340,6 +340,9 @@ pub mod reasons {
     pub const POD_INTERFACE_UNKNOWN: &str = "PodInterfaceUnknown";
     /// A NodeConfig value that cannot be used as given.
     pub const INVALID_CONFIG: &str = "InvalidConfig";
+    /// A NetworkPolicy direction that would need more ipsets than its namespace's or the
+    /// node's budget leaves: it allows nothing (its pods stay isolated) until it is smaller.
+    pub const POLICY_OVER_BUDGET: &str = "PolicyOverBudget";
     /// ClusterNetworkPolicy `spec.tier` other than Admin or Baseline: the policy is ignored.
     pub const UNKNOWN_TIER: &str = "UnknownTier";
     /// ClusterNetworkPolicy `spec.priority` outside 0-1000 (used as given).

@@ -1073,3 +1073,85 @@ fn a_large_rule_costs_peers_plus_ports_not_their_product() {
         Drop
     );
 }
+
+/// ipsets are budgeted: a NetworkPolicy direction that would take its namespace past
+/// `NAMESPACE_SET_BUDGET` (or the node past `NODE_SET_BUDGET`) creates none, allows nothing
+/// (its pods stay isolated) and is reported; other namespaces' policies are untouched.
+#[test]
+fn a_policy_over_the_set_budget_fails_closed_and_spares_others() {
+    use palisade_netpol::compile::{NAMESPACE_SET_BUDGET, NODE_SET_BUDGET};
+    let named = |prefix: &str, n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"port": format!("{prefix}{i}")}))
+            .collect()
+    };
+    let mut big = named("n", NAMESPACE_SET_BUDGET + 1);
+    big.push(json!({"port": "http"}));
+    let policies = vec![
+        mk_policy(
+            "shop",
+            "huge",
+            json!({"podSelector": {"matchLabels": {"app": "web"}},
+                   "ingress": [{"ports": big}]}),
+        ),
+        mk_policy(
+            "db",
+            "pg",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}],
+                                                    "ports": [{"port": "pg"}]}]}),
+        ),
+    ];
+    let r = run(policies);
+    let over: Vec<_> = r
+        .compiled
+        .diagnostics
+        .iter()
+        .filter(|d| d.reason == reasons::POLICY_OVER_BUDGET)
+        .collect();
+    assert_eq!(over.len(), 1, "{over:?}");
+    assert_eq!(over[0].name, "huge");
+    assert!(r.compiled.sets.len() < 10, "{} sets", r.compiled.sets.len());
+    // Fails closed: web-1 is isolated and nothing reaches it, not even its http.
+    assert_eq!(r.tcp(API1, WEB1, 8080), Drop);
+    // The other namespace's policy works.
+    assert_eq!(r.tcp(WEB1, PG1, 5432), Accept);
+    assert_eq!(r.tcp(WEB1, PG1, 5433), Drop);
+
+    // The node's budget: many namespaces, each within its own.
+    let per = NAMESPACE_SET_BUDGET - 8;
+    let namespaces = NODE_SET_BUDGET / per + 1;
+    let mut nss = Vec::new();
+    let mut pods = pods();
+    let mut policies = Vec::new();
+    for k in 0..namespaces {
+        let ns = format!("t{k:02}");
+        nss.push(mk_ns(&ns, &[]));
+        pods.push(mk_pod(
+            &ns,
+            "p",
+            &[],
+            &format!("10.244.1.{}", 100 + k),
+            "n1",
+        ));
+        policies.push(mk_policy(
+            &ns,
+            "many",
+            json!({"podSelector": {}, "ingress": [{"ports": named(&format!("{ns}-"), per)}]}),
+        ));
+    }
+    let st = cluster(vec![mk_node("n1", "10.244.1.0/24")], nss, pods, policies);
+    let r = run_cfg(&st, &NodeConfig::new("n1"));
+    let over = r
+        .compiled
+        .diagnostics
+        .iter()
+        .filter(|d| d.reason == reasons::POLICY_OVER_BUDGET)
+        .count();
+    assert!(over >= 1, "the node budget was not enforced");
+    assert!(over < namespaces, "{over} of {namespaces} failed");
+    assert!(
+        r.compiled.sets.len() <= NODE_SET_BUDGET,
+        "{} sets",
+        r.compiled.sets.len()
+    );
+}
