@@ -4,7 +4,7 @@
 //! `ip netns del`, which also frees every ipset and iptables rule inside it. Nothing here
 //! touches the namespace the caller runs in.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::DataplaneError;
@@ -27,6 +27,25 @@ pub fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+/// Why a network-namespace test cannot run here: not root, or one of `tools` missing (each
+/// is run with `-V`). `None`: it can.
+pub fn lab_skip_reason(tools: &[&str]) -> Option<String> {
+    if !is_root() {
+        return Some("needs root".into());
+    }
+    tools
+        .iter()
+        .find(|tool| {
+            Command::new(tool)
+                .arg("-V")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_err()
+        })
+        .map(|tool| format!("{tool} not installed"))
 }
 
 impl Netns {

@@ -12,28 +12,14 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use palisade_dataplane::netns::{is_root, Netns};
+use palisade_dataplane::netns::{lab_skip_reason, Netns};
 use palisade_dataplane::{pod_interfaces, Executor, KernelExecutor, KernelLinks};
 use palisade_netpol::builders::*;
 use palisade_netpol::{compile, local_pod_ips, reasons, render, ClusterState, Family, NodeConfig};
 use serde_json::json;
 
 fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    for tool in ["ip", "bridge", "ipset", "iptables", "python3"] {
-        let ok = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return Some(format!("{tool} not installed"));
-        }
-    }
-    None
+    lab_skip_reason(&["ip", "bridge", "ipset", "iptables", "python3"])
 }
 
 struct Lab {

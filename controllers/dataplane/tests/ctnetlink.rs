@@ -7,28 +7,14 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 
 use palisade_dataplane::conntrack::Conntrack;
-use palisade_dataplane::netns::{is_root, Netns};
+use palisade_dataplane::netns::{lab_skip_reason, Netns};
 use palisade_dataplane::{KernelConntrack, NetlinkConntrack};
 use palisade_netpol::compile::Protocol;
 use palisade_netpol::revoke::CtEntry;
 use palisade_netpol::Family;
 
 fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    for tool in ["ip", "conntrack"] {
-        let ok = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return Some(format!("{tool} not installed"));
-        }
-    }
-    None
+    lab_skip_reason(&["ip", "conntrack"])
 }
 
 fn insert(ns: &Netns, n: usize, extra: &[&str]) {

@@ -18,28 +18,14 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use palisade_dataplane::netns::{is_root, Netns};
+use palisade_dataplane::netns::{lab_skip_reason, Netns};
 use palisade_dataplane::{pod_interfaces, Executor, KernelExecutor, KernelLinks};
 use palisade_netpol::builders::*;
 use palisade_netpol::{compile, local_pod_ips, render, ClusterState, Family, NodeConfig};
 use serde_json::json;
 
 fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    for tool in ["ip", "bridge", "ipset", "iptables", "ip6tables", "python3"] {
-        let ok = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return Some(format!("{tool} not installed"));
-        }
-    }
-    None
+    lab_skip_reason(&["ip", "bridge", "ipset", "iptables", "ip6tables", "python3"])
 }
 
 /// `serve.py SECONDS echo|quiet MAX`: UDP on 0.0.0.0:53 and [::]:53 (v6only); prints `ready`,

@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use palisade_dataplane::conntrack::Conntrack;
-use palisade_dataplane::netns::{is_root, Netns};
+use palisade_dataplane::netns::{lab_skip_reason, Netns};
 use palisade_dataplane::{
     revoke_denied, sweep_resurrected, Executor, KernelConntrack, KernelExecutor, NetlinkConntrack,
     RESURRECTION_SWEEPS,
@@ -34,21 +34,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("needs root".into());
-    }
-    for tool in ["ip", "ipset", "iptables", "python3", "conntrack"] {
-        let ok = Command::new(tool)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !ok {
-            return Some(format!("{tool} not installed"));
-        }
-    }
-    None
+    lab_skip_reason(&["ip", "ipset", "iptables", "python3", "conntrack"])
 }
 
 /// One script for both roles; counters are written as JSON to OUT every 20 ms until DUR
