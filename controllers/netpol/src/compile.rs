@@ -408,20 +408,16 @@ impl<'m, 'a> Compiler<'m, 'a> {
     fn bridged_in(&self, per_pod: Vec<Rule>) -> Vec<Rule> {
         let mut rules = Vec::new();
         if self.model.family == Family::V6 {
-            for t in [
-                ICMP6_MLD_QUERY,
-                ICMP6_ROUTER_ADVERTISEMENT,
-                ICMP6_NEIGHBOR_SOLICITATION,
-                ICMP6_NEIGHBOR_ADVERTISEMENT,
-            ] {
-                rules.push(Rule::new(
-                    vec![
-                        Match::Icmp6Type(t),
-                        Match::Comment("IPv6 neighbour discovery / MLD".into()),
-                    ],
-                    Target::Return,
-                ));
-            }
+            rules.extend(icmp6_returns(
+                None,
+                &[
+                    ICMP6_MLD_QUERY,
+                    ICMP6_ROUTER_ADVERTISEMENT,
+                    ICMP6_NEIGHBOR_SOLICITATION,
+                    ICMP6_NEIGHBOR_ADVERTISEMENT,
+                ],
+                "IPv6 neighbour discovery / MLD",
+            ));
         }
         rules.extend(per_pod);
         rules
@@ -566,44 +562,35 @@ impl<'m, 'a> Compiler<'m, 'a> {
         let model = self.model;
         let mut rules = Vec::new();
         if model.family == Family::V6 {
-            let unspecified = IpNetwork::new(IpAddr::from([0u16; 8]), 128).ok();
-            for t in [
-                ICMP6_NEIGHBOR_SOLICITATION,
-                ICMP6_ROUTER_SOLICITATION,
-                ICMP6_MLD2_REPORT,
-            ] {
-                if let Some(net) = unspecified {
-                    rules.push(Rule::new(
-                        vec![
-                            Match::Src(net),
-                            Match::Icmp6Type(t),
-                            Match::Comment("IPv6 DAD / unspecified source".into()),
-                        ],
-                        Target::Return,
-                    ));
-                }
+            // Both addresses are constants that always parse; a failure must not widen a
+            // rule to every source, so it would only drop the exemption.
+            if let Ok(unspecified) = IpNetwork::new(IpAddr::from([0u16; 8]), 128) {
+                rules.extend(icmp6_returns(
+                    Some(unspecified),
+                    &[
+                        ICMP6_NEIGHBOR_SOLICITATION,
+                        ICMP6_ROUTER_SOLICITATION,
+                        ICMP6_MLD2_REPORT,
+                    ],
+                    "IPv6 DAD / unspecified source",
+                ));
             }
             // From a link-local source only what a host sends (solicitations, advertisements
             // of its own addresses, MLD reports): a pod's Router Advertisement, Redirect or
             // echo from `fe80::` meets its own rule below and is dropped.
             if let Ok(ll) = IpNetwork::from_str("fe80::/10") {
-                for t in [
-                    ICMP6_ROUTER_SOLICITATION,
-                    ICMP6_NEIGHBOR_SOLICITATION,
-                    ICMP6_NEIGHBOR_ADVERTISEMENT,
-                    ICMP6_MLD1_REPORT,
-                    ICMP6_MLD1_DONE,
-                    ICMP6_MLD2_REPORT,
-                ] {
-                    rules.push(Rule::new(
-                        vec![
-                            Match::Src(ll),
-                            Match::Icmp6Type(t),
-                            Match::Comment("IPv6 link-local neighbour discovery / MLD".into()),
-                        ],
-                        Target::Return,
-                    ));
-                }
+                rules.extend(icmp6_returns(
+                    Some(ll),
+                    &[
+                        ICMP6_ROUTER_SOLICITATION,
+                        ICMP6_NEIGHBOR_SOLICITATION,
+                        ICMP6_NEIGHBOR_ADVERTISEMENT,
+                        ICMP6_MLD1_REPORT,
+                        ICMP6_MLD1_DONE,
+                        ICMP6_MLD2_REPORT,
+                    ],
+                    "IPv6 link-local neighbour discovery / MLD",
+                ));
             }
         }
         for &pi in &model.local {
@@ -980,6 +967,19 @@ fn multiport_chunks(ranges: Vec<(u16, u16)>) -> Vec<Vec<(u16, u16)>> {
         out.push(cur);
     }
     out
+}
+
+/// `RETURN` for each ICMPv6 type in `types` (from `src` when given), in that order.
+fn icmp6_returns(src: Option<IpNetwork>, types: &[u8], comment: &str) -> Vec<Rule> {
+    types
+        .iter()
+        .map(|&t| {
+            let mut m: Vec<Match> = src.map(Match::Src).into_iter().collect();
+            m.push(Match::Icmp6Type(t));
+            m.push(Match::Comment(comment.into()));
+            Rule::new(m, Target::Return)
+        })
+        .collect()
 }
 
 /// Most ipsets (per family) the NetworkPolicies of one namespace may create on a node.
