@@ -278,16 +278,25 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 Target::Return,
             )];
             let sets_before = self.sets.created.len();
-            let chains_before: BTreeSet<String> = generated.chains.keys().cloned().collect();
+            let mut ports_chains = Vec::new();
             for rule in rules.unwrap_or_default() {
-                self.policy_rule(pol, dir, rule, pods, &mut out, &mut generated.chains);
+                ports_chains.extend(self.policy_rule(
+                    pol,
+                    dir,
+                    rule,
+                    pods,
+                    &mut out,
+                    &mut generated.chains,
+                ));
             }
             let new_sets = self.sets.created.len() - sets_before;
             let used = ns_sets.get(pol.ns).copied().unwrap_or(0);
             if used + new_sets > NAMESPACE_SET_BUDGET || self.sets.sets.len() > NODE_SET_BUDGET {
                 // Fails closed: the direction keeps isolating and allows nothing.
                 self.sets.roll_back(sets_before);
-                generated.chains.retain(|c, _| chains_before.contains(c));
+                for c in &ports_chains {
+                    generated.chains.remove(c);
+                }
                 out.truncate(1);
                 self.diags.push(Diagnostic {
                     kind: "NetworkPolicy",
@@ -720,7 +729,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
     /// One NetworkPolicy rule: a rule per (peer, port group) that sets the mark. Where that
     /// product exceeds [`RULE_PRODUCT_LIMIT`], each peer jumps to a chain of the port groups
     /// instead (a policy of 1,000 peers and 1,000 named ports would otherwise be a million
-    /// rules); the verdict is the same.
+    /// rules); the verdict is the same. Returns the name of that chain when it made one.
     fn policy_rule(
         &mut self,
         pol: &PolicyInfo<'a>,
@@ -729,7 +738,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
         selected: &[usize],
         out: &mut Vec<Rule>,
         chains: &mut BTreeMap<String, Vec<Rule>>,
-    ) {
+    ) -> Option<String> {
         // Peers: `None` = any source/destination.
         let peers: Vec<Option<Match>> = match &rule.peers {
             None => vec![None],
@@ -768,7 +777,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                     Target::Jump(chain.clone()),
                 ));
             }
-            return;
+            return Some(chain);
         }
         for peer in &peers {
             for port in &ports {
@@ -781,6 +790,7 @@ impl<'m, 'a> Compiler<'m, 'a> {
                 out.push(Rule::new(m, Target::SetMark(self.mark)));
             }
         }
+        None
     }
 
     fn peer_match(&mut self, peer: &Peer, dir: Dir) -> Match {
